@@ -1,0 +1,198 @@
+"""What a rule sees: one context interface, two implementations.
+
+:class:`ProxyContext` is used by the compiler: values are fx proxies and every torch call a rule makes
+is recorded into the feedback graph. :class:`EagerContext` is used by the verifier and by tests:
+values are real tensors. Rules therefore read as plain torch code and are checked on the very
+function that the compiler emits.
+
+The interface, for a rule handling forward node ``n``:
+
+- ``ctx.saved(name, index=None)``: a value from the forward pass: a tensor argument of ``n`` by its
+  canonical name (``"input"``), ``"output"``, or an extra the op's tapped forward saved
+  (``"indices"``, ``"mask"``, ``"rstd"``). Saved values are the same at every batch size, so rules
+  take dynamic sizes from them (``ctx.saved("input").shape``) and static sizes from ``ctx.shape``.
+- ``ctx.shape(name="output", index=None)``: the static shape seen at compile time (use it for
+  non-batch dimensions only: output_padding, pooling geometry).
+- ``ctx.const(name, default)``: a hyperparameter of the call (stride, dim, p, ...).
+- ``ctx.param(name)``: a model attribute the call uses (LayerNorm weight, BatchNorm buffers, the
+  module itself); ``None`` when the argument is ``None``.
+- ``ctx.weight(name)``: the *feedback* weight standing in for forward parameter ``name``: the forward
+  weight itself for BP and analytical TP, a fixed random matrix for FA/FWDTP, a trained one for
+  learned feedback. Only transposed-weight rules ask for this.
+- ``ctx.call(fn, *args, **kwargs)``: call a helper as one graph node (no tracing into it).
+- ``ctx.is_active(name, index=None)``: whether that argument carries an activation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from .errors import RuleError
+from .trace import AttrRef, OpCall, info
+
+OUTPUT = "output"
+
+
+def tap_name(node: fx.Node, what: str, index: int | None = None) -> tuple:
+    """Key of the forward value that ``ctx.saved(what, index)`` refers to: ``(node name, None)`` for
+    a graph value (the argument's producer, or the node itself for ``"output"``) and
+    ``(node name, extra)`` for an extra the op's tapped forward saves."""
+    call: OpCall = info(node).call
+    if what == OUTPUT:
+        return (node.name, None)
+    if what in call.spec.extras:
+        return (node.name, what)
+    value = call.args.get(what)
+    if index is not None:
+        value = value[index]
+    if not isinstance(value, fx.Node):
+        raise RuleError(f"rule for {node.format_node()} asked for saved({what!r}) but that argument is "
+                        f"not a graph value (it is {value!r}); use ctx.const or ctx.param")
+    return (value.name, None)
+
+
+class RuleContext:
+    """Shared, mode-independent part: static facts about the forward node."""
+
+    def __init__(self, node: fx.Node):
+        self.node = node
+        self.op_call: OpCall = info(node).call
+        self.name = node.name
+
+    @property
+    def module(self):
+        return self.op_call.module
+
+    def const(self, name: str, default: Any = None) -> Any:
+        value = self.op_call.args.get(name, default)
+        if isinstance(value, (fx.Node, AttrRef)):
+            raise RuleError(f"rule for {self.node.format_node()}: argument {name!r} is a runtime value, "
+                            "not a constant; it cannot be used as a hyperparameter")
+        return value
+
+    def has(self, name: str) -> bool:
+        return self.op_call.args.get(name) is not None
+
+    def is_active(self, name: str, index: int | None = None) -> bool:
+        return any(arg == name and where == index for arg, where, _ in self.op_call.active)
+
+    def shape(self, name: str = OUTPUT, index: int | None = None) -> tuple:
+        if name == OUTPUT:
+            return info(self.node).shape
+        value = self.op_call.args[name]
+        if index is not None:
+            value = value[index]
+        if isinstance(value, fx.Node):
+            return info(value).shape
+        if isinstance(value, AttrRef):
+            return tuple(value.value.shape)
+        raise RuleError(f"rule for {self.node.format_node()}: argument {name!r} has no shape")
+
+    def dtype(self):
+        return info(self.node).dtype
+
+    def _attr_name(self, name: str) -> str | None:
+        value = self.op_call.args.get(name)
+        if value is None:
+            return None
+        if isinstance(value, AttrRef):
+            return value.qualname
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            return value.target
+        raise RuleError(f"rule for {self.node.format_node()}: argument {name!r} is not a model attribute")
+
+    # mode-specific
+    def saved(self, name: str, index: int | None = None):
+        raise NotImplementedError
+
+    def param(self, name: str):
+        raise NotImplementedError
+
+    def weight(self, name: str):
+        raise NotImplementedError
+
+    def call(self, fn: Callable, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward_args(self) -> dict:
+        """Every canonical argument as a value: graph values saved, model attributes, constants."""
+        resolved = {}
+        for name, value in self.op_call.args.items():
+            if isinstance(value, (list, tuple)):
+                resolved[name] = type(value)(self._resolve(name, v, i) for i, v in enumerate(value))
+            else:
+                resolved[name] = self._resolve(name, value, None)
+        return resolved
+
+    def _resolve(self, name, value, index):
+        if isinstance(value, fx.Node):
+            return self.param(name) if value.op == "get_attr" and index is None else self.saved(name, index)
+        if isinstance(value, AttrRef):
+            return self.param(name)
+        return value
+
+    def module_ref(self):
+        """The nn.Module of a call_module node (for helpers that read live state like .training)."""
+        raise NotImplementedError
+
+
+class EagerContext(RuleContext):
+    """Rules on real tensors. ``values`` maps forward-program node names to values (see
+    :func:`tap_name`); ``weights`` optionally maps ``(node name, param name)`` to a feedback weight."""
+
+    def __init__(self, node: fx.Node, values: dict, root: torch.nn.Module, weights: dict | None = None):
+        super().__init__(node)
+        self.values, self.root, self.weights = values, root, weights or {}
+
+    def saved(self, name, index=None):
+        return self.values[tap_name(self.node, name, index)]
+
+    def param(self, name):
+        qualname = self._attr_name(name)
+        return None if qualname is None else _get_attr(self.root, qualname)
+
+    def weight(self, name):
+        if (self.node.name, name) in self.weights:
+            return self.weights[(self.node.name, name)]
+        return self.param(name)
+
+    def call(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def module_ref(self):
+        return self.op_call.module
+
+
+class ProxyContext(RuleContext):
+    """Rules on fx proxies: every torch call is recorded into ``builder``'s feedback graph."""
+
+    def __init__(self, node: fx.Node, builder):
+        super().__init__(node)
+        self.builder = builder
+
+    def saved(self, name, index=None):
+        return self.builder.tap(tap_name(self.node, name, index))
+
+    def param(self, name):
+        qualname = self._attr_name(name)
+        return None if qualname is None else self.builder.attr(qualname)
+
+    def weight(self, name):
+        if self._attr_name(name) is None:
+            return None
+        return self.builder.slot(self.node, name)
+
+    def call(self, fn, *args, **kwargs):
+        return self.builder.tracer.create_proxy("call_function", fn, args, kwargs)
+
+    def module_ref(self):
+        return self.builder.attr(self.node.target)
+
+
+def _get_attr(root: torch.nn.Module, qualname: str):
+    obj = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,130 @@
+"""Canonical ops: every spelling of an operation maps to one :class:`OpSpec`, matched by identity.
+
+``nn.ReLU``, ``F.relu``, ``torch.relu``, ``torch.relu_``, ``x.relu()`` and ``x.relu_()`` are one op,
+"relu". An op is declared once, next to its feedback rules in ``rules/``, with:
+
+- ``apply``: the pure, out-of-place functional forward. Its Python signature *is* the canonical
+  signature: function and method spellings are bound against it, so its parameter names follow
+  torch's (``input``, ``other``, ``weight``, ...).
+- ``modules``: nn.Module classes and, for each, a binder ``module -> dict`` giving the canonical
+  arguments the module holds (parameters, buffers, hyperparameters). The node's own positional
+  argument binds to ``apply``'s first parameter.
+- ``functions`` / ``methods``: callables (``F.relu``, ``operator.add``) and Tensor methods
+  (``torch.Tensor.relu``), each optionally marked in-place.
+- ``tapped``: for ops whose feedback needs something the plain forward does not return (max-pool
+  indices, a dropout mask, normalisation statistics), a forward returning ``(out, *extras)`` with
+  ``extras`` naming them. The forward program calls it instead of the original spelling.
+- ``replay``: for ops that draw randomness (dropout), the forward re-evaluated with saved extras,
+  used by verification to differentiate the very function that ran.
+- ``param_grads``: the weight-gradient formula ``(ctx, g) -> {role: grad}`` given the error ``g``
+  at the op's output; ops without one fall back to a local autograd vjp.
+- ``leader``: whether the op starts a TP unit (ops with weight matrices do).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import RuleError
+
+# Methods of torch.Tensor are reached through fx as strings; we resolve them to the function object
+# (``getattr(torch.Tensor, name)``) and match that by identity like any other callable.
+INPLACE = "inplace"
+
+
+@dataclass(eq=False)
+class OpSpec:
+    name: str
+    apply: Callable
+    modules: dict = field(default_factory=dict)
+    functions: tuple = ()
+    methods: tuple = ()
+    inplace: tuple = ()
+    tapped: Callable | None = None
+    extras: tuple = ()
+    replay: Callable | None = None
+    param_grads: Callable | None = None
+    param_args: tuple = ()
+    leader: bool = False
+    batch_local: Callable | None = None
+    signature: inspect.Signature = field(init=False)
+
+    def __post_init__(self):
+        self.signature = inspect.signature(self.apply)
+
+    def __repr__(self):
+        return f"OpSpec({self.name!r})"
+
+    def split(self, arguments: dict) -> tuple[tuple, dict]:
+        """Positional and keyword parts of canonical ``arguments`` (handles ``*args`` ops)."""
+        bound = inspect.BoundArguments(self.signature, dict(arguments))
+        return bound.args, bound.kwargs
+
+    def run(self, fn: Callable, arguments: dict):
+        """Call ``fn`` (``apply``, ``tapped`` or ``replay``) with canonical ``arguments``."""
+        args, kwargs = self.split(arguments)
+        return fn(*args, **kwargs)
+
+
+_OPS: dict[str, OpSpec] = {}
+_BY_CALLABLE: dict[Any, tuple[OpSpec, bool]] = {}
+_BY_MODULE: dict[type, OpSpec] = {}
+
+
+def declare_op(name: str, apply: Callable, *, modules=None, functions=(), methods=(), inplace=(),
+               tapped=None, extras=(), replay=None, param_grads=None, param_args=(),
+               leader=False, batch_local=None, replace=False) -> OpSpec:
+    """Declare a canonical op and all its spellings. Returns the :class:`OpSpec` (rules refer to it).
+
+    ``inplace`` lists the in-place spellings among ``functions`` and ``methods`` (they run out of
+    place in the compiled forward, so saved activations are never overwritten).
+    """
+    if name in _OPS and not replace:
+        raise RuleError(f"op {name!r} is already declared; pass replace=True to redeclare it")
+    spec = OpSpec(name, apply, dict(modules or {}), tuple(functions), tuple(methods), tuple(inplace),
+                  tapped, tuple(extras), replay, param_grads, tuple(param_args), leader, batch_local)
+    if tapped is not None and not extras:
+        raise RuleError(f"op {name!r}: a tapped forward must name its extras")
+    for fn in (*functions, *methods, *inplace):
+        owner = _BY_CALLABLE.get(fn)
+        if owner is not None and owner[0].name != name and not replace:
+            raise RuleError(f"{fn!r} already spells op {owner[0].name!r}; cannot also spell {name!r}")
+        _BY_CALLABLE[fn] = (spec, fn in inplace)
+    for cls in spec.modules:
+        _BY_MODULE[cls] = spec
+    _OPS[name] = spec
+    return spec
+
+
+def get_op(name: str) -> OpSpec:
+    if name not in _OPS:
+        raise RuleError(f"unknown op {name!r}; declared ops: {', '.join(sorted(_OPS))}")
+    return _OPS[name]
+
+
+def declared_ops() -> dict[str, OpSpec]:
+    return dict(_OPS)
+
+
+def tensor_method(name: str):
+    """The function object behind a Tensor method name (what fx's call_method target names)."""
+    return getattr(torch.Tensor, name, None)
+
+
+def lookup_callable(target) -> tuple[OpSpec, bool] | None:
+    return _BY_CALLABLE.get(target)
+
+
+def lookup_module(module: nn.Module) -> OpSpec | None:
+    """The op a module spells: its own class, else the nearest registered base class whose forward
+    it does not override (a subclass with its own forward is traced through, not matched)."""
+    for cls in type(module).__mro__:
+        spec = _BY_MODULE.get(cls)
+        if spec is not None:
+            return spec if type(module).forward is cls.forward else None
+    return None
+

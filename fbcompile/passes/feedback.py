@@ -1,0 +1,299 @@
+"""Emit the feedback graph: a reverse walk over the forward graph, one rule per node.
+
+Three modes share the walk and differ in what flows backwards:
+
+- ``"error"``: an error e, mapped by each rule's linear ``error`` map (J_G e). Parametric nodes also
+  emit their weight gradients from the error at their output (the op's ``param_grads`` formula,
+  else a local autograd vjp). With exact T rules this is backpropagation.
+- ``"target"`` (TP): a target t, mapped by each rule's target map G: t_in = G(t_out).
+- ``"difference"`` (DTP): the difference d = t - h, so that at unit boundaries
+  t_in = G_u(t_out) + h_in - G_u(h_out), i.e. d_in = G_u(h_out + d_out) - G_u(h_out).
+  Affine rules map d linearly (``error``); a non-linear rule k evaluates
+  d_in = G_k(b_k + d_out) - G_k(b_k) at the *base* b_k = (G-chain of the unit applied to the unit's
+  forward outputs) at k's output. b_k is the forward value itself when k ends its unit, and is
+  computed from the unit's outputs through the unit's own target maps otherwise.
+
+Fan-out (a value used k > 1 times) gets one explicit sum of its incoming feedback. Tuple-valued
+nodes (split, chunk) collect a list with one entry per element, filled through their getitem users.
+
+The emitted graph takes, in placeholder order: the feedback at each model output, then the saved
+forward values ("taps") and feedback weights ("slots") the rules asked for. It returns
+``(boundary feedback, parameter gradients)`` for :attr:`FeedbackGraph.boundary` and
+:attr:`FeedbackGraph.params`.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from ..context import ProxyContext
+from ..errors import RuleError
+from ..trace import META, active_outputs, info
+
+MODES = ("error", "target", "difference")
+_OUTPUT_LABEL = {"error": "grad", "target": "target", "difference": "delta"}
+
+
+@dataclass(eq=False)
+class FeedbackGraph:
+    module: fx.GraphModule
+    mode: str
+    inputs: list                      # ("output", i) | ("tap", key) | ("slot", (node name, param))
+    boundary: list                    # forward nodes whose feedback is returned, in order
+    params: list                      # qualified names of returned parameter gradients
+    emitted: dict = field(default_factory=dict)   # forward node name -> feedback node names
+
+
+class _NamingTracer(GraphAppendingTracer):
+    """Appends to the feedback graph, naming nodes after the forward node and labelling them."""
+
+    def __init__(self, graph):
+        super().__init__(graph)
+        self.prefix, self.label = "fb", {}
+        self.created = []
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if name is None:
+            short = target if isinstance(target, str) else getattr(target, "__name__", "op")
+            name = f"{self.prefix}_{short.strip('_')}"
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta[META] = dict(self.label)
+        self.created.append(node)
+        return node
+
+
+class FeedbackBuilder:
+    def __init__(self, gm: fx.GraphModule, rules: dict, partition, mode: str):
+        self.gm, self.rules, self.partition, self.mode = gm, rules, partition, mode
+        self.graph = fx.Graph()
+        self.tracer = _NamingTracer(self.graph)
+        self.taps, self.slots, self.attrs = {}, {}, {}
+        self.contribs = defaultdict(list)
+        self.incoming_memo, self.base_memo, self.at_base_memo = {}, {}, {}
+        self.param_parts = defaultdict(list)
+        self.emitted = defaultdict(list)
+        self._last_placeholder = None
+
+    # -- graph inputs -------------------------------------------------------------------------
+    def _placeholder(self, name: str, key) -> Proxy:
+        where = (self.graph.inserting_after(self._last_placeholder) if self._last_placeholder
+                 else self.graph.inserting_before(None if not len(self.graph.nodes) else next(iter(self.graph.nodes))))
+        with where:
+            node = self.graph.placeholder(name)
+        node.meta[META] = {"input": key}
+        self._last_placeholder = node
+        return Proxy(node, self.tracer)
+
+    def tap(self, key: tuple) -> Proxy:
+        if key not in self.taps:
+            node_name, extra = key
+            self.taps[key] = self._placeholder(f"{node_name}_{extra}" if extra else f"h_{node_name}", ("tap", key))
+        return self.taps[key]
+
+    def slot(self, node: fx.Node, param: str) -> Proxy:
+        key = (node.name, param)
+        if key not in self.slots:
+            self.slots[key] = self._placeholder(f"fbw_{node.name}_{param}", ("slot", key))
+        return self.slots[key]
+
+    def attr(self, qualname: str) -> Proxy:
+        if qualname not in self.attrs:
+            self.attrs[qualname] = self.tracer.create_proxy("get_attr", qualname, (), {})
+        return self.attrs[qualname]
+
+    # -- the walk -----------------------------------------------------------------------------
+    def build(self) -> FeedbackGraph:
+        label = _OUTPUT_LABEL[self.mode]
+        for i, out in enumerate(active_outputs(self.gm)):
+            self._add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
+        for node in reversed(list(self.gm.graph.nodes)):
+            record = info(node)
+            if not record.active:
+                continue
+            if record.role == "select":
+                g = self.incoming(node)
+                if g is not None:
+                    self._add(node.args[0], g, index=record.select_index)
+            elif record.role == "op":
+                self._emit(node)
+        boundary = self._boundary_nodes()
+        self._label(None, None, "output")
+        values = tuple(_unwrap(self.incoming(n)) for n in boundary)
+        params = sorted(self.param_parts)
+        grads = tuple(_unwrap(self._sum(self.param_parts[p], f"grad_{p.replace('.', '_')}")) for p in params)
+        self.graph.output((values, grads))
+        self.graph.lint()
+        module = fx.GraphModule(self.gm, self.graph, class_name=f"{type(self.gm).__name__}Feedback")
+        inputs = [n.meta[META]["input"] for n in self.graph.nodes if n.op == "placeholder"]
+        emitted = {name: [n.name for n in nodes] for name, nodes in self.emitted.items()}
+        return FeedbackGraph(module, self.mode, inputs, boundary, params, emitted)
+
+    def _boundary_nodes(self) -> list:
+        inputs = [n for n in self.gm.graph.nodes if n.op == "placeholder" and info(n).active]
+        outputs = [n for unit in self.partition.units for n in unit.outputs]
+        return inputs + sorted(set(outputs), key=list(self.gm.graph.nodes).index)
+
+    def _emit(self, node: fx.Node) -> None:
+        g = self.incoming(node)
+        if g is None:
+            return
+        rule = self.rules[node]
+        ctx = ProxyContext(node, self)
+        self._label(node, rule, "feedback")
+        if self.mode == "error":
+            feedback = rule.error(ctx, g)
+        elif self.mode == "target":
+            feedback = rule.target_map()(ctx, g)
+        else:
+            feedback = self._difference(node, rule, ctx, g)
+        self._distribute(node, rule, feedback)
+        if self.mode == "error" and info(node).call.params:
+            self._param_grads(node, ctx, g)
+
+    def _difference(self, node, rule, ctx, d):
+        if rule.linear:
+            return rule.error(ctx, d)
+        base_out = self._base(node)
+        at_base = self._target_at_base(node)
+        self._label(node, rule, "feedback")
+        moved = rule.target(ctx, _zip_map(operator.add, base_out, d))
+        return {k: _zip_map(operator.sub, moved[k], at_base[k]) for k in moved}
+
+    def _base(self, value: fx.Node):
+        """G-chain of ``value``'s unit, applied to the unit's forward outputs, at ``value``."""
+        if value in self.base_memo:
+            return self.base_memo[value]
+        unit = self.partition.unit_of.get(value)
+        record = info(value)
+        if record.is_tuple:
+            parts = [None] * len(record.shape)
+            for user in value.users:
+                if self.partition.unit_of.get(user) is unit and info(user).role == "select":
+                    parts[info(user).select_index] = self._base(user)
+            base = parts
+        else:
+            parts = []
+            if unit is None or value in unit.outputs:
+                parts.append(self.tap((value.name, None)))
+            for user in value.users:
+                if self.partition.unit_of.get(user) is unit and info(user).role == "op":
+                    at_base = self._target_at_base(user)
+                    parts.extend(v for v in self._entries_for(user, at_base, value) if v is not None)
+            base = self._sum(parts, f"base_{value.name}")
+        self.base_memo[value] = base
+        return base
+
+    def _target_at_base(self, node: fx.Node):
+        if node not in self.at_base_memo:
+            rule = self.rules[node]
+            base_out = self._base(node)
+            self._label(node, rule, "base")
+            self.at_base_memo[node] = rule.target_map()(ProxyContext(node, self), base_out)
+        return self.at_base_memo[node]
+
+    def _entries_for(self, node, feedback: dict, src: fx.Node) -> list:
+        entries = []
+        for arg, index, active in info(node).call.active:
+            if active is src:
+                value = feedback.get(arg)
+                entries.append(value[index] if index is not None and value is not None else value)
+        return entries
+
+    def _distribute(self, node, rule, feedback) -> None:
+        if not isinstance(feedback, dict):
+            raise RuleError(f"rule {rule.name} returned {type(feedback).__name__} for {node.format_node()}; "
+                            "rules return a dict {argument name: feedback}")
+        for arg, index, src in info(node).call.active:
+            if arg not in feedback:
+                raise RuleError(f"rule {rule.name} gave no feedback for active argument {arg!r} of "
+                                f"{node.format_node()}")
+            value = feedback[arg]
+            if index is not None and value is not None:
+                value = value[index]
+            if value is not None:
+                self._add(src, value)
+
+    def _param_grads(self, node, ctx, g) -> None:
+        call = info(node).call
+        self._label(node, self.rules[node], "param_grad")
+        if call.spec.param_grads is not None:
+            grads = call.spec.param_grads(ctx, g)
+        else:
+            grads = ctx.call(autograd_param_grads, call.spec, ctx.forward_args(), tuple(call.params), g)
+            grads = {role: grads[role] for role in call.params}
+        for role, qualname in call.params.items():
+            if grads.get(role) is not None:
+                self.param_parts[qualname].append(grads[role])
+
+    # -- accumulation -------------------------------------------------------------------------
+    def _add(self, node: fx.Node, value, index=None) -> None:
+        if info(node).is_tuple and index is None:
+            for i, item in enumerate(value):
+                if item is not None:
+                    self._add(node, item, index=i)
+            return
+        self.contribs[(node, index)].append(value)
+
+    def incoming(self, node: fx.Node):
+        """The summed feedback arriving at ``node`` (a list for tuple-valued nodes), or None."""
+        if node in self.incoming_memo:
+            return self.incoming_memo[node]
+        self._label(node, None, "fanout")
+        if info(node).is_tuple:
+            parts = [self._sum(self.contribs.get((node, i), []), f"{node.name}_{i}_sum")
+                     for i in range(len(info(node).shape))]
+            value = parts if any(p is not None for p in parts) else None
+        else:
+            value = self._sum(self.contribs.get((node, None), []), f"{node.name}_sum")
+        self.incoming_memo[node] = value
+        return value
+
+    def _sum(self, parts: list, name: str):
+        if not parts:
+            return None
+        total = parts[0]
+        for part in parts[1:]:
+            total = self.tracer.create_proxy("call_function", operator.add, (total, part), {}, name=name)
+        return total
+
+    def _label(self, node, rule, role) -> None:
+        self.tracer.prefix = node.name if node is not None else "fb"
+        self.tracer.label = {"source": node.name if node is not None else None,
+                             "rule": rule.name if rule is not None else None, "role": role}
+        if node is not None:
+            self.emitted.setdefault(node.name, [])
+        self.tracer.created = self.emitted[node.name] if node is not None else []
+
+
+def _unwrap(value):
+    if isinstance(value, Proxy):
+        return value.node
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+def _zip_map(fn, a, b):
+    if isinstance(a, list):
+        return [None if x is None or y is None else fn(x, y) for x, y in zip(a, b)]
+    return fn(a, b)
+
+
+def autograd_param_grads(spec, args: dict, roles: tuple, g) -> dict:
+    """Fallback weight gradients: the vjp of the op's ``apply`` with respect to ``roles``."""
+    params = {role: args[role].detach().requires_grad_(True) for role in roles}
+    with torch.enable_grad():
+        out = spec.run(spec.apply, {**args, **params})
+        grads = torch.autograd.grad(out, list(params.values()), g, allow_unused=True)
+    return dict(zip(roles, grads))
+
+
+def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> FeedbackGraph:
+    if mode not in MODES:
+        raise ValueError(mode)
+    return FeedbackBuilder(gm, rules, partition, mode).build()

@@ -1,0 +1,130 @@
+"""Group forward nodes into TP units.
+
+A unit is the granularity of target propagation: targets are placed on unit outputs, difference
+correction acts per unit, and each unit's parameters learn from their own local loss
+||F_u(h_in) - t_out||^2 / (2 beta). Groupings:
+
+- ``"layer"`` (default): every op with a weight matrix (Linear, Conv) starts a unit; every other op
+  joins the unit of its latest-produced input (so Linear-tanh, Conv-BN-ReLU-MaxPool and a residual
+  add with its activation form one unit). Ops before the first weight op form parameter-free units.
+- ``"op"``: every op is its own unit.
+- ``"module"``: ops inside the same child module of the model (``model.<name>``, one level below the
+  root, or ``depth`` levels with ``("module", depth)``) form one unit; ops outside any child module
+  join the unit of their latest-produced input.
+- a callable ``node -> key``: nodes with equal keys form one unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from ..errors import OptionError, choices_text
+from ..trace import info
+
+GROUPINGS = ("layer", "op", "module")
+
+
+@dataclass(eq=False)
+class Unit:
+    index: int
+    nodes: list = field(default_factory=list)     # op and select nodes, topological order
+    inputs: list = field(default_factory=list)    # active values produced outside, used inside
+    outputs: list = field(default_factory=list)   # values used outside the unit or returned
+    params: list = field(default_factory=list)    # qualified parameter names
+
+    @property
+    def name(self) -> str:
+        ops = [n.name for n in self.nodes if info(n).role == "op"]
+        return "+".join(ops[:3]) + ("+..." if len(ops) > 3 else "")
+
+
+@dataclass(eq=False)
+class Partition:
+    units: list
+    unit_of: dict          # fx.Node -> Unit
+    grouping: object
+
+    def boundary(self, node: fx.Node) -> bool:
+        unit = self.unit_of.get(node)
+        return unit is not None and node in unit.outputs
+
+
+def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
+    """Assign every active op node of ``gm`` to a :class:`Unit`."""
+    key_of = _key_function(grouping)
+    nodes = [n for n in gm.graph.nodes if info(n).role in ("op", "select") and info(n).active]
+    position = {n: i for i, n in enumerate(nodes)}
+    unit_of, by_key, units, last = {}, {}, [], {}
+
+    def new_unit():
+        units.append(Unit(len(units)))
+        return units[-1]
+
+    for node in nodes:
+        producers = [unit_of[p] for p in node.all_input_nodes if p in unit_of]
+        latest = max(producers, key=lambda u: last[u.index]) if producers else None
+        if info(node).role == "select":
+            unit = unit_of[node.args[0]]
+        else:
+            key = key_of(node)
+            if key is _FOLLOW:
+                unit = latest or new_unit()
+            elif key is _LEAD:
+                unit = new_unit()
+            else:
+                unit = by_key.get(key) or by_key.setdefault(key, new_unit())
+        unit.nodes.append(node)
+        unit_of[node] = unit
+        last[unit.index] = position[node]
+    _connect(gm, units, unit_of)
+    return Partition(units, unit_of, grouping)
+
+
+_FOLLOW, _LEAD = object(), object()
+
+
+def _key_function(grouping):
+    if callable(grouping):
+        return grouping
+    depth = 1
+    if isinstance(grouping, tuple) and len(grouping) == 2 and grouping[0] == "module":
+        grouping, depth = grouping
+        if not isinstance(depth, int) or depth < 1:
+            raise OptionError(f"units=('module', depth): depth must be a positive int, got {depth!r}")
+    if grouping == "op":
+        return lambda node: _LEAD
+    if grouping == "layer":
+        return lambda node: _LEAD if info(node).call.spec.leader else _FOLLOW
+    if grouping == "module":
+        return lambda node: _module_key(node, depth)
+    raise OptionError(f"units={grouping!r} is not a grouping; use {choices_text(GROUPINGS)}, "
+                      "('module', depth) or a callable node -> key")
+
+
+def _module_key(node: fx.Node, depth: int):
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values()] if stack else []
+    if node.op == "call_module":
+        paths = paths or [node.target]
+    if not paths:
+        return _FOLLOW
+    path = paths[-1].split(".")
+    return ("module", ".".join(path[:depth]))
+
+
+def _connect(gm: fx.GraphModule, units: list, unit_of: dict) -> None:
+    returned = set(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
+    for unit in units:
+        members = set(unit.nodes)
+        for node in unit.nodes:
+            for src in node.all_input_nodes:
+                if info(src).active and src not in members and src not in unit.inputs:
+                    unit.inputs.append(src)
+            used_outside = any(u not in members and u.op != "output" for u in node.users)
+            if (used_outside or node in returned) and node not in unit.outputs:
+                unit.outputs.append(node)
+            call = info(node).call
+            for qualname in (call.params.values() if call else ()):
+                if qualname not in unit.params:
+                    unit.params.append(qualname)

@@ -1,0 +1,193 @@
+"""Symbolic derivation of activation feedback with sympy, evaluated with torch.
+
+For an invertible elementwise activation y = sigma(x), the feedback that satisfies the transposed
+Jacobian matching condition is (paper 002, eq. 27)
+
+    varsigma(y) = integral of sigma'(sigma^-1(y)) dy,
+
+so that varsigma'(h) = sigma'(x) at the operating point h = sigma(x): J_G = diag(sigma'(x)) = J_F^T.
+:func:`derive` builds sigma'(x), sigma^-1(y), sigma'(sigma^-1(y)) and varsigma(y) from the
+activation's branches and their *known* inverses (no ``sympy.solve``: it can run for minutes),
+integrating branch by branch and choosing the constants so that varsigma is continuous and
+varsigma(sigma(0)) = 0. Results are cached per activation and hyperparameters. :func:`to_torch` turns an expression into a function of one tensor built from
+torch operations, which also works on fx proxies and under ``torch.func`` transforms.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+import torch
+
+x, y = sympy.symbols("x y", real=True)
+
+
+class sigmoid(sympy.Function):
+    """The logistic function as one symbol, so expressions using it (SiLU) differentiate to
+    sigmoid(x) (1 - sigmoid(x)) and evaluate with ``torch.sigmoid`` (no exp overflow)."""
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One branch of an activation: ``forward`` (in x) where ``where`` (a condition on x) holds and,
+    for invertible activations, its ``inverse`` (in y) for outputs above ``above`` (None: the lowest
+    branch). Branches are listed from the highest outputs down; the first whose condition holds wins."""
+    forward: sympy.Expr
+    where: sympy.Basic = sympy.true
+    inverse: sympy.Expr | None = None
+    above: sympy.Expr | None = None
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Torch callables for one activation: sigma'(x), sigma'(sigma^-1(y)) (= varsigma'(y)), the
+    inverse and varsigma. The last three are ``None`` for non-invertible activations."""
+    name: str
+    forward: Callable
+    derivative: Callable
+    derivative_at_output: Callable | None
+    inverse: Callable | None
+    varsigma: Callable | None
+    expressions: dict
+
+
+def derive(name: str, pieces: tuple, **constants) -> Derived:
+    """Derive the feedback functions of the activation made of ``pieces`` (see :class:`Piece`);
+    ``constants`` give values to hyperparameter symbols (negative_slope, alpha, beta). Cached."""
+    return _derive(name, tuple(pieces), tuple(sorted(constants.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _derive(name: str, pieces: tuple, constants: tuple) -> Derived:
+    subs = {sympy.Symbol(k, real=True): sympy.nsimplify(v) for k, v in constants}
+    pieces = [Piece(*(sympy.sympify(part).subs(subs) if part is not None else None
+                      for part in (p.forward, p.where, p.inverse, p.above))) for p in pieces]
+    forward = _piecewise([(p.forward, p.where) for p in pieces])
+    derivative = _piecewise([(sympy.diff(p.forward, x), p.where) for p in pieces])
+    exprs = {"forward": forward, "derivative": derivative}
+    fns = {"forward": to_torch(forward, x, name), "derivative": to_torch(derivative, x, f"{name}_derivative")}
+    if all(p.inverse is not None for p in pieces):
+        at_y = [sympy.simplify(sympy.diff(p.forward, x).subs(x, p.inverse)) for p in pieces]
+        integrals = _continuous_antiderivative(pieces, at_y, forward.subs(x, 0))
+        conditions = [y > p.above if p.above is not None else sympy.true for p in pieces]
+        for key, parts in (("inverse", [p.inverse for p in pieces]), ("derivative_at_output", at_y),
+                           ("varsigma", integrals)):
+            exprs[key] = _piecewise(list(zip(parts, conditions)))
+            fns[key] = to_torch(exprs[key], y, f"{name}_{key}")
+    return Derived(name, fns["forward"], fns["derivative"], fns.get("derivative_at_output"),
+                   fns.get("inverse"), fns.get("varsigma"), exprs)
+
+
+def _continuous_antiderivative(pieces, at_y, zero_output) -> list:
+    """Antiderivatives of ``at_y`` per branch with constants making the whole continuous across
+    the branch boundaries and zero at sigma(0)."""
+    antis = [sympy.integrate(expr, y) for expr in at_y]
+    home = next(i for i, p in enumerate(pieces) if p.above is None or bool(zero_output > p.above))
+    antis[home] -= antis[home].subs(y, zero_output)
+    for i in range(home - 1, -1, -1):           # branches above the home branch
+        b = pieces[i].above
+        antis[i] += antis[i + 1].subs(y, b) - antis[i].subs(y, b)
+    for i in range(home + 1, len(pieces)):      # branches below it
+        b = pieces[i - 1].above
+        antis[i] += antis[i - 1].subs(y, b) - antis[i].subs(y, b)
+    return [sympy.expand(a) if a.is_polynomial(y) else a for a in antis]
+
+
+def _piecewise(branches: list) -> sympy.Expr:
+    if len(branches) == 1:
+        return branches[0][0]
+    return sympy.Piecewise(*branches[:-1], (branches[-1][0], True))
+
+
+def to_torch(expr: sympy.Expr, symbol: sympy.Symbol, name: str = "sympy_fn") -> Callable:
+    """A function ``f(tensor) -> tensor`` evaluating ``expr`` at ``symbol = tensor`` elementwise."""
+
+    def evaluate(node, t):
+        if node == symbol:
+            return t
+        if node.is_Number:
+            return float(node)
+        if node is sympy.pi:
+            return math.pi
+        if node is sympy.E:
+            return math.e
+        if isinstance(node, sympy.Add):
+            expm1 = _expm1_form(node)
+            if expm1 is not None:
+                sign, argument = expm1
+                return sign * torch.expm1(_as_tensor(evaluate(argument, t), t))
+            return functools.reduce(lambda a, b: a + b, (evaluate(a, t) for a in node.args))
+        if isinstance(node, sympy.Mul):
+            return functools.reduce(lambda a, b: a * b, (evaluate(a, t) for a in node.args))
+        if isinstance(node, sympy.Pow):
+            base, exponent = evaluate(node.base, t), evaluate(node.exp, t)
+            if exponent == 0.5:
+                return torch.sqrt(base)
+            return base ** exponent
+        if isinstance(node, sympy.Piecewise):
+            result = None
+            for expr_i, cond in reversed(node.args):
+                value = evaluate(expr_i, t)
+                if cond is sympy.true:
+                    result = value
+                else:
+                    result = torch.where(_condition(cond, t), _as_tensor(value, t), _as_tensor(result, t))
+            return result
+        fn = _FUNCTIONS.get(type(node))
+        if fn is None:
+            raise NotImplementedError(f"no torch translation for {type(node).__name__} in {expr}")
+        return fn(*[_as_tensor(evaluate(a, t), t) for a in node.args])
+
+    def _condition(cond, t):
+        if isinstance(cond, sympy.And):
+            return functools.reduce(torch.logical_and, (_condition(c, t) for c in cond.args))
+        if isinstance(cond, sympy.Or):
+            return functools.reduce(torch.logical_or, (_condition(c, t) for c in cond.args))
+        lhs, rhs = evaluate(cond.lhs, t), evaluate(cond.rhs, t)
+        return _RELATIONS[type(cond)](_as_tensor(lhs, t), rhs)
+
+    def function(t):
+        return _as_tensor(evaluate(expr, t), t)
+
+    function.__name__ = function.__qualname__ = name
+    function.expression = expr
+    return function
+
+
+def _expm1_form(node: sympy.Add):
+    """``exp(u) - 1`` or ``1 - exp(u)`` as (sign, u), evaluated with expm1 to avoid cancellation."""
+    if len(node.args) != 2:
+        return None
+    one = [a for a in node.args if a in (sympy.Integer(1), sympy.Integer(-1))]
+    rest = [a for a in node.args if a not in one]
+    if len(one) != 1 or len(rest) != 1:
+        return None
+    term, constant = rest[0], one[0]
+    if isinstance(term, sympy.exp) and constant == -1:
+        return 1.0, term.args[0]
+    if constant == 1 and term.could_extract_minus_sign() and isinstance(-term, sympy.exp):
+        return -1.0, (-term).args[0]
+    return None
+
+
+def _as_tensor(value, like):
+    if isinstance(value, (int, float)):
+        return torch.full_like(like, float(value))
+    return value
+
+
+_FUNCTIONS = {
+    sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.atanh: torch.atanh,
+    sympy.erf: torch.erf, sympy.sqrt: torch.sqrt, sympy.Abs: torch.abs, sympy.sign: torch.sign,
+    sigmoid: torch.sigmoid,
+}
+_RELATIONS = {
+    sympy.StrictGreaterThan: lambda a, b: a > b, sympy.GreaterThan: lambda a, b: a >= b,
+    sympy.StrictLessThan: lambda a, b: a < b, sympy.LessThan: lambda a, b: a <= b,
+}

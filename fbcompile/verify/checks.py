@@ -1,0 +1,59 @@
+"""Reusable checks for people writing rules (used by fbcompile's own tests).
+
+- :func:`adjoint_check`: the adjoint identity <J_F u, v> = <u, J_G v> with random u, v (never
+  all-ones vectors) for one node, in the program's dtype (use float64).
+- :func:`autograd_gradients`: what ``loss.backward()`` would write, for comparing with
+  :meth:`FeedbackProgram.propagate_error`.
+- :func:`relative_error`: ||a - b|| / ||b|| over matching tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import jvp
+
+from ..program import as_tuple
+from .evaluate import forward_values, node_problem
+
+
+def adjoint_check(program, node_name: str, inputs, *, trials: int = 3, seed: int = 0) -> float:
+    """Largest relative gap |<J_F u, v> - <u, J_G v>| / (|<J_F u, v>| + tiny) over ``trials`` random
+    (u, v) pairs at the forward operating point of ``inputs``."""
+    node = next(n for n in program.rules if n.name == node_name)
+    values = forward_values(program, as_tuple(inputs))
+    problem = node_problem(program, node, values)
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(trials):
+            u = tuple(_randn(x, generator) for x in problem.inputs)
+            v = tuple(torch.randn(s, dtype=u[0].dtype, generator=generator) for s in problem.output_shapes)
+            ju = jvp(problem.forward, tuple(problem.inputs), u)[1]
+            gv = problem.feedback(*v)
+            left = sum(float((a * b).sum()) for a, b in zip(ju, v))
+            right = sum(float((a * b).sum()) for a, b in zip(u, gv))
+            worst = max(worst, abs(left - right) / (abs(left) + 1e-300))
+    return worst
+
+
+def _randn(like: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(like.shape, dtype=like.dtype, generator=generator).to(like.device)
+
+
+def autograd_gradients(model, inputs, output_error) -> tuple[tuple, dict]:
+    """(input gradients, {parameter name: gradient}) of <model(inputs), output_error> by autograd,
+    leaving the model's ``.grad`` untouched."""
+    inputs = tuple(x.detach().clone().requires_grad_(True) for x in as_tuple(inputs))
+    params = dict(model.named_parameters())
+    out = model(*inputs)
+    outs, errors = as_tuple(out), as_tuple(output_error)
+    total = sum((o * e).sum() for o, e in zip(outs, errors))
+    grads = torch.autograd.grad(total, list(inputs) + list(params.values()), allow_unused=True)
+    return grads[:len(inputs)], dict(zip(params, grads[len(inputs):]))
+
+
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| (0 when both are zero), over tensors or matching sequences of tensors."""
+    a_list, b_list = as_tuple(a), as_tuple(b)
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a_list, b_list)) ** 0.5
+    den = sum(float(y.pow(2).sum()) for y in b_list) ** 0.5
+    return 0.0 if num == 0 else num / den if den > 0 else float("inf")

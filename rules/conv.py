@@ -1,0 +1,153 @@
+"""Convolutions (1d, 2d): y = W * x + b with stride s, padding, dilation d and groups.
+
+T (exact): the adjoint of a convolution is the transposed convolution with the same weight, i.e.
+a convolution with the kernel rotated by 180 degrees and its in/out channels swapped (paper 002,
+eq. 20), applied to the stride-dilated feedback. The size is restored exactly: per spatial dim, with
+input size H, padding (l, r), output size H_out,
+
+    full = (H_out - 1) s + d (k - 1) + 1          (rows the forward read, padding included)
+    output_padding = (H + l + r) - full           (rows of the padded input no window reached;
+                                                   0 <= output_padding < s)
+
+and conv_transpose with padding l gives H + (r - l) rows; the extra r - l rows of asymmetric
+('same' with an even kernel) padding are cut off the end. Nothing is guessed from H_out alone.
+
+Weight gradient: dW = aten.convolution_backward (correlation of x with g), db = sum of g.
+P and I: the dense per-sample operator (see :mod:`fbcompile.rules.dense`), for small inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fbcompile.ops import declare_op
+from fbcompile.registry import register_rule
+
+from .dense import dense_inverse_apply, dense_size_problem
+
+aten = torch.ops.aten
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_module(m):
+    return {"weight": m.weight, "bias": m.bias, "stride": m.stride, "padding": m.padding,
+            "dilation": m.dilation, "groups": m.groups, "padding_mode": m.padding_mode}
+
+
+def _tuple(value, n):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def geometry(ctx):
+    """Per spatial dim: stride, dilation, kernel, (left, right) padding, input and output sizes."""
+    n = len(ctx.shape("weight")) - 2
+    kernel = ctx.shape("weight")[2:]
+    stride, dilation = _tuple(ctx.const("stride", 1), n), _tuple(ctx.const("dilation", 1), n)
+    padding = ctx.const("padding", 0)
+    if padding == "valid":
+        pads = [(0, 0)] * n
+    elif padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in _tuple(padding, n)]
+    return n, stride, dilation, kernel, pads, ctx.shape("input")[-n:], ctx.shape()[-n:]
+
+
+def conv_adjoint(g, weight, stride, dilation, pads, output_padding, groups, in_sizes):
+    """x-gradient of the convolution: transposed convolution, then the asymmetric-padding crop."""
+    n = len(pads)
+    transpose = F.conv_transpose1d if n == 1 else F.conv_transpose2d
+    out = transpose(g, weight, None, stride, [l for l, _ in pads], output_padding, groups, dilation)
+    for i, (left, right) in enumerate(pads):
+        if right != left:
+            out = out.narrow(out.dim() - n + i, 0, in_sizes[i])
+    return out
+
+
+def conv_weight_grads(g, x, weight, stride, dilation, pads, groups, has_bias):
+    """(dW, db) via aten.convolution_backward; asymmetric padding is applied to x explicitly."""
+    padding = [l for l, _ in pads]
+    if any(l != r for l, r in pads):
+        x = F.pad(x, [p for l, r in reversed(pads) for p in (l, r)])
+        padding = [0] * len(pads)
+    bias_sizes = [weight.shape[0]] if has_bias else None
+    _, dw, db = aten.convolution_backward(g, x, weight, bias_sizes, list(stride), padding, list(dilation),
+                                          False, [0] * len(pads), groups, [False, True, has_bias])
+    return dw, db
+
+
+def _param_grads(ctx, g):
+    n, stride, dilation, _, pads, _, _ = geometry(ctx)
+    grads = ctx.call(conv_weight_grads, g, ctx.saved("input"), ctx.param("weight"), stride, dilation, pads,
+                     ctx.const("groups", 1), ctx.has("bias"))
+    return {"weight": grads[0], "bias": grads[1] if ctx.has("bias") else None}
+
+
+def _zeros_padding(ctx):
+    mode = ctx.const("padding_mode", "zeros")
+    return None if mode == "zeros" else f"padding_mode={mode!r} is not supported (only 'zeros')"
+
+
+CONV1D = declare_op("conv1d", lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                    padding_mode="zeros": conv1d(input, weight, bias, stride, padding, dilation, groups),
+                    functions=[F.conv1d], modules={nn.Conv1d: _conv_module}, param_grads=_param_grads,
+                    leader=True)
+CONV2D = declare_op("conv2d", lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                    padding_mode="zeros": conv2d(input, weight, bias, stride, padding, dilation, groups),
+                    functions=[F.conv2d], modules={nn.Conv2d: _conv_module}, param_grads=_param_grads,
+                    leader=True)
+
+
+def conv_transpose_rule(ctx, g):
+    """G(g) = ROT(W) * g: the transposed convolution, output size restored exactly."""
+    n, stride, dilation, kernel, pads, in_sizes, out_sizes = geometry(ctx)
+    output_padding = [h + l + r - ((o - 1) * s + d * (k - 1) + 1)
+                      for h, (l, r), o, s, d, k in zip(in_sizes, pads, out_sizes, stride, dilation, kernel)]
+    return {"input": ctx.call(conv_adjoint, g, ctx.weight("weight"), stride, dilation, pads, output_padding,
+                              ctx.const("groups", 1), in_sizes)}
+
+
+def _dense_rule(condition):
+    def rule(ctx, g):
+        """G(g) = J^+ g (P) or J^-1 g (I) with J the dense per-sample convolution operator."""
+        return {"input": _dense(ctx, g, condition)}
+
+    def target(ctx, t):
+        bias = ctx.param("bias")
+        if bias is not None:
+            t = t - bias.reshape((-1,) + (1,) * (len(ctx.shape()) - 2))
+        return {"input": _dense(ctx, t, condition)}
+    return rule, target
+
+
+def _dense(ctx, g, condition):
+    spec = ctx.op_call.spec
+    weight = ctx.weight("weight")
+    args = {k: ctx.const(k, v.default) for k, v in spec.signature.parameters.items()
+            if k not in ("input", "weight", "bias")}
+    return ctx.call(dense_conv, g, weight, spec.name, args, ctx.shape("input")[1:], condition, ctx.name)
+
+
+def dense_conv(g, weight, name, args, sample_shape, condition, node_name):
+    conv = conv1d if name == "conv1d" else conv2d
+    args = {k: v for k, v in args.items() if k != "padding_mode"}
+    return dense_inverse_apply(g, lambda basis: conv(basis, weight, None, **args), sample_shape,
+                               (node_name, id(weight)), condition, node_name, (weight._version,))
+
+
+for _op in (CONV1D, CONV2D):
+    register_rule(_op, conditions="T", supports=_zeros_padding, name=f"{_op.name}.transpose")(conv_transpose_rule)
+    for _condition in "PI":
+        _rule, _target = _dense_rule(_condition)
+        register_rule(_op, conditions=_condition, kind="exact", target=_target, affine=True,
+                      supports=lambda ctx, c=_condition: _zeros_padding(ctx) or dense_size_problem(ctx, c),
+                      name=f"{_op.name}.dense_{_condition}")(_rule)

@@ -1,0 +1,65 @@
+"""Dense operators for conditions P and I on ops that have no cheap closed form (convolution,
+average pooling): the op's Jacobian for one sample is materialised as an (n_out x n_in) matrix by
+applying the op's *linear part* to the identity basis, then pseudo-inverted or inverted.
+
+This is only meant for small inputs: the matrix has n_out * n_in entries and its SVD costs
+O(n_out n_in min(n_out, n_in)). Nodes above ``DENSE_LIMIT`` entries are refused at compile time
+with an error naming the node and its size (raise the limit with :func:`set_dense_limit`).
+The inverse is cached until the weights change (tracked by the tensors' version counters).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fbcompile.errors import ConditionError
+
+DENSE_LIMIT = 1 << 22   # entries of the per-sample dense operator (4,194,304: 32 MB in float64)
+_CACHE: dict = {}
+
+
+def set_dense_limit(entries: int) -> None:
+    """Change the largest dense operator (n_out * n_in entries) conditions P and I will build."""
+    global DENSE_LIMIT
+    DENSE_LIMIT = int(entries)
+
+
+def dense_size_problem(ctx, condition: str):
+    """A reason string when the node's dense operator exceeds :data:`DENSE_LIMIT`, else None."""
+    n_in = math.prod(ctx.shape("input")[1:])
+    n_out = math.prod(ctx.shape()[1:])
+    if condition == "I" and n_in != n_out:
+        return (f"condition I needs a square Jacobian, but {ctx.name} maps {n_in} -> {n_out} values "
+                "per sample; use condition P or T")
+    if n_in * n_out > DENSE_LIMIT:
+        return (f"condition {condition} for {ctx.name} ({ctx.op_call.spec.name}) needs a dense {n_out} x {n_in} "
+                f"operator ({n_in * n_out:,} entries), above the limit of {DENSE_LIMIT:,} "
+                "(fbcompile.rules.dense.set_dense_limit); use condition T for large layers")
+    return None
+
+
+def dense_inverse_apply(g, linear_map, sample_shape, key, condition: str, node_name: str, versions=()):
+    """Apply the (pseudo-)inverse of ``linear_map`` (one sample of shape ``sample_shape`` -> output)
+    to every sample of ``g``: x = g_flat @ (J^+)^T, reshaped to the input sample shape."""
+    inverse = _inverse(linear_map, tuple(sample_shape), (key, tuple(versions), g.dtype, g.device),
+                       condition, node_name, g)
+    flat = g.reshape(g.shape[0], -1) @ inverse.t()
+    return flat.reshape((g.shape[0],) + tuple(sample_shape))
+
+
+def _inverse(linear_map, sample_shape, cache_key, condition, node_name, like):
+    if cache_key in _CACHE:
+        return _CACHE[cache_key]
+    n_in = math.prod(sample_shape)
+    basis = torch.eye(n_in, dtype=like.dtype, device=like.device).reshape((n_in,) + sample_shape)
+    jacobian = linear_map(basis).reshape(n_in, -1).t()          # (n_out, n_in)
+    if condition == "I":
+        inverse, info = torch.linalg.inv_ex(jacobian)
+        if int(info) != 0 or not torch.isfinite(inverse).all():
+            raise ConditionError(f"condition I: the Jacobian of node {node_name!r} is singular")
+    else:
+        inverse = torch.linalg.pinv(jacobian)
+    _CACHE.clear()  # keep one operator per node alive at a time; weights change every step
+    _CACHE[cache_key] = inverse
+    return inverse

@@ -1,0 +1,206 @@
+"""Pooling (1d, 2d): max, average and adaptive average.
+
+Max pooling. J_F selects, for every output position, the input position holding the window's
+maximum (the forward's indices). T (exact): G(g) = MaxUnpool with those indices, implemented as a
+scatter-*add*: with overlapping windows (stride < kernel) one input can be the maximum of several
+windows and its feedback is the sum of theirs (a plain MaxUnpool would overwrite). Padding and
+ceil_mode need no special care: indices refer to unpadded input positions.
+P (exact): J_F has orthogonal columns, J^T J = diag(c) with c the number of windows selecting each
+input, so J^+ = diag(1/c) J^T: the same scatter-add divided by the counts (0 where c = 0).
+
+Average pooling is linear and input-independent. T (exact): its adjoint, aten.avg_pool2d_backward
+(1d runs as 2d with a unit height), which honours padding, ceil_mode, count_include_pad and
+divisor_override. Adaptive average pooling: aten._adaptive_avg_pool2d_backward, exact for
+overlapping bins too. P and I: the dense operator (small inputs); global adaptive pooling (output
+size 1) is a mean and has J^+ = copy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fbcompile.ops import declare_op
+from fbcompile.registry import register_rule
+
+from .dense import dense_inverse_apply, dense_size_problem
+
+aten = torch.ops.aten
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return F.max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def max_pool1d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return F.max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def max_pool2d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    return F.avg_pool1d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def adaptive_avg_pool1d(input, output_size):
+    return F.adaptive_avg_pool1d(input, output_size)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    return F.adaptive_avg_pool2d(input, output_size)
+
+
+def _max_module(m):
+    return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "dilation": m.dilation,
+            "ceil_mode": m.ceil_mode, "return_indices": m.return_indices}
+
+
+def _avg_module(m):
+    extra = {"divisor_override": m.divisor_override} if hasattr(m, "divisor_override") else {}
+    return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "ceil_mode": m.ceil_mode,
+            "count_include_pad": m.count_include_pad, **extra}
+
+
+MAX_POOL1D = declare_op("max_pool1d", max_pool1d, functions=[F.max_pool1d], modules={nn.MaxPool1d: _max_module},
+                        tapped=max_pool1d_tapped, extras=("indices",))
+MAX_POOL2D = declare_op("max_pool2d", max_pool2d, functions=[F.max_pool2d], modules={nn.MaxPool2d: _max_module},
+                        tapped=max_pool2d_tapped, extras=("indices",))
+AVG_POOL1D = declare_op("avg_pool1d", avg_pool1d, functions=[F.avg_pool1d], modules={nn.AvgPool1d: _avg_module})
+AVG_POOL2D = declare_op("avg_pool2d", avg_pool2d, functions=[F.avg_pool2d], modules={nn.AvgPool2d: _avg_module})
+ADAPTIVE1D = declare_op("adaptive_avg_pool1d", adaptive_avg_pool1d, functions=[F.adaptive_avg_pool1d],
+                        modules={nn.AdaptiveAvgPool1d: lambda m: {"output_size": m.output_size}})
+ADAPTIVE2D = declare_op("adaptive_avg_pool2d", adaptive_avg_pool2d, functions=[F.adaptive_avg_pool2d],
+                        modules={nn.AdaptiveAvgPool2d: lambda m: {"output_size": m.output_size}})
+
+
+def unpool_add(g, indices, input, n_spatial: int, normalise: bool):
+    """Scatter-add g into zeros shaped like ``input`` at the max-pool ``indices`` (flat positions
+    within each channel plane); with ``normalise`` divide by how many windows chose each position."""
+    flat_g = g.flatten(start_dim=-n_spatial)
+    flat_idx = indices.flatten(start_dim=-n_spatial)
+    plane = 1
+    for size in input.shape[-n_spatial:]:
+        plane *= size
+    out = g.new_zeros(tuple(input.shape[:-n_spatial]) + (plane,)).scatter_add(-1, flat_idx, flat_g)
+    if normalise:
+        counts = torch.zeros_like(out).scatter_add(-1, flat_idx, torch.ones_like(flat_g))
+        out = out / counts.clamp(min=1)
+    return out.reshape(input.shape)
+
+
+def _n_spatial(ctx):
+    return 1 if ctx.op_call.spec.name.endswith("1d") else 2
+
+
+def _no_user_indices(ctx):
+    if ctx.const("return_indices", False):
+        return "max pooling with return_indices=True in the model is not supported"
+    return None
+
+
+def max_unpool(ctx, g):
+    """G(g) = J^T g: MaxUnpool with the forward indices, overlapping windows adding up."""
+    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved("input"), _n_spatial(ctx), False)}
+
+
+def max_unpool_pinv(ctx, g):
+    """G(g) = J^+ g = diag(1/c) J^T g, c = number of windows choosing each input."""
+    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved("input"), _n_spatial(ctx), True)}
+
+
+def _not_invertible(ctx):
+    return f"{ctx.op_call.spec.name} is not invertible (it drops entries); use condition P or T"
+
+
+for _op in (MAX_POOL1D, MAX_POOL2D):
+    register_rule(_op, conditions="T", supports=_no_user_indices, name=f"{_op.name}.unpool")(max_unpool)
+    register_rule(_op, conditions="P", supports=_no_user_indices, name=f"{_op.name}.unpool_pinv")(max_unpool_pinv)
+    register_rule(_op, conditions="I", supports=_not_invertible, name=f"{_op.name}.inverse")(max_unpool_pinv)
+
+
+def _sizes(value, fill, n):
+    """Pooling hyperparameter as an n-tuple (``None`` or empty means ``fill``)."""
+    value = fill if value is None or value == [] or value == () else value
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def avg_pool_adjoint(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, n):
+    """The adjoint of average pooling; 1d pooling runs as 2d over a unit-height plane."""
+    kernel = _sizes(kernel_size, None, n)
+    stride, padding = _sizes(stride, kernel, n), _sizes(padding, 0, n)
+    if n == 1:
+        out = aten.avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2), (1,) + kernel, (1,) + stride,
+                                       (0,) + padding, ceil_mode, count_include_pad, None)
+        return out.squeeze(-2)
+    return aten.avg_pool2d_backward(g, input, kernel, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override)
+
+
+def adaptive_adjoint(g, input, n):
+    if n == 1:
+        return aten._adaptive_avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2)).squeeze(-2)
+    return aten._adaptive_avg_pool2d_backward(g, input)
+
+
+@register_rule(AVG_POOL1D, conditions="T", name="avg_pool1d.adjoint")
+@register_rule(AVG_POOL2D, conditions="T", name="avg_pool2d.adjoint")
+def avg_pool_transpose(ctx, g):
+    """G(g) = J^T g, the adjoint of average pooling."""
+    return {"input": ctx.call(avg_pool_adjoint, g, ctx.saved("input"), ctx.const("kernel_size"),
+                              ctx.const("stride"), ctx.const("padding", 0),
+                              ctx.const("ceil_mode", False), ctx.const("count_include_pad", True),
+                              ctx.const("divisor_override", None), _n_spatial(ctx))}
+
+
+@register_rule(ADAPTIVE1D, conditions="T", name="adaptive_avg_pool1d.adjoint")
+@register_rule(ADAPTIVE2D, conditions="T", name="adaptive_avg_pool2d.adjoint")
+def adaptive_transpose(ctx, g):
+    """G(g) = J^T g, the adjoint of adaptive average pooling (overlapping bins add)."""
+    return {"input": ctx.call(adaptive_adjoint, g, ctx.saved("input"), _n_spatial(ctx))}
+
+
+def dense_pool(g, spec_apply, args, sample_shape, condition, node_name):
+    return dense_inverse_apply(g, lambda basis: spec_apply(basis, **args), sample_shape, (node_name,),
+                               condition, node_name)
+
+
+def _dense_pool_rule(ctx, g, condition):
+    spec = ctx.op_call.spec
+    args = {k: ctx.const(k, v.default) for k, v in spec.signature.parameters.items() if k != "input"}
+    return {"input": ctx.call(dense_pool, g, spec.apply, args, ctx.shape("input")[1:], condition, ctx.name)}
+
+
+def _is_global(ctx):
+    size = ctx.const("output_size")
+    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+
+
+def pool_dense_inverse(ctx, g):
+    """G(g) = J^-1 g with J the dense per-sample pooling operator (square cases only)."""
+    return _dense_pool_rule(ctx, g, "I")
+
+
+def _pool_pinv(ctx, g):
+    """Global adaptive pooling is a mean: J^+ = copy. Otherwise the dense per-sample pseudo-inverse."""
+    if ctx.op_call.spec in (ADAPTIVE1D, ADAPTIVE2D) and _is_global(ctx):
+        return {"input": g.expand(ctx.saved("input").shape)}
+    return _dense_pool_rule(ctx, g, "P")
+
+
+for _op in (AVG_POOL1D, AVG_POOL2D, ADAPTIVE1D, ADAPTIVE2D):
+    register_rule(_op, conditions="P", name=f"{_op.name}.pinv",
+                  supports=lambda ctx: None if (ctx.op_call.spec in (ADAPTIVE1D, ADAPTIVE2D) and _is_global(ctx))
+                  else dense_size_problem(ctx, "P"))(_pool_pinv)
+    register_rule(_op, conditions="I", name=f"{_op.name}.dense_inverse",
+                  supports=lambda ctx: dense_size_problem(ctx, "I"))(pool_dense_inverse)
