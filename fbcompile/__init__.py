@@ -10,8 +10,9 @@ from .ops import declare_op
 from .compiler import compile, coverage
 from .program import FeedbackProgram
 from .verify import VerifyReport, verify
+from .runtime import learner, register_algorithm
 from . import rules  # noqa: F401  (registers the rule library)
 
 __all__ = ["compile", "coverage", "verify", "VerifyReport", "FeedbackProgram", "FBCompileError", "register_rule",
-           "declare_op"]
+           "declare_op", "learner", "register_algorithm"]
 __version__ = "0.1.0"

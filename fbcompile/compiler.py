@@ -7,7 +7,6 @@ from torch import fx, nn
 
 from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
-from .passes.feedback import MODES, emit_feedback
 from .passes.units import partition
 from .program import FeedbackProgram, as_tuple
 from .registry import CONDITIONS, find_rule, rules_for
@@ -45,9 +44,18 @@ def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=
         raise UnsupportedOpError(
             f"{len(problems)} node(s) of {type(model).__name__} have no condition-{condition} feedback rule:\n  "
             f"{listing}\nRegister one with @fbcompile.register_rule (see examples/custom_rule.py).", problems)
-    groups = partition(traced, units)
-    feedback = {mode: emit_feedback(traced, rules, groups, mode) for mode in MODES}
-    return FeedbackProgram(model, traced, condition, variants, rules, groups, feedback)
+    return FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
+
+
+def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram:
+    """Compile an already traced model (used to change condition, variants or units cheaply)."""
+    _check_condition(condition)
+    rules, problems = select_rules(traced, condition, variants)
+    if problems:
+        listing = "\n  ".join(str(p) for p in problems)
+        raise UnsupportedOpError(f"{len(problems)} node(s) have no condition-{condition} feedback rule:\n  {listing}",
+                                 problems)
+    return FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
 
 
 def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants=()) -> list:

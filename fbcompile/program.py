@@ -7,8 +7,8 @@ import torch
 from torch import fx, nn
 
 from .errors import FBCompileError
-from .passes.feedback import MODES, FeedbackGraph
-from .passes.forward import build_forward
+from .passes.feedback import MODES, FeedbackGraph, emit_feedback
+from .passes.forward import build_cut_forward, build_forward, build_resume_forward
 from .trace import active_outputs, info
 
 
@@ -35,18 +35,38 @@ class FeedbackProgram:
     - ``explain()``, ``feedback_code``, ``units``, ``slots``.
     """
 
-    def __init__(self, model, traced, condition, variants, rules, partition, feedback: dict):
+    def __init__(self, model, traced, condition, variants, rules, partition, units="layer"):
         self.model, self.traced = model, traced
-        self.condition, self.variants = condition, tuple(variants)
-        self.rules, self.partition, self.feedback = rules, partition, feedback
-        self.taps = _union(g.inputs for g in feedback.values())
-        self.forward_module = build_forward(traced, self.taps)
-        self._local_forward = None
-        self.slots = _slots(model, traced, feedback)
+        self.condition, self.variants, self.grouping = condition, tuple(variants), units
+        self.rules, self.partition = rules, partition
         self.params = dict(model.named_parameters())
         self.outputs = active_outputs(traced)
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
-        self._plans = {mode: self._plan(graph) for mode, graph in feedback.items()}
+        self.feedback, self.taps, self.slots, self._plans = {}, [], [], {}
+        self._derived = {}
+        for mode in MODES:
+            self.feedback_graph(mode)
+
+    def feedback_graph(self, mode: str) -> FeedbackGraph:
+        """The feedback graph of ``mode``, emitted on first use ("error", "target", "difference",
+        "unit_target"); new taps rebuild the forward programs."""
+        if mode not in self.feedback:
+            graph = emit_feedback(self.traced, self.rules, self.partition, mode)
+            self.feedback[mode] = graph
+            new_taps = [key for kind, key in graph.inputs if kind == "tap" and key not in self.taps]
+            self.taps.extend(new_taps)
+            self.slots = _slots(self.model, self.feedback)
+            if new_taps or not self._derived:
+                self._derived = {"forward": build_forward(self.traced, self.taps)}
+            self._plans = {m: self._plan(g) for m, g in self.feedback.items()}
+        return self.feedback[mode]
+
+    def recompile(self, *, condition=None, variants=None, units=None) -> "FeedbackProgram":
+        """The same traced model under another condition, rule variants or unit grouping."""
+        from .compiler import compile_traced
+        return compile_traced(self.model, self.traced, condition or self.condition,
+                              self.variants if variants is None else variants,
+                              self.grouping if units is None else units)
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -68,28 +88,54 @@ class FeedbackProgram:
     def rule_for(self, node_name: str):
         return next((r for n, r in self.rules.items() if n.name == node_name), None)
 
-    # -- running ---------------------------------------------------------------------------------
+    # -- forward programs --------------------------------------------------------------------------
+    @property
+    def forward_module(self) -> fx.GraphModule:
+        """The traced model returning ``(output, taps)``."""
+        return self._derived["forward"]
+
     def run_forward(self, inputs: tuple):
         """Run the forward program: ``(model output, taps tuple)``."""
         return self.forward_module(*inputs)
 
-    def local_forward(self):
-        """Forward program with each unit's inputs detached, returning unit-boundary values as a
-        third output (graph-connected), for one multi-root backward over all local losses."""
-        if self._local_forward is None:
-            boundary = self.feedback["difference"].boundary
-            self._local_forward = build_forward(self.traced, self.taps, self.partition, True, boundary)
-        return self._local_forward
+    @property
+    def boundary(self) -> list:
+        """Forward nodes whose feedback the feedback graphs return: model inputs, then unit outputs."""
+        return self.feedback["difference"].boundary
 
+    def local_forward(self) -> fx.GraphModule:
+        """Forward program with each unit's inputs detached, returning the boundary values as a
+        third output (graph-connected), for one multi-root backward over all local losses."""
+        if "local" not in self._derived:
+            self._derived["local"] = build_forward(self.traced, self.taps, self.partition, True, self.boundary)
+        return self._derived["local"]
+
+    def cut_forward(self):
+        """``(module, input keys, output keys)`` evaluating every unit on its own inputs."""
+        if "cut" not in self._derived:
+            self._derived["cut"] = build_cut_forward(self.traced, self.partition)
+        return self._derived["cut"]
+
+    def resume_forward(self, node_name: str) -> fx.GraphModule:
+        """The model output as a function of (model inputs, a replacement value for ``node_name``)."""
+        key = ("resume", node_name)
+        if key not in self._derived:
+            node = next(n for n in self.traced.graph.nodes if n.name == node_name)
+            self._derived[key] = build_resume_forward(self.traced, node)
+        return self._derived[key]
+
+    # -- feedback ---------------------------------------------------------------------------------
     def run_feedback(self, mode: str, output_feedback, taps: tuple, weights: dict | None = None):
         """Run the ``mode`` feedback graph: ``(boundary values, parameter gradients)``.
 
-        ``weights`` maps slot keys ``(node name, param)`` to tensors used in place of the forward
-        weight (FA, FWDTP, learned feedback); missing slots use the forward weight."""
+        ``output_feedback`` holds one tensor per model output (per unit output for
+        "unit_target"). ``weights`` maps slot keys ``(node name, param)`` to tensors used in place
+        of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight."""
+        self.feedback_graph(mode)
         plan = self._plans[mode]
         args = []
         for kind, index in plan:
-            if kind == "output":
+            if kind in ("output", "cut"):
                 args.append(output_feedback[index])
             elif kind == "tap":
                 args.append(taps[index])
@@ -102,8 +148,11 @@ class FeedbackProgram:
         tap_index = {key: i for i, key in enumerate(self.taps)}
         slot_index = {slot.key: i for i, slot in enumerate(self.slots)}
         plan = []
+        cut_index = {o.name: i for i, (_, o) in enumerate(self.cut_forward()[2])} if any(
+            kind == "cut" for kind, _ in graph.inputs) else {}
         for kind, key in graph.inputs:
-            plan.append((kind, key if kind == "output" else (tap_index[key] if kind == "tap" else slot_index[key])))
+            index = {"output": lambda k: k, "cut": cut_index.get, "tap": tap_index.get, "slot": slot_index.get}[kind](key)
+            plan.append((kind, index))
         return plan
 
     def propagate_error(self, inputs, output_error):
@@ -153,24 +202,11 @@ def accumulate_grads(params: dict, names: list, grads) -> None:
             param.grad.add_(grad)
 
 
-def _union(input_lists) -> list:
-    keys = []
-    for inputs in input_lists:
-        for kind, key in inputs:
-            if kind == "tap" and key not in keys:
-                keys.append(key)
-    return keys
-
-
-def _slots(model: nn.Module, traced: fx.GraphModule, feedback: dict) -> list:
-    nodes = {n.name: n for n in traced.graph.nodes}
-    seen = []
+def _slots(model: nn.Module, feedback: dict) -> list:
+    seen = {}
     for graph in feedback.values():
         for kind, key in graph.inputs:
-            if kind == "slot" and key not in [s.key for s in seen]:
-                node = nodes[key[0]]
-                call = info(node).call
-                qualname = call.params[key[1]]
-                shape = tuple(model.get_parameter(qualname).shape)
-                seen.append(Slot(key[0], key[1], qualname, shape))
-    return seen
+            if kind == "slot" and key not in seen:
+                qualname = graph.slot_params[key]
+                seen[key] = Slot(key[0], key[1], qualname, tuple(model.get_parameter(qualname).shape))
+    return list(seen.values())

@@ -6,12 +6,15 @@ Three modes share the walk and differ in what flows backwards:
   emit their weight gradients from the error at their output (the op's ``param_grads`` formula,
   else a local autograd vjp). With exact T rules this is backpropagation.
 - ``"target"`` (TP): a target t, mapped by each rule's target map G: t_in = G(t_out).
-- ``"difference"`` (DTP): the difference d = t - h, so that at unit boundaries
-  t_in = G_u(t_out) + h_in - G_u(h_out), i.e. d_in = G_u(h_out + d_out) - G_u(h_out).
-  Affine rules map d linearly (``error``); a non-linear rule k evaluates
-  d_in = G_k(b_k + d_out) - G_k(b_k) at the *base* b_k = (G-chain of the unit applied to the unit's
-  forward outputs) at k's output. b_k is the forward value itself when k ends its unit, and is
-  computed from the unit's outputs through the unit's own target maps otherwise.
+- ``"difference"`` (DTP): the difference d = t - h with difference correction at every op,
+  t_in = G_k(t_out) + h_in - G_k(h_out): affine rules map d linearly (``error``), a non-linear rule
+  k gives d_in = G_k(h_k + d_out) - G_k(h_k) at its own forward output h_k. With exact T rules this
+  tends to backpropagation as beta -> 0 whatever the unit grouping.
+- ``"unit_difference"``: difference correction per unit, t_in = G_u(t_out) + h_in - G_u(h_out), i.e.
+  d_in = G_u(h_out + d_out) - G_u(h_out). A non-linear rule k is evaluated at the *base* b_k =
+  (G-chain of the unit applied to the unit's forward outputs) at k's output: the forward value itself
+  when k ends its unit, else computed through the unit's own target maps (a skip connection inside
+  the unit makes b_k differ from k's forward output).
 
 Fan-out (a value used k > 1 times) gets one explicit sum of its incoming feedback. Tuple-valued
 nodes (split, chunk) collect a list with one entry per element, filled through their getitem users.
@@ -20,6 +23,11 @@ The emitted graph takes, in placeholder order: the feedback at each model output
 forward values ("taps") and feedback weights ("slots") the rules asked for. It returns
 ``(boundary feedback, parameter gradients)`` for :attr:`FeedbackGraph.boundary` and
 :attr:`FeedbackGraph.params`.
+
+A fourth mode, ``"unit_target"``, cuts the graph at unit boundaries: every unit's target map G_u is
+applied to its own arguments (one per unit output) and the result at each unit input is returned
+per (unit, input) instead of flowing on. Reconstruction losses of learned feedback use it to
+evaluate G_u(F_u(h_u + eps)) for all units in one pass.
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ from ..errors import RuleError
 from ..trace import META, active_outputs, info
 
 MODES = ("error", "target", "difference")
+CUT_MODE = "unit_target"
+UNIT_DIFFERENCE = "unit_difference"
 _OUTPUT_LABEL = {"error": "grad", "target": "target", "difference": "delta"}
 
 
@@ -43,10 +53,11 @@ _OUTPUT_LABEL = {"error": "grad", "target": "target", "difference": "delta"}
 class FeedbackGraph:
     module: fx.GraphModule
     mode: str
-    inputs: list                      # ("output", i) | ("tap", key) | ("slot", (node name, param))
+    inputs: list                      # ("output", i) | ("cut", node name) | ("tap", key) | ("slot", (node, param))
     boundary: list                    # forward nodes whose feedback is returned, in order
     params: list                      # qualified names of returned parameter gradients
     emitted: dict = field(default_factory=dict)   # forward node name -> feedback node names
+    slot_params: dict = field(default_factory=dict)  # slot key -> qualified name of the forward weight
 
 
 class _NamingTracer(GraphAppendingTracer):
@@ -69,10 +80,14 @@ class _NamingTracer(GraphAppendingTracer):
 
 class FeedbackBuilder:
     def __init__(self, gm: fx.GraphModule, rules: dict, partition, mode: str):
+        self.cut, self.unit_correction = mode == CUT_MODE, mode == UNIT_DIFFERENCE
+        self.emitted_mode = mode
+        mode = {CUT_MODE: "target", UNIT_DIFFERENCE: "difference"}.get(mode, mode)
         self.gm, self.rules, self.partition, self.mode = gm, rules, partition, mode
+        self.cut_parts = defaultdict(list)
         self.graph = fx.Graph()
         self.tracer = _NamingTracer(self.graph)
-        self.taps, self.slots, self.attrs = {}, {}, {}
+        self.taps, self.slots, self.attrs, self.slot_params = {}, {}, {}, {}
         self.contribs = defaultdict(list)
         self.incoming_memo, self.base_memo, self.at_base_memo = {}, {}, {}
         self.param_parts = defaultdict(list)
@@ -99,6 +114,7 @@ class FeedbackBuilder:
         key = (node.name, param)
         if key not in self.slots:
             self.slots[key] = self._placeholder(f"fbw_{node.name}_{param}", ("slot", key))
+            self.slot_params[key] = info(node).call.params[param]
         return self.slots[key]
 
     def attr(self, qualname: str) -> Proxy:
@@ -109,8 +125,13 @@ class FeedbackBuilder:
     # -- the walk -----------------------------------------------------------------------------
     def build(self) -> FeedbackGraph:
         label = _OUTPUT_LABEL[self.mode]
-        for i, out in enumerate(active_outputs(self.gm)):
-            self._add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
+        if self.cut:
+            for unit in self.partition.units:
+                for out in unit.outputs:
+                    self._add(out, self._placeholder(f"t_{out.name}", ("cut", out.name)))
+        else:
+            for i, out in enumerate(active_outputs(self.gm)):
+                self._add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
         for node in reversed(list(self.gm.graph.nodes)):
             record = info(node)
             if not record.active:
@@ -123,7 +144,11 @@ class FeedbackBuilder:
                 self._emit(node)
         boundary = self._boundary_nodes()
         self._label(None, None, "output")
-        values = tuple(_unwrap(self.incoming(n)) for n in boundary)
+        if self.cut:
+            boundary = [(unit.index, src) for unit in self.partition.units for src in unit.inputs]
+            values = tuple(_unwrap(self._sum(self.cut_parts[key], f"{key[1].name}_u{key[0]}")) for key in boundary)
+        else:
+            values = tuple(_unwrap(self.incoming(n)) for n in boundary)
         params = sorted(self.param_parts)
         grads = tuple(_unwrap(self._sum(self.param_parts[p], f"grad_{p.replace('.', '_')}")) for p in params)
         self.graph.output((values, grads))
@@ -131,7 +156,7 @@ class FeedbackBuilder:
         module = fx.GraphModule(self.gm, self.graph, class_name=f"{type(self.gm).__name__}Feedback")
         inputs = [n.meta[META]["input"] for n in self.graph.nodes if n.op == "placeholder"]
         emitted = {name: [n.name for n in nodes] for name, nodes in self.emitted.items()}
-        return FeedbackGraph(module, self.mode, inputs, boundary, params, emitted)
+        return FeedbackGraph(module, self.emitted_mode, inputs, boundary, params, emitted, dict(self.slot_params))
 
     def _boundary_nodes(self) -> list:
         inputs = [n for n in self.gm.graph.nodes if n.op == "placeholder" and info(n).active]
@@ -168,6 +193,8 @@ class FeedbackBuilder:
         """G-chain of ``value``'s unit, applied to the unit's forward outputs, at ``value``."""
         if value in self.base_memo:
             return self.base_memo[value]
+        if not self.unit_correction:
+            return self.tap((value.name, None))
         unit = self.partition.unit_of.get(value)
         record = info(value)
         if record.is_tuple:
@@ -215,7 +242,12 @@ class FeedbackBuilder:
             value = feedback[arg]
             if index is not None and value is not None:
                 value = value[index]
-            if value is not None:
+            if value is None:
+                continue
+            unit = self.partition.unit_of.get(node)
+            if self.cut and self.partition.unit_of.get(src) is not unit:
+                self.cut_parts[(unit.index, src)].append(value)
+            else:
                 self._add(src, value)
 
     def _param_grads(self, node, ctx, g) -> None:
@@ -294,6 +326,6 @@ def autograd_param_grads(spec, args: dict, roles: tuple, g) -> dict:
 
 
 def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> FeedbackGraph:
-    if mode not in MODES:
+    if mode not in MODES + (CUT_MODE, UNIT_DIFFERENCE):
         raise ValueError(mode)
     return FeedbackBuilder(gm, rules, partition, mode).build()

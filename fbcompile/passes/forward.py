@@ -1,6 +1,6 @@
-"""Build the forward program: the traced model, returning the values the feedback graph needs.
+"""Build forward programs from the traced model.
 
-The forward GraphModule runs the model's own nodes (modules keep their live state: BatchNorm
+Every forward program runs the model's own nodes (modules keep their live state: BatchNorm
 statistics update in train mode, ``.train()`` / ``.eval()`` apply) with two rewrites:
 
 - in-place spellings (``relu_``, ``+=``, ``nn.ReLU(inplace=True)``) run out of place, so no saved
@@ -8,72 +8,142 @@ statistics update in train mode, ``.train()`` / ``.eval()`` apply) with two rewr
 - ops with a tapped forward (max-pool, dropout, LayerNorm) call it, and its extras (indices, mask,
   statistics) become available as taps.
 
-It returns ``(model output, taps)`` and, when built with a partition (``detach_units=True``), the
-unit *inputs* are detached inside each unit, so each unit output's autograd graph reaches only its
-own unit's parameters: one multi-root ``backward`` then applies every unit's local loss at once.
+Variants:
+
+- :func:`build_forward`: ``(model output, taps)``; with ``detach_units=True`` each unit's inputs
+  are detached inside the unit, so the autograd graph of a unit output reaches only its own unit's
+  parameters (one multi-root backward then applies every unit's local loss at once), and the
+  graph-connected values of ``returned`` nodes come back as a third output.
+- :func:`build_cut_forward`: every unit evaluated on its own inputs, given as arguments
+  ``F_u(x_u)`` for all units at once (feedback training: reconstruction losses).
+- :func:`build_resume_forward`: the model output as a function of one intermediate value
+  (DRL and Gauss-Newton diagnostics); nodes that only fed that value are dropped.
 """
 from __future__ import annotations
 
 import operator
 
-from torch import fx, nn
+from torch import fx
 
-from ..trace import AttrRef, info
+from ..trace import AttrRef, active_outputs, info
+
+
+class _Copier:
+    """Copies the traced graph node by node into ``graph``; ``source(user, src)`` may substitute
+    the value a user reads for ``src``."""
+
+    def __init__(self, gm: fx.GraphModule, source=None):
+        self.gm, self.graph = gm, fx.Graph()
+        self.env, self.extras, self.attrs = {}, {}, {}
+        self.source = source or (lambda user, src: self.env[src])
+
+    def get_attr(self, qualname):
+        if qualname not in self.attrs:
+            self.attrs[qualname] = self.graph.get_attr(qualname)
+        return self.attrs[qualname]
+
+    def copy(self, node: fx.Node):
+        call = info(node).call
+        transform = lambda src: self.source(node, src)
+        if call is not None and (call.inplace or call.spec.tapped is not None):
+            args, kwargs = call.spec.split(_canonical_arguments(call, transform, self.get_attr))
+            if call.spec.tapped is not None:
+                result = self.graph.call_function(call.spec.tapped, args, kwargs, name=f"{node.name}_tapped")
+                self.env[node] = self.graph.call_function(operator.getitem, (result, 0), name=node.name)
+                for i, extra in enumerate(call.spec.extras):
+                    self.extras[(node.name, extra)] = self.graph.call_function(
+                        operator.getitem, (result, i + 1), name=f"{node.name}_{extra}")
+            else:
+                self.env[node] = self.graph.call_function(call.spec.apply, args, kwargs, name=node.name)
+        else:
+            self.env[node] = self.graph.node_copy(node, transform)
+        return self.env[node]
+
+    def finish(self, outputs, class_suffix: str) -> fx.GraphModule:
+        self.graph.output(outputs)
+        module = fx.GraphModule(self.gm, self.graph, class_name=f"{type(self.gm).__name__}{class_suffix}")
+        module.graph.eliminate_dead_code()
+        module.graph.lint()
+        module.recompile()
+        return module
+
+    def model_output(self):
+        out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        return fx.node.map_arg(out_node.args[0], lambda n: self.env[n])
 
 
 def build_forward(gm: fx.GraphModule, taps: list, partition=None, detach_units: bool = False,
                   returned: list | None = None) -> fx.GraphModule:
     """``taps`` are keys ``(node name, extra or None)``; ``returned`` lists forward nodes whose
     (graph-connected) values are returned as a third output, in order."""
-    graph = fx.Graph()
-    env, extras, detached = {}, {}, {}
-    attrs = {}
+    detached = {}
 
-    def get_attr(qualname):
-        if qualname not in attrs:
-            attrs[qualname] = graph.get_attr(qualname)
-        return attrs[qualname]
+    def source(user, src):
+        value = copier.env[src]
+        unit = partition.unit_of.get(user) if detach_units else None
+        if unit is None or not info(src).active or src.op == "placeholder" or partition.unit_of.get(src) is unit:
+            return value
+        key = (src, unit.index)
+        if key not in detached:
+            detached[key] = copier.graph.create_node("call_method", "detach", (value,), {}, name=f"{src.name}_in_u{unit.index}")
+        return detached[key]
 
-    def arg_for(user):
-        unit = partition.unit_of.get(user) if (partition is not None and detach_units) else None
-
-        def transform(src):
-            value = env[src]
-            if unit is None or not info(src).active or partition.unit_of.get(src) is unit or src.op == "placeholder":
-                return value
-            key = (src, unit.index)
-            if key not in detached:
-                detached[key] = graph.call_method("detach", (value,), name=f"{src.name}_in_u{unit.index}")
-            return detached[key]
-        return transform
-
+    copier = _Copier(gm, source)
     for node in gm.graph.nodes:
-        record = info(node)
-        call = record.call
-        if node.op == "output":
-            continue
-        if call is not None and (call.inplace or call.spec.tapped is not None):
-            args, kwargs = call.spec.split(_canonical_arguments(call, arg_for(node), get_attr))
-            if call.spec.tapped is not None:
-                result = graph.call_function(call.spec.tapped, args, kwargs, name=f"{node.name}_tapped")
-                env[node] = graph.call_function(operator.getitem, (result, 0), name=node.name)
-                for i, extra in enumerate(call.spec.extras):
-                    extras[(node.name, extra)] = graph.call_function(
-                        operator.getitem, (result, i + 1), name=f"{node.name}_{extra}")
-            else:
-                env[node] = graph.call_function(call.spec.apply, args, kwargs, name=node.name)
-        else:
-            env[node] = graph.node_copy(node, arg_for(node))
+        if node.op != "output":
+            copier.copy(node)
     by_name = {n.name: n for n in gm.graph.nodes}
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    model_out = fx.node.map_arg(out_node.args[0], lambda n: env[n])
-    tap_values = tuple(extras[key] if key[1] else env[by_name[key[0]]] for key in taps)
-    outputs = (model_out, tap_values)
+    tap_values = tuple(copier.extras[key] if key[1] else copier.env[by_name[key[0]]] for key in taps)
+    outputs = (copier.model_output(), tap_values)
     if returned is not None:
-        outputs += (tuple(env[n] for n in returned),)
-    graph.output(outputs)
-    graph.lint()
-    return fx.GraphModule(gm, graph, class_name=f"{type(gm).__name__}Forward")
+        outputs += (tuple(copier.env[n] for n in returned),)
+    return copier.finish(outputs, "Forward")
+
+
+def build_cut_forward(gm: fx.GraphModule, partition) -> tuple[fx.GraphModule, list, list]:
+    """``F_u(x_u)`` for every unit at once. Returns the module (arguments: the model inputs, then
+    one value per key of ``inputs``), ``inputs`` = [(unit index, source node)] and
+    ``outputs`` = [(unit index, output node)] in the order of its returned tuple."""
+    cut_inputs, keys = {}, []
+
+    def source(user, src):
+        unit = partition.unit_of.get(user)
+        if unit is None or not info(src).active or partition.unit_of.get(src) is unit:
+            return copier.env[src]
+        return cut_inputs[(unit.index, src)]
+
+    copier = _Copier(gm, source)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            copier.copy(node)
+    for unit in partition.units:
+        for src in unit.inputs:
+            keys.append((unit.index, src))
+            cut_inputs[(unit.index, src)] = copier.graph.placeholder(f"x_u{unit.index}_{src.name}")
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            copier.copy(node)
+    outs = [(unit.index, o) for unit in partition.units for o in unit.outputs]
+    return copier.finish(tuple(copier.env[o] for _, o in outs), "UnitForward"), keys, outs
+
+
+def build_resume_forward(gm: fx.GraphModule, start: fx.Node) -> fx.GraphModule:
+    """The model's active outputs as a function of the model inputs and a replacement value for
+    ``start`` (arguments: model inputs, then the replacement)."""
+    copier = _Copier(gm)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            copier.copy(node)
+    replacement = copier.graph.placeholder(f"{start.name}_value")
+    copier.env[start] = replacement
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node is start:
+            copier.env[node] = replacement
+        else:
+            copier.copy(node)
+    return copier.finish(tuple(copier.env[o] for o in active_outputs(gm)), "Resume")
 
 
 def _canonical_arguments(call, transform, get_attr) -> dict:
@@ -84,11 +154,7 @@ def _canonical_arguments(call, transform, get_attr) -> dict:
             return transform(value)
         if isinstance(value, AttrRef):
             return get_attr(value.qualname)
-        if isinstance(value, nn.Module):
-            raise AssertionError("module binders must return model attributes as AttrRef")
         return value
 
-    kwargs = {}
-    for name, value in call.args.items():
-        kwargs[name] = type(value)(one(v) for v in value) if isinstance(value, (list, tuple)) else one(value)
-    return kwargs
+    return {name: type(value)(one(v) for v in value) if isinstance(value, (list, tuple)) else one(value)
+            for name, value in call.args.items()}

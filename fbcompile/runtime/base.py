@@ -1,0 +1,140 @@
+"""The learner contract shared by every algorithm.
+
+``learner.step(inputs, targets, loss_fn)`` computes the parameter updates of one batch and adds
+them to the model parameters' ``.grad`` (on the scale of the gradient of ``loss_fn``), so any
+optimizer, scheduler, clipping or all-reduce applies unchanged. It returns a :class:`StepResult`.
+
+A step is a transaction: updates are computed into temporaries, checked to be finite, and only then
+written. If anything fails (non-finite targets or updates, a singular inverse, a bad shape) the step
+raises and leaves the model's parameters, ``.grad``, buffers and all learner state (auxiliary
+weights, their optimizer, random generators) exactly as they were.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FBCompileError, NonFiniteError
+from ..program import accumulate_grads, as_tuple, flat_outputs
+from .options import Option, integer, parse_options
+
+COMMON_OPTIONS = {"seed": Option(0, integer, "seed of the learner's random generators (feedback weights, noise)")}
+
+
+@dataclass
+class StepResult:
+    loss: float
+    output: torch.Tensor
+    details: dict = field(default_factory=dict)
+
+
+def output_error(output, targets, loss_fn) -> tuple[torch.Tensor, tuple]:
+    """(loss, dL/d output) for any loss, by autograd on a detached copy of the output only."""
+    outs = tuple(o.detach().requires_grad_(True) for o in flat_outputs(output))
+    with torch.enable_grad():
+        loss = loss_fn(outs[0] if len(outs) == 1 else outs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise FBCompileError("loss_fn must return a scalar tensor")
+        errors = torch.autograd.grad(loss, outs, allow_unused=True)
+    errors = tuple(e if e is not None else torch.zeros_like(o) for e, o in zip(errors, outs))
+    return loss.detach(), errors
+
+
+class Learner:
+    """Base class. Subclasses set ``name`` and ``OPTIONS`` and implement :meth:`compute`."""
+
+    name = "learner"
+    OPTIONS: dict = {}
+
+    def __init__(self, program, **options):
+        from . import other_algorithms_with
+        self.options = parse_options(self.name, {**COMMON_OPTIONS, **self.OPTIONS}, options,
+                                     elsewhere=other_algorithms_with(self.name))
+        self.program = program
+        self.model = program.model
+        self.generator = torch.Generator().manual_seed(self.options["seed"])
+        self.steps = 0
+        self.last = {}
+
+    # -- the contract ---------------------------------------------------------------------------
+    def step(self, inputs, targets, loss_fn) -> StepResult:
+        inputs = as_tuple(inputs)
+        with self.transaction():
+            result, grads = self.compute(inputs, targets, loss_fn)
+            check_finite(grads, result)
+        accumulate_grads(self.program.params, list(grads), list(grads.values()))
+        self.steps += 1
+        return result
+
+    def compute(self, inputs: tuple, targets, loss_fn) -> tuple[StepResult, dict]:
+        """(result, {parameter name: update}) without touching ``.grad``; may update auxiliary state."""
+        raise NotImplementedError
+
+    def parameters(self) -> list:
+        """The learner's auxiliary trainable parameters (never the model's)."""
+        return []
+
+    def predict(self, inputs):
+        with torch.no_grad():
+            return self.model(*as_tuple(inputs))
+
+    def diagnostics(self, inputs, targets, loss_fn):
+        from .diagnostics import diagnose
+        return diagnose(self, as_tuple(inputs), targets, loss_fn)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"algorithm": self.name, "options": dict(self.options), "steps": self.steps,
+                "generator": self.generator.get_state(), **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("algorithm") != self.name:
+            raise FBCompileError(f"state of algorithm {state.get('algorithm')!r} cannot be loaded into a "
+                                 f"{self.name!r} learner")
+        self.steps = state["steps"]
+        self.generator.set_state(state["generator"])
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- transactions ---------------------------------------------------------------------------
+    def transaction(self):
+        return _Transaction(self)
+
+
+class _Transaction:
+    """Snapshot learner state and model buffers; restore them if the block raises."""
+
+    def __init__(self, learner: Learner, always_restore: bool = False):
+        self.learner, self.always_restore = learner, always_restore
+
+    def __enter__(self):
+        self.state = copy.deepcopy(self.learner.state_dict())
+        self.buffers = {n: b.detach().clone() for n, b in self.learner.model.named_buffers()}
+        self.rng = torch.random.get_rng_state()
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None or self.always_restore:
+            self.learner.load_state_dict(self.state)
+            with torch.no_grad():
+                for name, buffer in self.learner.model.named_buffers():
+                    buffer.copy_(self.buffers[name])
+            torch.random.set_rng_state(self.rng)
+        return False
+
+
+def check_finite(grads: dict, result: StepResult) -> None:
+    bad = [name for name, g in grads.items() if g is not None and not torch.isfinite(g).all()]
+    if bad:
+        raise NonFiniteError(f"non-finite update for {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                             "nothing was changed (lower the learning rate or beta, or check the inputs)")
+    if not math.isfinite(result.loss):
+        raise NonFiniteError(f"the loss is {result.loss}; nothing was changed")

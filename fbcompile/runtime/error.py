@@ -1,0 +1,65 @@
+"""Error propagation: BP and FA through the compiled feedback graph (error mode).
+
+- ``"bp"``: e flows through the condition-T rules with the forward weights; every parameter gets
+  its op's weight-gradient formula applied to the error at its output. Equals autograd.
+- ``"fa"``: the same graph with a fixed random matrix B (shaped like W, seeded, separate per unit)
+  in place of each forward weight in the feedback path (Lillicrap et al.), or a sign-symmetric B
+  (``sign="usf"|"frsf"|"brsf"``). Forward weights still get dW = delta^T x with the propagated
+  delta, so learning follows B's alignment with W.
+
+No autograd runs: the forward executes under ``no_grad`` and the feedback graph computes both the
+propagated errors and the weight gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import OptionError
+from .base import Learner, StepResult, output_error
+from .feedback_weights import INITS, SIGNS, FeedbackWeights
+from .options import Option, non_negative, one_of
+
+
+class ErrorPropagation(Learner):
+    name = "bp"
+
+    def __init__(self, program, **options):
+        super().__init__(program, **options)
+        if program.condition != "T":
+            raise OptionError(f"algorithm {self.name!r} propagates errors through transposed Jacobians and needs a "
+                              f"program compiled with condition='T' (this one has {program.condition!r})")
+        self.feedback = None
+
+    def weights(self):
+        return None if self.feedback is None else self.feedback.mapping()
+
+    def compute(self, inputs, targets, loss_fn):
+        program = self.program
+        with torch.no_grad():
+            output, taps = program.run_forward(inputs)
+        loss, errors = output_error(output, targets, loss_fn)
+        with torch.no_grad():
+            _, grads = program.run_feedback("error", errors, taps, self.weights())
+        names = program.feedback["error"].params
+        return StepResult(float(loss), output), dict(zip(names, grads))
+
+
+class FeedbackAlignment(ErrorPropagation):
+    name = "fa"
+    OPTIONS = {
+        "feedback_init": Option("kaiming", one_of(*INITS[:-1]), "initialisation of the fixed feedback matrices"),
+        "feedback_scale": Option(1.0, non_negative, "scale for feedback_init 'uniform' / 'normal'"),
+        "sign": Option("none", one_of(*SIGNS), "sign-symmetric variant: usf, frsf or brsf"),
+    }
+
+    def __init__(self, program, **options):
+        super().__init__(program, **options)
+        o = self.options
+        self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"], seed=o["seed"],
+                                        trainable=False, sign=o["sign"])
+
+    def extra_state(self):
+        return {"feedback": self.feedback.state_dict()}
+
+    def load_extra_state(self, state):
+        self.feedback.load_state_dict(state["feedback"])

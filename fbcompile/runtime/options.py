@@ -1,0 +1,65 @@
+"""Learner options: each algorithm declares its options once; unknown options, options that do not
+apply to the algorithm and out-of-range values raise OptionError naming the option and the choices."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import OptionError, choices_text
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    check: Callable[[Any], str | None]   # a problem description, or None when the value is fine
+    doc: str
+
+
+def positive(value) -> str | None:
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else "must be > 0"
+
+
+def non_negative(value) -> str | None:
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else "must be >= 0"
+
+
+def positive_int(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "must be an int >= 1"
+
+
+def boolean(value) -> str | None:
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def integer(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) else "must be an int"
+
+
+def one_of(*choices) -> Callable:
+    def check(value):
+        return None if value in choices else f"must be {choices_text(choices)}"
+    check.choices = choices
+    return check
+
+
+def anything(value) -> str | None:
+    return None
+
+
+def parse_options(algorithm: str, spec: dict, given: dict, *, elsewhere: dict | None = None) -> dict:
+    """Validate ``given`` against ``spec`` (name -> Option); fill defaults.
+
+    ``elsewhere`` maps option names that exist for *other* algorithms to those algorithms, so the
+    message can say the option does not apply here rather than that it does not exist."""
+    for name, value in given.items():
+        if name not in spec:
+            others = (elsewhere or {}).get(name)
+            if others:
+                raise OptionError(f"option {name!r} does not apply to algorithm {algorithm!r} (it is an option of "
+                                  f"{choices_text(others)}); options of {algorithm!r}: {choices_text(spec)}")
+            raise OptionError(f"unknown option {name!r} for algorithm {algorithm!r}; valid options: "
+                              f"{choices_text(spec)}")
+        problem = spec[name].check(value)
+        if problem:
+            raise OptionError(f"option {name}={value!r} for algorithm {algorithm!r} {problem}")
+    return {name: given.get(name, option.default) for name, option in spec.items()}

@@ -1,0 +1,222 @@
+"""Target propagation: TP and DTP with analytic, fixed random or learned feedback.
+
+Output target t_L = h_L - beta dL/dh_L for any loss. TP: t_in = G_u(t_out); DTP (difference
+correction): t_in = G_u(t_out) + h_in - G_u(h_out), computed in difference form by the feedback
+graph. Each unit's parameters learn from ||F_u(h_in) - t_out||^2 / (2 beta) with its input
+detached, which gives updates on the scale of the loss gradient (analytic DTP with beta -> 0 is BP).
+
+The step runs the model once with unit inputs detached (graph-connected unit outputs), computes
+all targets with the feedback graph without autograd, then takes ONE multi-root ``autograd.grad``
+with per-unit deltas (h - t) / beta. No layer is re-run; the model is never copied.
+
+Feedback sources: ``"analytic"`` (the program's condition: T is TJML-DTP, paper 002 Alg. 2; P and I
+use (pseudo-)inverses), ``"random"`` (FWDTP: fixed random feedback weights, never trained) and the
+learned ``"lrl"``, ``"drl"``, ``"ldrl"``: feedback weights trained every step, before the forward
+update, by the reconstruction loss of that name (see :mod:`.reconstruction`) with their own optimizer.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NonFiniteError, OptionError, choices_text
+from .base import Learner, StepResult, output_error
+from .feedback_weights import INITS, FeedbackWeights
+from .options import Option, boolean, non_negative, one_of, positive, positive_int
+from .reconstruction import cut_reconstruction, difference_reconstruction
+
+LEARNED = ("lrl", "drl", "ldrl")
+SOURCES = ("analytic", "random") + LEARNED
+DEFAULT_FEEDBACK_STEPS = {"lrl": 1, "drl": 1, "ldrl": 20}
+_LEARNED_ONLY = ("sigma", "feedback_steps", "feedback_lr", "feedback_weight_decay", "feedback_optimizer",
+                 "input_feedback")
+_WEIGHTED_ONLY = ("feedback_init", "feedback_scale")
+
+
+class TargetPropagation(Learner):
+    name = "tp"
+    difference = False
+    difference_mode = "difference"
+    OPTIONS = {
+        "beta": Option(0.1, positive, "output target step: t_L = h_L - beta dL/dh_L"),
+        "feedback": Option("analytic", one_of(*SOURCES), "where the feedback weights come from"),
+        "units": Option(None, one_of(None, "layer", "op", "module"), "TP unit grouping (default: the program's)"),
+        "hadamard": Option(False, boolean, "activation feedback sigma(sigma'(x) * t) (paper 002 eq. 29)"),
+        "correction": Option("op", one_of("op", "unit"), "DTP difference correction at every op or per unit"),
+        "feedback_init": Option("kaiming", one_of(*INITS[:-1], "forward"), "initial feedback weights"),
+        "feedback_scale": Option(1e-3, non_negative, "scale for feedback_init 'uniform'/'normal' (FWDTP: 1e-3)"),
+        "sigma": Option(0.1, positive, "noise std of the reconstruction losses"),
+        "feedback_steps": Option(None, lambda v: None if v is None else positive_int(v),
+                                 "feedback training iterations per batch (lrl 1, drl 1, ldrl 20)"),
+        "feedback_lr": Option(1e-3, positive, "learning rate of the feedback optimizer"),
+        "feedback_weight_decay": Option(0.0, non_negative, "weight decay of feedback weights (Tikhonov term)"),
+        "feedback_optimizer": Option("adam", one_of("adam", "sgd"), "optimizer of the feedback weights"),
+        "input_feedback": Option(False, boolean, "also train the feedback into the model inputs"),
+    }
+
+    def __init__(self, program, **options):
+        super().__init__(program, **options)
+        o = self.options
+        source = o["feedback"]
+        _refuse_inapplicable(self.name, source, options)
+        if not self.difference and "correction" in options:
+            raise OptionError("option 'correction' applies only to algorithm 'dtp' (TP has no difference correction)")
+        if o["units"] is not None or o["hadamard"]:
+            program = program.recompile(units=o["units"], variants=("hadamard",) if o["hadamard"] else None)
+            self.program = program
+        self.feedback = None
+        if source != "analytic":
+            self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"],
+                                            seed=o["seed"], trainable=source in LEARNED)
+        self.feedback_optimizer = None
+        if source in LEARNED:
+            params = list(self.feedback.parameters())
+            kind = torch.optim.Adam if o["feedback_optimizer"] == "adam" else torch.optim.SGD
+            self.feedback_optimizer = kind(params, lr=o["feedback_lr"], weight_decay=o["feedback_weight_decay"])
+            self.feedback_steps = o["feedback_steps"] or DEFAULT_FEEDBACK_STEPS[source]
+
+    def parameters(self):
+        return list(self.feedback.parameters()) if self.feedback is not None and self.feedback_optimizer else []
+
+    def weights(self):
+        return None if self.feedback is None else self.feedback.mapping()
+
+    # -- one step -------------------------------------------------------------------------------
+    def compute(self, inputs, targets, loss_fn):
+        program, beta = self.program, self.options["beta"]
+        output, taps, boundary_values = program.local_forward()(*inputs)
+        loss, errors = output_error(output, targets, loss_fn)
+        values = dict(zip(program.boundary, boundary_values))
+        if self.feedback_optimizer is not None:
+            self.train_feedback(inputs, taps, values)
+        with torch.no_grad():
+            if self.difference:
+                fed = [-beta * e for e in errors]
+                feedback = program.run_feedback(self.difference_mode, fed, taps, self.weights())[0]
+            else:
+                fed = [o.detach() - beta * e for o, e in zip(program_outputs(output), errors)]
+                feedback = program.run_feedback("target", fed, taps, self.weights())[0]
+        roots, deltas = [], {}
+        for node, h, f in zip(program.boundary, boundary_values, feedback):
+            if f is None or node.op == "placeholder" or not h.requires_grad:
+                continue
+            if not torch.isfinite(f).all():
+                raise NonFiniteError(f"non-finite target at {node.name!r} (beta={beta}); nothing was changed")
+            roots.append(h)
+            deltas[node.name] = -f / beta if self.difference else (h.detach() - f) / beta
+        names = [n for n, p in program.params.items() if p.requires_grad]
+        grads = torch.autograd.grad(roots, [program.params[n] for n in names], list(deltas.values()),
+                                    allow_unused=True)
+        self.last["deltas"] = deltas
+        return StepResult(float(loss), output.detach() if torch.is_tensor(output) else output), \
+            {n: g for n, g in zip(names, grads) if g is not None}
+
+    # -- learned feedback -------------------------------------------------------------------------
+    def trained_units(self) -> set:
+        """Units whose feedback weights are trained: those that send targets to a value computed
+        with parameters (targets for raw inputs are useless unless ``input_feedback``)."""
+        units = set()
+        for unit in self.program.units:
+            has_weights = any(self.program.partition.unit_of.get(n) is unit for n in self._slot_nodes())
+            reads_hidden = any(_depends_on_parameters(src) for src in unit.inputs)
+            if has_weights and (reads_hidden or self.options["input_feedback"]):
+                units.add(unit.index)
+        return units
+
+    def _slot_nodes(self):
+        names = {key[0] for key in self.feedback.keys}
+        return [n for n in self.program.traced.graph.nodes if n.name in names]
+
+    def train_feedback(self, inputs, taps, values: dict) -> None:
+        taps = tuple(t.detach() if torch.is_tensor(t) else t for t in taps)
+        trained, source, sigma = self.trained_units(), self.options["feedback"], self.options["sigma"]
+        record = {}
+        for _ in range(self.feedback_steps):
+            self.feedback_optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                if source == "drl":
+                    record = self._drl_step(inputs, taps, values, trained, sigma)
+                else:
+                    losses = cut_reconstruction(self.program, source, inputs, taps, values, self.feedback.mapping(),
+                                                trained, sigma, self.generator)
+                    if losses:
+                        sum(losses.values()).backward()
+                    record = {u: float(v.detach()) for u, v in losses.items()}
+            for p in self.feedback.parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    raise NonFiniteError("non-finite feedback-weight gradient in the reconstruction loss; "
+                                         "lower feedback_lr or sigma")
+            self.feedback_optimizer.step()
+        self.last["reconstruction"] = record
+
+    def _drl_step(self, inputs, taps, values, trained, sigma) -> dict:
+        record = {}
+        weights = self.feedback.mapping()
+        for unit in self.program.units:
+            if unit.index not in trained:
+                continue
+            params = [p for p in self.feedback.of_units({unit.index}) if p.requires_grad]
+            for source in unit.inputs:
+                if not _depends_on_parameters(source) and not self.options["input_feedback"]:
+                    continue
+                loss = difference_reconstruction(self.program, inputs, taps, values, weights, source, sigma,
+                                                 self.generator, self.difference_mode)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+                record[unit.index] = record.get(unit.index, 0.0) + float(loss.detach())
+        return record
+
+    # -- state ----------------------------------------------------------------------------------
+    def extra_state(self):
+        state = {}
+        if self.feedback is not None:
+            state["feedback"] = self.feedback.state_dict()
+        if self.feedback_optimizer is not None:
+            state["feedback_optimizer"] = self.feedback_optimizer.state_dict()
+        return state
+
+    def load_extra_state(self, state):
+        if self.feedback is not None:
+            self.feedback.load_state_dict(state["feedback"])
+        if self.feedback_optimizer is not None:
+            self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
+
+
+class DifferenceTargetPropagation(TargetPropagation):
+    name = "dtp"
+    difference = True
+
+    @property
+    def difference_mode(self) -> str:
+        return "difference" if self.options["correction"] == "op" else "unit_difference"
+
+
+def _depends_on_parameters(node) -> bool:
+    """Whether a forward value is computed from some model parameter."""
+    from ..trace import info
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        record = info(current)
+        if record.role == "param" or (record.call is not None and record.call.params):
+            return True
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def program_outputs(output) -> tuple:
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+def _refuse_inapplicable(algorithm: str, source: str, given: dict) -> None:
+    for name in given:
+        if name in _LEARNED_ONLY and source not in LEARNED:
+            raise OptionError(f"option {name!r} of algorithm {algorithm!r} applies only to learned feedback "
+                              f"(feedback={choices_text(LEARNED)}), not feedback={source!r}")
+        if name in _WEIGHTED_ONLY and source == "analytic":
+            raise OptionError(f"option {name!r} of algorithm {algorithm!r} does not apply to feedback='analytic' "
+                              f"(it sets feedback weights for {choices_text(('random',) + LEARNED)})")
