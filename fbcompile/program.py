@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from .errors import FBCompileError
 from .passes.feedback import MODES, FeedbackGraph, emit_feedback
-from .passes.forward import build_cut_forward, build_forward, build_resume_forward
+from .passes.forward import build_cut_forward, build_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, info
 
 
@@ -115,6 +115,40 @@ class FeedbackProgram:
         if "cut" not in self._derived:
             self._derived["cut"] = build_cut_forward(self.traced, self.partition)
         return self._derived["cut"]
+
+    def unit_forwards(self) -> list:
+        """Per-unit forward modules (:class:`~fbcompile.passes.forward.UnitStage`), in unit order."""
+        if "units" not in self._derived:
+            self._derived["units"] = build_unit_forwards(self.traced, self.partition)
+        return self._derived["units"]
+
+    def run_units(self, inputs: tuple, visit, *, detach: bool = True):
+        """Update-unlocked execution: run the units one after another; after each, call
+        ``visit(stage, unit_inputs, unit_outputs)`` (e.g. to compute and store its update at once),
+        then drop every value no later unit reads, so live activations do not grow with depth.
+        Unit inputs are detached when ``detach``. Returns the model output."""
+        stages = self.unit_forwards()
+        env = dict(zip(self.inputs, inputs))
+        remaining = {}
+        for stage in stages:
+            for src in stage.inputs:
+                remaining[src] = remaining.get(src, 0) + 1
+        for node in self.outputs:
+            remaining[node] = remaining.get(node, 0) + 1
+        for stage in stages:
+            values = [env[src] for src in stage.inputs]
+            if detach:
+                values = [v.detach() if torch.is_tensor(v) else v for v in values]
+            outputs = stage.module(*values)
+            env.update(zip(stage.outputs, outputs))
+            visit(stage, values, outputs)
+            del values, outputs
+            for src in stage.inputs:
+                remaining[src] -= 1
+                if remaining[src] == 0:
+                    env.pop(src, None)
+        result = tuple(env[n] for n in self.outputs)
+        return result[0] if len(result) == 1 else result
 
     def resume_forward(self, node_name: str) -> fx.GraphModule:
         """The model output as a function of (model inputs, a replacement value for ``node_name``)."""

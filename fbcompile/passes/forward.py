@@ -158,3 +158,54 @@ def _canonical_arguments(call, transform, get_attr) -> dict:
 
     return {name: type(value)(one(v) for v in value) if isinstance(value, (list, tuple)) else one(value)
             for name, value in call.args.items()}
+
+
+def build_unit_forwards(gm: fx.GraphModule, partition) -> list:
+    """One GraphModule per unit, in unit order, for update-unlocked execution: unit ``u``'s module
+    takes the values listed in ``stage.inputs`` (forward nodes produced outside the unit: other
+    units' outputs, model inputs, shape values) and returns ``stage.outputs`` (the unit's outputs).
+    Parameter-free helper nodes outside every unit (sizes, shapes) are recomputed inside the unit
+    that reads them."""
+    stages = []
+    for unit in partition.units:
+        members = _with_helpers(unit.nodes, partition)
+        order = [n for n in gm.graph.nodes if n in members]
+        inputs = []
+        copier = _Copier(gm)
+        for node in order:
+            for src in node.all_input_nodes:
+                if src not in members and src.op != "get_attr" and src not in inputs:
+                    inputs.append(src)
+        for src in inputs:
+            copier.env[src] = copier.graph.placeholder(src.name)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and any(node in m.all_input_nodes for m in order):
+                copier.copy(node)
+        for node in order:
+            copier.copy(node)
+        module = copier.finish(tuple(copier.env[o] for o in unit.outputs), f"Unit{unit.index}")
+        stages.append(UnitStage(unit, module, inputs, list(unit.outputs)))
+    return stages
+
+
+class UnitStage:
+    """A unit's own forward: ``module(*values of inputs) -> tuple of values of outputs``."""
+
+    def __init__(self, unit, module, inputs, outputs):
+        self.unit, self.module, self.inputs, self.outputs = unit, module, inputs, outputs
+
+    def __repr__(self):
+        return f"UnitStage({self.unit.index}: {[n.name for n in self.inputs]} -> {[n.name for n in self.outputs]})"
+
+
+def _with_helpers(nodes: list, partition) -> set:
+    """``nodes`` plus the parameter-free, non-active helper nodes (in no unit) they depend on."""
+    members, stack = set(nodes), list(nodes)
+    while stack:
+        node = stack.pop()
+        for src in node.all_input_nodes:
+            record = info(src)
+            if src not in members and src not in partition.unit_of and record.role == "value":
+                members.add(src)
+                stack.append(src)
+    return members

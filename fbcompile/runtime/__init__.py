@@ -38,4 +38,6 @@ from .target import DifferenceTargetPropagation, TargetPropagation  # noqa: E402
 for _cls in (ErrorPropagation, FeedbackAlignment, TargetPropagation, DifferenceTargetPropagation):
     register_algorithm(_cls)
 
+from . import direct, mono_forward  # noqa: E402,F401  (each registers its algorithms)
+
 __all__ = ["learner", "Learner", "StepResult", "ALGORITHMS", "register_algorithm"]

@@ -1,0 +1,75 @@
+"""Benchmark helpers: interleaved step timing and deterministic peak tensor memory.
+
+Ratios are always measured in one run against a baseline on the same model and batch (plain
+autograd backprop), never against numbers from another run.
+
+- :func:`interleaved_times`: runs every configuration once per round, in rotating order, for
+  ``rounds`` rounds after ``warmup`` rounds, and reports the median seconds per call of each. Running
+  them interleaved spreads machine noise (other processes, frequency changes) over all of them.
+- :func:`peak_tensor_memory`: one call of ``fn`` under ``torch.profiler`` with
+  ``profile_memory=True``; the events' self CPU memory (allocations positive, frees negative) are
+  summed in time order and the maximum of that running sum is the peak of live tensor memory the
+  call added. It does not depend on allocator caching or thread settings, unlike max RSS. Measure
+  each configuration in its own fresh process (:func:`in_subprocess`) so nothing else is live.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def interleaved_times(configurations: dict[str, Callable], *, rounds: int = 20, warmup: int = 3) -> dict:
+    """{name: median seconds per call}, configurations run interleaved in rotating order."""
+    names = list(configurations)
+    samples = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            configurations[name]()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def ratios(times: dict, baseline: str) -> dict:
+    return {name: t / times[baseline] for name, t in times.items()}
+
+
+def peak_tensor_memory(fn: Callable) -> int:
+    """Peak bytes of tensor memory live during one call of ``fn`` (running sum of the profiler's
+    self CPU memory events in time order; see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for event in events:
+        running += event.cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def in_subprocess(module: str, function: str, *args) -> object:
+    """Run ``module.function(*args)`` in a fresh Python process and return its JSON result."""
+    code = (f"import json, sys; from {module} import {function}; "
+            f"print(json.dumps({function}(*json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module}.{function}{args} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_ratio_table(times: dict, baseline: str, targets: dict | None = None) -> str:
+    """Lines 'name  ms  ratio  (target)' for a benchmark printout."""
+    lines = [f"{'configuration':28s} {'ms/step':>9s} {'x ' + baseline:>10s}  target"]
+    for name, seconds in times.items():
+        target = (targets or {}).get(name, "")
+        lines.append(f"{name:28s} {seconds * 1e3:9.2f} {seconds / times[baseline]:10.3f}  {target}")
+    return "\n".join(lines)
