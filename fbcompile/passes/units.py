@@ -4,12 +4,12 @@ A unit is the granularity of target propagation: targets are placed on unit outp
 correction acts per unit, and each unit's parameters learn from their own local loss
 ||F_u(h_in) - t_out||^2 / (2 beta). Groupings:
 
-- ``"layer"`` (default): every op with parameters (Linear, Conv, LayerNorm, BatchNorm, ...) starts a
-  unit; every parameter-free op joins the unit of its latest-produced input (so Linear-tanh,
-  BN-ReLU-MaxPool and a residual add with its activation form one unit). Ops before the first
-  parametric op form parameter-free units. Because no unit contains an op that reads another
-  op's parameters downstream of a normalisation's input, the local losses never differentiate
-  through a frozen-statistics approximation.
+- ``"layer"`` (default): every op declared a leader (``declare_op(..., leader=True)``: Linear,
+  Conv, LayerNorm) starts a unit; every other op joins the unit of its latest-produced input, so
+  Linear-tanh, Conv-BN-ReLU-MaxPool and a residual add with its activation form one unit. A
+  pre-norm LayerNorm starts its sub-block's unit, so no local loss differentiates through a
+  LayerNorm's input (where the feedback freezes its statistics). Ops before the first leader form
+  parameter-free units.
 - ``"op"``: every op is its own unit.
 - ``"module"``: ops inside the same child module of the model (``model.<name>``, one level below the
   root, or ``depth`` levels with ``("module", depth)``) form one unit; ops outside any child module
@@ -98,7 +98,7 @@ def _key_function(grouping):
     if grouping == "op":
         return lambda node: _LEAD
     if grouping == "layer":
-        return lambda node: _LEAD if info(node).call.params else _FOLLOW
+        return lambda node: _LEAD if info(node).call.spec.leader else _FOLLOW
     if grouping == "module":
         return lambda node: _module_key(node, depth)
     raise OptionError(f"units={grouping!r} is not a grouping; use {choices_text(GROUPINGS)}, "
