@@ -159,12 +159,15 @@ class FeedbackProgram:
         return self._derived[key]
 
     # -- feedback ---------------------------------------------------------------------------------
-    def run_feedback(self, mode: str, output_feedback, taps: tuple, weights: dict | None = None):
+    def run_feedback(self, mode: str, output_feedback, taps: tuple, weights: dict | None = None,
+                     returns: str = "all"):
         """Run the ``mode`` feedback graph: ``(boundary values, parameter gradients)``.
 
         ``output_feedback`` holds one tensor per model output (per unit output for
         "unit_target"). ``weights`` maps slot keys ``(node name, param)`` to tensors used in place
-        of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight."""
+        of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight.
+        ``returns="units"`` skips the feedback into the model inputs and ``"params"`` all boundary
+        values: the graph is pruned, so that work (e.g. the first layer's input gradient) is not done."""
         self.feedback_graph(mode)
         plan = self._plans[mode]
         args = []
@@ -176,7 +179,16 @@ class FeedbackProgram:
             else:
                 slot = self.slots[index]
                 args.append(weights[slot.key] if weights and slot.key in weights else self.params[slot.qualname])
-        return self.feedback[mode].module(*args)
+        return self._pruned(mode, returns)(*args)
+
+    def _pruned(self, mode: str, returns: str) -> fx.GraphModule:
+        """The ``mode`` feedback module returning only what ``returns`` asks for (dead code removed)."""
+        if returns == "all":
+            return self.feedback[mode].module
+        key = ("pruned", mode, returns)
+        if key not in self._derived:
+            self._derived[key] = prune_outputs(self.feedback[mode], returns, len(self.inputs))
+        return self._derived[key]
 
     def _plan(self, graph: FeedbackGraph) -> list:
         tap_index = {key: i for i, key in enumerate(self.taps)}
@@ -202,6 +214,29 @@ class FeedbackProgram:
         input_errors = tuple(v if v is not None else torch.zeros_like(x)
                              for v, x in zip(values[:len(self.inputs)], inputs))
         return input_errors[0] if len(input_errors) == 1 else input_errors
+
+
+def prune_outputs(graph: FeedbackGraph, returns: str, n_inputs: int) -> fx.GraphModule:
+    """A copy of ``graph.module`` whose boundary outputs are None where not wanted
+    (``returns`` "units": the model inputs' feedback; "params": every boundary value)."""
+    if returns not in ("units", "params"):
+        raise FBCompileError(f"returns={returns!r}; use 'all', 'units' or 'params'")
+    module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
+    out = next(n for n in module.graph.nodes if n.op == "output")
+    values, grads = out.args[0]
+    kept = [None if (returns == "params" or i < n_inputs) else v for i, v in enumerate(values)]
+    out.args = ((tuple(kept), grads),)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    env = {}
+    for node in graph.nodes:
+        env[node] = new.node_copy(node, lambda n: env[n])
+    return new
 
 
 def as_tuple(value) -> tuple:

@@ -106,58 +106,68 @@ def _piecewise(branches: list) -> sympy.Expr:
 
 
 def to_torch(expr: sympy.Expr, symbol: sympy.Symbol, name: str = "sympy_fn") -> Callable:
-    """A function ``f(tensor) -> tensor`` evaluating ``expr`` at ``symbol = tensor`` elementwise."""
+    """A function ``f(tensor) -> tensor`` evaluating ``expr`` at ``symbol = tensor`` elementwise.
 
-    def evaluate(node, t):
-        if node == symbol:
-            return t
-        if node.is_Number:
-            return float(node)
-        if node is sympy.pi:
-            return math.pi
-        if node is sympy.E:
-            return math.e
-        if isinstance(node, sympy.Add):
-            expm1 = _expm1_form(node)
-            if expm1 is not None:
-                sign, argument = expm1
-                return sign * torch.expm1(_as_tensor(evaluate(argument, t), t))
-            return functools.reduce(lambda a, b: a + b, (evaluate(a, t) for a in node.args))
-        if isinstance(node, sympy.Mul):
-            return functools.reduce(lambda a, b: a * b, (evaluate(a, t) for a in node.args))
-        if isinstance(node, sympy.Pow):
-            base, exponent = evaluate(node.base, t), evaluate(node.exp, t)
-            if exponent == 0.5:
-                return torch.sqrt(base)
-            return base ** exponent
-        if isinstance(node, sympy.Piecewise):
-            result = None
-            for expr_i, cond in reversed(node.args):
-                value = evaluate(expr_i, t)
-                if cond is sympy.true:
-                    result = value
-                else:
-                    result = torch.where(_condition(cond, t), _as_tensor(value, t), _as_tensor(result, t))
-            return result
-        fn = _FUNCTIONS.get(type(node))
-        if fn is None:
-            raise NotImplementedError(f"no torch translation for {type(node).__name__} in {expr}")
-        return fn(*[_as_tensor(evaluate(a, t), t) for a in node.args])
-
-    def _condition(cond, t):
-        if isinstance(cond, sympy.And):
-            return functools.reduce(torch.logical_and, (_condition(c, t) for c in cond.args))
-        if isinstance(cond, sympy.Or):
-            return functools.reduce(torch.logical_or, (_condition(c, t) for c in cond.args))
-        lhs, rhs = evaluate(cond.lhs, t), evaluate(cond.rhs, t)
-        return _RELATIONS[type(cond)](_as_tensor(lhs, t), rhs)
-
-    def function(t):
-        return _as_tensor(evaluate(expr, t), t)
-
-    function.__name__ = function.__qualname__ = name
+    The expression is printed once as straight-line torch code and compiled, so a call costs only
+    the tensor operations (this runs in every training step)."""
+    source = f"def {name}(t):\n    return {_as_tensor_code(_code(expr, symbol))}\n"
+    namespace = {"torch": torch}
+    exec(compile(source, f"<fbcompile.symbolic {name}>", "exec"), namespace)
+    function = namespace[name]
+    function.__module__ = __name__
+    function.__qualname__ = name
     function.expression = expr
+    function.source = source
     return function
+
+
+def _as_tensor_code(code: str) -> str:
+    """Constants become full tensors shaped like the argument ``t``."""
+    try:
+        float(code)
+    except ValueError:
+        return code
+    return f"torch.full_like(t, {code})"
+
+
+def _code(node, symbol) -> str:
+    """Python source computing ``node`` from the tensor ``t`` with torch functions."""
+    if node == symbol:
+        return "t"
+    if not node.free_symbols:                 # constant subexpressions are folded (log(2), sqrt(2))
+        return repr(float(node))
+    if isinstance(node, sympy.Add):
+        expm1 = _expm1_form(node)
+        if expm1 is not None:
+            sign, argument = expm1
+            return f"({sign!r} * torch.expm1({_as_tensor_code(_code(argument, symbol))}))"
+        return "(" + " + ".join(_code(a, symbol) for a in node.args) + ")"
+    if isinstance(node, sympy.Mul):
+        return "(" + " * ".join(_code(a, symbol) for a in node.args) + ")"
+    if isinstance(node, sympy.Pow):
+        base = _code(node.base, symbol)
+        if node.exp == sympy.Rational(1, 2):
+            return f"torch.sqrt({_as_tensor_code(base)})"
+        exponent = int(node.exp) if node.exp.is_Integer else _code(node.exp, symbol)
+        return f"({base} ** {exponent})"
+    if isinstance(node, sympy.Piecewise):
+        result = None
+        for branch, condition in reversed(node.args):
+            value = _as_tensor_code(_code(branch, symbol))
+            result = value if condition is sympy.true else f"torch.where({_condition_code(condition, symbol)}, {value}, {result})"
+        return result
+    name = _FUNCTIONS.get(type(node))
+    if name is None:
+        raise NotImplementedError(f"no torch translation for {type(node).__name__} in {node}")
+    return f"torch.{name}(" + ", ".join(_as_tensor_code(_code(a, symbol)) for a in node.args) + ")"
+
+
+def _condition_code(condition, symbol) -> str:
+    if isinstance(condition, (sympy.And, sympy.Or)):
+        joiner = " & " if isinstance(condition, sympy.And) else " | "
+        return "(" + joiner.join(_condition_code(c, symbol) for c in condition.args) + ")"
+    operator_text = _RELATIONS[type(condition)]
+    return f"({_as_tensor_code(_code(condition.lhs, symbol))} {operator_text} {_code(condition.rhs, symbol)})"
 
 
 def _expm1_form(node: sympy.Add):
@@ -176,18 +186,10 @@ def _expm1_form(node: sympy.Add):
     return None
 
 
-def _as_tensor(value, like):
-    if isinstance(value, (int, float)):
-        return torch.full_like(like, float(value))
-    return value
-
-
 _FUNCTIONS = {
-    sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.atanh: torch.atanh,
-    sympy.erf: torch.erf, sympy.sqrt: torch.sqrt, sympy.Abs: torch.abs, sympy.sign: torch.sign,
-    sigmoid: torch.sigmoid,
+    sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.atanh: "atanh", sympy.erf: "erf",
+    sympy.sqrt: "sqrt", sympy.Abs: "abs", sympy.sign: "sign", sigmoid: "sigmoid",
 }
 _RELATIONS = {
-    sympy.StrictGreaterThan: lambda a, b: a > b, sympy.GreaterThan: lambda a, b: a >= b,
-    sympy.StrictLessThan: lambda a, b: a < b, sympy.LessThan: lambda a, b: a <= b,
+    sympy.StrictGreaterThan: ">", sympy.GreaterThan: ">=", sympy.StrictLessThan: "<", sympy.LessThan: "<=",
 }

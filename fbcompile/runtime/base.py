@@ -58,6 +58,7 @@ class Learner:
         self.generator = torch.Generator().manual_seed(self.options["seed"])
         self.steps = 0
         self.last = {}
+        self.buffers = dict(self.model.named_buffers())
 
     # -- the contract ---------------------------------------------------------------------------
     def step(self, inputs, targets, loss_fn) -> StepResult:
@@ -117,7 +118,7 @@ class _Transaction:
 
     def __enter__(self):
         self.state = copy.deepcopy(self.learner.state_dict())
-        self.buffers = {n: b.detach().clone() for n, b in self.learner.model.named_buffers()}
+        self.buffers = {n: b.detach().clone() for n, b in self.learner.buffers.items()}
         self.rng = torch.random.get_rng_state()
         return self
 
@@ -125,13 +126,22 @@ class _Transaction:
         if kind is not None or self.always_restore:
             self.learner.load_state_dict(self.state)
             with torch.no_grad():
-                for name, buffer in self.learner.model.named_buffers():
+                for name, buffer in self.learner.buffers.items():
                     buffer.copy_(self.buffers[name])
             torch.random.set_rng_state(self.rng)
         return False
 
 
+def all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite, with one device sync: a sum is finite exactly
+    when no term is inf or nan (up to overflow, which is then reported as non-finite too)."""
+    sums = [t.sum() for t in tensors if t is not None and t.numel()]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+
 def check_finite(grads: dict, result: StepResult) -> None:
+    if all_finite(grads.values()) and math.isfinite(result.loss):
+        return
     bad = [name for name, g in grads.items() if g is not None and not torch.isfinite(g).all()]
     if bad:
         raise NonFiniteError(f"non-finite update for {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "

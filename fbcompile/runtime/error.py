@@ -39,7 +39,7 @@ class ErrorPropagation(Learner):
             output, taps = program.run_forward(inputs)
         loss, errors = output_error(output, targets, loss_fn)
         with torch.no_grad():
-            _, grads = program.run_feedback("error", errors, taps, self.weights())
+            _, grads = program.run_feedback("error", errors, taps, self.weights(), returns="params")
         names = program.feedback["error"].params
         return StepResult(float(loss), output), dict(zip(names, grads))
 

@@ -91,10 +91,10 @@ class TargetPropagation(Learner):
         with torch.no_grad():
             if self.difference:
                 fed = [-beta * e for e in errors]
-                feedback = program.run_feedback(self.difference_mode, fed, taps, self.weights())[0]
+                feedback = program.run_feedback(self.difference_mode, fed, taps, self.weights(), returns="units")[0]
             else:
                 fed = [o.detach() - beta * e for o, e in zip(program_outputs(output), errors)]
-                feedback = program.run_feedback("target", fed, taps, self.weights())[0]
+                feedback = program.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
         roots, deltas = [], {}
         for node, h, f in zip(program.boundary, boundary_values, feedback):
             if f is None or node.op == "placeholder" or not h.requires_grad:
