@@ -44,12 +44,11 @@ class FeedbackProgram:
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
         self.feedback, self.taps, self.slots, self._plans = {}, [], [], {}
         self._derived = {}
-        for mode in MODES:
-            self.feedback_graph(mode)
+        self.feedback_graph("error")
 
     def feedback_graph(self, mode: str) -> FeedbackGraph:
         """The feedback graph of ``mode``, emitted on first use ("error", "target", "difference",
-        "unit_target"); new taps rebuild the forward programs."""
+        "unit_difference", "unit_target"); new taps rebuild the forward programs."""
         if mode not in self.feedback:
             graph = emit_feedback(self.traced, self.rules, self.partition, mode)
             self.feedback[mode] = graph
@@ -99,9 +98,13 @@ class FeedbackProgram:
         return self.forward_module(*inputs)
 
     @property
+    def n_active_inputs(self) -> int:
+        return sum(1 for n in self.boundary if n.op == "placeholder")
+
+    @property
     def boundary(self) -> list:
         """Forward nodes whose feedback the feedback graphs return: model inputs, then unit outputs."""
-        return self.feedback["difference"].boundary
+        return self.partition.boundary
 
     def local_forward(self) -> fx.GraphModule:
         """Forward program with each unit's inputs detached, returning the boundary values as a
@@ -187,7 +190,7 @@ class FeedbackProgram:
             return self.feedback[mode].module
         key = ("pruned", mode, returns)
         if key not in self._derived:
-            self._derived[key] = prune_outputs(self.feedback[mode], returns, len(self.inputs))
+            self._derived[key] = prune_outputs(self.feedback[mode], returns, self.n_active_inputs)
         return self._derived[key]
 
     def _plan(self, graph: FeedbackGraph) -> list:
@@ -211,8 +214,9 @@ class FeedbackProgram:
             check_output_feedback(self, output, errors)
             values, grads = self.run_feedback("error", errors, taps)
             accumulate_grads(self.params, self.feedback["error"].params, grads)
-        input_errors = tuple(v if v is not None else torch.zeros_like(x)
-                             for v, x in zip(values[:len(self.inputs)], inputs))
+        by_node = dict(zip(self.boundary, values))
+        input_errors = tuple(by_node.get(node) if by_node.get(node) is not None else torch.zeros_like(x)
+                             for node, x in zip(self.inputs, inputs))
         return input_errors[0] if len(input_errors) == 1 else input_errors
 
 

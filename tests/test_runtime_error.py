@@ -101,8 +101,8 @@ def test_unknown_algorithm_and_options_are_named():
     program = fbcompile.compile(_mlp(), torch.randn(2, 12, dtype=torch.float64))
     with pytest.raises(OptionError, match="unknown algorithm 'backprop'.*'bp'"):
         fbcompile.learner(program, "backprop")
-    with pytest.raises(OptionError, match="unknown option 'lr'.*'feedback_init'"):
-        fbcompile.learner(program, "fa", lr=0.1)
+    with pytest.raises(OptionError, match="option 'colour'.*'feedback_init'"):
+        fbcompile.learner(program, "fa", colour=0.1)
     with pytest.raises(OptionError, match="'beta' does not apply to algorithm 'bp'"):
         fbcompile.learner(program, "bp", beta=0.1)
     with pytest.raises(OptionError, match="sign='maybe'.*'usf'"):

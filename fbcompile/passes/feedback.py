@@ -142,7 +142,7 @@ class FeedbackBuilder:
                     self._add(node.args[0], g, index=record.select_index)
             elif record.role == "op":
                 self._emit(node)
-        boundary = self._boundary_nodes()
+        boundary = self.partition.boundary
         self._label(None, None, "output")
         if self.cut:
             boundary = [(unit.index, src) for unit in self.partition.units for src in unit.inputs]
@@ -157,11 +157,6 @@ class FeedbackBuilder:
         inputs = [n.meta[META]["input"] for n in self.graph.nodes if n.op == "placeholder"]
         emitted = {name: [n.name for n in nodes] for name, nodes in self.emitted.items()}
         return FeedbackGraph(module, self.emitted_mode, inputs, boundary, params, emitted, dict(self.slot_params))
-
-    def _boundary_nodes(self) -> list:
-        inputs = [n for n in self.gm.graph.nodes if n.op == "placeholder" and info(n).active]
-        outputs = [n for unit in self.partition.units for n in unit.outputs]
-        return inputs + sorted(set(outputs), key=list(self.gm.graph.nodes).index)
 
     def _emit(self, node: fx.Node) -> None:
         g = self.incoming(node)

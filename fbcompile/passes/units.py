@@ -47,6 +47,7 @@ class Partition:
     units: list
     unit_of: dict          # fx.Node -> Unit
     grouping: object
+    boundary: list = field(default_factory=list)   # active model inputs, then unit outputs in graph order
 
     def boundary(self, node: fx.Node) -> bool:
         unit = self.unit_of.get(node)
@@ -81,7 +82,10 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
         unit_of[node] = unit
         last[unit.index] = position[node]
     _connect(gm, units, unit_of)
-    return Partition(units, unit_of, grouping)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and info(n).active]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    outputs = sorted({n for unit in units for n in unit.outputs}, key=order.__getitem__)
+    return Partition(units, unit_of, grouping, inputs + outputs)
 
 
 _FOLLOW, _LEAD = object(), object()
