@@ -59,12 +59,15 @@ class _Copier:
             self.env[node] = self.graph.node_copy(node, transform)
         return self.env[node]
 
-    def finish(self, outputs, class_suffix: str) -> fx.GraphModule:
+    def finish(self, outputs, class_suffix: str, prune: bool = True) -> fx.GraphModule:
+        """The GraphModule returning ``outputs``; with ``prune``, nodes that do not contribute to
+        them are dropped (a second code generation, so the main forward skips it)."""
         self.graph.output(outputs)
         module = fx.GraphModule(self.gm, self.graph, class_name=f"{type(self.gm).__name__}{class_suffix}")
-        module.graph.eliminate_dead_code()
-        module.graph.lint()
-        module.recompile()
+        if prune:
+            module.graph.eliminate_dead_code()
+            module.graph.lint()
+            module.recompile()
         return module
 
     def model_output(self):
@@ -97,7 +100,7 @@ def build_forward(gm: fx.GraphModule, taps: list, partition=None, detach_units: 
     outputs = (copier.model_output(), tap_values)
     if returned is not None:
         outputs += (tuple(copier.env[n] for n in returned),)
-    return copier.finish(outputs, "Forward")
+    return copier.finish(outputs, "Forward", prune=False)
 
 
 def build_cut_forward(gm: fx.GraphModule, partition) -> tuple[fx.GraphModule, list, list]:
