@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NonFiniteError, OptionError, choices_text
-from .base import Learner, StepResult, output_error
+from .base import Learner, StepResult, all_finite, output_error
 from .feedback_weights import INITS, FeedbackWeights
 from .options import Option, boolean, non_negative, one_of, positive, positive_int
 from .reconstruction import cut_reconstruction, difference_reconstruction
@@ -95,12 +95,13 @@ class TargetPropagation(Learner):
             else:
                 fed = [o.detach() - beta * e for o, e in zip(program_outputs(output), errors)]
                 feedback = program.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
+        if not all_finite(feedback):
+            bad = [n.name for n, f in zip(program.boundary, feedback) if f is not None and not torch.isfinite(f).all()]
+            raise NonFiniteError(f"non-finite targets at {', '.join(bad)} (beta={beta}); nothing was changed")
         roots, deltas = [], {}
         for node, h, f in zip(program.boundary, boundary_values, feedback):
             if f is None or node.op == "placeholder" or not h.requires_grad:
                 continue
-            if not torch.isfinite(f).all():
-                raise NonFiniteError(f"non-finite target at {node.name!r} (beta={beta}); nothing was changed")
             roots.append(h)
             deltas[node.name] = -f / beta if self.difference else (h.detach() - f) / beta
         names = [n for n, p in program.params.items() if p.requires_grad]
