@@ -1,0 +1,158 @@
+"""``fbcompile bench``: step time and peak memory of each algorithm relative to plain autograd BP.
+
+Every configuration trains its own copy of the model (same seed) on the same batch. Step times are
+medians over --rounds rounds, run interleaved in rotating order in this one process so machine
+noise spreads over all of them; peak memory is the profiler's running sum of tensor allocations
+during one step (fbcompile.bench.peak_tensor_memory), in this process or with --isolate in a fresh
+process per configuration.
+"""
+from __future__ import annotations
+
+import json
+
+from ..errors import FBCompileError
+from ..explain import format_table
+from . import arguments, resolve
+from .runs import check_positive
+
+BASELINE = "autograd"
+
+
+def add_parser(commands):
+    parser = commands.add_parser("bench", help="step time and peak memory of each algorithm relative to autograd BP",
+                                 description=__doc__.split("\n\n")[1])
+    arguments.add_model(parser)
+    parser.add_argument("--data", metavar="DATA", help="take a batch of this dataset (default: random inputs)")
+    parser.add_argument("--num-classes", type=int, default=10, help="outputs of a built-in model (default 10)")
+    parser.add_argument("--algos", help="comma-separated algorithms (default: every registered one that applies)")
+    arguments.add_learner(parser)
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    parser.add_argument("--isolate", action="store_true", help="measure memory in a fresh process per configuration")
+    parser.add_argument("--seed", type=int, default=0, help="seed of models, learners and data (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def setup(args_dict: dict):
+    """{name: step function} for autograd and every algorithm that applies, plus {name: reason}
+    for those that do not. ``args_dict`` holds the parsed arguments (picklable, for --isolate)."""
+    import argparse
+
+    import torch
+    import torch.nn.functional as F
+    from .. import compile as compile_program
+    from .. import learner as make_learner
+    args = argparse.Namespace(**args_dict)
+    if args.data:
+        from .runs import load_data
+        data = load_data(args.data)
+        x, y = data.train_x[:args.batch_size], data.train_y[:args.batch_size]
+        loss_fn = resolve.loss_for(data.task)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(args.batch_size, *args.shape_resolved, generator=generator)
+        y = torch.randint(0, args.num_classes_resolved, (len(x),), generator=generator)
+        loss_fn = F.cross_entropy
+    steps, skipped = {}, {}
+    baseline = _fresh(args)
+    params = list(baseline.parameters())
+
+    def autograd_step():
+        for p in params:
+            p.grad = None
+        loss_fn(baseline(x), y).backward()
+    steps[BASELINE] = autograd_step
+    shared = resolve.learner_options(args)
+    for name in args.algos:
+        try:
+            model = _fresh(args)
+            learner = make_learner(compile_program(model, x[:2], condition=args.condition), name,
+                                   **{"seed": args.seed, **resolve.options_for(name, shared)})
+            steps[name] = _learner_step(learner, model, x, y, loss_fn)
+            steps[name]()                    # fails here if the algorithm cannot train this model
+        except FBCompileError as exc:
+            steps.pop(name, None)
+            skipped[name] = str(exc)
+    return steps, skipped
+
+
+def _fresh(args):
+    """A new copy of the model, built with the same seed as every other configuration's."""
+    return resolve.build(args.model, tuple(args.shape_resolved), args.num_classes_resolved,
+                         arguments.model_options(args), seed=args.seed)
+
+
+def _learner_step(learner, model, x, y, loss_fn):
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        learner.step(x, y, loss_fn)
+    return step
+
+
+def memory_of(args_dict: dict, name: str) -> int:
+    """Peak tensor bytes of one step of configuration ``name`` (after a warm-up step)."""
+    steps, _ = setup(args_dict)
+    steps[name]()
+    return memory_of_inline(steps[name])
+
+
+def run(args) -> int:
+    from ..bench import in_subprocess, interleaved_times
+    check_positive("--batch-size", args.batch_size)
+    check_positive("--rounds", args.rounds)
+    args.algos = resolve.check_algorithms(resolve.split_list(args.algos, "--algos") if args.algos
+                                          else resolve.algorithm_names())
+    model, example = arguments.model_from_args(args)       # resolves and checks the shape once
+    args.shape_resolved = list(example.shape[1:])
+    args.num_classes_resolved = int(resolve.check_forward(model, example, args.model).shape[-1])
+    args_dict = {k: v for k, v in vars(args).items() if k not in ("run", "parser")}
+    steps, skipped = setup(args_dict)
+    if not args.json:
+        print(f"benchmarking {', '.join(steps)} on {args.model}, batch {args.batch_size}, "
+              f"{args.rounds} interleaved rounds", flush=True)
+    times = interleaved_times(steps, rounds=args.rounds, warmup=args.warmup)
+    memory = {}
+    if not args.no_memory:
+        for name in steps:
+            memory[name] = (in_subprocess("fbcompile.cli.bench", "memory_of", args_dict, name) if args.isolate
+                            else memory_of_inline(steps[name]))
+    rows = []
+    for name in steps:
+        row = {"configuration": name, "ms/step": times[name] * 1e3, "x autograd": times[name] / times[BASELINE]}
+        if memory:
+            row["peak MB"] = memory[name] / 2 ** 20
+            row["memory x autograd"] = memory[name] / memory[BASELINE] if memory[BASELINE] else None
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
+                          "results": rows, "not_applicable": skipped}, indent=2))
+        return 0
+    shown = [{k: (f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in row.items()} for row in rows]
+    print(format_table(shown, list(rows[0])))
+    for name, reason in skipped.items():
+        print(f"not applicable: {name}: {reason}")
+    return 0
+
+
+def memory_of_inline(step) -> int:
+    """Peak tensor bytes of one call of ``step``, with the profiler's C++ log lines silenced."""
+    import os
+    import sys
+
+    from ..bench import peak_tensor_memory
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        return peak_tensor_memory(step)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)

@@ -1,0 +1,125 @@
+"""One training run, described by plain data (so it can be saved in a checkpoint) and built from it.
+
+:class:`RunConfig` is what ``fbcompile train`` records; :func:`build_run` turns it into the dataset,
+model, compiled program, learner, optimizer and loss, the same way on a fresh start and on resume.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .. import compile as compile_program
+from .. import learner as make_learner
+from ..data import Dataset, load_dataset
+from ..errors import FBCompileError, OptionError
+from . import resolve
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; JSON-serialisable."""
+    model: str = "mlp"
+    data: str = "digits"
+    algorithm: str = "bp"
+    options: dict = field(default_factory=dict)
+    model_options: dict = field(default_factory=dict)
+    input_shape: list | None = None
+    condition: str = "T"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    data_seed: int = 0
+    subset: int | None = None
+    diagnostics: bool = False
+    predict: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def label(self) -> str:
+        """``dtp(beta=0.5)``: the algorithm with the options given explicitly (seed left out)."""
+        shown = {k: v for k, v in self.options.items() if k != "seed"}
+        return self.algorithm + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    dataset: Dataset
+    model: Any
+    program: Any
+    learner: Any
+    optimizer: Any
+    loss_fn: Any
+
+
+def load_data(spec: str, *, seed: int = 0, subset: int | None = None) -> Dataset:
+    """``load_dataset`` plus an optional cut of the training set to its first ``subset`` samples."""
+    dataset = load_dataset(spec, seed=seed)
+    if subset is None or subset >= dataset.num_train:
+        return dataset
+    if subset < 1:
+        raise OptionError(f"--subset must be >= 1, got {subset}")
+    return Dataset(name=dataset.name, train_x=dataset.train_x[:subset], train_y=dataset.train_y[:subset],
+                   test_x=dataset.test_x, test_y=dataset.test_y, num_classes=dataset.num_classes,
+                   input_shape=dataset.input_shape, task=dataset.task)
+
+
+def input_shape_for(config: RunConfig, dataset: Dataset) -> tuple:
+    if config.input_shape is None:
+        return tuple(dataset.input_shape)
+    shape = tuple(config.input_shape)
+    if shape != tuple(dataset.input_shape):
+        raise OptionError(f"--input-shape {','.join(map(str, shape))} does not match the data: {dataset.describe()}")
+    return shape
+
+
+def build_program(spec: str, input_shape, num_classes: int, *, model_options=None, seed: int = 0,
+                  condition: str = "T", example: torch.Tensor | None = None, dtype=torch.float32):
+    """(model, program): MODEL built, checked on an example batch and compiled."""
+    model = resolve.build(spec, input_shape, num_classes, model_options, seed=seed).to(dtype)
+    if example is None:
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(seed))
+    example = example.to(dtype)
+    resolve.check_forward(model, example, spec)
+    return model, compile_program(model, example, condition=condition)
+
+
+def build_run(config: RunConfig, dataset: Dataset | None = None) -> Run:
+    """Build (or rebuild, for resume) every object of a run from its configuration."""
+    resolve.check_algorithms([config.algorithm])
+    if dataset is None:
+        dataset = load_data(config.data, seed=config.data_seed, subset=config.subset)
+    shape = input_shape_for(config, dataset)
+    model, program = build_program(config.model, shape, dataset.num_classes, model_options=config.model_options,
+                                   seed=config.seed, condition=config.condition, example=dataset.train_x[:2])
+    options = {"seed": config.seed, **config.options}
+    learner = make_learner(program, config.algorithm, **options)
+    optimizer = resolve.make_optimizer(config.optimizer, model.parameters(), lr=config.lr,
+                                       momentum=config.momentum, weight_decay=config.weight_decay)
+    return Run(config, dataset, model, program, learner, optimizer, resolve.loss_for(dataset.task))
+
+
+def trainer_for(run: Run, **kwargs):
+    """A :class:`~fbcompile.training.Trainer` for ``run`` (kwargs: out_dir, progress, log, ...)."""
+    from ..training import Trainer
+    c = run.config
+    torch.manual_seed(c.seed)
+    return Trainer(run.learner, run.optimizer, run.dataset, loss_fn=run.loss_fn, batch_size=c.batch_size,
+                   seed=c.seed, config=c.to_dict(), diagnostics=c.diagnostics, predict=c.predict, **kwargs)
+
+
+def check_positive(name: str, value, minimum=1) -> None:
+    if value is not None and value < minimum:
+        raise FBCompileError(f"{name} must be >= {minimum}, got {value}")

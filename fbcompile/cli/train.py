@@ -1,0 +1,99 @@
+"""``fbcompile train``: train a model with one algorithm, with metrics, checkpoints and plots.
+
+DIR/metrics.jsonl gets one JSON line per epoch, DIR/checkpoint.pt is written atomically after
+every epoch, DIR/config.json records the run and DIR/curves.png plots it. ``--resume DIR``
+continues a stopped run exactly (bitwise) where its last checkpoint left it; with ``--epochs N``
+it trains on to N epochs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import OptionError
+from ..training import CHECKPOINT, METRICS, load_checkpoint, read_metrics
+from . import arguments
+from .runs import RunConfig, build_run, trainer_for
+
+# Flags whose value is part of the saved configuration: --resume refuses them (it would not be
+# the same run any more); only --epochs may change.
+FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "batch_size", "lr", "optimizer",
+         "momentum", "weight_decay", "seed", "data_seed", "subset", "beta", "option", "predict_mode", "diagnostics")
+
+
+def add_parser(commands):
+    parser = commands.add_parser("train", help="train a model with one algorithm (metrics, checkpoints, resume, plots)",
+                                 description=__doc__.split("\n\n")[1])
+    arguments.add_model(parser)
+    arguments.add_data(parser)
+    parser.add_argument("--algo", default="bp", metavar="ALGO",
+                        help="learning algorithm (default bp); list them with `fbcompile algorithms`")
+    arguments.add_learner(parser)
+    arguments.add_training(parser)
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="record per-unit angles between each update and the BP gradient every epoch")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-ALGO-seedS)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plot", action="store_true", help="do not write DIR/curves.png")
+    parser.set_defaults(run=run, parser=parser)
+    return parser
+
+
+def run(args) -> int:
+    if args.resume:
+        config, directory, state = _resumed(args)
+    else:
+        config = arguments.run_config(args, args.algo)
+        directory = Path(args.out or f"runs/{Path(config.model).stem}-{config.algorithm}-seed{config.seed}")
+        if (directory / CHECKPOINT).exists():
+            raise OptionError(f"{directory} already holds a run; continue it with --resume {directory} "
+                              "or choose another --out")
+        state = None
+    run_ = build_run(config)
+    print(f"{run_.dataset.describe()}\nmodel {config.model}: {type(run_.model).__name__}, "
+          f"{sum(p.numel() for p in run_.model.parameters()):,} parameters, {len(run_.program.units)} units; "
+          f"algorithm {config.label()}; writing to {directory}/", flush=True)
+    trainer = trainer_for(run_, out_dir=directory, progress=not args.no_progress,
+                          log=lambda line: print(line, flush=True))
+    if state is not None:
+        trainer.restore(state)
+        print(f"resumed after epoch {trainer.epoch}", flush=True)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / METRICS).write_text("")
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    history = trainer.fit(config.epochs)
+    if not args.no_plot and history:
+        from ..plots import training_curves
+        path = training_curves(read_metrics(directory / METRICS), directory / "curves.png",
+                               title=f"{config.model} on {config.data}, {config.label()}")
+        print(f"wrote {directory / METRICS}, {directory / CHECKPOINT} and {path}")
+    return 0
+
+
+def _resumed(args):
+    """(config, directory, checkpoint state) of ``--resume DIR``; only --epochs may change."""
+    given = [name for name in FIXED if given_flag(args, name)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise OptionError(f"--resume continues the saved configuration; {flags} cannot change "
+                          "(only --epochs can)")
+    if args.out and Path(args.out) != Path(args.resume):
+        raise OptionError("--resume writes into the run's own directory; leave out --out")
+    directory = Path(args.resume)
+    state = load_checkpoint(directory)
+    config = RunConfig.from_dict(state["config"])
+    if given_flag(args, "epochs"):
+        config.epochs = args.epochs
+    if state["epoch"] >= config.epochs:
+        print(f"{directory} has already trained {state['epoch']} of {config.epochs} epochs; "
+              "pass --epochs N to train further")
+    return config, directory, state
+
+
+def given_flag(args, dest: str) -> bool:
+    """Whether the flag storing ``dest`` appears on the command line (``--flag v`` or ``--flag=v``)."""
+    strings = [s for a in args.parser._actions if a.dest == dest for s in a.option_strings]
+    return any(token == s or token.startswith(s + "=") for token in getattr(args, "argv", []) for s in strings)
+

@@ -1,0 +1,257 @@
+"""The `fbcompile` command: every subcommand through main(argv), exit codes, output, clean errors."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fbcompile.cli import main
+from fbcompile.runtime import ALGORITHMS
+from fbcompile.verify.report import VerifyReport
+
+SMALL_MLP = ["--model", "mlp", "--model-option", "width=16", "--model-option", "depth=2", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """One torch thread (tiny models; much faster on a busy machine), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def nets(tmp_path):
+    """A model file with a supported, an unsupported, an untraceable and a shape-taking model."""
+    path = tmp_path / "nets.py"
+    path.write_text(textwrap.dedent("""
+        import math
+        from torch import nn
+
+        class Tiny(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.act, self.fc2 = nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x)))
+
+        class Cumsum(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(6, 3)
+            def forward(self, x):
+                return self.fc(x).cumsum(1)
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(6, 3)
+            def forward(self, x):
+                if x.sum() > 0:
+                    return self.fc(x)
+                return -self.fc(x)
+
+        class Sized(nn.Module):
+            def __init__(self, input_shape, num_classes=10, hidden=8):
+                super().__init__()
+                self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.Tanh(),
+                                         nn.Linear(hidden, num_classes))
+            def forward(self, x):
+                return self.net(x)
+    """))
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, *fragments):
+    assert code == 2
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+# -- top level ----------------------------------------------------------------------------------
+def test_help_and_missing_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "demo" in out and "verify" in out
+    code, out, _ = run(capsys)
+    assert code == 2 and "COMMAND" in out
+
+
+def test_usage_error_is_one_message(capsys):
+    code, _, err = run(capsys, "train", "--epochs", "many")
+    assert_clean_error(code, err, "--epochs", "invalid int")
+
+
+def test_algorithms_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "algorithms")
+    assert code == 0
+    assert all(name in out for name in ALGORITHMS)
+    code, out, _ = run(capsys, "algorithms", "dtp")
+    assert code == 0 and "beta" in out and "feedback" in out
+    assert_clean_error(*run(capsys, "algorithms", "nope")[::2], "unknown algorithm 'nope'")
+
+
+# -- inspect ------------------------------------------------------------------------------------
+def test_inspect_prints_table_code_and_draws(capsys, tmp_path):
+    png, dot = tmp_path / "g.png", tmp_path / "g.dot"
+    code, out, _ = run(capsys, "inspect", "lenet", "--input-shape", "1,8,8", "--graph", str(png))
+    assert code == 0
+    assert "conv2d.transpose" in out and "def forward" in out and "unsupported nodes: none" in out
+    assert png.stat().st_size > 10_000
+    code, out, _ = run(capsys, "inspect", "mixer", "--data", "digits", "--no-code", "--graph", str(dot))
+    assert code == 0 and "def forward" not in out
+    text = dot.read_text()
+    assert text.startswith("digraph") and "cluster_1" in text and "style=dashed" in text
+
+
+def test_inspect_lists_unsupported_nodes(capsys, nets):
+    code, out, _ = run(capsys, "inspect", f"{nets}:Cumsum")
+    assert code == 1 and "cumsum" in out and "register_rule" in out
+
+
+def test_inspect_user_model_with_input_shape(capsys, nets):
+    code, out, _ = run(capsys, "inspect", f"{nets}:Sized", "--input-shape", "2,3", "--model-option", "hidden=4",
+                       "--no-code")
+    assert code == 0 and "net_1" in out
+
+
+# -- verify -------------------------------------------------------------------------------------
+def test_verify_table_and_json(capsys, nets):
+    code, out, _ = run(capsys, "verify", "lenet", "--input-shape", "1,8,8")
+    assert code == 0 and "tjml_rel" in out and "OK: all" in out
+    code, out, _ = run(capsys, "verify", f"{nets}:Tiny", "--json")       # shape from the first Linear
+    payload = json.loads(out)
+    assert code == 0 and payload["ok"] and payload["dtype"] == "float64"
+    assert {row["op"] for row in payload["rows"]} >= {"linear", "tanh"}
+
+
+def test_verify_exits_1_when_an_exact_rule_is_off(capsys, monkeypatch):
+    def wrong(program, inputs, **kwargs):
+        return VerifyReport("Fake", "T", [{"level": "node", "node": "fc", "op": "linear", "rule": "r",
+                                           "kind": "exact", "method": "dense", "n_in": 1, "n_out": 1,
+                                           "tjml": 0.5, "tjml_rel": 0.5, "pjml": None, "ijml": None,
+                                           "matching": 0.5}])
+    monkeypatch.setattr("fbcompile.cli.verify.verify_program", wrong)
+    code, out, _ = run(capsys, "verify", "mlp", "--input-shape", "4")
+    assert code == 1 and "FAILED" in out and "fc" in out
+    code, out, _ = run(capsys, "verify", "mlp", "--input-shape", "4", "--json")
+    assert code == 1 and json.loads(out)["failures"] == ["fc"]
+
+
+def test_verify_compile_errors_exit_2(capsys, nets):
+    assert_clean_error(*run(capsys, "verify", f"{nets}:Branchy")[::2], "could not trace")
+    code, _, err = run(capsys, "verify", f"{nets}:Cumsum")
+    assert_clean_error(code, err, "cumsum")
+
+
+# -- train (resume equality is in test_training.py) --------------------------------------------
+def test_train_writes_metrics_checkpoint_and_plot(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(capsys, "train", *SMALL_MLP, "--algo", "dtp", "--beta", "0.2", "--epochs", "2",
+                       "--subset", "128", "--diagnostics", "--no-progress", "--out", str(out_dir))
+    assert code == 0 and "epoch 2/2" in out and "angle to BP" in out
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "test_accuracy", "seconds", "alignment"):
+        assert key in records[0]
+    assert all(row["angle_bp"] < 1.0 for row in records[0]["alignment"])    # analytic DTP ~ BP
+    assert (out_dir / "checkpoint.pt").exists() and (out_dir / "curves.png").exists()
+    assert json.loads((out_dir / "config.json").read_text())["options"] == {"beta": 0.2}
+    # the directory holds a run now: a new run there is refused, --resume is the way on
+    code, _, err = run(capsys, "train", *SMALL_MLP, "--out", str(out_dir))
+    assert_clean_error(code, err, "--resume")
+    code, _, err = run(capsys, "train", "--resume", str(out_dir), "--lr", "0.1")
+    assert_clean_error(code, err, "--lr cannot change")
+    code, out, _ = run(capsys, "train", "--resume", str(out_dir), "--no-progress")
+    assert code == 0 and "already trained 2 of 2" in out
+
+
+def test_train_regression_and_generic_options(capsys, tmp_path):
+    code, out, _ = run(capsys, "train", *SMALL_MLP, "--data", "synthetic-regression", "--subset", "64", "--algo",
+                       "fa", "--option", "sign='usf'", "--epochs", "1", "--no-progress", "--no-plot",
+                       "--out", str(tmp_path / "r"))
+    assert code == 0 and "test loss" in out
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--model", "nosuchnet"], ["unknown model 'nosuchnet'", "mlp"]),
+    (["--model", "missing/file.py:Net"], ["does not exist"]),
+    (["--model", "no_such_module_xyz:Net"], ["no module named"]),
+    (["--algo", "nope"], ["unknown algorithm 'nope'"]),
+    (["--data", "imagenet"], ["unknown dataset 'imagenet'"]),
+    (["--data", "mnist:/no/such/dir"], ["/no/such/dir", "does not exist"]),
+    (["--model", "lenet", "--input-shape", "64"], ["--input-shape"]),
+    (["--model", "lenet", "--model-option", "act='wobbly'"], ["activation='wobbly'"]),
+    (["--algo", "dtp", "--option", "beta=-1"], ["beta=-1", "must be > 0"]),
+    (["--algo", "dtp", "--option", "nonsense=1"], ["unknown option 'nonsense'"]),
+    (["--algo", "bp", "--beta", "0.1"], ["'beta' does not apply to algorithm 'bp'"]),
+    (["--option", "beta"], ["key=value"]),
+    (["--input-shape", "a,b"], ["not a shape"]),
+])
+def test_train_bad_input_is_one_clean_message(capsys, tmp_path, argv, fragments):
+    code, _, err = run(capsys, "train", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "x"), *argv)
+    assert_clean_error(code, err, *fragments)
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_resume_of_a_missing_run(capsys):
+    assert_clean_error(*run(capsys, "train", "--resume", "/no/such/run")[::2], "/no/such/run", "does not exist")
+
+
+def test_untraceable_and_wrong_shape_user_models(capsys, nets, tmp_path):
+    common = ["--epochs", "1", "--no-progress", "--out", str(tmp_path / "x")]
+    assert_clean_error(*run(capsys, "inspect", f"{nets}:Branchy", "--input-shape", "6")[::2], "control flow")
+    assert_clean_error(*run(capsys, "train", "--model", f"{nets}:Tiny", *common)[::2],
+                       "does not accept inputs of shape (1, 8, 8)")
+
+
+# -- compare and bench --------------------------------------------------------------------------
+def test_compare_table_and_plot(capsys, tmp_path):
+    out_dir = tmp_path / "cmp"
+    code, out, _ = run(capsys, "compare", *SMALL_MLP, "--algos", "bp,dtp:beta=0.5", "--seeds", "2", "--epochs", "1",
+                       "--subset", "96", "--no-progress", "--out", str(out_dir))
+    assert code == 0 and "+-" in out and "dtp:beta=0.5" in out
+    assert (out_dir / "compare.png").exists() and (out_dir / "curves.png").exists()
+    payload = json.loads((out_dir / "compare.json").read_text())
+    assert len(payload["histories"]["bp"]) == 2
+    code, _, err = run(capsys, "compare", *SMALL_MLP, "--algos", "bp,fa", "--beta", "0.5", "--out", str(out_dir))
+    assert_clean_error(code, err, "'beta' applies to none")
+
+
+def test_bench_table_and_json(capsys):
+    argv = ["bench", *SMALL_MLP, "--input-shape", "12", "--algos", "bp,dtp", "--rounds", "2", "--warmup", "1",
+            "--batch-size", "16"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "autograd" in out and "x autograd" in out and "peak MB" in out
+    code, out, _ = run(capsys, *argv, "--no-memory", "--json")
+    rows = json.loads(out)["results"]
+    assert code == 0 and [r["configuration"] for r in rows] == ["autograd", "bp", "dtp"]
+    assert rows[0]["x autograd"] == 1.0
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def test_demo_quick(capsys, tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, _ = run(capsys, "demo", "--quick", "--jobs", "1", "--algos", "bp,dtp,drtp", "--out", str(out_dir))
+    assert code == 0
+    assert "TJML-DTP" in out and "Jacobian matching: OK" in out and "MLP-Mixer" in out
+    for name in ("accuracy.png", "curves-lenet.png", "graph-mixer.png", "results.json", "results.md"):
+        assert (out_dir / name).exists(), name
+
+
+# -- real processes -----------------------------------------------------------------------------
+def test_python_dash_m_and_console_script_fail_cleanly(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fbcompile", "verify", "resnet99"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown model 'resnet99'" in done.stderr and "Traceback" not in done.stderr
+    script = subprocess.run([str(Path(sys.executable).parent / "fbcompile"), "algorithms"], capture_output=True, text=True)
+    assert script.returncode == 0 and "drtp" in script.stdout

@@ -1,0 +1,50 @@
+"""Smoke tests: every example script runs (in its quick mode) and prints what it promises.
+
+The scripts run in this process with ``runpy`` (as ``__main__``, in a temporary directory), which
+skips a fresh interpreter's imports per script; one of them also runs as a real subprocess.
+"""
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXPECTED = {  # a line each script must print
+    "mlp.py": "all exact rules match: True",
+    "lenet.py": "exact: True",
+    "mlp_mixer.py": "frozen-statistics rules (layer_norm)",
+    "compare_algorithms.py": "wrote compare.png",
+    "custom_rule.py": "propagate_error vs autograd",
+}
+
+
+@pytest.fixture(autouse=True)
+def _quick(monkeypatch, tmp_path):
+    monkeypatch.setenv("FBCOMPILE_EXAMPLE_QUICK", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["example"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("script", list(EXPECTED))
+def test_example_runs(script, capsys):
+    path = EXAMPLES / script
+    if not path.exists():
+        pytest.skip(f"examples/{script} does not exist yet")
+    runpy.run_path(str(path), run_name="__main__")
+    assert EXPECTED[script] in capsys.readouterr().out
+
+
+def test_an_example_runs_as_a_script(tmp_path):
+    env = {**os.environ, "FBCOMPILE_EXAMPLE_QUICK": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "mlp.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert EXPECTED["mlp.py"] in done.stdout
