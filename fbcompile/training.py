@@ -210,7 +210,8 @@ def summary_line(record: dict, epochs: int | None = None) -> str:
     parts.append(f"{record['seconds']:.1f}s")
     angles = [r["angle_bp"] for r in record.get("alignment") or [] if r.get("angle_bp") is not None]
     if angles:
-        parts.append(f"angle to BP {sum(angles) / len(angles):.1f} deg (mean of {len(angles)} units)")
+        parts.append(f"angle to BP {sum(angles) / len(angles):.1f} deg (mean of {len(angles)} unit"
+                     f"{'s' if len(angles) > 1 else ''})")
     return "  ".join(parts)
 
 

@@ -55,6 +55,10 @@ def nets(tmp_path):
                     return self.fc(x)
                 return -self.fc(x)
 
+        class ThreeWay(nn.Sequential):
+            def __init__(self):
+                super().__init__(nn.Flatten(), nn.Linear(64, 3))
+
         class Sized(nn.Module):
             def __init__(self, input_shape, num_classes=10, hidden=8):
                 super().__init__()
@@ -213,6 +217,19 @@ def test_untraceable_and_wrong_shape_user_models(capsys, nets, tmp_path):
     assert_clean_error(*run(capsys, "inspect", f"{nets}:Branchy", "--input-shape", "6")[::2], "control flow")
     assert_clean_error(*run(capsys, "train", "--model", f"{nets}:Tiny", *common)[::2],
                        "does not accept inputs of shape (1, 8, 8)")
+    assert_clean_error(*run(capsys, "train", "--model", f"{nets}:ThreeWay", *common)[::2],
+                       "returns shape (2, 3)", "digits has 10 classes")
+
+
+def test_unexpected_errors_are_one_line_unless_asked(capsys, monkeypatch):
+    def broken(args):
+        raise RuntimeError("something broke")
+    monkeypatch.setattr("fbcompile.cli.algorithms.run", broken)
+    code, _, err = run(capsys, "algorithms")
+    assert code == 1 and "unexpected RuntimeError: something broke" in err and "Traceback" not in err
+    monkeypatch.setenv("FBCOMPILE_TRACEBACK", "1")
+    with pytest.raises(RuntimeError):
+        main(["algorithms"])
 
 
 # -- compare and bench --------------------------------------------------------------------------

@@ -4,11 +4,14 @@ Subcommands (one module each): ``demo``, ``inspect``, ``verify``, ``train``, ``c
 and ``algorithms``. :func:`main` returns the exit status: 0 on success, 1 when the command ran but
 its check failed (``verify`` beyond tolerance, a non-finite training step), 2 for usage errors (a
 missing path, an unknown model, algorithm, dataset or option, a wrong input shape, an untraceable
-model). Errors fbcompile raises on purpose are printed as one message, never as a traceback.
+model). Errors fbcompile raises on purpose are printed as one message, never as a traceback; any
+other exception (a bug, in fbcompile or in a user's model) is printed as one line too and exits 1,
+unless FBCOMPILE_TRACEBACK=1 asks for the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import FBCompileError, NonFiniteError
@@ -80,6 +83,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"fbcompile {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:        # a bug (ours or in the user's model): one line unless asked for more
+        if os.environ.get("FBCOMPILE_TRACEBACK"):
+            raise
+        print(f"fbcompile {args.command}: unexpected {type(exc).__name__}: {exc}\n(set FBCOMPILE_TRACEBACK=1 "
+              "to see the traceback; if the fault is fbcompile's, please report it)", file=sys.stderr)
+        return CHECK_FAILED
 
 
 def _set_threads(threads) -> None:

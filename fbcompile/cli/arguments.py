@@ -36,7 +36,7 @@ def add_learner(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--beta", type=float, help="output target step of target propagation")
     group.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="any learner option, e.g. --option feedback=ldrl --option feedback_steps=5 "
-                            "(values are Python literals; repeatable)")
+                            "(values are Python literals, bare words are strings; repeatable)")
     group.add_argument("--predict-mode", metavar="MODE",
                        help="passed to learner.predict(mode=...), e.g. cumulative for Mono-Forward")
 
@@ -131,3 +131,8 @@ def infer_shape(spec: str, options: dict) -> tuple:
         what = "its constructor takes input_shape"
     raise resolve.OptionError(f"cannot tell the input shape of model {spec!r} ({what}); pass --input-shape, "
                               "e.g. --input-shape 1,28,28, or --data")
+
+
+def description(doc: str) -> str:
+    """A subcommand's --help text: its module docstring's second paragraph, without reST quotes."""
+    return doc.split("\n\n")[1].replace("``", "")

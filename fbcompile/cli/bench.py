@@ -20,7 +20,7 @@ BASELINE = "autograd"
 
 def add_parser(commands):
     parser = commands.add_parser("bench", help="step time and peak memory of each algorithm relative to autograd BP",
-                                 description=__doc__.split("\n\n")[1])
+                                 description=arguments.description(__doc__))
     arguments.add_model(parser)
     parser.add_argument("--data", metavar="DATA", help="take a batch of this dataset (default: random inputs)")
     parser.add_argument("--num-classes", type=int, default=10, help="outputs of a built-in model (default 10)")

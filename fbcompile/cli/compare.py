@@ -19,7 +19,7 @@ from .runs import build_run, check_positive, load_data, trainer_for
 
 def add_parser(commands):
     parser = commands.add_parser("compare", help="several algorithms x seeds: mean +/- std table and plot",
-                                 description=__doc__.split("\n\n")[1])
+                                 description=arguments.description(__doc__))
     arguments.add_model(parser)
     arguments.add_data(parser)
     parser.add_argument("--algos", default="bp,dtp,fa", metavar="A,B,...",

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from ..explain import format_table
-from . import resolve
+from . import arguments, resolve
 from .runs import RunConfig
 
 # name -> (title, MODEL spec, model options): small enough for 8x8 digits and a two-core laptop.
@@ -30,7 +30,7 @@ EPOCHS, BATCH, LR = 4, 64, 2e-3
 
 def add_parser(commands):
     parser = commands.add_parser("demo", help="compile, verify and train three models on digits (offline, minutes)",
-                                 description=__doc__.split("\n\n")[1])
+                                 description=arguments.description(__doc__))
     parser.add_argument("--out", default="fbcompile-demo", metavar="DIR", help="output folder (default fbcompile-demo)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs per run (default {EPOCHS})")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")

@@ -14,7 +14,7 @@ from . import arguments
 
 def add_parser(commands):
     parser = commands.add_parser("inspect", help="explain table, generated feedback code, unsupported nodes, graphs",
-                                 description=__doc__.split("\n\n")[1])
+                                 description=arguments.description(__doc__))
     arguments.add_model(parser, positional=True)
     parser.add_argument("--data", metavar="DATA", help="take the input shape and class count from this dataset")
     parser.add_argument("--num-classes", type=int, default=10, help="outputs of a built-in model (default 10)")

@@ -104,11 +104,37 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> Run:
     shape = input_shape_for(config, dataset)
     model, program = build_program(config.model, shape, dataset.num_classes, model_options=config.model_options,
                                    seed=config.seed, condition=config.condition, example=dataset.train_x[:2])
+    _check_outputs(model, dataset, config.model)
     options = {"seed": config.seed, **config.options}
     learner = make_learner(program, config.algorithm, **options)
+    if config.predict:
+        _check_predict(learner, config.predict, dataset.train_x[:2])
     optimizer = resolve.make_optimizer(config.optimizer, model.parameters(), lr=config.lr,
                                        momentum=config.momentum, weight_decay=config.weight_decay)
     return Run(config, dataset, model, program, learner, optimizer, resolve.loss_for(dataset.task))
+
+
+def _check_outputs(model, dataset: Dataset, spec: str) -> None:
+    """The model must return (batch, classes) for classification, (batch, outputs) for regression."""
+    training = model.training
+    with torch.no_grad():
+        output = model.eval()(dataset.train_x[:2])      # eval: BatchNorm statistics stay untouched
+    model.train(training)
+    if tuple(output.shape) != (2, dataset.num_classes):
+        what = "classes" if dataset.task == "classification" else "regression outputs"
+        raise OptionError(f"model {spec!r} returns shape {tuple(output.shape)} for a batch of 2, but "
+                          f"{dataset.name} has {dataset.num_classes} {what}: it should return (2, {dataset.num_classes}) "
+                          "(a model class receives num_classes when its constructor takes that argument)")
+
+
+def _check_predict(learner, options: dict, example) -> None:
+    """Fail before training when ``learner.predict`` does not take ``options`` (or rejects them)."""
+    accepted = resolve.accepted_keywords(learner.predict)
+    unknown = [k for k in options if accepted is not None and k not in accepted]
+    if unknown:
+        raise OptionError(f"--predict-{unknown[0]} does not apply to algorithm {learner.name!r} (its predict() "
+                          f"takes {', '.join(sorted(accepted - {'inputs'})) or 'no options'})")
+    learner.predict(example, **options)
 
 
 def trainer_for(run: Run, **kwargs):

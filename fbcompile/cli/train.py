@@ -1,9 +1,9 @@
 """``fbcompile train``: train a model with one algorithm, with metrics, checkpoints and plots.
 
 DIR/metrics.jsonl gets one JSON line per epoch, DIR/checkpoint.pt is written atomically after
-every epoch, DIR/config.json records the run and DIR/curves.png plots it. ``--resume DIR``
-continues a stopped run exactly (bitwise) where its last checkpoint left it; with ``--epochs N``
-it trains on to N epochs.
+every epoch, DIR/config.json records the run and DIR/curves.png plots it. --resume DIR continues
+a stopped run exactly (bitwise) where its last checkpoint left it; with --epochs N it trains on to
+N epochs.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "b
 
 def add_parser(commands):
     parser = commands.add_parser("train", help="train a model with one algorithm (metrics, checkpoints, resume, plots)",
-                                 description=__doc__.split("\n\n")[1])
+                                 description=arguments.description(__doc__))
     arguments.add_model(parser)
     arguments.add_data(parser)
     parser.add_argument("--algo", default="bp", metavar="ALGO",

@@ -20,7 +20,7 @@ DEFAULT_TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
 
 def add_parser(commands):
     parser = commands.add_parser("verify", help="Jacobian matching report (table or --json); exit 1 on a failure",
-                                 description=__doc__.split("\n\n")[1])
+                                 description=arguments.description(__doc__))
     arguments.add_model(parser, positional=True)
     parser.add_argument("--data", metavar="DATA", help="verify at samples of this dataset (default: random inputs)")
     parser.add_argument("--num-classes", type=int, default=10, help="outputs of a built-in model (default 10)")
@@ -30,6 +30,9 @@ def add_parser(commands):
                         "(default 1e-8 in float64, 1e-4 in float32)")
     parser.add_argument("--probes", type=int, default=8, help="random probes for nodes too large for dense "
                         "Jacobians (default 8)")
+    parser.add_argument("--pinv-limit", type=int, default=1 << 22, metavar="N",
+                        help="largest per-sample Jacobian (entries) given a dense pseudo-inverse for conditions "
+                             "P and I (default 4194304)")
     parser.add_argument("--no-units", action="store_true", help="report nodes only, not whole units")
     parser.add_argument("--seed", type=int, default=0, help="seed of model and inputs (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -44,7 +47,7 @@ def run(args) -> int:
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
     _, program, example = arguments.program_from_args(args, dtype=DTYPES[args.dtype], batch=args.batch)
     # P and I need dense pseudo-inverses; for condition T skip them (they cost most of the time).
-    pinv_limit = 1 << 18 if args.condition != "T" else 0
+    pinv_limit = args.pinv_limit if args.condition != "T" else 0
     report = verify_program(program, example, probes=args.probes, seed=args.seed, units=not args.no_units,
                             pinv_limit=pinv_limit)
     failures = report.failures(tolerance)
@@ -71,7 +74,7 @@ def verdict(report, failures: list, tolerance: float) -> str:
 
 
 def _fmt(value) -> str:
-    return "not computed" if value is None else f"{value:.3g}"
+    return "not computed: too large for a dense pseudo-inverse, raise --pinv-limit" if value is None else f"{value:.3g}"
 
 
 def _finite(value):
