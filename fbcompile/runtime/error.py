@@ -21,6 +21,7 @@ from .options import Option, non_negative, one_of
 
 
 class ErrorPropagation(Learner):
+    """Backpropagation through the compiled condition-T feedback graph (equals autograd)."""
     name = "bp"
 
     def __init__(self, program, **options):
@@ -45,6 +46,7 @@ class ErrorPropagation(Learner):
 
 
 class FeedbackAlignment(ErrorPropagation):
+    """Feedback alignment: fixed random (or sign-symmetric) matrices replace W^T in the feedback path."""
     name = "fa"
     OPTIONS = {
         "feedback_init": Option("kaiming", one_of(*INITS[:-1]), "initialisation of the fixed feedback matrices"),

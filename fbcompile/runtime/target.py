@@ -33,6 +33,7 @@ _WEIGHTED_ONLY = ("feedback_init", "feedback_scale")
 
 
 class TargetPropagation(Learner):
+    """Target propagation: t_in = G_u(t_out) from t_L = h_L - beta dL/dh_L; local losses per unit."""
     name = "tp"
     difference = False
     difference_mode = "difference"
@@ -185,6 +186,7 @@ class TargetPropagation(Learner):
 
 
 class DifferenceTargetPropagation(TargetPropagation):
+    """Difference target propagation: t_in = G(t_out) + h_in - G(h_out) (TJML-DTP with analytic feedback)."""
     name = "dtp"
     difference = True
 
