@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import fx, nn
+from torch.fx.node import _get_qualified_name
 
 from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
@@ -21,10 +22,12 @@ class Unsupported:
     target: str
     reason: str
     line: str
+    canonical: str = ""     # the canonical op name when the node was recognised ("linear", "relu")
 
     def __str__(self):
         where = f"\n      at {self.line}" if self.line else ""
-        return f"{self.node} = {self.op}[{self.target}]: {self.reason}{where}"
+        op = f" (op {self.canonical!r})" if self.canonical else ""
+        return f"{self.node} = {self.op}[{self.target}]{op}: {self.reason}{where}"
 
 
 def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), units="layer") -> FeedbackProgram:
@@ -84,7 +87,8 @@ def select_rules(traced: fx.GraphModule, condition: str, variants=()) -> tuple[d
                 reason = rule.supports(RuleContext(node)) if rule.supports else None
                 rules[node] = rule
         if reason is not None:
-            problems.append(Unsupported(node.name, node.op, _target_name(node), reason, record.source))
+            canonical = record.call.spec.name if record.call is not None else ""
+            problems.append(Unsupported(node.name, node.op, _target_name(node), reason, record.source, canonical))
     return rules, problems
 
 
@@ -93,7 +97,10 @@ def _target_name(node: fx.Node) -> str:
         return f"{node.target}: {type(node.graph.owning_module.get_submodule(node.target)).__name__}"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
-    return getattr(node.target, "__qualname__", None) or str(node.target)
+    try:
+        return _get_qualified_name(node.target).replace("_operator.", "operator.")   # torch.cumsum
+    except Exception:   # noqa: BLE001  (callables fx cannot name)
+        return getattr(node.target, "__qualname__", None) or str(node.target)
 
 
 def _check_condition(condition: str) -> None:

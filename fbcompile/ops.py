@@ -17,8 +17,12 @@
 - ``replay``: for ops that draw randomness (dropout), the forward re-evaluated with saved extras,
   used by verification to differentiate the very function that ran.
 - ``param_grads``: the weight-gradient formula ``(ctx, g) -> {role: grad}`` given the error ``g``
-  at the op's output; ops without one fall back to a local autograd vjp.
+  at the op's output; ops without one get :func:`autograd_param_grads`, a local autograd vjp.
 - ``leader``: whether the op starts a TP unit (ops with weight matrices do).
+- ``batch_local``: ``ctx -> bool``, whether this call maps each sample (index along dim 0)
+  independently; verification then measures per-sample Jacobian blocks. Default: yes, as long as
+  inputs and outputs all lead with the batch. Ops that can reduce, concatenate, split or move dim 0,
+  or that use batch statistics, declare it.
 """
 from __future__ import annotations
 
@@ -86,7 +90,8 @@ def declare_op(name: str, apply: Callable, *, modules=None, functions=(), method
     if name in _OPS and not replace:
         raise RuleError(f"op {name!r} is already declared; pass replace=True to redeclare it")
     spec = OpSpec(name, apply, dict(modules or {}), tuple(functions), tuple(methods), tuple(inplace),
-                  tapped, tuple(extras), replay, param_grads, tuple(param_args), leader, batch_local)
+                  tapped, tuple(extras), replay, param_grads or autograd_param_grads, tuple(param_args), leader,
+                  batch_local)
     if tapped is not None and not extras:
         raise RuleError(f"op {name!r}: a tapped forward must name its extras")
     for fn in (*functions, *methods, *inplace):
@@ -98,6 +103,23 @@ def declare_op(name: str, apply: Callable, *, modules=None, functions=(), method
         _BY_MODULE[cls] = spec
     _OPS[name] = spec
     return spec
+
+
+def autograd_param_grads(ctx, g) -> dict:
+    """Default ``param_grads``: the vjp of the op's ``apply`` with respect to its parameters, as one
+    feedback-graph node (the op is passed by name: fx graphs hold strings, not OpSpecs)."""
+    roles = tuple(ctx.op_call.params)
+    grads = ctx.call(param_vjp, ctx.op_call.spec.name, ctx.forward_args(), roles, g)
+    return {role: grads[i] for i, role in enumerate(roles)}
+
+
+def param_vjp(op_name: str, args: dict, roles: tuple, g) -> tuple:
+    """<apply(args), g> differentiated with respect to the arguments named in ``roles``."""
+    spec = get_op(op_name)
+    params = {role: args[role].detach().requires_grad_(True) for role in roles}
+    with torch.enable_grad():
+        out = spec.run(spec.apply, {**args, **params})
+        return torch.autograd.grad(out, list(params.values()), g, allow_unused=True)
 
 
 def get_op(name: str) -> OpSpec:

@@ -72,7 +72,7 @@ def _derive(name: str, pieces: tuple, constants: tuple) -> Derived:
     derivative = _piecewise([(sympy.diff(p.forward, x), p.where) for p in pieces])
     exprs = {"forward": forward, "derivative": derivative}
     fns = {"forward": to_torch(forward, x, name), "derivative": to_torch(derivative, x, f"{name}_derivative")}
-    if all(p.inverse is not None for p in pieces):
+    if all(p.inverse is not None for p in pieces) and _injective(pieces):
         at_y = [sympy.simplify(sympy.diff(p.forward, x).subs(x, p.inverse)) for p in pieces]
         integrals = _continuous_antiderivative(pieces, at_y, forward.subs(x, 0))
         conditions = [y > p.above if p.above is not None else sympy.true for p in pieces]
@@ -82,6 +82,19 @@ def _derive(name: str, pieces: tuple, constants: tuple) -> Derived:
             fns[key] = to_torch(exprs[key], y, f"{name}_{key}")
     return Derived(name, fns["forward"], fns["derivative"], fns.get("derivative_at_output"),
                    fns.get("inverse"), fns.get("varsigma"), exprs)
+
+
+def _injective(pieces, tolerance: float = 1e-8) -> bool:
+    """Whether consecutive branches join without a jump: at the output ``b`` where branch i starts,
+    the next branch must reach ``b`` at the same x, |sigma_{i+1}(sigma_i^-1(b)) - b| <= tol max(1, |b|).
+    torch's softplus with a small threshold jumps (by log(1 + e^-threshold) / beta), so some outputs
+    have two preimages and no inverse exists; such an activation is treated as non-invertible."""
+    for upper, lower in zip(pieces, pieces[1:]):
+        b = upper.above
+        joined = lower.forward.subs(x, upper.inverse.subs(y, b))
+        if abs(float(joined - b)) > tolerance * max(1.0, abs(float(b))):
+            return False
+    return True
 
 
 def _continuous_antiderivative(pieces, at_y, zero_output) -> list:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from .ops import OpSpec, lookup_callable, lookup_module, tensor_method
 
 META = "fbcompile"
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.record_stack_traces = True
 
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """torch.nn's own modules, and any module class an op was declared for (a user's custom
+        module with a registered rule is one node, not traced through)."""
+        return lookup_module(m) is not None or super().is_leaf_module(m, qualname)
+
 
 def user_line(node: fx.Node) -> str:
     """The innermost user source line that produced ``node`` (from fx's recorded stack trace),
@@ -96,8 +104,10 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        where = _failure_line(exc)
         raise UntraceableModelError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            + (f"  at {where}\n" if where else "") +
             "hint: symbolic tracing cannot follow Python control flow that depends on tensor values "
             "(if x.sum() > 0, loops over x.shape[0] of a traced value, ...). Move that logic out of "
             "forward(), make the branch depend on constructor arguments, or wrap the offending "
@@ -106,6 +116,16 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     _propagate(gm, model, example_inputs)
     _canonicalise(gm, model)
     return gm
+
+
+def _failure_line(exc: BaseException) -> str:
+    """The innermost user frame of a tracing failure (``File ..., line n, in forward: code``)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _TORCH_DIR not in f.filename and _PACKAGE_DIR not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}' + (f": {f.line.strip()}" if f.line else "")
 
 
 @contextlib.contextmanager
@@ -234,9 +254,31 @@ def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
                     active.append((name, where, item))
                 elif record.role == "param" and where is None:
                     params[name] = item.target
+                elif _derived_params(item):
+                    warnings.warn(
+                        f"{describe(node)}\n  argument {name!r} is computed from parameter(s) "
+                        f"{', '.join(_derived_params(item))} outside the feedback graph: propagate_error "
+                        "gives them no gradient there (target-mode local losses do). Pass the parameter "
+                        "to the op directly to get it.", stacklevel=4)
             elif isinstance(item, AttrRef) and isinstance(item.value, nn.Parameter) and where is None:
                 params[name] = item.qualname
     return OpCall(spec, args, params, inplace, module, active)
+
+
+def _derived_params(node: fx.Node) -> list[str]:
+    """Parameters a non-active computed value (``self.w.t()``, ``self.g.sum()``) is made from."""
+    found, stack, seen = [], [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or META not in current.meta:
+            continue
+        seen.add(current)
+        record = info(current)
+        if record.role == "param" and current is not node:
+            found.append(current.target)
+        elif record.role == "value":
+            stack.extend(current.all_input_nodes)
+    return sorted(found)
 
 
 def _declared_class(spec: OpSpec, module: nn.Module) -> type:

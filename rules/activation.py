@@ -6,7 +6,9 @@ invertible, the known inverse of each branch; sympy derives everything else
 
 Rules (x = saved input, y = saved output, g = feedback at y):
 
-- T, invertible (tanh, sigmoid, leaky_relu, elu, softplus), kind "exact":
+- T, invertible (tanh, sigmoid, leaky_relu, elu, softplus; torch's softplus jumps by
+  log(1 + e^-threshold) / beta where it turns linear, so with a small threshold it is not
+  injective and gets the linearised rules), kind "exact":
   target G(t) = varsigma(t) = integral of sigma'(sigma^-1(t)) dt (paper 002, eq. 27);
   error J_G g = varsigma'(y) g = sigma'(x) g, computed with torch's fused backward kernel.
 - T, variant "hadamard" (eq. 29), kind "surrogate": G(t) = sigma(sigma'(x) * t);
@@ -64,7 +66,10 @@ def _kernels():
         return aten.gelu_backward(g, x_, approximate=c["approximate"])
 
     def silu_grad(g, x_, y_, c):
-        return aten.silu_backward(g, x_)
+        # sigma'(x) = s (1 + x (1 - s)), s = sigmoid(x); written out because aten.silu_backward has
+        # no derivative, and verification differentiates feedback maps (vjp of G)
+        s = torch.sigmoid(x_)
+        return g * (s * (1 + x_ * (1 - s)))
 
     def hardtanh_grad(g, x_, y_, c):
         return aten.hardtanh_backward(g, x_, c["min_val"], c["max_val"])

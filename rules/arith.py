@@ -3,8 +3,10 @@
 - add(x, y, alpha) / sub(x, y, alpha): J = [I, +-alpha I] (broadcast dims summed back).
   T: each active operand receives g (times +-alpha), summed over broadcast dimensions: the skip
   connection rule g*(x) + x of paper 002 eq. 39 falls out of this plus fan-out summation.
-  P: J^+ of [I, a I] is [I; a I] / (1 + a^2) for two activations; with a constant operand J = I.
-- mul / div by a constant c (a number or a non-active tensor): T: g * c, P = I: g / c.
+  P: J^+ of [I, a I] is [I; a I] / (1 + a^2) for two activations; with a constant operand J = I;
+  broadcast operands by the Woodbury identity (:func:`add_pinv_feedback`). I: one full-size operand.
+- mul / div by a constant c (a number or a non-active tensor): T: g * c; P: g / c, or
+  S^T (c g) / S^T (c^2) when c broadcasts the operand (:func:`scale_pinv`); I: g / c.
 - neg: T = P = I: -g.
 - mean / sum over dims (GAP, the MLP-Mixer token mean): J = (1/n) 1^T (or 1^T).
   T: g broadcast back times 1/n (or 1). P: J^+ = 1 (mean) or (1/n) 1 (sum); I only when n = 1.
@@ -14,6 +16,7 @@ gradient g summed to its shape.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -81,8 +84,10 @@ DIV = declare_op("div", div, functions=[operator.truediv, torch.div, torch.true_
                  methods=[tensor_method("div"), tensor_method("true_divide")],
                  inplace=[operator.itruediv, tensor_method("div_")])
 NEG = declare_op("neg", neg, functions=[operator.neg, torch.neg], methods=[tensor_method("neg")])
-MEAN = declare_op("mean", mean, functions=[torch.mean], methods=[tensor_method("mean")])
-SUM = declare_op("sum", sum_, functions=[torch.sum], methods=[tensor_method("sum")])
+MEAN = declare_op("mean", mean, functions=[torch.mean], methods=[tensor_method("mean")],
+                  batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
+SUM = declare_op("sum", sum_, functions=[torch.sum], methods=[tensor_method("sum")],
+                 batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
 
 
 def _other_sign(ctx):
@@ -109,22 +114,58 @@ def add_transpose(ctx, g):
 register_rule(SUB, conditions="T", name="sub.add_transpose")(add_transpose)
 
 
+def add_pinv_feedback(g, shape_x, shape_y, c_x, c_y):
+    """J^+ g for J = [c_x S_x, c_y S_y], S broadcasting an operand to g's shape (shape None: the
+    operand is not active). One operand, copied m times (S^T S = m I): S^T g / (c m). Two, with f of
+    g's size and b copied m times (Woodbury with S_b^T S_b = m I, d = c_f^2 + c_b^2 m):
+
+        fb_f = (g - c_b^2 S_b S_b^T g / d) / c_f,   fb_b = c_b S_b^T g / d.
+
+    Both of g's size is m = 1: J^+ = [c_x; c_y] / (c_x^2 + c_y^2)."""
+    n = g.numel()
+    if shape_x is None or shape_y is None:
+        shape, c = (shape_x, c_x) if shape_y is None else (shape_y, c_y)
+        fb = sum_to(g, shape) / (c * (n // math.prod(shape)))
+        return (fb, None) if shape_y is None else (None, fb)
+    x_full = math.prod(shape_x) == n
+    f_shape, c_f, b_shape, c_b = (shape_x, c_x, shape_y, c_y) if x_full else (shape_y, c_y, shape_x, c_x)
+    d = c_f ** 2 + c_b ** 2 * (n // math.prod(b_shape))
+    summed = sum_to(g, b_shape)
+    fb_f = sum_to((g - (c_b ** 2 / d) * torch.broadcast_to(summed, g.shape)) / c_f, f_shape)
+    fb_b = (c_b / d) * summed
+    return (fb_f, fb_b) if x_full else (fb_b, fb_f)
+
+
 def add_pinv(ctx, g):
-    """J = [I, a I] has J^+ = [I; a I] / (1 + a^2); with one active operand J = I."""
+    """G(g) = J^+ g of J = [S_x, a S_y] (see :func:`add_pinv_feedback`)."""
     scales = _both_scales(ctx)
-    both = ctx.is_active("input") and ctx.is_active("other")
-    norm = 1 + scales["other"] ** 2 if both else 1
-    return {name: _scaled_to(ctx, g, name, s / norm if both else 1 / s) for name, s in scales.items()}
+    shapes = {name: ctx.saved(name).shape if ctx.is_active(name) else None for name in scales}
+    fb = ctx.call(add_pinv_feedback, g, shapes["input"], shapes["other"], scales["input"], scales["other"])
+    return {name: fb[i] if shapes[name] is not None else None for i, name in enumerate(scales)}
+
+
+def _full_size(ctx, name):
+    return math.prod(ctx.shape(name)) == math.prod(ctx.shape())
+
+
+def _pinv_supported(ctx):
+    if ctx.is_active("input") and ctx.is_active("other") and not (_full_size(ctx, "input") or _full_size(ctx, "other")):
+        return (f"the pseudo-inverse of {ctx.op_call.spec.name} of two activations that are both broadcast "
+                "(J does not have full row rank) is not implemented; use condition T")
+    return None
 
 
 def _one_active(ctx):
     if ctx.is_active("input") and ctx.is_active("other"):
         return "the sum of two activations is not invertible (J = [I, I] is not square); use condition P or T"
+    name = "input" if ctx.is_active("input") else "other"
+    if not _full_size(ctx, name):
+        return f"a broadcast operand ({ctx.shape(name)} -> {ctx.shape()}) is not invertible; use condition P or T"
     return None
 
 
 for _op in (ADD, SUB):
-    register_rule(_op, conditions="P", name=f"{_op.name}.pinv")(add_pinv)
+    register_rule(_op, conditions="P", supports=_pinv_supported, name=f"{_op.name}.pinv")(add_pinv)
     register_rule(_op, conditions="I", supports=_one_active, name=f"{_op.name}.inverse")(add_pinv)
 
 
@@ -163,9 +204,35 @@ def mul_transpose(ctx, g):
     return {name: ctx.call(sum_to, g * factor, ctx.saved(name).shape)}
 
 
-@register_rule(MUL, conditions="PI", supports=_mul_supported)
+def scale_pinv(g, factor, shape, divide: bool):
+    """J^+ g for J = diag(c) S (c = factor, or 1 / factor for div; S broadcasts the active operand to
+    g's shape): (S^T D^2 S)^-1 S^T D g = S^T (c g) / S^T (c^2), 0 where every copy of c is 0.
+    Without broadcasting this is g / c."""
+    c = 1.0 / factor if divide else factor
+    numerator = sum_to(g * c, shape)
+    denominator = sum_to(torch.zeros_like(g) + c * c, shape)
+    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator != 0, numerator / safe, torch.zeros_like(numerator))
+
+
+def _mul_inverse_supported(ctx):
+    reason = _mul_supported(ctx)
+    name = "input" if ctx.is_active("input") else "other"
+    if reason is None and not _full_size(ctx, name):
+        return f"a broadcast operand ({ctx.shape(name)} -> {ctx.shape()}) is not invertible; use condition P or T"
+    return reason
+
+
+@register_rule(MUL, conditions="P", supports=_mul_supported)
+def mul_pinv(ctx, g):
+    """J = diag(c) S: G(g) = S^T (c g) / S^T (c^2) (= g / c without broadcasting)."""
+    factor, name = _scale_of(ctx)
+    return {name: ctx.call(scale_pinv, g, factor, ctx.saved(name).shape, False)}
+
+
+@register_rule(MUL, conditions="I", supports=_mul_inverse_supported)
 def mul_inverse(ctx, g):
-    """J = diag(c): G(g) = g / c (c must be non-zero; broadcast constants only)."""
+    """J = diag(c): G(g) = g / c (c must be non-zero)."""
     factor, name = _scale_of(ctx)
     return {name: ctx.call(sum_to, g / factor, ctx.saved(name).shape)}
 
@@ -176,7 +243,13 @@ def div_transpose(ctx, g):
     return {"input": ctx.call(sum_to, g / _scale_of(ctx)[0], ctx.saved("input").shape)}
 
 
-@register_rule(DIV, conditions="PI", supports=_mul_supported)
+@register_rule(DIV, conditions="P", supports=_mul_supported)
+def div_pinv(ctx, g):
+    """J = diag(1/c) S: G(g) = S^T (g / c) / S^T (1 / c^2) (= c g without broadcasting)."""
+    return {"input": ctx.call(scale_pinv, g, _scale_of(ctx)[0], ctx.saved("input").shape, True)}
+
+
+@register_rule(DIV, conditions="I", supports=_mul_inverse_supported)
 def div_inverse(ctx, g):
     """J = diag(1/c): G(g) = c g."""
     return {"input": ctx.call(sum_to, g * _scale_of(ctx)[0], ctx.saved("input").shape)}
@@ -191,7 +264,7 @@ def neg_back(ctx, g):
 def _reduced_dims(ctx):
     dim = ctx.const("dim")
     rank = len(ctx.shape("input"))
-    if dim is None:
+    if dim is None or (isinstance(dim, (tuple, list)) and not dim):   # torch: dim=() reduces all dims
         return tuple(range(rank))
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     return tuple(sorted(d % rank for d in dims))

@@ -140,8 +140,9 @@ def _dense(ctx, g, condition):
 def dense_conv(g, weight, name, args, sample_shape, condition, node_name):
     conv = conv1d if name == "conv1d" else conv2d
     args = {k: v for k, v in args.items() if k != "padding_mode"}
-    return dense_inverse_apply(g, lambda basis: conv(basis, weight, None, **args), sample_shape,
-                               (node_name, id(weight)), condition, node_name, (weight._version,))
+    key = (name, repr(sorted(args.items())), tuple(weight.shape))
+    return dense_inverse_apply(g, lambda basis: conv(basis, weight, None, **args), sample_shape, key, condition,
+                               node_name, (weight._version,), owner=weight)
 
 
 for _op in (CONV1D, CONV2D):

@@ -35,9 +35,13 @@ def _make(name):
         mask = drop(torch.ones_like(input), p, True)
         return input * mask, mask
 
+    def replay(extras, input, p=0.5, training=True, inplace=False):
+        """The forward with the saved mask (verification differentiates the pass that ran)."""
+        return input if extras["mask"] is None else input * extras["mask"]
+
     apply.__name__ = apply.__qualname__ = name
     tapped.__name__ = tapped.__qualname__ = f"{name}_tapped"
-    return apply, tapped
+    return apply, tapped, replay
 
 
 def _module(m):
@@ -46,9 +50,9 @@ def _module(m):
 
 DROPOUTS = []
 for _name, _cls in (("dropout", nn.Dropout), ("dropout1d", nn.Dropout1d), ("dropout2d", nn.Dropout2d)):
-    _apply, _tapped = _make(_name)
+    _apply, _tapped, _replay = _make(_name)
     DROPOUTS.append(declare_op(_name, _apply, functions=[_DROP[_name]], modules={_cls: _module},
-                               tapped=_tapped, extras=("mask",)))
+                               tapped=_tapped, extras=("mask",), replay=_replay))
 
 
 def apply_mask(g, mask):

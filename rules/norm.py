@@ -51,7 +51,8 @@ def layer_norm_param_grads(ctx, g):
 LAYER_NORM = declare_op("layer_norm", layer_norm, functions=[F.layer_norm],
                         modules={nn.LayerNorm: lambda m: {"normalized_shape": m.normalized_shape,
                                                           "weight": m.weight, "bias": m.bias, "eps": m.eps}},
-                        tapped=layer_norm_tapped, extras=("mean", "rstd"), param_grads=layer_norm_param_grads)
+                        tapped=layer_norm_tapped, extras=("mean", "rstd"), param_grads=layer_norm_param_grads,
+                        leader=True)
 
 
 @register_rule(LAYER_NORM, conditions="T", kind="frozen-statistics")
@@ -120,7 +121,7 @@ def batch_norm_param_grads(ctx, g):
 
 BATCH_NORM = declare_op("batch_norm", batch_norm, functions=[F.batch_norm],
                         modules={nn.BatchNorm1d: _bn_module, nn.BatchNorm2d: _bn_module},
-                        param_grads=batch_norm_param_grads)
+                        param_grads=batch_norm_param_grads, batch_local=lambda ctx: _bn_kind(ctx) == "exact")
 
 
 def _bn_kind(ctx):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op
+from fbcompile.ops import declare_op, get_op
 from fbcompile.registry import register_rule
 
 from .dense import dense_inverse_apply, dense_size_problem
@@ -170,15 +170,18 @@ def adaptive_transpose(ctx, g):
     return {"input": ctx.call(adaptive_adjoint, g, ctx.saved("input"), _n_spatial(ctx))}
 
 
-def dense_pool(g, spec_apply, args, sample_shape, condition, node_name):
-    return dense_inverse_apply(g, lambda basis: spec_apply(basis, **args), sample_shape, (node_name,),
-                               condition, node_name)
+def dense_pool(g, op_name, args, sample_shape, condition, node_name):
+    """J^+ g or J^-1 g with J the dense per-sample operator of pooling op ``op_name`` (by name: the
+    feedback graph's arguments are plain values, not functions)."""
+    apply = get_op(op_name).apply
+    key = (op_name, repr(sorted(args.items())))
+    return dense_inverse_apply(g, lambda basis: apply(basis, **args), sample_shape, key, condition, node_name)
 
 
 def _dense_pool_rule(ctx, g, condition):
     spec = ctx.op_call.spec
     args = {k: ctx.const(k, v.default) for k, v in spec.signature.parameters.items() if k != "input"}
-    return {"input": ctx.call(dense_pool, g, spec.apply, args, ctx.shape("input")[1:], condition, ctx.name)}
+    return {"input": ctx.call(dense_pool, g, spec.name, args, ctx.shape("input")[1:], condition, ctx.name)}
 
 
 def _is_global(ctx):

@@ -7,7 +7,8 @@
 - contiguous, clone, Identity, Dropout in eval: G(g) = g.
 - cat(tensors, dim): G(g) = the slices of g along dim, one per input.
 - split / chunk: G(g_1..g_k) = cat of the pieces (zeros for pieces that received no feedback).
-- basic indexing x[idx] (ints, slices, None, ...): G(g) = zeros of x's shape with g placed at idx.
+- basic indexing x[idx] (ints, slices, None, ...): G(g) = zeros of x's shape with g placed at idx
+  (T = P; I only if nothing is dropped, which is not offered).
 """
 from __future__ import annotations
 
@@ -72,23 +73,55 @@ def index(input, idx):
     return input[idx]
 
 
+def _off_batch(*dims):
+    """``batch_local`` for ops with dim hyperparameters: local unless one of them is dim 0."""
+    def local(ctx):
+        rank = len(ctx.shape("input") if "input" in ctx.op_call.args else ctx.shape())
+        values = [ctx.const(d, 0) for d in dims]
+        flat = [v for value in values for v in (value if isinstance(value, (tuple, list)) else (value,))]
+        return all(v % rank != 0 for v in flat)
+    return local
+
+
+def _permute_local(ctx):
+    return _as_shape(ctx.const("dims"))[0] % len(ctx.shape()) == 0
+
+
+def _index_local(ctx):
+    """x[:, ...] and x[..., i] (when it cannot reach dim 0) keep every sample in its row."""
+    idx = ctx.const("idx")
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if items and items[0] == slice(None):
+        return True
+    touched = [i for i in items[1:] if i is not None]
+    return bool(items) and items[0] is Ellipsis and len(touched) < len(ctx.shape("input"))
+
+
+# view/reshape name their sizes, the batch size included, so a one-sample replay would fail: verify
+# measures them over the whole batch (``batch_local`` False); the others name dims only.
 RESHAPE = declare_op("view", view, methods=[tensor_method("view"), tensor_method("reshape")],
-                     functions=[torch.reshape])
+                     functions=[torch.reshape], batch_local=lambda ctx: False)
 FLATTEN = declare_op("flatten", flatten, functions=[torch.flatten], methods=[tensor_method("flatten")],
-                     modules={nn.Flatten: lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim}})
+                     modules={nn.Flatten: lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim}},
+                     batch_local=_off_batch("start_dim"))
 UNFLATTEN = declare_op("unflatten", unflatten, functions=[torch.unflatten], methods=[tensor_method("unflatten")],
-                       modules={nn.Unflatten: lambda m: {"dim": m.dim, "sizes": m.unflattened_size}})
-SQUEEZE = declare_op("squeeze", squeeze, functions=[torch.squeeze], methods=[tensor_method("squeeze")])
+                       modules={nn.Unflatten: lambda m: {"dim": m.dim, "sizes": m.unflattened_size}},
+                       batch_local=_off_batch("dim"))
+SQUEEZE = declare_op("squeeze", squeeze, functions=[torch.squeeze], methods=[tensor_method("squeeze")],
+                     batch_local=lambda ctx: ctx.const("dim") is not None and _off_batch("dim")(ctx))
 UNSQUEEZE = declare_op("unsqueeze", unsqueeze, functions=[torch.unsqueeze], methods=[tensor_method("unsqueeze")])
 TRANSPOSE = declare_op("transpose", transpose, functions=[torch.transpose],
-                       methods=[tensor_method("transpose")])
-PERMUTE = declare_op("permute", permute, functions=[torch.permute], methods=[tensor_method("permute")])
+                       methods=[tensor_method("transpose")], batch_local=_off_batch("dim0", "dim1"))
+PERMUTE = declare_op("permute", permute, functions=[torch.permute], methods=[tensor_method("permute")],
+                     batch_local=_permute_local)
 IDENTITY = declare_op("identity", identity, methods=[tensor_method("contiguous"), tensor_method("clone")],
                       functions=[torch.clone], modules={nn.Identity: lambda m: {}})
-CAT = declare_op("cat", cat, functions=[torch.cat, torch.concat, torch.concatenate])
-SPLIT = declare_op("split", split, functions=[torch.split], methods=[tensor_method("split")])
-CHUNK = declare_op("chunk", chunk, functions=[torch.chunk], methods=[tensor_method("chunk")])
-INDEX = declare_op("index", index, functions=[operator.getitem])
+CAT = declare_op("cat", cat, functions=[torch.cat, torch.concat, torch.concatenate], batch_local=_off_batch("dim"))
+SPLIT = declare_op("split", split, functions=[torch.split], methods=[tensor_method("split")],
+                   batch_local=_off_batch("dim"))
+CHUNK = declare_op("chunk", chunk, functions=[torch.chunk], methods=[tensor_method("chunk")],
+                   batch_local=_off_batch("dim"))
+INDEX = declare_op("index", index, functions=[operator.getitem], batch_local=_index_local)
 
 
 def _reshape_back(ctx, g):
@@ -151,8 +184,9 @@ for _op in (SPLIT, CHUNK):
 
 
 def index_adjoint(g, input, idx):
-    """Zeros shaped like ``input`` with ``g`` written at the (basic, non-repeating) index ``idx``."""
-    out = torch.zeros_like(input)
+    """Zeros shaped like ``input`` with ``g`` written at the (basic, non-repeating) index ``idx``.
+    The zeros come from ``g`` (``new_zeros``), so under torch.func's vmap the write is batched."""
+    out = g.new_zeros(input.shape)
     out[idx] = g
     return out
 
@@ -165,7 +199,8 @@ def _static_index(ctx):
     return None
 
 
-@register_rule(INDEX, conditions="T", supports=_static_index)
+@register_rule(INDEX, conditions="TP", supports=_static_index)
 def index_transpose(ctx, g):
-    """G(g) = zeros with g placed (added) where the forward read."""
+    """G(g) = zeros with g placed where the forward read. J selects distinct entries, so its rows
+    are orthonormal and J^+ = J^T: the same rule serves condition P."""
     return {"input": ctx.call(index_adjoint, g, ctx.saved("input"), ctx.const("idx"))}

@@ -54,9 +54,11 @@ class SampleValues(Mapping):
 
     def __getitem__(self, key):
         value = self.values[key]
-        if key in self.batch_keys and isinstance(value, torch.Tensor):
-            return value[self.b:self.b + 1]
-        return value
+        if key not in self.batch_keys:
+            return value
+        if isinstance(value, (tuple, list)):       # split / chunk outputs: cut every piece
+            return type(value)(v[self.b:self.b + 1] if isinstance(v, torch.Tensor) else v for v in value)
+        return value[self.b:self.b + 1] if isinstance(value, torch.Tensor) else value
 
     def __iter__(self):
         return iter(self.values)
@@ -199,10 +201,25 @@ def _total(parts: list):
 
 
 def batch_local(program, node: fx.Node, batch: int) -> bool:
-    """Whether ``node`` maps each sample independently (leading dim = batch, op declares no mixing)."""
+    """Whether ``node`` maps each sample independently, so its Jacobian is block diagonal over the
+    batch: every active input and every output (each piece of a tuple) has the batch as its leading
+    dim, no other graph tensor it reads does (a per-sample constant could not be cut), and the op
+    does not declare that this call mixes samples (``batch_local(ctx)`` of :func:`declare_op`:
+    reductions, concatenation or transposition over dim 0, BatchNorm with batch statistics).
+    Anything else is measured over the whole batch, which is always correct."""
     record = info(node)
-    shapes = [info(src).shape for _, _, src in record.call.active] + [record.shape]
-    if any(not s or s[0] != batch for s in shapes if s and not isinstance(s[0], tuple)):
+    shapes = [info(src).shape for _, _, src in record.call.active]
+    shapes += list(record.shape) if record.is_tuple else [record.shape]
+    if any(not s or s[0] != batch for s in shapes):
         return False
-    mixes = record.call.spec.batch_local
-    return True if mixes is None else bool(mixes(EagerContext(node, {}, program.model)))
+    if batch == 1:
+        return True
+    active = {id(src) for _, _, src in record.call.active}
+    for value in record.call.args.values():
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(item, fx.Node) and id(item) not in active and record.shape and not record.is_tuple:
+                shape = info(item).shape
+                if shape and not isinstance(shape[0], tuple) and len(shape) == len(record.shape) and shape[0] == batch:
+                    return False
+    local = record.call.spec.batch_local
+    return True if local is None else bool(local(EagerContext(node, {}, program.model)))

@@ -18,6 +18,8 @@ import math
 import torch
 from torch.func import jvp, vjp, vmap
 
+from ..errors import OptionError
+
 
 def _split(flat: torch.Tensor, shapes: list) -> tuple:
     """(k, n) rows -> tuple of (k, *shape) tensors."""
@@ -26,14 +28,15 @@ def _split(flat: torch.Tensor, shapes: list) -> tuple:
 
 
 def _flat(parts: tuple, k: int | None = None) -> torch.Tensor:
-    if k is None:
-        return torch.cat([p.reshape(-1) for p in parts])
-    return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+    """One flat tensor (rows of length n when ``k`` is given); a single part is only reshaped."""
+    flat = [p.reshape(-1) if k is None else p.reshape(k, -1) for p in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=0 if k is None else 1)
 
 
 def _basis(start: int, k: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows ``start .. start + k`` of the n x n identity."""
     basis = torch.zeros(k, n, dtype=like.dtype, device=like.device)
-    basis[torch.arange(k), start + torch.arange(k)] = 1
+    basis.diagonal(offset=start).fill_(1)
     return basis
 
 
@@ -66,11 +69,13 @@ def dense_metrics(problem, *, chunk: int = 512, pinv_limit: int = 1 << 18) -> di
         directions = _split(_basis(start, k, side, like), shapes)
         f = _flat(vmap(f_map)(*directions), k)
         g = _flat(vmap(g_map)(*directions), k)
-        tjml2 += float(torch.linalg.vector_norm(g - f)) ** 2
         fnorm2 += float(torch.linalg.vector_norm(f)) ** 2
         if keep:
             f_parts.append(f)
             g_parts.append(g)
+            tjml2 += float(torch.linalg.vector_norm(g - f)) ** 2
+        else:   # in place: large chunks are memory-bound (f is read before g may alias it)
+            tjml2 += float(torch.linalg.vector_norm(g.sub_(f) if g.is_contiguous() else g - f)) ** 2
     result = {"method": "dense", "tjml2": tjml2, "fnorm2": fnorm2, "pjml": None, "ijml": None,
               "pnorm": None, "inorm": None}
     if keep:
@@ -89,7 +94,8 @@ def dense_metrics(problem, *, chunk: int = 512, pinv_limit: int = 1 << 18) -> di
 
 def randomized_metrics(problem, *, probes: int = 8, generator: torch.Generator | None = None) -> dict:
     if probes < 2:
-        raise ValueError("randomized estimates need at least 2 probes")
+        raise OptionError(f"probes={probes}: randomized estimates need at least 2 probes (8 by default) "
+                          "for a standard error")
     like = problem.inputs[0]
     _, vjp_fn = vjp(problem.forward, *problem.inputs)
     errors, norms = [], []

@@ -1,0 +1,123 @@
+"""Property tests of the convolution rules (float64): the transposed convolution is J_F^T exactly
+for every stride, padding, dilation, groups and kernel shape, sizes are restored, and weight
+gradients equal autograd's."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import fbcompile
+from fbcompile.context import EagerContext
+from fbcompile.verify.checks import rule_errors
+from fbcompile.verify.evaluate import forward_values
+
+from helpers import compare_with_autograd
+
+TOL = 1e-10
+
+
+@st.composite
+def conv_cases(draw):
+    """(Conv module, input) with random geometry; 'same' only with stride 1 (torch's rule)."""
+    n = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 4)) for _ in range(n))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    stride = (1,) * n if padding_kind == "same" else tuple(draw(st.integers(1, 3)) for _ in range(n))
+    padding = {"int": draw(st.integers(0, 2)), "tuple": tuple(draw(st.integers(0, 2)) for _ in range(n)),
+               "same": "same", "valid": "valid"}[padding_kind]
+    pads = (padding,) * n if isinstance(padding, int) else padding if isinstance(padding, tuple) else (0,) * n
+    sizes = tuple(max(1, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 4))
+                  for d, k, p in zip(dilation, kernel, pads))
+    cls = nn.Conv1d if n == 1 else nn.Conv2d
+    conv = cls(c_in, c_out, kernel if n == 2 else kernel[0], stride=stride, padding=padding, dilation=dilation,
+               groups=groups, bias=draw(st.booleans())).double()
+    x = torch.randn(2, c_in, *sizes, dtype=torch.float64)
+    return conv, x
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases())
+def test_conv_transpose_rule_is_exact(case):
+    conv, x = case
+    model = nn.Sequential(conv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch warns about 'same' with even kernels
+        program = fbcompile.compile(model, x)
+        (tjml_rel, gap), = rule_errors(program, x).values()
+        input_rel, param_rel = compare_with_autograd(model, x, program=program)
+    assert tjml_rel < TOL and gap < TOL
+    assert input_rel < TOL and param_rel < TOL
+
+
+def _rule_output(model, x, g, node_name="_0"):
+    program = fbcompile.compile(model, x)
+    node = next(n for n in program.rules if n.name == node_name)
+    ctx = EagerContext(node, forward_values(program, (x,)), model)
+    return program.rules[node].error(ctx, g)["input"]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 2),
+       st.integers(0, 1))
+def test_stride_one_feedback_is_convolution_with_rotated_swapped_kernel(c_in, c_out, kh, kw, dilation, pad):
+    """Paper 002 eq. 20: G(g) = ROT(W) * g, the kernel rotated by 180 degrees with in/out swapped,
+    i.e. a full convolution (padding d(k-1) - p) of g with W.flip(-1, -2).transpose(0, 1)."""
+    conv = nn.Conv2d(c_in, c_out, (kh, kw), padding=(pad * (kh // 2), pad * (kw // 2)), dilation=dilation).double()
+    x = torch.randn(2, c_in, 9, 8, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    rotated = conv.weight.flip(-1, -2).transpose(0, 1)
+    full = [dilation * (k - 1) - p for k, p in zip((kh, kw), conv.padding)]
+    expected = F.conv2d(g, rotated, padding=full, dilation=dilation)
+    assert torch.allclose(_rule_output(nn.Sequential(conv), x, g), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rotated_kernel_per_group():
+    """With groups, the rotation and the in/out swap happen inside each group."""
+    conv = nn.Conv1d(4, 6, 3, groups=2).double()
+    x = torch.randn(3, 4, 9, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    w = conv.weight.reshape(2, 3, 2, 3).flip(-1).transpose(1, 2).reshape(4, 3, 3)
+    expected = F.conv1d(g, w, padding=2, groups=2)
+    assert torch.allclose(_rule_output(nn.Sequential(conv), x, g), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [8, 9, 10])
+def test_output_size_restored_when_stride_skips_rows(size):
+    """Strided windows leave rows unread: the feedback has the input's size, zeros in those rows."""
+    conv = nn.Conv2d(1, 2, 3, stride=3).double()
+    x = torch.randn(1, 1, size, size, dtype=torch.float64)
+    fb = _rule_output(nn.Sequential(conv), x, torch.randn_like(conv(x)))
+    assert fb.shape == x.shape
+    unread = (size - 3) % 3
+    if unread:
+        assert torch.count_nonzero(fb[..., -unread:]) == 0
+
+
+def test_functional_conv_with_parameters_through_get_attr():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 2, 3, 2))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w, None, (2, 1), (1, 0), 1, 2)
+
+    model = Functional().double()
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    (tjml_rel, gap), = rule_errors(program, x).values()
+    assert tjml_rel < TOL and gap < TOL
+    assert max(compare_with_autograd(model, x, program=program)) < TOL
+
+
+def test_circular_padding_is_reported_not_miscompiled():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular")).double()
+    x = torch.randn(2, 1, 6, dtype=torch.float64)
+    problems = fbcompile.coverage(model, x)
+    assert len(problems) == 1 and "circular" in problems[0].reason and problems[0].node == "_0"
