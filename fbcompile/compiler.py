@@ -40,24 +40,18 @@ def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=
     Raises :class:`~fbcompile.errors.UnsupportedOpError` listing every unsupported node at once.
     """
     _check_condition(condition)
-    traced = trace_model(model, as_tuple(example_inputs))
+    return compile_traced(model, trace_model(model, as_tuple(example_inputs)), condition, variants, units)
+
+
+def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram:
+    """Compile an already traced model (also used to change condition, variants or units cheaply)."""
+    _check_condition(condition)
     rules, problems = select_rules(traced, condition, variants)
     if problems:
         listing = "\n  ".join(str(p) for p in problems)
         raise UnsupportedOpError(
             f"{len(problems)} node(s) of {type(model).__name__} have no condition-{condition} feedback rule:\n  "
             f"{listing}\nRegister one with @fbcompile.register_rule (see examples/custom_rule.py).", problems)
-    return FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
-
-
-def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram:
-    """Compile an already traced model (used to change condition, variants or units cheaply)."""
-    _check_condition(condition)
-    rules, problems = select_rules(traced, condition, variants)
-    if problems:
-        listing = "\n  ".join(str(p) for p in problems)
-        raise UnsupportedOpError(f"{len(problems)} node(s) have no condition-{condition} feedback rule:\n  {listing}",
-                                 problems)
     return FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
 
 

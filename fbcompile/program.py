@@ -78,7 +78,8 @@ class FeedbackProgram:
         return self.feedback["error"].module.code
 
     def code(self, mode: str = "error") -> str:
-        return self.feedback[mode].module.code
+        """The generated Python of the ``mode`` feedback GraphModule."""
+        return self.feedback_graph(mode).module.code
 
     def explain(self) -> str:
         from .explain import explain_table
@@ -259,8 +260,9 @@ def check_output_feedback(program: FeedbackProgram, output, feedback: tuple) -> 
     for node, out, fb in zip(program.outputs, outs, feedback):
         if not isinstance(fb, torch.Tensor) or fb.shape != out.shape:
             shape = tuple(fb.shape) if isinstance(fb, torch.Tensor) else type(fb).__name__
-            raise FBCompileError(f"output feedback for {node.name!r} has shape {shape}, but the output "
-                                 f"has shape {tuple(out.shape)}")
+            op = info(node).call.spec.name if info(node).call is not None else node.op
+            raise FBCompileError(f"output feedback for node {node.name!r} (op {op!r}) has shape {shape}, but "
+                                 f"the output has shape {tuple(out.shape)}")
 
 
 def accumulate_grads(params: dict, names: list, grads) -> None:

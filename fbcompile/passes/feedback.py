@@ -40,8 +40,8 @@ from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ..context import ProxyContext
-from ..errors import RuleError
-from ..trace import META, active_outputs, info
+from ..errors import FBCompileError, RuleError
+from ..trace import META, active_outputs, describe, info
 
 MODES = ("error", "target", "difference")
 CUT_MODE = "unit_target"
@@ -166,11 +166,11 @@ class FeedbackBuilder:
         ctx = ProxyContext(node, self)
         self._label(node, rule, "feedback")
         if self.mode == "error":
-            feedback = rule.error(ctx, g)
+            feedback = _checked(rule, node, lambda: rule.error(ctx, g))
         elif self.mode == "target":
-            feedback = rule.target_map()(ctx, g)
+            feedback = _checked(rule, node, lambda: rule.target_map()(ctx, g))
         else:
-            feedback = self._difference(node, rule, ctx, g)
+            feedback = _checked(rule, node, lambda: self._difference(node, rule, ctx, g))
         self._distribute(node, rule, feedback)
         if self.mode == "error" and info(node).call.params:
             self._param_grads(node, ctx, g)
@@ -215,7 +215,7 @@ class FeedbackBuilder:
             rule = self.rules[node]
             base_out = self._base(node)
             self._label(node, rule, "base")
-            self.at_base_memo[node] = rule.target_map()(ProxyContext(node, self), base_out)
+            self.at_base_memo[node] = _checked(rule, node, lambda: rule.target_map()(ProxyContext(node, self), base_out))
         return self.at_base_memo[node]
 
     def _entries_for(self, node, feedback: dict, src: fx.Node) -> list:
@@ -248,11 +248,7 @@ class FeedbackBuilder:
     def _param_grads(self, node, ctx, g) -> None:
         call = info(node).call
         self._label(node, self.rules[node], "param_grad")
-        if call.spec.param_grads is not None:
-            grads = call.spec.param_grads(ctx, g)
-        else:
-            grads = ctx.call(autograd_param_grads, call.spec, ctx.forward_args(), tuple(call.params), g)
-            grads = {role: grads[role] for role in call.params}
+        grads = _checked(self.rules[node], node, lambda: call.spec.param_grads(ctx, g), "weight-gradient formula")
         for role, qualname in call.params.items():
             if grads.get(role) is not None:
                 self.param_parts[qualname].append(grads[role])
@@ -311,13 +307,14 @@ def _zip_map(fn, a, b):
     return fn(a, b)
 
 
-def autograd_param_grads(spec, args: dict, roles: tuple, g) -> dict:
-    """Fallback weight gradients: the vjp of the op's ``apply`` with respect to ``roles``."""
-    params = {role: args[role].detach().requires_grad_(True) for role in roles}
-    with torch.enable_grad():
-        out = spec.run(spec.apply, {**args, **params})
-        grads = torch.autograd.grad(out, list(params.values()), g, allow_unused=True)
-    return dict(zip(roles, grads))
+def _checked(rule, node, emit, what: str = "rule"):
+    """Run ``emit`` (a rule on proxies); an unexpected failure becomes a RuleError naming the node."""
+    try:
+        return emit()
+    except FBCompileError:
+        raise
+    except Exception as exc:
+        raise RuleError(f"{what} of {rule.name} failed on {describe(node)}: {type(exc).__name__}: {exc}") from exc
 
 
 def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> FeedbackGraph:

@@ -83,7 +83,10 @@ def dense_metrics(problem, *, chunk: int = 512, pinv_limit: int = 1 << 18) -> di
         if not by_output:
             jf, jg_t = jf.t(), jg_t.t()
         jg = jg_t.t()
-        pinv = torch.linalg.pinv(jf)
+        try:
+            pinv = torch.linalg.pinv(jf)
+        except torch.linalg.LinAlgError:     # the SVD did not converge: report PJML as not computed
+            return result
         result["pjml"], result["pnorm"] = float(torch.linalg.norm(jg - pinv)), float(torch.linalg.norm(pinv))
         if n_in == n_out:
             inverse, info = torch.linalg.inv_ex(jf)
