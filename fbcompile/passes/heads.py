@@ -1,0 +1,207 @@
+"""Attach a Mono-Forward class head to every trainable unit (paper 004, sections 2.1 and 4.4).
+
+For unit l with head activation a_l (the *attachment point*), the head gives class scores
+
+    G_l = z_l M_l,   M_l in R^{n x m} trainable (m classes),
+
+where z_l depends on the shape of a_l (batch dim first):
+
+- flat ``(B, n)``: z_l = a_l;
+- spatial ``(B, C, *S)`` (conv): each channel c is projected by a fixed random A_c in R^{d x HW}
+  (HW = prod(S)) with entries N(0, 1/HW), z_l = concat_c(A_c u_c) in R^{C d}. The variance 1/HW keeps
+  Var(z_i) = E[u_j^2] independent of the resolution (paper 004, App. B). Channels with HW <= d are
+  flattened instead (a projection could only lift them into a rank-HW subspace of R^d);
+- ``output_head="model"``: a unit returning the model's output of shape (B, classes) is scored by
+  that output itself (no M): the model's own classifier is its head.
+
+Attachment (``attach``): ``"pre_pool"`` (default, the paper's choice: after the activation, before
+pooling; the spatial sizes of its Table 4 are the pre-pool ones) walks back from the unit's output
+over trailing pooling and reshaping ops to the input of the earliest pooling op; ``"output"`` uses
+the unit output (the last one in graph order when there are several). Shapes come from the traced
+graph; heads, projections and their seeds are separate per unit.
+
+Initialisation of M (``init``): ``"paper"`` reproduces the reference code (``kaiming_uniform_(a=
+sqrt(5))`` on its layouts): U(+-1/sqrt(n)) for flat heads, U(+-1/sqrt(m)) for projected ones;
+``"uniform"``: U(+-1/sqrt(n)) always; ``"zeros"``.
+
+:func:`attach_heads` returns :class:`Heads` (an ``nn.Module``: M as parameters, A as buffers, so
+its state_dict holds both) and one :class:`HeadStage` per unit: the unit's own forward returning
+``(*unit outputs, a_l)`` and a ``probe`` returning only a_l (dead code after the attachment point,
+e.g. the pooling, removed) for re-evaluating the local loss with perturbed parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+
+from ..errors import FBCompileError, OptionError, choices_text
+from ..trace import info
+
+ATTACH_POINTS = ("pre_pool", "output")
+HEAD_INITS = ("paper", "uniform", "zeros")
+OUTPUT_HEADS = ("model", "linear")
+POOLING = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+                     "adaptive_avg_pool2d"})
+RESHAPING = frozenset({"view", "flatten", "unflatten", "squeeze", "unsqueeze", "identity"})
+
+
+class Head(nn.Module):
+    """The class head of one unit: ``scores(features(a))``. ``weight`` (M, trainable) is None for a
+    unit scored by the model's own output; ``projection`` (A, a fixed buffer) is None for flat heads."""
+
+    def __init__(self, unit, node: fx.Node, shape: tuple, weight, projection):
+        super().__init__()
+        self.unit, self.node, self.shape = unit, node, tuple(shape)
+        self.weight = weight
+        self.register_buffer("projection", projection)
+
+    @property
+    def index(self) -> int:
+        return self.unit.index
+
+    def features(self, a: torch.Tensor) -> torch.Tensor:
+        """z: (B, n). Spatial values are projected per channel: z[b, c*d + i] = sum_s A[c, i, s] u[b, c, s]."""
+        if tuple(a.shape[1:]) != self.shape:
+            raise FBCompileError(f"the head of unit {self.index} ({self.node.name!r}) was built for values of "
+                                 f"shape (batch, {', '.join(map(str, self.shape))}) from the traced example, got "
+                                 f"{tuple(a.shape)}; compile the model with an example of the shape you train on")
+        if self.projection is None:
+            return a.reshape(a.shape[0], -1)
+        u = a.reshape(a.shape[0], self.shape[0], -1)
+        return torch.einsum("bcs,cds->bcd", u, self.projection).reshape(a.shape[0], -1)
+
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.weight is None else z @ self.weight
+
+    def extra_repr(self) -> str:
+        kind = "scored by the model output" if self.weight is None else f"M {tuple(self.weight.shape)}"
+        proj = "" if self.projection is None else f", A {tuple(self.projection.shape)}"
+        return f"unit {self.index} at {self.node.name!r}: {kind}{proj}"
+
+
+class Heads(nn.Module):
+    """All heads of a program, in unit order (iterate over it). ``state_dict()`` holds every M
+    (``units.<unit>.weight``) and A (``units.<unit>.projection``); ``parameters()`` are the M."""
+
+    def __init__(self, heads: list):
+        super().__init__()
+        self.units = nn.ModuleDict({str(head.index): head for head in heads})
+
+    def __iter__(self):
+        return iter(self.units.values())
+
+    def __len__(self):
+        return len(self.units)
+
+
+class HeadStage:
+    """A unit's forward with its head: ``module(*inputs) -> (*outputs, a)``, ``probe(*inputs) -> a``.
+    ``head`` is None for units without trainable parameters (they only run)."""
+
+    def __init__(self, stage, module, probe, head):
+        self.unit, self.inputs, self.outputs = stage.unit, stage.inputs, stage.outputs
+        self.module, self.probe, self.head = module, probe, head
+
+    def __repr__(self):
+        return f"HeadStage({self.unit.index}: {[n.name for n in self.inputs]} -> {[n.name for n in self.outputs]}, " \
+               f"{self.head})"
+
+
+def attach_heads(program, classes: int, *, d: int = 16, attach: str = "pre_pool", init: str = "paper",
+                 output_head: str = "model", seed: int = 0) -> tuple[Heads, list]:
+    """Heads for every unit with trainable parameters and the :class:`HeadStage` of every unit."""
+    _check(classes, d, attach, init, output_head)
+    device = next((p.device for p in program.params.values()), torch.device("cpu"))
+    trained = {u.index for u in program.units if any(program.params[p].requires_grad for p in u.params)}
+    model_outputs = {n for n in program.outputs if _shape(n) is not None and _shape(n)[1:] == (classes,)}
+    heads, stages = [], []
+    for stage in program.unit_forwards():
+        unit = stage.unit
+        if unit.index not in trained:
+            stages.append(HeadStage(stage, stage.module, None, None))
+            continue
+        own = [n for n in unit.outputs if n in model_outputs] if output_head == "model" else []
+        node = own[-1] if own else attachment_node(unit, attach)
+        head = _make_head(unit, node, None if own else classes, d, init, seed, device)
+        module, probe = _head_modules(stage, node)
+        heads.append(head)
+        stages.append(HeadStage(stage, module, probe, head))
+    if not heads:
+        raise FBCompileError("Mono-Forward needs at least one unit with trainable parameters; this model has none")
+    return Heads(heads), stages
+
+
+def attachment_node(unit, attach: str) -> fx.Node:
+    """The value a unit's head reads (see the module docstring)."""
+    order = {n: i for i, n in enumerate(unit.nodes)}
+    node = max(unit.outputs, key=lambda n: order.get(n, -1))
+    if attach == "output":
+        return node
+    found, members = None, set(unit.nodes)
+    while node in members and info(node).call is not None and info(node).call.spec.name in POOLING | RESHAPING:
+        sources = [src for _, _, src in info(node).call.active]
+        if len(sources) != 1:
+            break
+        if info(node).call.spec.name in POOLING:
+            found = sources[0]
+        node = sources[0]
+    return found if found is not None else max(unit.outputs, key=lambda n: order.get(n, -1))
+
+
+def _shape(node: fx.Node):
+    shape = info(node).shape
+    return tuple(shape) if shape is not None and not info(node).is_tuple else None
+
+
+def _make_head(unit, node, classes, d, init, seed, device) -> Head:
+    shape = _shape(node)
+    if shape is None or len(shape) < 2:
+        raise FBCompileError(f"unit {unit.index}: the head attachment {node.format_node()} is not a tensor with a "
+                             f"batch dimension (shape {info(node).shape}); choose another attach point")
+    rest, dtype = shape[1:], info(node).dtype
+    if classes is None:
+        return Head(unit, node, rest, None, None)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + unit.index)
+    projection, spatial = None, math.prod(rest[1:]) if len(rest) > 1 else 1
+    if len(rest) > 1 and spatial > d:
+        projection = torch.randn(rest[0], d, spatial, generator=generator, dtype=dtype) / math.sqrt(spatial)
+        features = rest[0] * d
+    else:
+        features = math.prod(rest)
+    if init == "zeros":
+        weight = torch.zeros(features, classes, dtype=dtype)
+    else:
+        bound = 1.0 / math.sqrt(classes if (init == "paper" and projection is not None) else features)
+        weight = (torch.rand(features, classes, generator=generator, dtype=dtype) * 2 - 1) * bound
+    projection = projection.to(device) if projection is not None else None
+    return Head(unit, node, rest, nn.Parameter(weight.to(device)), projection)
+
+
+def _head_modules(stage, node: fx.Node) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(unit outputs + attachment value, attachment value only) as GraphModules over the unit's inputs."""
+    made = []
+    for with_outputs in (True, False):
+        graph, values = fx.Graph(), {}
+        outputs = graph.graph_copy(stage.module.graph, values)
+        copied = next((new for old, new in values.items() if old.name == node.name), None)
+        if copied is None:
+            raise FBCompileError(f"unit {stage.unit.index}: the head attachment {node.name!r} is not computed in "
+                                 "the unit's forward")
+        graph.output((*outputs, copied) if with_outputs else copied)
+        module = fx.GraphModule(stage.module, graph, class_name=f"Unit{stage.unit.index}Head")
+        module.graph.eliminate_dead_code()
+        module.recompile()
+        made.append(module)
+    return made[0], made[1]
+
+
+def _check(classes, d, attach, init, output_head) -> None:
+    for name, value in (("classes", classes), ("d", d)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"heads: {name}={value!r} must be an int >= 1")
+    for name, value, valid in (("attach", attach, ATTACH_POINTS), ("head_init", init, HEAD_INITS),
+                               ("output_head", output_head, OUTPUT_HEADS)):
+        if value not in valid:
+            raise OptionError(f"heads: {name}={value!r} must be {choices_text(valid)}")
