@@ -1,1 +1,363 @@
-"""Direct feedback learners (issue 4): DFA, sDFA, DRTP, shallow, DDTP-linear, DDTP-RHL."""
+"""Direct feedback learners: DFA, sDFA, DRTP and shallow learning (DDTP lives in :mod:`.direct_ddtp`).
+
+Notation: unit u with output h_u (per-sample shape S_u), e = dL/dh_L for the model output h_L
+(dL/da_L for logits with softmax cross-entropy), y* the one-hot label, N the batch size, B_u the
+fixed random projection of unit u (C x prod(S_u), see :mod:`fbcompile.passes.direct`). Every
+hidden unit learns from a signal delta_u placed on its output and pulled back through its OWN
+forward only (its input is detached), so for Linear+f: dW_u = [delta_u * f'(a_u)]^T h_in::
+
+    dfa:      delta_u = e B_u
+    sdfa:     delta_u = sign(e) B_u / N
+    drtp:     delta_u = -y* B_u / N
+    shallow:  hidden units do not learn
+
+Signs are those of ``.grad`` (the optimizer subtracts it). Paper 001 writes e = y* - y_K (minus our
+e) and ascends; its DRTP rule W += eta (B^T y* * f') x^T is ``.grad = -(B^T y* * f') x^T`` here: y*
+stands in for sign(y* - y_K) = -sign(e), the output-side error sign known from the label alone.
+
+Batch scaling (``batch_scaling``, sdfa and drtp): "mean" (default) divides the sign / target
+signal by N, so hidden updates average over the batch like the gradient of a mean-reduced loss;
+"none" is paper 001's reference code, which projects sign(e) and y* as they are (hidden updates are
+summed over the batch, N times larger). DFA's e already carries the loss's own reduction.
+
+The output unit(s) learn from the loss's local gradient e (paper 001 Alg. 1, last layer), whatever
+the algorithm. Shallow learning leaves hidden parameters out of the update, so their ``.grad`` is
+never written (it stays None after ``zero_grad()``; optimizers then skip them).
+
+Execution (``execution``, drtp and shallow): "unlocked" (default) runs the units one by one with
+:meth:`FeedbackProgram.run_units`; each hidden unit computes its update right after its forward and
+its activations are freed before the next unit runs, so live memory does not grow with depth (the
+hidden signal needs only the label). "stored" runs one forward that keeps every unit's local graph
+and then one local backward per unit -- the path DFA and sDFA always take, since they need the
+output error; it never runs a backward chain through the network either. Both give the same updates.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import FBCompileError, OptionError
+from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, draw_projections, plan_direct
+from ..passes.forward import build_forward
+from ..program import flat_outputs
+from . import register_algorithm
+from .base import Learner, StepResult, _Transaction
+from .options import Option, non_negative, one_of
+
+PROJECTION_OPTIONS = {
+    "projection_init": Option("he_uniform", one_of(*PROJECTION_INITS),
+                              "B init: he_uniform U(+-sqrt(6/n)), xavier_uniform, uniform, normal"),
+    "projection_fan": Option("features", one_of(*PROJECTION_FANS),
+                             "n of he_uniform: 'features' = prod(unit output shape) (reference code), "
+                             "'signal' = output signal dimension C"),
+    "projection_scale": Option(None, lambda v: None if v is None else non_negative(v),
+                               "bound of 'uniform' / std of 'normal' (required by and only for those)"),
+}
+BATCH_SCALING = {"batch_scaling": Option("mean", one_of("mean", "none"),
+                                         "'mean': hidden sign/target signal divided by the batch size; "
+                                         "'none': paper 001's reference code (summed over the batch)")}
+EXECUTION = {"execution": Option("unlocked", one_of("unlocked", "stored"),
+                                 "'unlocked': update each unit right after its forward and free it; "
+                                 "'stored': keep one forward's activations, one local backward")}
+
+
+@dataclass
+class Signal:
+    """The per-sample output-side signal of one batch: ``dense`` (N, C), or one-hot ``labels`` (N,)
+    times ``factor``; ``output`` is the flattened, detached model output (for DDTP-RHL)."""
+    batch: int
+    dense: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    factor: float = 1.0
+    output: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+
+class DirectProjections(nn.Module):
+    """The matrices B_u (or DDTP-linear's Q_u) of a plan, stored as (C, *S_u); trainable for DDTP."""
+
+    def __init__(self, plan: DirectPlan, *, init: str, fan: str, scale: float | None, seed: int,
+                 trainable: bool = False):
+        super().__init__()
+        self.shapes = [p.shape for p in plan.projections]
+        tensors = draw_projections(plan, init=init, fan=fan, scale=1.0 if scale is None else scale, seed=seed)
+        self.weights = nn.ParameterList([nn.Parameter(t, requires_grad=trainable) for t in tensors])
+
+    def flat(self, index: int) -> torch.Tensor:
+        weight = self.weights[index]
+        return weight.reshape(weight.shape[0], -1)
+
+    def project(self, index: int, signal: Signal) -> torch.Tensor:
+        """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u."""
+        matrix = self.flat(index)
+        if signal.labels is not None:          # scale the C rows, then select one per sample
+            delta = (matrix * signal.factor if signal.factor != 1.0 else matrix).index_select(0, signal.labels)
+        else:
+            delta = signal.dense.to(matrix.dtype) @ matrix
+        return delta.reshape(signal.batch, *self.shapes[index])
+
+
+class DirectLearner(Learner):
+    """Shared machinery: the direct plan, the stored and the update-unlocked execution paths.
+
+    Subclasses define :meth:`signal` and, if the hidden signal is not ``s B_u``, :meth:`delta`;
+    those whose signal needs no output offer the ``execution`` option; ``hidden_learn = False`` is
+    shallow learning."""
+
+    hidden_learn = True
+    uses_projections = True          # C x S_u matrices (B_u, or DDTP-linear's Q_u)
+    trainable_projections = False
+    OPTIONS: dict = {}
+
+    def __init__(self, program, **options):
+        super().__init__(program, **options)
+        self.plan = plan_direct(program)
+        self.projections, self._stored_forward = None, None
+        if "projection_init" in self.OPTIONS:
+            _check_projection_scale(self.name, self.options, options)
+        if "projection_init" in self.OPTIONS and self.uses_projections:
+            o = self.options
+            self.projections = DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
+                                                 scale=o["projection_scale"], seed=o["seed"],
+                                                 trainable=self.trainable_projections)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def signal(self, errors: tuple | None, output, targets, batch: int) -> Signal | None:
+        raise NotImplementedError
+
+    def delta(self, projection, signal: Signal) -> torch.Tensor:
+        return self.projections.project(projection.index, signal)
+
+    def before_forward(self, inputs) -> bool:
+        """Runs before the stored forward; True if it already did :meth:`before_update`'s work."""
+        return False
+
+    def before_update(self, inputs, output, values: dict, signal: Signal) -> None:
+        """Runs after the stored forward, before the hidden deltas (DDTP trains its feedback here)."""
+
+    # -- the step ---------------------------------------------------------------------------------
+    def compute(self, inputs, targets, loss_fn):
+        if self.options.get("execution") == "unlocked":
+            return self._unlocked(inputs, targets, loss_fn)
+        with torch.enable_grad():
+            return self._stored(inputs, targets, loss_fn)
+
+    def trained_units(self) -> tuple:
+        return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())
+
+    def stored_forward(self):
+        """The model with every unit's input detached, returning ``(output, (), values of the
+        projected unit outputs)``; unlike ``program.local_forward()`` it keeps no feedback taps alive."""
+        if self._stored_forward is None:
+            nodes = {n.name: n for n in self.program.traced.graph.nodes}
+            self._stored_forward = build_forward(self.program.traced, [], self.program.partition, True,
+                                                 [nodes[p.node] for p in self.plan.projections])
+        return self._stored_forward
+
+    def _stored(self, inputs, targets, loss_fn):
+        """One forward keeping each unit's local graph, then one local backward per unit, through
+        that unit's own graph only (unit inputs are detached: no error crosses a unit boundary).
+        Units are visited from the output down and each graph is freed after its backward."""
+        plan = self.plan
+        prepared = self.before_forward(inputs)
+        output, _, projected = self.stored_forward()(*inputs)
+        loss, errors, updates = self._output_update(output, targets, loss_fn)
+        if self.hidden_learn and plan.projections:
+            values = dict(zip((p.node for p in plan.projections), projected))
+            del projected
+            signal = self.signal(errors, output, targets, _batch(inputs, output))
+            if not prepared:
+                self.before_update(inputs, output, {n: v.detach() for n, v in values.items()}, signal)
+            for unit in reversed(plan.hidden_units):
+                projections = plan.of_unit(unit)
+                self._unit_update(unit, [values.pop(p.node) for p in projections], projections, signal, updates)
+        return self._result(loss, output), updates
+
+    def _unit_update(self, unit: int, outputs: list, projections: list, signal: Signal, updates: dict) -> None:
+        """Add unit ``unit``'s update: its projected signals pulled back through its own graph."""
+        names = self.plan.params[unit]
+        grads = torch.autograd.grad(outputs, [self.program.params[n] for n in names],
+                                    [self.delta(p, signal) for p in projections], allow_unused=True)
+        _accumulate(updates, names, grads)
+
+    def _unlocked(self, inputs, targets, loss_fn):
+        """Units one after another; a hidden unit's update is computed inside ``visit``, right after
+        its forward, and its graph and input are released before the next unit runs."""
+        program, plan = self.program, self.plan
+        signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
+        learning = set(self.trained_units())
+        stages = program.unit_forwards()
+        needs_graph = [stage.unit.index in learning for stage in stages]
+        updates, position = {}, [0]
+
+        def visit(stage, unit_inputs, unit_outputs):
+            index = stage.unit.index
+            if self.hidden_learn and index in plan.hidden_units:
+                by_node = dict(zip((n.name for n in stage.outputs), unit_outputs))
+                projections = plan.of_unit(index)
+                self._unit_update(index, [by_node[p.node] for p in projections], projections, signal, updates)
+            position[0] += 1
+            if position[0] < len(stages):          # grad mode of the next unit's forward
+                torch.set_grad_enabled(needs_graph[position[0]])
+
+        previous = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(needs_graph[0] if stages else previous)
+            output = program.run_units(inputs, visit)
+        finally:
+            torch.set_grad_enabled(previous)
+        loss, _, output_updates = self._output_update(output, targets, loss_fn)
+        for name, update in output_updates.items():
+            _accumulate(updates, [name], [update])
+        return self._result(loss, output), updates
+
+    def _output_update(self, output, targets, loss_fn) -> tuple:
+        """(loss, e = dL/d outputs, the output units' update), from ONE backward of the loss that
+        stops at the output units' detached inputs: the output units learn from their local gradient."""
+        outs = flat_outputs(output)
+        names = [name for unit in self.plan.output_units for name in self.plan.params[unit]]
+        with torch.enable_grad():
+            loss = loss_fn(outs[0] if len(outs) == 1 else outs, targets)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise FBCompileError("loss_fn must return a scalar tensor")
+            grads = torch.autograd.grad(loss, [*outs, *(self.program.params[n] for n in names)], allow_unused=True)
+        errors = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(grads, outs))
+        updates = {}
+        _accumulate(updates, names, grads[len(outs):])
+        return loss.detach(), errors, updates
+
+    def _result(self, loss, output) -> StepResult:
+        detached = output.detach() if torch.is_tensor(output) else tuple(o.detach() for o in output)
+        return StepResult(float(loss), detached, {"execution": self.options.get("execution", "stored")})
+
+    # -- state ------------------------------------------------------------------------------------
+    def transaction(self):
+        return _SharingTransaction(self)
+
+    def unwritten_tensors(self, state: dict) -> list:
+        """Tensors of ``state`` that no step writes (fixed projections, the fresh generator state)."""
+        fixed = [] if self.projections is None or self.trainable_projections else list(state["projections"].values())
+        return [state["generator"], *fixed]
+
+    def extra_state(self) -> dict:
+        return {} if self.projections is None else {"projections": self.projections.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.projections is not None:
+            self.projections.load_state_dict(state["projections"])
+
+
+class _SharingTransaction(_Transaction):
+    """The base transaction with a cheaper snapshot: tensors no step writes are shared, the others
+    cloned (``copy.deepcopy`` of a tensor costs several times a clone; snapshots run every step)."""
+
+    def __enter__(self):
+        learner = self.learner
+        state = learner.state_dict()
+        self.state = _snapshot(state, {id(t) for t in learner.unwritten_tensors(state)})
+        self.buffers = {n: b.detach().clone() for n, b in learner.buffers.items()}
+        self.rng = torch.random.get_rng_state()
+        return self
+
+
+def _snapshot(value, shared: set):
+    if torch.is_tensor(value):
+        return value if id(value) in shared else value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _snapshot(v, shared)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v, shared) for v in value)
+    return copy.deepcopy(value)
+
+
+def _batch(inputs, output) -> int:
+    first = flat_outputs(output)[0] if output is not None else inputs[0]
+    return int(first.shape[0])
+
+
+def _accumulate(updates: dict, names, grads) -> None:
+    for name, grad in zip(names, grads):
+        if grad is not None:
+            updates[name] = grad if name not in updates else updates[name] + grad
+
+
+def flat_error(errors: tuple) -> torch.Tensor:
+    """The per-sample output error as one (N, C) matrix (several outputs concatenated)."""
+    flat = [e.reshape(e.shape[0], -1) for e in errors]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+
+def label_signal(targets, signal_dim: int, batch: int, factor: float, algorithm: str) -> Signal:
+    """y* as a signal: class indices (N,) select rows of B; one-hot or soft targets (N, C) multiply."""
+    if not torch.is_tensor(targets):
+        raise FBCompileError(f"algorithm {algorithm!r} needs class labels as a tensor, got {type(targets).__name__}")
+    if not targets.is_floating_point() and targets.dim() == 1 and len(targets) == batch:
+        if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= signal_dim):
+            raise FBCompileError(f"algorithm {algorithm!r}: labels must lie in [0, {signal_dim}) (the model's output "
+                                 f"size), got range [{int(targets.min())}, {int(targets.max())}]")
+        return Signal(batch, labels=targets, factor=factor)
+    if targets.is_floating_point() and tuple(targets.shape) == (batch, signal_dim):
+        return Signal(batch, dense=targets * factor)
+    raise FBCompileError(f"algorithm {algorithm!r} projects the one-hot target y*: give class indices of shape "
+                         f"({batch},) or one-hot targets of shape ({batch}, {signal_dim}); got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+
+
+def _check_projection_scale(algorithm: str, options: dict, given: dict) -> None:
+    init = options["projection_init"]
+    if init in ("uniform", "normal") and options["projection_scale"] is None:
+        raise OptionError(f"projection_init={init!r} of algorithm {algorithm!r} needs projection_scale "
+                          "(the bound of 'uniform' or the std of 'normal')")
+    if init not in ("uniform", "normal") and "projection_scale" in given:
+        raise OptionError(f"option 'projection_scale' of algorithm {algorithm!r} applies only to "
+                          f"projection_init='uniform' or 'normal', not {init!r}")
+    if init not in ("he_uniform",) and "projection_fan" in given:
+        raise OptionError(f"option 'projection_fan' of algorithm {algorithm!r} applies only to "
+                          f"projection_init='he_uniform', not {init!r}")
+
+
+@register_algorithm
+class DirectFeedbackAlignment(DirectLearner):
+    """DFA (Nokland 2016): delta_u = e B_u."""
+    name = "dfa"
+    OPTIONS = {**PROJECTION_OPTIONS}
+
+    def signal(self, errors, output, targets, batch):
+        return Signal(batch, dense=flat_error(errors))
+
+
+@register_algorithm
+class SignDirectFeedbackAlignment(DirectLearner):
+    """sDFA (paper 001 section 2.1): delta_u = sign(e) B_u / N (batch_scaling='mean')."""
+    name = "sdfa"
+    OPTIONS = {**PROJECTION_OPTIONS, **BATCH_SCALING}
+
+    def signal(self, errors, output, targets, batch):
+        scale = 1.0 / batch if self.options["batch_scaling"] == "mean" else 1.0
+        return Signal(batch, dense=torch.sign(flat_error(errors)) * scale)
+
+
+@register_algorithm
+class DirectRandomTargetProjection(DirectLearner):
+    """DRTP (paper 001 Alg. 1): delta_u = -y* B_u / N (batch_scaling='mean'); needs no output, so it
+    runs update-unlocked by default."""
+    name = "drtp"
+    OPTIONS = {**PROJECTION_OPTIONS, **BATCH_SCALING, **EXECUTION}
+
+    def signal(self, errors, output, targets, batch):
+        scale = 1.0 / batch if self.options["batch_scaling"] == "mean" else 1.0
+        return label_signal(targets, self.plan.signal_dim, batch, -scale, self.name)
+
+
+@register_algorithm
+class ShallowLearning(DirectLearner):
+    """Shallow learning: hidden units frozen (never written to .grad), the output unit learns."""
+    name = "shallow"
+    hidden_learn = False
+    OPTIONS = {**EXECUTION}
+
+
+from . import direct_ddtp  # noqa: E402,F401  (registers ddtp-linear and ddtp-rhl)

@@ -1,0 +1,155 @@
+"""Direct feedback vs plain autograd backprop: step time and peak tensor memory.
+
+    python examples/bench_direct.py [--rounds 40] [--skip-time] [--skip-memory]
+
+1. Step time (issue 4): DFA and DRTP relative to a plain autograd BP step (``zero_grad``,
+   ``cross_entropy(model(x), y).backward()``) on the same 784-5x256-10 tanh MLP and batch of 128,
+   all configurations interleaved (:func:`fbcompile.bench.interleaved_times`). Targets: DFA <= 0.82 x
+   BP (1.5x faster than BioTorch's DFA at 1.23 x BP) and <= 0.9; DRTP <= 0.9.
+2. Peak tensor memory of ONE step on a 784-16x512-10 tanh MLP at batch 8192, each configuration in
+   its own fresh process after one warm-up step (so ``.grad`` is allocated inside the measured step
+   in every configuration). Target: update-unlocked DRTP <= 0.35 x BP. Two ledgers are printed:
+   :func:`fbcompile.bench.peak_tensor_memory`, and the same running sum over the profiler events'
+   *self* memory (:func:`self_memory_ledger`). The events' inclusive ``cpu_memory_usage`` counts an
+   allocation once per enclosing op (aten::linear and its aten::addmm both carry it), so only the
+   self ledger ends at the step's net allocation (the new ``.grad`` tensors), which it prints as a check.
+
+Timings depend on machine load; the script prints the load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fbcompile
+from fbcompile.bench import format_ratio_table, interleaved_times, peak_tensor_memory
+from fbcompile.models import build_model
+
+TIME_TARGETS = {"dfa": "<= 0.82 (0.9)", "drtp (unlocked)": "<= 0.90"}
+MEMORY_CONFIGS = ["autograd bp", "drtp (unlocked)", "drtp (stored)", "shallow (unlocked)", "dfa"]
+
+
+def _learner_step(learner, params, x, y):
+    def run():
+        for p in params:
+            p.grad = None
+        learner.step(x, y, F.cross_entropy)
+    return run
+
+
+def step_functions(batch: int = 128) -> dict:
+    torch.manual_seed(0)
+    model = build_model("mlp", (784,), 10, width=256, depth=5)
+    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    program = fbcompile.compile(model, x)
+    params = list(model.parameters())
+
+    def autograd_bp():
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(x), y).backward()
+
+    make = lambda name, **options: _learner_step(fbcompile.learner(program, name, **options), params, x, y)
+    return {"autograd bp": autograd_bp, "dfa": make("dfa"), "sdfa": make("sdfa"),
+            "drtp (unlocked)": make("drtp"), "drtp (stored)": make("drtp", execution="stored")}
+
+
+def memory_of(config: str, depth: int = 16, width: int = 512, batch: int = 8192) -> int:
+    """Peak tensor bytes of one step of ``config`` (run this in a fresh process)."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (784,), 10, width=width, depth=depth)
+    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    params = list(model.parameters())
+    if config == "autograd bp":
+        def step():
+            for p in params:
+                p.grad = None
+            F.cross_entropy(model(x), y).backward()
+    else:
+        name, _, mode = config.partition(" (")
+        options = {"execution": mode.rstrip(")")} if mode else {}
+        step = _learner_step(fbcompile.learner(fbcompile.compile(model, x[:2]), name, **options), params, x, y)
+    step()                                     # warm-up (lazy initialisation, compiled unit programs)
+    for p in params:
+        p.grad = None
+    library = peak_tensor_memory(step)
+    for p in params:
+        p.grad = None
+    peak, net = self_memory_ledger(step)
+    return {"library": library, "self": peak, "net": net}
+
+
+def self_memory_ledger(fn) -> tuple[int, int]:
+    """(peak, final) of the running sum of the profiler events' self CPU memory, in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for event in events:
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak, running
+
+
+def memory_table(depth: int, width: int, batch: int) -> dict:
+    peaks = {}
+    for config in MEMORY_CONFIGS:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", config,
+                               "--depth", str(depth), "--width", str(width), "--batch", str(batch)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory measurement of {config!r} failed:\n{done.stderr[-2000:]}")
+        peaks[config] = json.loads(done.stdout.strip().splitlines()[-1])
+    return peaks
+
+
+def _load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the timing (default: torch's)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_of(args.memory_child, args.depth, args.width, args.batch)))
+        return
+    if not args.skip_time:
+        print(f"## Step time, 784-5x256-10 tanh MLP, batch 128 ({torch.get_num_threads()} threads; {_load()})")
+        times = interleaved_times(step_functions(), rounds=args.rounds)
+        print(format_ratio_table(times, "autograd bp", TIME_TARGETS))
+        print(f"(after: {_load()})")
+    if not args.skip_memory:
+        print(f"\n## Peak tensor memory of one step, 784-{args.depth}x{args.width}-10 tanh MLP, batch {args.batch} "
+              "(own process each)")
+        peaks = memory_table(args.depth, args.width, args.batch)
+        base = peaks["autograd bp"]
+        print(f"{'configuration':20s} {'self MiB':>9s} {'x bp':>6s} {'net MiB':>8s}   {'bench MiB':>9s} {'x bp':>6s}"
+              "  target")
+        for config, peak in peaks.items():
+            target = "<= 0.35" if config == "drtp (unlocked)" else ""
+            print(f"{config:20s} {peak['self'] / 2 ** 20:9.1f} {peak['self'] / base['self']:6.3f} "
+                  f"{peak['net'] / 2 ** 20:8.1f}   {peak['library'] / 2 ** 20:9.1f} "
+                  f"{peak['library'] / base['library']:6.3f}  {target}")
+        print("self = running sum of self memory (ends at 'net', the new .grad); bench = "
+              "fbcompile.bench.peak_tensor_memory (inclusive event memory, counts nested allocations repeatedly)")
+
+
+if __name__ == "__main__":
+    main()

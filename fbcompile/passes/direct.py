@@ -1,0 +1,145 @@
+"""Direct projections: a pass that gives every hidden unit a fixed random path from the output side.
+
+Direct feedback methods (DFA, sDFA, DRTP, DDTP) skip the layer-wise feedback chain: each hidden unit
+``u`` receives an output-side signal s (per sample a vector of the output signal dimension C: the
+error e, its sign, the one-hot target y*) through its own matrix B_u, mapped onto the unit's *full*
+output shape S_u (features for a Linear unit, channels x height x width after pooling for a conv
+unit)::
+
+    delta_u = reshape(s @ B_u, (N, *S_u)),     B_u in R^{C x prod(S_u)}, stored as (C, *S_u)
+
+and learns from delta_u through its own local backward (the unit's input is detached, so no error
+ever flows through another unit). The unit's activation derivatives enter through that local
+backward: for Linear+f, dW_u = [delta_u * f'(a_u)]^T h_in.
+
+Which units get what (:func:`plan_direct`):
+
+- *output units* (a unit producing a model output) learn from the loss's own local gradient;
+- *hidden units* (every other unit with parameters that require grad) get one projection per
+  unit output value (a unit feeding a skip connection and the next layer has one output, a unit
+  whose values leave it twice has two);
+- parameter-free units (a leading Flatten) get nothing.
+
+Initialisation of B (:func:`draw_projection`), with n chosen by ``fan``:
+
+- ``"he_uniform"`` (default): U(-sqrt(6/n), sqrt(6/n));
+- ``"xavier_uniform"``: U(-sqrt(6/(C + F)), sqrt(6/(C + F))), F = prod(S_u) (``fan`` unused);
+- ``"uniform"``: U(-scale, scale); ``"normal"``: N(0, scale^2) (``fan`` unused).
+
+``fan="features"`` (default) takes n = F = prod(S_u), the number of values the projection feeds;
+it is what paper 001's reference code gets from ``kaiming_uniform_`` on a (C, *S_u) tensor.
+``fan="signal"`` takes n = C, the input dimension of the projection. Each matrix comes from its own
+generator, seeded from (seed, projection index), so matrices are separate per unit and reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FBCompileError, OptionError, choices_text
+from ..trace import describe, info
+
+PROJECTION_INITS = ("he_uniform", "xavier_uniform", "uniform", "normal")
+PROJECTION_FANS = ("features", "signal")
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One direct projection: output signal (C) -> the value of ``node`` (per-sample shape ``shape``)."""
+    index: int
+    unit: int
+    node: str
+    shape: tuple
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def features(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class DirectPlan:
+    """Where direct signals go in a program (see the module docstring)."""
+    signal_dim: int                 # C: flattened per-sample size of all model outputs
+    output_units: tuple             # unit indices trained by their local loss gradient
+    hidden_units: tuple             # unit indices that receive direct projections
+    projections: tuple              # Projection, in unit order
+    params: dict                    # unit index -> trainable parameter qualnames
+
+    def of_unit(self, unit: int) -> list:
+        return [p for p in self.projections if p.unit == unit]
+
+
+def plan_direct(program) -> DirectPlan:
+    """The direct-projection plan of a compiled program."""
+    outputs = set(program.outputs)
+    sizes = []
+    for node in program.outputs:
+        shape = _per_sample_shape(node)
+        sizes.append(math.prod(shape))
+    output_units, hidden_units, projections, params = [], [], [], {}
+    for unit in program.units:
+        trainable = [q for q in unit.params if program.params[q].requires_grad]
+        if not trainable:
+            continue
+        params[unit.index] = trainable
+        if any(node in outputs for node in unit.nodes):
+            output_units.append(unit.index)
+            continue
+        hidden_units.append(unit.index)
+        for node in unit.outputs:
+            projections.append(Projection(len(projections), unit.index, node.name, _per_sample_shape(node),
+                                          info(node).dtype or torch.float32))
+    if not output_units:
+        raise FBCompileError("direct feedback needs a unit with parameters that produces the model output; "
+                             "this program's output is computed by parameter-free ops only")
+    return DirectPlan(sum(sizes), tuple(output_units), tuple(hidden_units), tuple(projections), params)
+
+
+def _per_sample_shape(node) -> tuple:
+    record = info(node)
+    if record.is_tuple or record.shape is None or len(record.shape) < 1:
+        raise FBCompileError(f"direct feedback needs a tensor with a batch dimension at {describe(node)}, "
+                             f"got shape {record.shape!r}")
+    return tuple(record.shape[1:])
+
+
+def check_projection_options(init: str, fan: str) -> None:
+    if init not in PROJECTION_INITS:
+        raise OptionError(f"projection_init={init!r} is unknown; use {choices_text(PROJECTION_INITS)}")
+    if fan not in PROJECTION_FANS:
+        raise OptionError(f"projection_fan={fan!r} is unknown; use {choices_text(PROJECTION_FANS)}")
+
+
+def draw_projection(rows: int, shape: tuple, *, init: str, fan: str, scale: float, generator: torch.Generator,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, *shape) matrix mapping a rows-dim signal onto values of per-sample ``shape``."""
+    from ..runtime.feedback_weights import draw
+    check_projection_options(init, fan)
+    features = math.prod(shape)
+    full = (rows, *shape)
+    like = torch.empty(0, dtype=dtype)
+    if init == "normal":
+        return draw(full, "normal", scale, generator, like)
+    if init == "he_uniform":
+        bound = math.sqrt(6.0 / (features if fan == "features" else rows))
+    elif init == "xavier_uniform":
+        bound = math.sqrt(6.0 / (features + rows))
+    else:
+        bound = scale
+    return draw(full, "uniform", bound, generator, like)
+
+
+def projection_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """The generator of projection ``index`` (``stream`` separates several matrix families)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + 7_919 * (index + 1) + 104_729 * stream) % (2 ** 63))
+
+
+def draw_projections(plan: DirectPlan, *, init: str, fan: str, scale: float, seed: int) -> list:
+    """One B_u of shape (C, *S_u) per projection of ``plan`` (in the dtype of the value it feeds),
+    each from its own seeded generator."""
+    return [draw_projection(plan.signal_dim, p.shape, init=init, fan=fan, scale=scale,
+                            generator=projection_generator(seed, p.index), dtype=p.dtype)
+            for p in plan.projections]
