@@ -3,11 +3,12 @@
     python examples/mono_forward_results.py                      # digits + MNIST-1D, MLP + CNN, 3 seeds
     python examples/mono_forward_results.py --datasets digits --archs mlp --seeds 1 --epochs digits=5
 
-Models (the same architecture for every method, as in paper 004): an MLP (2 hidden ReLU layers of
-64, then a Linear classifier) and a CNN of conv3x3-BN-ReLU-maxpool2 blocks (16, 16 channels; 1-D
-convolutions for MNIST-1D), then a Linear classifier. BP trains the classifier output end to end;
-MF and MF-DD give every unit its own head (fbcompile.passes.heads: conv units project each channel
-to d = 16 dims before pooling) and the final Linear is scored by its own output. Reported: test
+Models: an MLP (2 hidden ReLU layers of 64) and a CNN of conv3x3-BN-ReLU-maxpool2 blocks (16, 16
+channels; 1-D convolutions for MNIST-1D). BP appends a Linear classifier and trains end to end. MF
+and MF-DD give every unit its own head (fbcompile.passes.heads: conv units project each channel to
+d = 16 dims before pooling). ``--layout paper`` (default, paper 004 App. A): the MF networks are the
+blocks alone, so the last block's head is the "final" classifier; ``--layout same``: MF trains the
+very model BP trains, its final Linear scored by its own output (output_head="model"). Reported: test
 accuracy (%) as mean +- std over seeds, for MF/MF-DD with the final head ("final") and the sum of
 all heads ("cumulative"). Every method runs the same epochs and batch size with Adam; learning
 rates are flags (defaults from small sweeps on digits: 3e-3 for every model, 1e-2 for the heads).
@@ -68,11 +69,14 @@ def run(job: dict) -> dict:
     data, train_x, test_x = dataset(job["dataset"])
     torch.manual_seed(job["seed"])
     model = ARCHS[job["arch"]](data.input_shape, data.num_classes)
+    if job["method"] != "bp" and job["layout"] == "paper":
+        model = model[:-1] if job["arch"] == "mlp" else model[:-2]      # the blocks, without Flatten + classifier
     kind = torch.optim.SGD if job.get("optimizer") == "sgd" else torch.optim.Adam
     optimizer = kind(model.parameters(), lr=job["lr"])
     learner = None
     if job["method"] != "bp":
-        options = {"head_lr": job["head_lr"], "seed": job["seed"], "head_optimizer": job.get("optimizer", "adam")}
+        options = {"head_lr": job["head_lr"], "seed": job["seed"], "head_optimizer": job.get("optimizer", "adam"),
+                   "classes": data.num_classes}
         if job["method"] == "mf-dd":
             options["directions"] = job["directions"]
         learner = fbcompile.learner(fbcompile.compile(model, train_x[:8]), job["method"], **options)
@@ -103,7 +107,8 @@ def jobs(args) -> list:
     for name in args.datasets:
         for arch in args.archs:
             for seed in range(args.seeds):
-                common = {"dataset": name, "arch": arch, "seed": seed, "epochs": args.epochs[name], "batch": args.batch}
+                common = {"dataset": name, "arch": arch, "seed": seed, "epochs": args.epochs[name], "batch": args.batch,
+                          "layout": args.layout}
                 out.append({**common, "method": "bp", "lr": args.lr_bp, "head_lr": None, "directions": None})
                 out.append({**common, "method": "mf", "lr": args.lr_mf, "head_lr": args.head_lr_mf, "directions": None})
                 for p in args.directions:
@@ -171,6 +176,8 @@ def main(argv=None):
     parser.add_argument("--head-lr-mf", type=float, default=1e-2)
     parser.add_argument("--lr-dd", type=float, default=3e-3)
     parser.add_argument("--head-lr-dd", type=float, default=1e-2)
+    parser.add_argument("--layout", default="paper", choices=("paper", "same"),
+                        help="MF networks without the classifier (paper 004) or the same model as BP")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     todo = jobs(args)
@@ -181,7 +188,7 @@ def main(argv=None):
           f"{time.perf_counter() - start:.0f} s on {args.workers} worker(s) of one thread (load average before/after: "
           f"{load[0]:.1f} / {os.getloadavg()[0]:.1f}); {sum(r['cpu'] for r in results):.0f} CPU s in the runs")
     print(f"Adam: BP lr {args.lr_bp}; MF lr {args.lr_mf}, heads {args.head_lr_mf}; MF-DD lr {args.lr_dd}, heads "
-          f"{args.head_lr_dd} (update='accumulate', eps=1e-3, C_max=50,000, d=16)")
+          f"{args.head_lr_dd} (update='accumulate', eps=1e-3, C_max=50,000, d=16); layout {args.layout!r}")
     print(tables(results, args))
 
 

@@ -17,6 +17,17 @@ the user's optimizer; the heads M_l are the learner's auxiliary parameters (``pa
 trained by its own optimizer (``head_optimizer``, ``head_lr``) inside ``step``. ``predict(x,
 mode)`` scores with the last head (``"final"``) or the sum of all heads (``"cumulative"``).
 ``StepResult.loss`` is the last head's local loss; ``details["unit_losses"]`` has every unit's.
+
+    learner = fbcompile.learner(fbcompile.compile(model, x), "mf", head_lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for x, y in data:
+        optimizer.zero_grad(); learner.step(x, y, F.cross_entropy); optimizer.step()
+    model.eval(); scores = learner.predict(x_test, mode="cumulative")
+
+A model ending in a classifier (output (batch, classes)) keeps it as its last unit, scored by its own
+output (``output_head="model"``); the paper's MF networks are the blocks alone: compile those and
+pass ``classes``, and the last block's head is the final classifier. ``head_lr`` defaults to the
+paper's 1e-3; 1e-2 trained faster in examples/mono_forward_results.py.
 """
 from __future__ import annotations
 
