@@ -10,8 +10,8 @@ Models (tanh everywhere, as in papers 001 and 003):
   max-pool 2 - Linear 256 tanh - 10 (Conv2d on digits' 8x8 images, Conv1d on MNIST-1D's 40 samples).
 
 Training: Adam (default betas), batch 64, a fixed per-algorithm learning rate (``LEARNING_RATES``,
-chosen by ``--tune``: best validation accuracy over a grid, seed 0, the last 20% of the training
-split held out), cross-entropy on logits (so e = dL/dlogits, and DRTP's y* is paper 001's surrogate
+chosen by ``--tune``: best validation accuracy over ``GRID`` after the same number of epochs, seed 0,
+the last 20% of the training split held out), cross-entropy on logits (so e = dL/dlogits, and DRTP's y* is paper 001's surrogate
 for -sign(e)). DDTP variants first train their feedback alone for one epoch (paper 003 pre-trains it
 for six), then one DRL step per batch. BP is plain autograd; FA is ``fbcompile.learner(.., "fa")``.
 The table reports mean +- std over seeds of the test accuracy after the last epoch. Runs are spread
@@ -136,24 +136,25 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1 seed, a third of the epochs")
     parser.add_argument("--tune", action="store_true", help="select learning rates on a validation split")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
     args = parser.parse_args(argv)
-    algorithms = args.algorithms.split(",")
+    algorithms, datasets = args.algorithms.split(","), {d: DATASETS[d] for d in args.datasets.split(",")}
     started = time.perf_counter()
     if args.tune:
-        jobs = [(d, m, a, 0, lr, max(1, epochs // 2), True) for d, epochs in DATASETS.items() for m in MODELS
+        jobs = [(d, m, a, 0, lr, epochs, True) for d, epochs in datasets.items() for m in MODELS
                 for a in algorithms for lr in GRID]
         best = {}
         for (d, m, a, _, lr, _, _), acc, _ in run_jobs(jobs, args.workers):
             if acc > best.get((d, m, a), (-1, None))[0]:
                 best[(d, m, a)] = (acc, lr)
-        for d in DATASETS:
+        for d in datasets:
             for m in MODELS:
                 print(f'("{d}", "{m}"): ' + "{" + ", ".join(f'"{a}": {best[(d, m, a)][1]:g}' for a in algorithms) + "},")
                 print("   validation accuracy: " + ", ".join(f"{a} {100 * best[(d, m, a)][0]:.1f}" for a in algorithms))
     else:
         seeds = 1 if args.quick else args.seeds
         jobs = [(d, m, a, seed, LEARNING_RATES[(d, m)][a], epochs // 3 if args.quick else epochs)
-                for d, epochs in DATASETS.items() for m in MODELS for a in algorithms for seed in range(seeds)]
+                for d, epochs in datasets.items() for m in MODELS for a in algorithms for seed in range(seeds)]
         results, seconds = {}, {}
         for (d, m, a, *_), acc, elapsed in run_jobs(jobs, args.workers):
             results.setdefault((d, m, a), []).append(acc)

@@ -7,9 +7,9 @@ autograd backprop), never against numbers from another run.
   ``rounds`` rounds after ``warmup`` rounds, and reports the median seconds per call of each. Running
   them interleaved spreads machine noise (other processes, frequency changes) over all of them.
 - :func:`peak_tensor_memory`: one call of ``fn`` under ``torch.profiler`` with
-  ``profile_memory=True``; the events' self CPU memory (allocations positive, frees negative) are
-  summed in time order and the maximum of that running sum is the peak of live tensor memory the
-  call added. It does not depend on allocator caching or thread settings, unlike max RSS. Measure
+  ``profile_memory=True``; the events' *self* CPU memory (allocations positive, frees negative; an
+  op's total would count its children's allocations again) are summed in time order and the
+  maximum of that running sum is the peak of live tensor memory the call added. It does not depend on allocator caching or thread settings, unlike max RSS. Measure
   each configuration in its own fresh process (:func:`in_subprocess`) so nothing else is live.
 """
 from __future__ import annotations
@@ -47,10 +47,10 @@ def peak_tensor_memory(fn: Callable) -> int:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     running = peak = 0
     for event in events:
-        running += event.cpu_memory_usage
+        running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
 

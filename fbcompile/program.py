@@ -272,7 +272,8 @@ def accumulate_grads(params: dict, names: list, grads) -> None:
             continue
         param = params[name]
         if param.grad is None:
-            param.grad = grad.detach().clone()
+            fresh = grad._base is None and grad.is_contiguous() and not grad.requires_grad
+            param.grad = grad if fresh and grad is not param else grad.detach().clone()
         else:
             param.grad.add_(grad)
 

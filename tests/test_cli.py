@@ -268,7 +268,11 @@ def test_demo_quick(capsys, tmp_path):
 
 # -- real processes -----------------------------------------------------------------------------
 def test_python_dash_m_and_console_script_fail_cleanly(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fbcompile", "verify", "resnet99"], capture_output=True, text=True)
+    # cwd outside the checkout: from the repository root, `python -m` would import the source tree,
+    # which lacks fbcompile/rules when the package is installed non-editable.
+    done = subprocess.run([sys.executable, "-m", "fbcompile", "verify", "resnet99"], cwd=tmp_path,
+                          capture_output=True, text=True)
     assert done.returncode == 2 and "unknown model 'resnet99'" in done.stderr and "Traceback" not in done.stderr
-    script = subprocess.run([str(Path(sys.executable).parent / "fbcompile"), "algorithms"], capture_output=True, text=True)
+    script = subprocess.run([str(Path(sys.executable).parent / "fbcompile"), "algorithms"], cwd=tmp_path,
+                            capture_output=True, text=True)
     assert script.returncode == 0 and "drtp" in script.stdout

@@ -88,6 +88,17 @@ def test_conv_units_get_projections_to_their_full_output_shape():
     assert float(learner.projections.weights[0].abs().max()) > 0.9 * bound
 
 
+@pytest.mark.parametrize("options,bound", [
+    ({}, (6 / 16) ** 0.5), ({"projection_fan": "signal"}, (6 / 5) ** 0.5),
+    ({"projection_init": "xavier_uniform"}, (6 / (16 + 5)) ** 0.5),
+    ({"projection_init": "uniform", "projection_scale": 0.25}, 0.25)])
+def test_projection_initialisations_have_their_documented_bounds(options, bound):
+    program = fbcompile.compile(_mlp(width=16, classes=5), torch.randn(2, 12, dtype=torch.float64))
+    weight = fbcompile.learner(program, "dfa", **options).projections.weights[0]
+    assert tuple(weight.shape) == (5, 16)
+    assert 0.7 * bound < float(weight.abs().max()) <= bound
+
+
 def test_ddtp_linear_signal_is_e_q_with_the_freshly_trained_q():
     model = _mlp()
     x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 5, (6,))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import vjp, vmap
 
 from ..explain import format_table
 from ..trace import preserved_state
@@ -115,14 +114,15 @@ def _gauss_newton_updates(program, inputs, targets, loss_fn, damping: float) -> 
         for node, h in zip(program.boundary, values):
             if node.op == "placeholder" or not h.requires_grad:
                 continue
-            resume = program.resume_forward(node.name)
-            point = h.detach()
+            point = h.detach().requires_grad_(True)
+            with torch.enable_grad():    # plain autograd (BatchNorm's in-place statistics are fine)
+                out = torch.cat([o.reshape(-1) for o in program.resume_forward(node.name)(*inputs, point)])
+                basis = torch.eye(e.numel(), dtype=out.dtype, device=out.device)
+                rows = torch.autograd.grad(out, point, basis, is_grads_batched=True)[0]
             with torch.no_grad():
-                _, pullback = vjp(lambda v: torch.cat([o.reshape(-1) for o in resume(*inputs, v)]), point)
-                basis = torch.eye(e.numel(), dtype=e.dtype, device=e.device)
-                jacobian = vmap(lambda row: pullback(row)[0])(basis).reshape(e.numel(), -1)   # J_i: (n_L, n_i)
+                jacobian = rows.reshape(e.numel(), -1)                                  # J_i: (n_L, n_i)
                 gram = jacobian @ jacobian.t() + damping * torch.eye(e.numel(), dtype=e.dtype, device=e.device)
-                delta = jacobian.t() @ torch.linalg.solve(gram, e)
+                delta = jacobian.t() @ torch.linalg.solve(gram, e.to(jacobian.dtype))
             roots.append(h)
             deltas.append(delta.reshape(h.shape))
         names = [n for n, p in program.params.items() if p.requires_grad]
