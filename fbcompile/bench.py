@@ -22,17 +22,25 @@ import time
 from typing import Callable
 
 
-def interleaved_times(configurations: dict[str, Callable], *, rounds: int = 20, warmup: int = 3) -> dict:
-    """{name: median seconds per call}, configurations run interleaved in rotating order."""
+def interleaved_times(configurations: dict[str, Callable], *, rounds: int = 20, warmup: int = 3,
+                      min_sample: float = 0.05) -> dict:
+    """{name: median seconds per call}, configurations run interleaved in rotating order.
+
+    One sample of a configuration times as many consecutive calls as fill ``min_sample`` seconds
+    (counted during warm-up), so millisecond steps are not measured one timer read at a time."""
     names = list(configurations)
+    calls = {name: 1 for name in names}
     samples = {name: [] for name in names}
     for round_index in range(warmup + rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            configurations[name]()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
+            for _ in range(calls[name]):
+                configurations[name]()
+            elapsed = (time.perf_counter() - start) / calls[name]
+            if round_index < warmup:
+                calls[name] = max(1, min(1000, int(min_sample / max(elapsed, 1e-9))))
+            else:
                 samples[name].append(elapsed)
     return {name: statistics.median(values) for name, values in samples.items()}
 

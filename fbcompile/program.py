@@ -9,7 +9,7 @@ from torch import fx, nn
 from .errors import FBCompileError
 from .passes.feedback import MODES, FeedbackGraph, emit_feedback
 from .passes.forward import build_cut_forward, build_forward, build_resume_forward, build_unit_forwards
-from .trace import active_outputs, info
+from .trace import active_outputs, depends_on_parameters, info
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,13 @@ class FeedbackProgram:
         return self.forward_module(*inputs)
 
     @property
-    def n_active_inputs(self) -> int:
-        return sum(1 for n in self.boundary if n.op == "placeholder")
+    def parameter_free_boundary(self) -> frozenset:
+        """Positions in :attr:`boundary` of values computed without any parameter (the model inputs
+        and, e.g., their flattening): their feedback cannot reach a parameter."""
+        if "parameter_free" not in self._derived:
+            self._derived["parameter_free"] = frozenset(
+                i for i, n in enumerate(self.boundary) if not depends_on_parameters(n))
+        return self._derived["parameter_free"]
 
     @property
     def boundary(self) -> list:
@@ -170,8 +175,9 @@ class FeedbackProgram:
         ``output_feedback`` holds one tensor per model output (per unit output for
         "unit_target"). ``weights`` maps slot keys ``(node name, param)`` to tensors used in place
         of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight.
-        ``returns="units"`` skips the feedback into the model inputs and ``"params"`` all boundary
-        values: the graph is pruned, so that work (e.g. the first layer's input gradient) is not done."""
+        ``returns="units"`` skips the feedback into values computed without parameters (the model
+        inputs and what is computed from them alone) and ``"params"`` all boundary values: the graph
+        is pruned, so that work (e.g. the first layer's input gradient) is not done."""
         self.feedback_graph(mode)
         plan = self._plans[mode]
         args = []
@@ -191,7 +197,7 @@ class FeedbackProgram:
             return self.feedback[mode].module
         key = ("pruned", mode, returns)
         if key not in self._derived:
-            self._derived[key] = prune_outputs(self.feedback[mode], returns, self.n_active_inputs)
+            self._derived[key] = prune_outputs(self.feedback[mode], returns, self.parameter_free_boundary)
         return self._derived[key]
 
     def _plan(self, graph: FeedbackGraph) -> list:
@@ -221,15 +227,15 @@ class FeedbackProgram:
         return input_errors[0] if len(input_errors) == 1 else input_errors
 
 
-def prune_outputs(graph: FeedbackGraph, returns: str, n_inputs: int) -> fx.GraphModule:
-    """A copy of ``graph.module`` whose boundary outputs are None where not wanted
-    (``returns`` "units": the model inputs' feedback; "params": every boundary value)."""
+def prune_outputs(graph: FeedbackGraph, returns: str, parameter_free: frozenset) -> fx.GraphModule:
+    """A copy of ``graph.module`` whose boundary outputs are None where not wanted (``returns``
+    "units": the positions in ``parameter_free``; "params": every boundary value)."""
     if returns not in ("units", "params"):
         raise FBCompileError(f"returns={returns!r}; use 'all', 'units' or 'params'")
     module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
     out = next(n for n in module.graph.nodes if n.op == "output")
     values, grads = out.args[0]
-    kept = [None if (returns == "params" or i < n_inputs) else v for i, v in enumerate(values)]
+    kept = [None if (returns == "params" or i in parameter_free) else v for i, v in enumerate(values)]
     out.args = ((tuple(kept), grads),)
     module.graph.eliminate_dead_code()
     module.recompile()
@@ -266,14 +272,17 @@ def check_output_feedback(program: FeedbackProgram, output, feedback: tuple) -> 
 
 
 def accumulate_grads(params: dict, names: list, grads) -> None:
-    """Add ``grads`` into ``.grad`` of the named parameters, as autograd's backward does."""
+    """Add ``grads`` into ``.grad`` of the named parameters, as autograd's backward does: a first
+    gradient laid out like its parameter is stored as it is (callers pass tensors nothing else
+    keeps, e.g. autograd.grad results), any other is copied into the parameter's layout."""
     for name, grad in zip(names, grads):
         if grad is None:
             continue
         param = params[name]
         if param.grad is None:
-            fresh = grad._base is None and grad.is_contiguous() and not grad.requires_grad
-            param.grad = grad if fresh and grad is not param else grad.detach().clone()
+            owned = (not grad.requires_grad and grad.stride() == param.stride()
+                     and grad.untyped_storage().data_ptr() != param.untyped_storage().data_ptr())
+            param.grad = grad if owned else torch.empty_like(param).copy_(grad)
         else:
             param.grad.add_(grad)
 

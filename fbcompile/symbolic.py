@@ -56,6 +56,13 @@ class Derived:
     varsigma: Callable | None
     expressions: dict
 
+    @property
+    def varsigma_is_forward(self) -> bool:
+        """Whether varsigma is sigma itself (piecewise-linear activations such as leaky ReLU), so
+        the target can use the activation's own fused kernel."""
+        e = self.expressions
+        return "varsigma" in e and e["varsigma"].subs(y, x) == e["forward"]
+
 
 def derive(name: str, pieces: tuple, **constants) -> Derived:
     """Derive the feedback functions of the activation made of ``pieces`` (see :class:`Piece`);
@@ -123,7 +130,16 @@ def to_torch(expr: sympy.Expr, symbol: sympy.Symbol, name: str = "sympy_fn") -> 
 
     The expression is printed once as straight-line torch code and compiled, so a call costs only
     the tensor operations (this runs in every training step)."""
-    source = f"def {name}(t):\n    return {_as_tensor_code(_code(expr, symbol))}\n"
+    clamped = _clamped_form(expr, symbol)
+    if clamped is None:
+        source = f"def {name}(t):\n    return {_as_tensor_code(_code(expr, symbol))}\n"
+    else:
+        branches, offset = clamped
+        lines = [f"    t_{i} = torch.clamp(t, min={lo!r}, max={hi!r})" for i, (_, lo, hi) in enumerate(branches)]
+        terms = [_as_tensor_code(_code(b.subs(symbol, sympy.Symbol(f"t_{i}")), symbol))
+                 for i, (b, _, _) in enumerate(branches)]
+        shift = f" - {offset!r}" if offset else ""
+        source = f"def {name}(t):\n" + "\n".join(lines) + f"\n    return {' + '.join(terms)}{shift}\n"
     namespace = {"torch": torch}
     exec(compile(source, f"<fbcompile.symbolic {name}>", "exec"), namespace)
     function = namespace[name]
@@ -147,6 +163,8 @@ def _code(node, symbol) -> str:
     """Python source computing ``node`` from the tensor ``t`` with torch functions."""
     if node == symbol:
         return "t"
+    if isinstance(node, sympy.Symbol):       # a local of the generated function (see _clamped_form)
+        return node.name
     if not node.free_symbols:                 # constant subexpressions are folded (log(2), sqrt(2))
         return repr(float(node))
     if isinstance(node, sympy.Add):
@@ -173,6 +191,43 @@ def _code(node, symbol) -> str:
     if name is None:
         raise NotImplementedError(f"no torch translation for {type(node).__name__} in {node}")
     return f"torch.{name}(" + ", ".join(_as_tensor_code(_code(a, symbol)) for a in node.args) + ")"
+
+
+def _clamped_form(expr, symbol):
+    """A continuous piecewise function of threshold conditions as a sum of clamped branches.
+
+    For f = e_0 on its interval I_0, e_1 on I_1, ... split at thresholds c_0, c_1, ... (conditions
+    ``t > c`` with c decreasing, or ``t < c`` with c increasing) and continuous at every threshold,
+    f(t) = sum_i e_i(clamp(t, I_i)) - sum_{i>=1} e_i(c_{i-1}): at t in I_k, every other branch sits
+    at its end nearest I_k, and continuity makes those constants telescope to the subtracted sum.
+    This replaces torch.where (several times slower than arithmetic on CPU) and evaluates each
+    branch only inside its own interval (no inf or nan from an unselected branch). Returns
+    ``([(e_i, lo_i, hi_i)], offset)``, or None when f is not of that form."""
+    if not isinstance(expr, sympy.Piecewise) or expr.args[-1][1] is not sympy.true:
+        return None
+    thresholds, direction = [], None
+    for _, condition in expr.args[:-1]:
+        kind = type(condition)
+        if kind not in _RELATIONS or condition.lhs != symbol or condition.rhs.free_symbols:
+            return None
+        upward = kind in (sympy.StrictGreaterThan, sympy.GreaterThan)
+        if direction not in (None, upward):
+            return None
+        direction = upward
+        thresholds.append(float(condition.rhs))
+    ordered = sorted(thresholds, reverse=direction)
+    if ordered != thresholds or len(set(thresholds)) != len(thresholds):
+        return None
+    branches = [branch for branch, _ in expr.args]
+    offset = 0.0
+    for i, c in enumerate(thresholds):
+        left, right = (complex(branches[j].subs(symbol, c).evalf()) for j in (i, i + 1))
+        if not (math.isfinite(abs(left)) and abs(left - right) <= 1e-12 * max(1.0, abs(left))) or left.imag:
+            return None
+        offset += right.real
+    bounds = [None, *thresholds, None]
+    intervals = [(bounds[i + 1], bounds[i]) if direction else (bounds[i], bounds[i + 1]) for i in range(len(branches))]
+    return [(b, lo, hi) for b, (lo, hi) in zip(branches, intervals)], offset
 
 
 def _condition_code(condition, symbol) -> str:

@@ -295,6 +295,22 @@ def _attr(value, names: dict[int, str]):
     return value
 
 
+def depends_on_parameters(node: fx.Node) -> bool:
+    """Whether a forward value is computed from some model parameter (feedback into it is useless
+    for learning otherwise)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        record = info(current)
+        if record.role == "param" or (record.call is not None and record.call.params):
+            return True
+        stack.extend(current.all_input_nodes)
+    return False
+
+
 def active_outputs(gm: fx.GraphModule) -> list[fx.Node]:
     """The active tensors the model returns, flattened in order (tensor, tuple or list output)."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]

@@ -153,7 +153,10 @@ def _invertible(ctx) -> bool:
 
 # -- condition T ------------------------------------------------------------------------------
 def _varsigma(ctx, t):
-    return {"input": ctx.call(derived(ctx).varsigma, t)}
+    functions = derived(ctx)
+    if functions.varsigma_is_forward:
+        return {"input": ctx.call(_SPELLINGS[ctx.op_call.spec.name][0][0], t, **_consts(ctx))}
+    return {"input": ctx.call(functions.varsigma, t)}
 
 
 def _linearised_target(ctx, t):

@@ -38,7 +38,7 @@ def jacobians(program, node_name, x):
 
 
 def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+    return float(torch.linalg.norm(a - b).detach() / torch.linalg.norm(b).detach())
 
 
 def assert_condition(model, x, condition, nodes=None):

@@ -124,3 +124,30 @@ def test_no_sympy_solve_anywhere():
                  for path in (ROOT / folder).rglob("*.py")
                  for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def _where_reference(expr, t):
+    """Piecewise evaluated branch by branch with masks (the definition, independent of to_torch)."""
+    out, taken = torch.full_like(t, float("nan")), torch.zeros_like(t, dtype=torch.bool)
+    for branch, condition in expr.args:
+        mask = ~taken & (torch.ones_like(taken) if condition is sympy.true
+                         else torch.from_numpy(sympy.lambdify(symbolic.x, condition, "numpy")(t.numpy())))
+        value = torch.as_tensor(sympy.lambdify(symbolic.x, branch, "numpy")(t[mask].numpy()), dtype=t.dtype)
+        out[mask], taken = value, taken | mask
+    return out
+
+
+@pytest.mark.parametrize("expr, clamped", [
+    (sympy.Piecewise((symbolic.x, symbolic.x > 0), (sympy.Rational(1, 5) * symbolic.x, True)), True),
+    (sympy.Piecewise((sympy.exp(symbolic.x) - 1, symbolic.x < 0), (symbolic.x, symbolic.x < 2),
+                     (2 + (symbolic.x - 2) ** 2 / 3, True)), True),              # three branches, "<" chain
+    (sympy.Piecewise((symbolic.x + 1, symbolic.x > 0), (symbolic.x, True)), False),   # jump: torch.where
+])
+def test_piecewise_code_matches_the_definition_and_ignores_unselected_overflow(expr, clamped):
+    function = symbolic.to_torch(expr, symbolic.x, "piecewise_case")
+    assert ("torch.clamp" in function.source) is clamped and ("torch.where" in function.source) is not clamped
+    t = torch.cat([5 * torch.randn(500, dtype=torch.float64), torch.tensor([800.0, -800.0], dtype=torch.float64)])
+    expected = _where_reference(expr, t)
+    finite = torch.isfinite(expected)
+    assert torch.allclose(function(t)[finite], expected[finite], rtol=1e-13, atol=1e-13)
+    assert torch.isfinite(function(t)[finite]).all()

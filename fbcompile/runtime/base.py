@@ -109,6 +109,11 @@ class Learner:
     def transaction(self):
         return _Transaction(self)
 
+    def unwritten_tensors(self, state: dict) -> list:
+        """Tensors of ``state`` that no step writes, shared rather than copied by snapshots (the
+        generator state is a fresh copy already; subclasses add fixed random matrices)."""
+        return [state["generator"]]
+
 
 class _Transaction:
     """Snapshot learner state and model buffers; restore them if the block raises."""
@@ -117,7 +122,8 @@ class _Transaction:
         self.learner, self.always_restore = learner, always_restore
 
     def __enter__(self):
-        self.state = copy.deepcopy(self.learner.state_dict())
+        state = self.learner.state_dict()
+        self.state = _snapshot(state, {id(t) for t in self.learner.unwritten_tensors(state)})
         self.buffers = {n: b.detach().clone() for n, b in self.learner.buffers.items()}
         self.rng = torch.random.get_rng_state()
         return self
@@ -130,6 +136,18 @@ class _Transaction:
                     buffer.copy_(self.buffers[name])
             torch.random.set_rng_state(self.rng)
         return False
+
+
+def _snapshot(value, shared: set):
+    """A copy of a state dict: tensors cloned unless their id is in ``shared``, containers rebuilt,
+    anything else deep-copied (``copy.deepcopy`` of a tensor costs several times a clone)."""
+    if torch.is_tensor(value):
+        return value if id(value) in shared else value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _snapshot(v, shared)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v, shared) for v in value)
+    return copy.deepcopy(value)
 
 
 def all_finite(tensors) -> bool:

@@ -33,7 +33,6 @@ output error; it never runs a backward chain through the network either. Both gi
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +43,7 @@ from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, draw_
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
-from .base import Learner, StepResult, _Transaction
+from .base import Learner, StepResult
 from .options import Option, non_negative, one_of
 
 PROJECTION_OPTIONS = {
@@ -234,13 +233,10 @@ class DirectLearner(Learner):
         return StepResult(float(loss), detached, {"execution": self.options.get("execution", "stored")})
 
     # -- state ------------------------------------------------------------------------------------
-    def transaction(self):
-        return _SharingTransaction(self)
-
     def unwritten_tensors(self, state: dict) -> list:
         """Tensors of ``state`` that no step writes (fixed projections, the fresh generator state)."""
         fixed = [] if self.projections is None or self.trainable_projections else list(state["projections"].values())
-        return [state["generator"], *fixed]
+        return [*super().unwritten_tensors(state), *fixed]
 
     def extra_state(self) -> dict:
         return {} if self.projections is None else {"projections": self.projections.state_dict()}
@@ -248,29 +244,6 @@ class DirectLearner(Learner):
     def load_extra_state(self, state: dict) -> None:
         if self.projections is not None:
             self.projections.load_state_dict(state["projections"])
-
-
-class _SharingTransaction(_Transaction):
-    """The base transaction with a cheaper snapshot: tensors no step writes are shared, the others
-    cloned (``copy.deepcopy`` of a tensor costs several times a clone; snapshots run every step)."""
-
-    def __enter__(self):
-        learner = self.learner
-        state = learner.state_dict()
-        self.state = _snapshot(state, {id(t) for t in learner.unwritten_tensors(state)})
-        self.buffers = {n: b.detach().clone() for n, b in learner.buffers.items()}
-        self.rng = torch.random.get_rng_state()
-        return self
-
-
-def _snapshot(value, shared: set):
-    if torch.is_tensor(value):
-        return value if id(value) in shared else value.detach().clone()
-    if isinstance(value, dict):
-        return type(value)((k, _snapshot(v, shared)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_snapshot(v, shared) for v in value)
-    return copy.deepcopy(value)
 
 
 def _batch(inputs, output) -> int:

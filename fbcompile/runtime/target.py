@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import NonFiniteError, OptionError, choices_text
+from ..program import flat_outputs
+from ..trace import depends_on_parameters
 from .base import Learner, StepResult, all_finite, output_error
 from .feedback_weights import INITS, FeedbackWeights
 from .options import Option, boolean, non_negative, one_of, positive, positive_int
@@ -94,7 +96,7 @@ class TargetPropagation(Learner):
                 fed = [-beta * e for e in errors]
                 feedback = program.run_feedback(self.difference_mode, fed, taps, self.weights(), returns="units")[0]
             else:
-                fed = [o.detach() - beta * e for o, e in zip(program_outputs(output), errors)]
+                fed = [o.detach() - beta * e for o, e in zip(flat_outputs(output), errors)]
                 feedback = program.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
         if not all_finite(feedback):
             bad = [n.name for n, f in zip(program.boundary, feedback) if f is not None and not torch.isfinite(f).all()]
@@ -104,13 +106,13 @@ class TargetPropagation(Learner):
             if f is None or node.op == "placeholder" or not h.requires_grad:
                 continue
             roots.append(h)
-            deltas[node.name] = -f / beta if self.difference else (h.detach() - f) / beta
+            deltas[node.name] = f * (-1.0 / beta) if self.difference else (h.detach() - f) / beta
         names = [n for n, p in program.params.items() if p.requires_grad]
         grads = torch.autograd.grad(roots, [program.params[n] for n in names], list(deltas.values()),
                                     allow_unused=True)
+        updates = {n: g for n, g in zip(names, grads) if g is not None}
         self.last["deltas"] = deltas
-        return StepResult(float(loss), output.detach() if torch.is_tensor(output) else output), \
-            {n: g for n, g in zip(names, grads) if g is not None}
+        return StepResult(float(loss), output.detach() if torch.is_tensor(output) else output), updates
 
     # -- learned feedback -------------------------------------------------------------------------
     def trained_units(self) -> set:
@@ -119,7 +121,7 @@ class TargetPropagation(Learner):
         units = set()
         for unit in self.program.units:
             has_weights = any(self.program.partition.unit_of.get(n) is unit for n in self._slot_nodes())
-            reads_hidden = any(_depends_on_parameters(src) for src in unit.inputs)
+            reads_hidden = any(depends_on_parameters(src) for src in unit.inputs)
             if has_weights and (reads_hidden or self.options["input_feedback"]):
                 units.add(unit.index)
         return units
@@ -158,7 +160,7 @@ class TargetPropagation(Learner):
                 continue
             params = [p for p in self.feedback.of_units({unit.index}) if p.requires_grad]
             for source in unit.inputs:
-                if not _depends_on_parameters(source) and not self.options["input_feedback"]:
+                if not depends_on_parameters(source) and not self.options["input_feedback"]:
                     continue
                 loss = difference_reconstruction(self.program, inputs, taps, values, weights, source, sigma,
                                                  self.generator, self.difference_mode)
@@ -193,26 +195,6 @@ class DifferenceTargetPropagation(TargetPropagation):
     @property
     def difference_mode(self) -> str:
         return "difference" if self.options["correction"] == "op" else "unit_difference"
-
-
-def _depends_on_parameters(node) -> bool:
-    """Whether a forward value is computed from some model parameter."""
-    from ..trace import info
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        record = info(current)
-        if record.role == "param" or (record.call is not None and record.call.params):
-            return True
-        stack.extend(current.all_input_nodes)
-    return False
-
-
-def program_outputs(output) -> tuple:
-    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
 
 
 def _refuse_inapplicable(algorithm: str, source: str, given: dict) -> None:
