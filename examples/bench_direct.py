@@ -8,27 +8,22 @@
    BP (1.5x faster than BioTorch's DFA at 1.23 x BP) and <= 0.9; DRTP <= 0.9.
 2. Peak tensor memory of ONE step on a 784-16x512-10 tanh MLP at batch 8192, each configuration in
    its own fresh process after one warm-up step (so ``.grad`` is allocated inside the measured step
-   in every configuration). Target: update-unlocked DRTP <= 0.35 x BP. Two ledgers are printed:
-   :func:`fbcompile.bench.peak_tensor_memory`, and the same running sum over the profiler events'
-   *self* memory (:func:`self_memory_ledger`). The events' inclusive ``cpu_memory_usage`` counts an
-   allocation once per enclosing op (aten::linear and its aten::addmm both carry it), so only the
-   self ledger ends at the step's net allocation (the new ``.grad`` tensors), which it prints as a check.
+   in every configuration): :func:`fbcompile.bench.memory_ledger`, the running sum of the profiler
+   events' self CPU memory in time order; its maximum is the peak and its final value the step's net
+   allocation (the new ``.grad`` tensors), printed as a check. Target: update-unlocked DRTP <= 0.35 x BP.
 
 Timings depend on machine load; the script prints the load average before and after.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import fbcompile
-from fbcompile.bench import format_ratio_table, interleaved_times, peak_tensor_memory
+from fbcompile.bench import format_ratio_table, in_subprocess, interleaved_times, memory_ledger
 from fbcompile.models import build_model
 
 TIME_TARGETS = {"dfa": "<= 0.82 (0.9)", "drtp (unlocked)": "<= 0.90"}
@@ -60,7 +55,7 @@ def step_functions(batch: int = 128) -> dict:
             "drtp (unlocked)": make("drtp"), "drtp (stored)": make("drtp", execution="stored")}
 
 
-def memory_of(config: str, depth: int = 16, width: int = 512, batch: int = 8192) -> int:
+def memory_of(config: str, depth: int = 16, width: int = 512, batch: int = 8192) -> dict:
     """Peak tensor bytes of one step of ``config`` (run this in a fresh process)."""
     torch.manual_seed(0)
     model = build_model("mlp", (784,), 10, width=width, depth=depth)
@@ -78,36 +73,14 @@ def memory_of(config: str, depth: int = 16, width: int = 512, batch: int = 8192)
     step()                                     # warm-up (lazy initialisation, compiled unit programs)
     for p in params:
         p.grad = None
-    library = peak_tensor_memory(step)
-    for p in params:
-        p.grad = None
-    peak, net = self_memory_ledger(step)
-    return {"library": library, "self": peak, "net": net}
-
-
-def self_memory_ledger(fn) -> tuple[int, int]:
-    """(peak, final) of the running sum of the profiler events' self CPU memory, in time order."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    running = peak = 0
-    for event in events:
-        running += event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak, running
+    peak, net = memory_ledger(step)
+    return {"peak": peak, "net": net}
 
 
 def memory_table(depth: int, width: int, batch: int) -> dict:
-    peaks = {}
-    for config in MEMORY_CONFIGS:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", config,
-                               "--depth", str(depth), "--width", str(width), "--batch", str(batch)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory measurement of {config!r} failed:\n{done.stderr[-2000:]}")
-        peaks[config] = json.loads(done.stdout.strip().splitlines()[-1])
-    return peaks
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    return {config: in_subprocess("bench_direct", "memory_of", config, depth, width, batch) for config in MEMORY_CONFIGS}
 
 
 def _load() -> str:
@@ -123,13 +96,9 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the timing (default: torch's)")
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_child:
-        print(json.dumps(memory_of(args.memory_child, args.depth, args.width, args.batch)))
-        return
     if not args.skip_time:
         print(f"## Step time, 784-5x256-10 tanh MLP, batch 128 ({torch.get_num_threads()} threads; {_load()})")
         times = interleaved_times(step_functions(), rounds=args.rounds)
@@ -140,15 +109,12 @@ def main(argv=None):
               "(own process each)")
         peaks = memory_table(args.depth, args.width, args.batch)
         base = peaks["autograd bp"]
-        print(f"{'configuration':20s} {'self MiB':>9s} {'x bp':>6s} {'net MiB':>8s}   {'bench MiB':>9s} {'x bp':>6s}"
-              "  target")
+        print(f"{'configuration':20s} {'peak MiB':>9s} {'x bp':>6s} {'net MiB':>8s}  target")
         for config, peak in peaks.items():
             target = "<= 0.35" if config == "drtp (unlocked)" else ""
-            print(f"{config:20s} {peak['self'] / 2 ** 20:9.1f} {peak['self'] / base['self']:6.3f} "
-                  f"{peak['net'] / 2 ** 20:8.1f}   {peak['library'] / 2 ** 20:9.1f} "
-                  f"{peak['library'] / base['library']:6.3f}  {target}")
-        print("self = running sum of self memory (ends at 'net', the new .grad); bench = "
-              "fbcompile.bench.peak_tensor_memory (inclusive event memory, counts nested allocations repeatedly)")
+            print(f"{config:20s} {peak['peak'] / 2 ** 20:9.1f} {peak['peak'] / base['peak']:6.3f} "
+                  f"{peak['net'] / 2 ** 20:8.1f}  {target}")
+        print("peak = maximum of the running sum of self memory; net = its final value (the new .grad)")
 
 
 if __name__ == "__main__":

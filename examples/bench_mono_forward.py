@@ -9,12 +9,10 @@
    one thread, configurations interleaved).
 2. Peak tensor memory of one "mf" step vs one BP step (autograd forward + backward) on a 16-layer
    width-512 ReLU MLP at batch 8192 (input 784, 10 classes), each in its own fresh process. Target
-   (issue 5): MF <= 0.4 x BP. The measurement is torch.profiler with profile_memory=True: the running
-   sum, in time order, of every event's *self* CPU memory (allocations +, frees -), its maximum. Also
-   printed: fbcompile.bench.peak_tensor_memory, which sums the events' inclusive ``cpu_memory_usage``
-   and so counts an allocation once per enclosing op (aten::linear and its aten::addmm), overstating
-   every peak. Both are measured on the second step of a fresh learner, with ``.grad`` cleared before
-   it, so the new gradients count and no earlier ones are freed inside the window.
+   (issue 5): MF <= 0.4 x BP. The measurement is fbcompile.bench.peak_tensor_memory (torch.profiler
+   with profile_memory=True: the running sum, in time order, of every event's self CPU memory,
+   allocations + and frees -, its maximum), on the second step of a fresh learner with ``.grad``
+   cleared before it, so the new gradients count and no earlier ones are freed inside the window.
 """
 from __future__ import annotations
 
@@ -72,20 +70,7 @@ def cost_table(rounds: int) -> str:
 
 
 # -- 2. peak memory -------------------------------------------------------------------------------------
-def peak_self_memory(fn) -> int:
-    """Peak of the running sum of the profiler events' self CPU memory, in time order (bytes)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    running = peak = 0
-    for event in events:
-        running += event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
-
-
-def measure_memory(method: str) -> dict:
+def measure_memory(method: str) -> int:
     """Run in a fresh process: peak tensor bytes of one ``method`` step ("bp" or "mf")."""
     case = MEMORY_CASE
     torch.manual_seed(0)
@@ -100,11 +85,8 @@ def measure_memory(method: str) -> dict:
         def step():
             learner.step(x, y, F.cross_entropy)
     step()                                  # lazy state (optimizer moments) exists before the measurement
-    result = {}
-    for key, measure in (("self", peak_self_memory), ("bench", peak_tensor_memory)):
-        model.zero_grad(set_to_none=True)
-        result[key] = measure(step)
-    return result
+    model.zero_grad(set_to_none=True)
+    return peak_tensor_memory(step)
 
 
 def memory_table() -> str:
@@ -114,11 +96,8 @@ def memory_table() -> str:
     case = MEMORY_CASE
     lines = [f"Peak tensor memory of one step, MLP {case['inputs']}-{case['depth']}x{case['width']}-10 ReLU, "
              f"batch {case['batch']} (each in its own process)", "",
-             "| measurement | BP (MiB) | MF (MiB) | MF / BP | target |", "|---|---|---|---|---|"]
-    for key, title in (("self", "profiler, running sum of self CPU memory"),
-                       ("bench", "fbcompile.bench.peak_tensor_memory (inclusive sums)")):
-        bp, mf = peaks["bp"][key], peaks["mf"][key]
-        lines.append(f"| {title} | {bp / 2**20:.1f} | {mf / 2**20:.1f} | {mf / bp:.3f} | <= 0.4 |")
+             "| BP (MiB) | MF (MiB) | MF / BP | target |", "|---|---|---|---|",
+             f"| {peaks['bp'] / 2**20:.1f} | {peaks['mf'] / 2**20:.1f} | {peaks['mf'] / peaks['bp']:.3f} | <= 0.4 |"]
     return "\n".join(lines)
 
 

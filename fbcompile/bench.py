@@ -49,9 +49,10 @@ def ratios(times: dict, baseline: str) -> dict:
     return {name: t / times[baseline] for name, t in times.items()}
 
 
-def peak_tensor_memory(fn: Callable) -> int:
-    """Peak bytes of tensor memory live during one call of ``fn`` (running sum of the profiler's
-    self CPU memory events in time order; see the module docstring)."""
+def memory_ledger(fn: Callable) -> tuple[int, int]:
+    """(peak, net) bytes of tensor memory during one call of ``fn``: the running sum of the
+    profiler's self CPU memory events in time order, its maximum and its final value (what the
+    call left allocated, e.g. new ``.grad`` tensors); see the module docstring."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -60,7 +61,12 @@ def peak_tensor_memory(fn: Callable) -> int:
     for event in events:
         running += event.self_cpu_memory_usage
         peak = max(peak, running)
-    return peak
+    return peak, running
+
+
+def peak_tensor_memory(fn: Callable) -> int:
+    """Peak bytes of tensor memory live during one call of ``fn`` (:func:`memory_ledger`)."""
+    return memory_ledger(fn)[0]
 
 
 def in_subprocess(module: str, function: str, *args) -> object:

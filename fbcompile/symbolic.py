@@ -135,7 +135,7 @@ def to_torch(expr: sympy.Expr, symbol: sympy.Symbol, name: str = "sympy_fn") -> 
         source = f"def {name}(t):\n    return {_as_tensor_code(_code(expr, symbol))}\n"
     else:
         branches, offset = clamped
-        lines = [f"    t_{i} = torch.clamp(t, min={lo!r}, max={hi!r})" for i, (_, lo, hi) in enumerate(branches)]
+        lines = [line for i, (_, lo, hi) in enumerate(branches) for line in _clamp_lines(f"t_{i}", lo, hi)]
         terms = [_as_tensor_code(_code(b.subs(symbol, sympy.Symbol(f"t_{i}")), symbol))
                  for i, (b, _, _) in enumerate(branches)]
         shift = f" - {offset!r}" if offset else ""
@@ -202,10 +202,11 @@ def _clamped_form(expr, symbol):
     at its end nearest I_k, and continuity makes those constants telescope to the subtracted sum.
     This replaces torch.where (several times slower than arithmetic on CPU) and evaluates each
     branch only inside its own interval (no inf or nan from an unselected branch). Returns
-    ``([(e_i, lo_i, hi_i)], offset)``, or None when f is not of that form."""
+    ``([(e_i, (lo_i, owns_lo), (hi_i, owns_hi))], offset)``, or None when f is not of that form;
+    ``owns`` says whether t = bound belongs to the branch (its derivative is taken there)."""
     if not isinstance(expr, sympy.Piecewise) or expr.args[-1][1] is not sympy.true:
         return None
-    thresholds, direction = [], None
+    thresholds, strict, direction = [], [], None
     for _, condition in expr.args[:-1]:
         kind = type(condition)
         if kind not in _RELATIONS or condition.lhs != symbol or condition.rhs.free_symbols:
@@ -215,6 +216,7 @@ def _clamped_form(expr, symbol):
             return None
         direction = upward
         thresholds.append(float(condition.rhs))
+        strict.append(kind in (sympy.StrictGreaterThan, sympy.StrictLessThan))
     ordered = sorted(thresholds, reverse=direction)
     if ordered != thresholds or len(set(thresholds)) != len(thresholds):
         return None
@@ -225,9 +227,31 @@ def _clamped_form(expr, symbol):
         if not (math.isfinite(abs(left)) and abs(left - right) <= 1e-12 * max(1.0, abs(left))) or left.imag:
             return None
         offset += right.real
-    bounds = [None, *thresholds, None]
-    intervals = [(bounds[i + 1], bounds[i]) if direction else (bounds[i], bounds[i + 1]) for i in range(len(branches))]
-    return [(b, lo, hi) for b, (lo, hi) in zip(branches, intervals)], offset
+    owner = [i + 1 if s else i for i, s in enumerate(strict)]     # the branch that owns t = c_i
+    result = []
+    for i, branch in enumerate(branches):
+        near, far = (i, i - 1) if direction else (i - 1, i)          # thresholds below / above I_i
+        lo = (thresholds[near], owner[near] == i) if 0 <= near < len(thresholds) else None
+        hi = (thresholds[far], owner[far] == i) if 0 <= far < len(thresholds) else None
+        result.append((branch, lo, hi))
+    return result, offset
+
+
+def _clamp_lines(name: str, lo, hi) -> list:
+    """Statements clamping ``t`` into [lo, hi] as ``name``, built from relu so that at t = bound
+    the derivative is 1 where the branch owns the bound and 0 where it does not (torch.clamp
+    passes the gradient on both sides of a tie, which would count a kink twice)."""
+    lines, value = [], "t"
+    if lo is not None:
+        bound, owned = lo
+        lines.append(f"    {name} = {value} + torch.relu({bound!r} - {value})" if owned
+                     else f"    {name} = {bound!r} + torch.relu({value} - {bound!r})")
+        value = name
+    if hi is not None:
+        bound, owned = hi
+        lines.append(f"    {name} = {value} - torch.relu({value} - {bound!r})" if owned
+                     else f"    {name} = {bound!r} - torch.relu({bound!r} - {value})")
+    return lines
 
 
 def _condition_code(condition, symbol) -> str:

@@ -129,6 +129,8 @@ def test_no_sympy_solve_anywhere():
 def _where_reference(expr, t):
     """Piecewise evaluated branch by branch with masks (the definition, independent of to_torch)."""
     out, taken = torch.full_like(t, float("nan")), torch.zeros_like(t, dtype=torch.bool)
+    if not isinstance(expr, sympy.Piecewise):
+        return out.copy_(torch.as_tensor(sympy.lambdify(symbolic.x, expr, "numpy")(t.numpy()), dtype=t.dtype))
     for branch, condition in expr.args:
         mask = ~taken & (torch.ones_like(taken) if condition is sympy.true
                          else torch.from_numpy(sympy.lambdify(symbolic.x, condition, "numpy")(t.numpy())))
@@ -145,9 +147,14 @@ def _where_reference(expr, t):
 ])
 def test_piecewise_code_matches_the_definition_and_ignores_unselected_overflow(expr, clamped):
     function = symbolic.to_torch(expr, symbolic.x, "piecewise_case")
-    assert ("torch.clamp" in function.source) is clamped and ("torch.where" in function.source) is not clamped
-    t = torch.cat([5 * torch.randn(500, dtype=torch.float64), torch.tensor([800.0, -800.0], dtype=torch.float64)])
-    expected = _where_reference(expr, t)
+    assert ("torch.where" in function.source) is not clamped
+    ties = torch.tensor([0.0, 2.0], dtype=torch.float64)      # the thresholds: one-sided derivatives
+    t = torch.cat([5 * torch.randn(500, dtype=torch.float64), ties,
+                   torch.tensor([800.0, -800.0], dtype=torch.float64)]).requires_grad_(True)
+    expected = _where_reference(expr, t.detach())
     finite = torch.isfinite(expected)
-    assert torch.allclose(function(t)[finite], expected[finite], rtol=1e-13, atol=1e-13)
-    assert torch.isfinite(function(t)[finite]).all()
+    value = function(t)
+    assert torch.allclose(value[finite], expected[finite], rtol=1e-13, atol=1e-13)
+    (slope,) = torch.autograd.grad(value[finite].sum(), t)
+    expected_slope = _where_reference(sympy.diff(expr, symbolic.x), t.detach())
+    assert torch.allclose(slope[finite], expected_slope[finite], rtol=1e-12, atol=1e-12)
