@@ -23,56 +23,38 @@ import torch
 import torch.nn.functional as F
 
 import fbcompile
-from fbcompile.bench import format_ratio_table, in_subprocess, interleaved_times, memory_ledger
+from fbcompile.bench import (autograd_step, format_ratio_table, in_subprocess, interleaved_times, learner_step,
+                             memory_ledger)
 from fbcompile.models import build_model
 
 TIME_TARGETS = {"dfa": "<= 0.82 (0.9)", "drtp (unlocked)": "<= 0.90"}
 MEMORY_CONFIGS = ["autograd bp", "drtp (unlocked)", "drtp (stored)", "shallow (unlocked)", "dfa"]
 
 
-def _learner_step(learner, params, x, y):
-    def run():
-        for p in params:
-            p.grad = None
-        learner.step(x, y, F.cross_entropy)
-    return run
+def _config_step(config: str, model, x, y):
+    """The step of ``config``: "autograd bp", or an algorithm name with an optional " (execution)"."""
+    if config == "autograd bp":
+        return autograd_step(model, x, y, F.cross_entropy)
+    name, _, mode = config.partition(" (")
+    options = {"execution": mode.rstrip(")")} if mode else {}
+    return learner_step(fbcompile.learner(fbcompile.compile(model, x[:2]), name, **options), x, y, F.cross_entropy)
 
 
 def step_functions(batch: int = 128) -> dict:
     torch.manual_seed(0)
     model = build_model("mlp", (784,), 10, width=256, depth=5)
     x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
-    program = fbcompile.compile(model, x)
-    params = list(model.parameters())
-
-    def autograd_bp():
-        for p in params:
-            p.grad = None
-        F.cross_entropy(model(x), y).backward()
-
-    make = lambda name, **options: _learner_step(fbcompile.learner(program, name, **options), params, x, y)
-    return {"autograd bp": autograd_bp, "dfa": make("dfa"), "sdfa": make("sdfa"),
-            "drtp (unlocked)": make("drtp"), "drtp (stored)": make("drtp", execution="stored")}
+    return {c: _config_step(c, model, x, y) for c in ["autograd bp", "dfa", "sdfa", "drtp (unlocked)", "drtp (stored)"]}
 
 
 def memory_of(config: str, depth: int = 16, width: int = 512, batch: int = 8192) -> dict:
-    """Peak tensor bytes of one step of ``config`` (run this in a fresh process)."""
+    """Peak and net tensor bytes of one step of ``config`` (run this in a fresh process)."""
     torch.manual_seed(0)
     model = build_model("mlp", (784,), 10, width=width, depth=depth)
     x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
-    params = list(model.parameters())
-    if config == "autograd bp":
-        def step():
-            for p in params:
-                p.grad = None
-            F.cross_entropy(model(x), y).backward()
-    else:
-        name, _, mode = config.partition(" (")
-        options = {"execution": mode.rstrip(")")} if mode else {}
-        step = _learner_step(fbcompile.learner(fbcompile.compile(model, x[:2]), name, **options), params, x, y)
+    step = _config_step(config, model, x, y)
     step()                                     # warm-up (lazy initialisation, compiled unit programs)
-    for p in params:
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     peak, net = memory_ledger(step)
     return {"peak": peak, "net": net}
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fbcompile
-from fbcompile.bench import in_subprocess, interleaved_times, peak_tensor_memory
+from fbcompile.bench import autograd_step, in_subprocess, interleaved_times, learner_step, peak_tensor_memory
 from fbcompile.models import build_model
 
 MEMORY_CASE = {"width": 512, "depth": 16, "batch": 8192, "inputs": 784}
@@ -37,21 +37,8 @@ def cost_table(rounds: int) -> str:
     model = build_model("mlp", (784,), 10, width=256, depth=2, act="relu")
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     program = fbcompile.compile(model, x[:8])
-    params = list(model.parameters())
-
-    def step_of(learner):
-        def run():
-            for p in params:
-                p.grad = None
-            learner.step(x, y, F.cross_entropy)
-        return run
-
-    def autograd_bp():
-        for p in params:
-            p.grad = None
-        F.cross_entropy(model(x), y).backward()
-
-    configurations, passes, chunks = {"autograd bp": autograd_bp,
+    step_of = lambda learner: learner_step(learner, x, y, F.cross_entropy)
+    configurations, passes, chunks = {"autograd bp": autograd_step(model, x, y, F.cross_entropy),
                                       "mf": step_of(fbcompile.learner(program, "mf"))}, {}, {}
     for size in (50_000, 20_000, 5_000):
         for p in (1, 2, 4, 8):
@@ -76,14 +63,8 @@ def measure_memory(method: str) -> int:
     torch.manual_seed(0)
     model = build_model("mlp", (case["inputs"],), 10, width=case["width"], depth=case["depth"], act="relu")
     x, y = torch.randn(case["batch"], case["inputs"]), torch.randint(0, 10, (case["batch"],))
-    if method == "bp":
-        def step():
-            F.cross_entropy(model(x), y).backward()
-    else:
-        learner = fbcompile.learner(fbcompile.compile(model, x[:8]), method)
-
-        def step():
-            learner.step(x, y, F.cross_entropy)
+    step = (autograd_step(model, x, y, F.cross_entropy) if method == "bp" else
+            learner_step(fbcompile.learner(fbcompile.compile(model, x[:8]), method), x, y, F.cross_entropy))
     step()                                  # lazy state (optimizer moments) exists before the measurement
     model.zero_grad(set_to_none=True)
     return peak_tensor_memory(step)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fbcompile
-from fbcompile.bench import format_ratio_table, interleaved_times
+from fbcompile.bench import autograd_step, format_ratio_table, interleaved_times, learner_step
 from fbcompile.models import build_model
 
 CASES = {  # key: (model, input shape, options, description)
@@ -29,25 +29,12 @@ def step_functions(name, shape, options, batch):
     model = build_model(name, shape, 10, **options)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     program = fbcompile.compile(model, x)
-    params = list(model.parameters())
-
-    def autograd_bp():
-        for p in params:
-            p.grad = None
-        F.cross_entropy(model(x), y).backward()
-
-    def learner_step(learner):
-        def run():
-            for p in params:
-                p.grad = None
-            learner.step(x, y, F.cross_entropy)
-        return run
-
+    step = lambda learner: learner_step(learner, x, y, F.cross_entropy)
     return {
-        "autograd bp": autograd_bp,
-        "compiled bp": learner_step(fbcompile.learner(program, "bp")),
-        "dtp analytic": learner_step(fbcompile.learner(program, "dtp", beta=0.1)),
-        "dtp ldrl (20 fb steps)": learner_step(fbcompile.learner(program, "dtp", feedback="ldrl", feedback_steps=20)),
+        "autograd bp": autograd_step(model, x, y, F.cross_entropy),
+        "compiled bp": step(fbcompile.learner(program, "bp")),
+        "dtp analytic": step(fbcompile.learner(program, "dtp", beta=0.1)),
+        "dtp ldrl (20 fb steps)": step(fbcompile.learner(program, "dtp", feedback="ldrl", feedback_steps=20)),
     }
 
 

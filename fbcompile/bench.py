@@ -49,6 +49,28 @@ def ratios(times: dict, baseline: str) -> dict:
     return {name: t / times[baseline] for name, t in times.items()}
 
 
+def autograd_step(model, x, y, loss_fn) -> Callable:
+    """The baseline: one plain autograd backprop step (``.grad`` cleared, forward, backward)."""
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss_fn(model(x), y).backward()
+    return step
+
+
+def learner_step(learner, x, y, loss_fn) -> Callable:
+    """One ``learner.step`` with the model's ``.grad`` cleared first, as :func:`autograd_step`."""
+    params = list(learner.model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        learner.step(x, y, loss_fn)
+    return step
+
+
 def memory_ledger(fn: Callable) -> tuple[int, int]:
     """(peak, net) bytes of tensor memory during one call of ``fn``: the running sum of the
     profiler's self CPU memory events in time order, its maximum and its final value (what the

@@ -7,7 +7,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FBCompileError
-from .passes.feedback import MODES, FeedbackGraph, emit_feedback
+from .passes.feedback import FeedbackGraph, emit_feedback
 from .passes.forward import build_cut_forward, build_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
 
@@ -131,12 +131,15 @@ class FeedbackProgram:
             self._derived["units"] = build_unit_forwards(self.traced, self.partition)
         return self._derived["units"]
 
-    def run_units(self, inputs: tuple, visit, *, detach: bool = True):
+    def run_units(self, inputs: tuple, visit, *, detach: bool = True, stages: list | None = None,
+                  execute=None):
         """Update-unlocked execution: run the units one after another; after each, call
         ``visit(stage, unit_inputs, unit_outputs)`` (e.g. to compute and store its update at once),
         then drop every value no later unit reads, so live activations do not grow with depth.
-        Unit inputs are detached when ``detach``. Returns the model output."""
-        stages = self.unit_forwards()
+        Unit inputs are detached when ``detach``. ``stages`` (default :meth:`unit_forwards`) may be
+        stages carrying more than the unit (e.g. Mono-Forward's heads) and ``execute(stage, values)``
+        replaces ``stage.module(*values)``. Returns the model output."""
+        stages = self.unit_forwards() if stages is None else stages
         env = dict(zip(self.inputs, inputs))
         remaining = {}
         for stage in stages:
@@ -148,7 +151,7 @@ class FeedbackProgram:
             values = [env[src] for src in stage.inputs]
             if detach:
                 values = [v.detach() if torch.is_tensor(v) else v for v in values]
-            outputs = stage.module(*values)
+            outputs = stage.module(*values) if execute is None else execute(stage, values)
             env.update(zip(stage.outputs, outputs))
             visit(stage, values, outputs)
             del values, outputs

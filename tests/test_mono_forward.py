@@ -9,9 +9,10 @@ from torch import nn
 
 import fbcompile
 from fbcompile.data import batches, load_dataset
-from fbcompile.errors import FBCompileError, NonFiniteError, OptionError
+from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.runtime.diagnostics import angle
 from fbcompile.runtime.mono_directional import central_difference, directional_gradient, row_chunks, unit_chunks
+from helpers import snapshot, same, assert_failed_step_changes_nothing
 
 
 @pytest.fixture(autouse=True)
@@ -39,20 +40,8 @@ def _mlp(inputs=64, width=32, depth=2, classes=10):
     return nn.Sequential(*layers, nn.Linear(n, classes))
 
 
-def _state(model, learner):
-    return ({n: p.detach().clone() for n, p in model.named_parameters()},
-            {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()}, copy.deepcopy(learner.state_dict()))
 
 
-def _same(a, b):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    return a == b
 
 
 DD_MODES = [("mf", {}), ("mf-dd", {}), ("mf-dd", {"update": "immediate"})]
@@ -309,13 +298,9 @@ def test_a_failed_step_changes_nothing(algorithm, options):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, **options)
     learner.step(x, y, F.cross_entropy)             # optimizer state and generator advanced once
-    before = _state(model, learner)
-    rng = torch.random.get_rng_state()
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteError):
-        learner.step(bad, y, F.cross_entropy)
-    assert _same(before, _state(model, learner)) and torch.equal(rng, torch.random.get_rng_state())
+    assert_failed_step_changes_nothing(model, learner, bad, y)
 
 
 @pytest.mark.parametrize("algorithm,options", DD_MODES, ids=DD_IDS)
@@ -344,8 +329,8 @@ def test_state_dict_round_trip_resumes_bitwise(algorithm, options):
     learner2.load_state_dict(saved[1])
     optimizer2.load_state_dict(saved[2])
     steps(model2, learner2, optimizer2, 2)
-    assert _same(model.state_dict(), model2.state_dict())
-    assert _same(learner.state_dict(), learner2.state_dict())
+    assert same(model.state_dict(), model2.state_dict())
+    assert same(learner.state_dict(), learner2.state_dict())
 
 
 @pytest.mark.parametrize("algorithm,options", DD_MODES, ids=DD_IDS)
@@ -354,7 +339,7 @@ def test_diagnostics_change_nothing(algorithm, options):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     model.eval()     # the Gauss-Newton reference of diagnostics cannot trace BatchNorm's statistics update
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, **options)
-    before = _state(model, learner)
+    before = snapshot(model, learner)
     report = learner.diagnostics(x, y, F.cross_entropy)
     assert len(report.rows) == 3 and all(r["angle_bp"] is not None for r in report.rows)
-    assert _same(before, _state(model, learner))
+    assert same(before, snapshot(model, learner))

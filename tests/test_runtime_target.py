@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbcompile
-from fbcompile.errors import NonFiniteError, OptionError
+from fbcompile.errors import OptionError
 from fbcompile.models import build_model
 from fbcompile.runtime.diagnostics import angle
+from helpers import assert_failed_step_changes_nothing
 
 from test_end_to_end import _detach_variances
-from test_runtime_error import _same, _snapshot
 
 
 def _unit_angles(model, learner_grads, reference, program):
@@ -136,12 +136,9 @@ def test_a_failed_dtp_step_changes_nothing_including_feedback_and_its_optimizer(
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     learner = fbcompile.learner(fbcompile.compile(model, x), "dtp", feedback="ldrl", feedback_steps=2)
     learner.step(x, y, F.cross_entropy)
-    before = _snapshot(model, learner)
     bad = x.clone()
     bad[2, 3] = float("inf")
-    with pytest.raises(NonFiniteError):
-        learner.step(bad, y, F.cross_entropy)
-    assert _same(before, _snapshot(model, learner))
+    assert_failed_step_changes_nothing(model, learner, bad, y)
 
 
 def test_ldrl_state_dict_round_trip_resumes_bitwise():
@@ -200,3 +197,12 @@ def test_units_and_hadamard_options_recompile_the_program():
     assert "hadamard" in hadamard.program.rule_for("_1").name
     result = hadamard.step(torch.randn(4, 3), torch.randint(0, 2, (4,)), F.cross_entropy)
     assert math.isfinite(result.loss)
+
+
+def test_non_finite_targets_are_named():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), "dtp")
+    exploding = lambda out, t: float("inf") * out.pow(2).sum()      # dL/dout is inf or nan
+    with pytest.raises(fbcompile.FBCompileError, match=r"non-finite targets at .*\(beta=0\.1\)"):
+        learner.step(x, y, exploding)

@@ -46,6 +46,7 @@ def setup(args_dict: dict):
     import torch.nn.functional as F
     from .. import compile as compile_program
     from .. import learner as make_learner
+    from ..bench import autograd_step, learner_step
     args = argparse.Namespace(**args_dict)
     if args.data:
         from .runs import load_data
@@ -58,21 +59,14 @@ def setup(args_dict: dict):
         y = torch.randint(0, args.num_classes_resolved, (len(x),), generator=generator)
         loss_fn = F.cross_entropy
     steps, skipped = {}, {}
-    baseline = _fresh(args)
-    params = list(baseline.parameters())
-
-    def autograd_step():
-        for p in params:
-            p.grad = None
-        loss_fn(baseline(x), y).backward()
-    steps[BASELINE] = autograd_step
+    steps[BASELINE] = autograd_step(_fresh(args), x, y, loss_fn)
     shared = resolve.learner_options(args)
     for name in args.algos:
         try:
             model = _fresh(args)
             learner = make_learner(compile_program(model, x[:2], condition=args.condition), name,
                                    **{"seed": args.seed, **resolve.options_for(name, shared)})
-            steps[name] = _learner_step(learner, model, x, y, loss_fn)
+            steps[name] = learner_step(learner, x, y, loss_fn)
             steps[name]()                    # fails here if the algorithm cannot train this model
         except FBCompileError as exc:
             steps.pop(name, None)
@@ -84,16 +78,6 @@ def _fresh(args):
     """A new copy of the model, built with the same seed as every other configuration's."""
     return resolve.build(args.model, tuple(args.shape_resolved), args.num_classes_resolved,
                          arguments.model_options(args), seed=args.seed)
-
-
-def _learner_step(learner, model, x, y, loss_fn):
-    params = list(model.parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        learner.step(x, y, loss_fn)
-    return step
 
 
 def memory_of(args_dict: dict, name: str) -> int:

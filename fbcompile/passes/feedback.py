@@ -35,7 +35,6 @@ import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 

@@ -49,10 +49,6 @@ class Partition:
     grouping: object
     boundary: list = field(default_factory=list)   # active model inputs, then unit outputs in graph order
 
-    def boundary(self, node: fx.Node) -> bool:
-        unit = self.unit_of.get(node)
-        return unit is not None and node in unit.outputs
-
 
 def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
     """Assign every active op node of ``gm`` to a :class:`Unit`."""

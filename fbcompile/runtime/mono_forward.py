@@ -31,7 +31,6 @@ paper's 1e-3; 1e-2 trained faster in examples/mono_forward_results.py.
 """
 from __future__ import annotations
 
-from collections import Counter
 
 import torch
 
@@ -91,20 +90,7 @@ class MonoForwardBase(Learner):
     def run(self, inputs: tuple, visit):
         """Update-unlocked execution over the head stages: ``visit(stage, values) -> unit outputs``
         runs each unit (values detached); values no later unit reads are dropped at once."""
-        program = self.program
-        env = dict(zip(program.inputs, inputs))
-        remaining = Counter(src for stage in self.stages for src in stage.inputs)
-        remaining.update(program.outputs)
-        for stage in self.stages:
-            values = [env[src].detach() if torch.is_tensor(env[src]) else env[src] for src in stage.inputs]
-            env.update(zip(stage.outputs, visit(stage, values)))
-            del values
-            for src in stage.inputs:
-                remaining[src] -= 1
-                if remaining[src] == 0:
-                    env.pop(src, None)
-        result = tuple(env[n] for n in program.outputs)
-        return result[0] if len(result) == 1 else result
+        return self.program.run_units(inputs, lambda *_: None, stages=self.stages, execute=visit)
 
     def local_loss(self, head, a, targets, loss_fn):
         """L_l = loss_fn(z_l M_l, y) for the head activation ``a`` of unit l."""
