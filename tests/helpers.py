@@ -56,3 +56,31 @@ def assert_failed_step_changes_nothing(model, learner, bad_inputs, targets):
     with pytest.raises(NonFiniteError):
         learner.step(bad_inputs, targets, F.cross_entropy)
     assert same(before, snapshot(model, learner)) and torch.equal(rng, torch.random.get_rng_state())
+
+
+def assert_resume_is_bitwise(make, algorithm, options, steps=5, split=3):
+    """Training ``steps`` steps in one go equals stopping after ``split``, rebuilding everything
+    from other seeds and loading the model, learner and optimizer state dicts.
+    ``make()`` returns ``(model, x, y)``, deterministic under ``torch.manual_seed(0)``."""
+    def run(stop):
+        torch.manual_seed(0)
+        model, x, y = make()
+        learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=2, **options)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for i in range(steps):
+            if i == stop:
+                state = (learner.state_dict(), optimizer.state_dict(), model.state_dict())
+                torch.manual_seed(123)
+                model = make()[0]
+                learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=9, **options)
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+                model.load_state_dict(state[2])
+                learner.load_state_dict(state[0])
+                optimizer.load_state_dict(state[1])
+            optimizer.zero_grad()
+            learner.step(x, y, F.cross_entropy)
+            optimizer.step()
+        return [p.detach().clone() for p in [*model.parameters(), *learner.parameters()]]
+
+    for a, b in zip(run(-1), run(split), strict=True):
+        assert torch.equal(a, b)

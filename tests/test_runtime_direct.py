@@ -8,7 +8,7 @@ import fbcompile
 from fbcompile.data import load_dataset
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.models import build_model
-from helpers import snapshot, same, assert_failed_step_changes_nothing
+from helpers import assert_resume_is_bitwise, snapshot, same, assert_failed_step_changes_nothing
 
 
 DIRECT = ["dfa", "sdfa", "drtp", "shallow", "ddtp-linear", "ddtp-rhl"]
@@ -287,29 +287,8 @@ def test_a_failed_step_changes_nothing(algorithm):
 def test_state_dict_round_trip_resumes_bitwise(algorithm):
     options = {"feedback_hidden": 16} if algorithm == "ddtp-rhl" else {}
 
-    def run(split):
-        torch.manual_seed(0)
-        model = _mlp(depth=2, width=8)
-        x, y = torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
-        learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=2, **options)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for i in range(5):
-            if i == split:
-                state = (learner.state_dict(), optimizer.state_dict(), model.state_dict())
-                torch.manual_seed(123)
-                model = _mlp(depth=2, width=8)
-                learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=9, **options)
-                optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-                model.load_state_dict(state[2])
-                learner.load_state_dict(state[0])
-                optimizer.load_state_dict(state[1])
-            optimizer.zero_grad()
-            learner.step(x, y, F.cross_entropy)
-            optimizer.step()
-        return [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in learner.parameters()]
-
-    for a, b in zip(run(-1), run(3)):
-        assert torch.equal(a, b)
+    make = lambda: (_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,)))
+    assert_resume_is_bitwise(make, algorithm, options)
 
 
 def test_projections_are_seeded_separate_per_unit_and_in_the_state_dict():

@@ -10,7 +10,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.models import build_model
 from fbcompile.runtime.diagnostics import angle
-from helpers import assert_failed_step_changes_nothing
+from helpers import assert_resume_is_bitwise, assert_failed_step_changes_nothing
 from fbcompile.verify.checks import relative_error
 
 
@@ -125,29 +125,8 @@ def test_a_failed_step_changes_nothing(algorithm):
 
 
 def test_state_dict_round_trip_resumes_bitwise():
-    def run(steps, split):
-        torch.manual_seed(0)
-        model = _mlp(depth=2, width=8)
-        x, y = torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
-        learner = fbcompile.learner(fbcompile.compile(model, x), "fa", sign="brsf", seed=2)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for i in range(steps):
-            if i == split:
-                state = (learner.state_dict(), optimizer.state_dict(), model.state_dict())
-                torch.manual_seed(123)
-                model = _mlp(depth=2, width=8)
-                learner = fbcompile.learner(fbcompile.compile(model, x), "fa", sign="brsf", seed=9)
-                optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-                model.load_state_dict(state[2])
-                learner.load_state_dict(state[0])
-                optimizer.load_state_dict(state[1])
-            optimizer.zero_grad()
-            learner.step(x, y, F.cross_entropy)
-            optimizer.step()
-        return [p.detach().clone() for p in model.parameters()]
-
-    for a, b in zip(run(6, -1), run(6, 3)):
-        assert torch.equal(a, b)
+    make = lambda: (_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,)))
+    assert_resume_is_bitwise(make, "fa", {"sign": "brsf"}, steps=6)
 
 
 def test_diagnostics_of_bp_are_zero_angles_and_unit_ratios():
