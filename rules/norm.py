@@ -10,10 +10,15 @@ The exact Jacobian is J_F = diag(gamma) (1/sigma) (C - x_hat x_hat^T / d), so J_
 dropped term x_hat x_hat^T diag(gamma) / (d sigma): for gamma = 1 and unit-variance rows its Frobenius
 norm is 1/sigma (ALGORITHMS.md check 4). Weight gradients: dgamma = sum g * x_hat, dbeta = sum g.
 
+Variant "exact-statistics" (kind "exact", ``compile(..., variants=("exact-statistics",))``): the
+full transpose J_F^T g = (1/sigma) (C (gamma g) - x_hat mean(x_hat gamma g)), which also
+differentiates through the statistics, so error propagation and DTP with beta -> 0 equal true BP.
+
 BatchNorm (per channel, statistics over batch and spatial dims). In eval mode it is the affine map
 y = gamma (x - running_mean) / sqrt(running_var + eps) + beta and T is exact: G(g) = gamma g / sigma.
 In train mode the batch statistics are frozen the same way as LayerNorm's: the centering over
-(batch, spatial) is kept and 1/sigma_B frozen, kind "frozen-statistics".
+(batch, spatial) is kept and 1/sigma_B frozen, kind "frozen-statistics". Its "exact-statistics" variant
+is the full transpose over (batch, spatial), as for LayerNorm.
 """
 from __future__ import annotations
 
@@ -62,6 +67,23 @@ def layer_norm_frozen(ctx, g):
     scaled = g * weight if weight is not None else g
     centered = scaled - scaled.mean(_norm_dims(ctx), keepdim=True)
     return {"input": centered * ctx.saved("rstd")}
+
+
+def normalisation_transpose(scaled, x_hat, rstd, dims):
+    """J^T of x -> (x - mean) / sigma over ``dims`` applied to ``scaled`` = gamma * g:
+    (1/sigma) (scaled - mean(scaled) - x_hat mean(x_hat scaled))."""
+    centered = scaled - scaled.mean(dims, keepdim=True)
+    return (centered - x_hat * (x_hat * scaled).mean(dims, keepdim=True)) * rstd
+
+
+@register_rule(LAYER_NORM, conditions="T", kind="exact", variant="exact-statistics", name="layer_norm.exact")
+def layer_norm_exact(ctx, g):
+    """J_F^T g, statistics included (see the module docstring)."""
+    weight = ctx.param("weight")
+    scaled = g * weight if weight is not None else g
+    rstd = ctx.saved("rstd")
+    x_hat = (ctx.saved("input") - ctx.saved("mean")) * rstd
+    return {"input": ctx.call(normalisation_transpose, scaled, x_hat, rstd, _norm_dims(ctx))}
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -135,4 +157,21 @@ def batch_norm_transpose(ctx, g):
     """Eval: G(g) = gamma g / sigma (exact). Train: centred over the batch, 1/sigma_B frozen."""
     running_mean, running_var, training, eps = _bn_args(ctx)
     return {"input": ctx.call(batch_norm_feedback, g, ctx.saved("input"), running_mean, running_var,
+                              ctx.param("weight"), training, eps)}
+
+
+def batch_norm_exact_feedback(g, x, running_mean, running_var, weight, training, eps):
+    """J_F^T g with the batch statistics differentiated (train mode); eval mode is already exact."""
+    mean, rstd, dims, batch = batch_norm_statistics(x, running_mean, running_var, training, eps)
+    scaled = g * weight.reshape(rstd.shape) if weight is not None else g
+    if not batch:
+        return scaled * rstd
+    return normalisation_transpose(scaled, (x - mean) * rstd, rstd, dims)
+
+
+@register_rule(BATCH_NORM, conditions="T", kind="exact", variant="exact-statistics", name="batch_norm.exact")
+def batch_norm_exact(ctx, g):
+    """J_F^T g in both modes (see the module docstring)."""
+    running_mean, running_var, training, eps = _bn_args(ctx)
+    return {"input": ctx.call(batch_norm_exact_feedback, g, ctx.saved("input"), running_mean, running_var,
                               ctx.param("weight"), training, eps)}

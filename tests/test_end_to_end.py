@@ -91,6 +91,30 @@ def test_batchnorm_train_mode_freezes_batch_statistics():
     assert fbcompile.verify(program, x).rows[1]["kind"] == "exact"
 
 
+@pytest.mark.parametrize("case", ["mixer", "batchnorm-train"])
+def test_exact_statistics_variant_equals_true_autograd(case):
+    """With variants=("exact-statistics",) LayerNorm and train-mode BatchNorm feed back their full
+    Jacobian transpose: error propagation equals autograd on the unmodified model."""
+    from fbcompile.verify.checks import autograd_gradients, relative_error
+    if case == "mixer":
+        model = build_model("mixer", (3, 16, 16), 10, patch=4, dim=16, hidden=32).double()
+        x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(4 * 36, 3)).double().train()
+        x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    program = fbcompile.compile(model, x, variants=("exact-statistics",))
+    assert {r["kind"] for r in fbcompile.verify(program, x).rows} == {"exact"}
+    error = torch.randn(len(x), 10 if case == "mixer" else 3, dtype=torch.float64)
+    ref_inputs, ref_params = autograd_gradients(model, x, error)
+    model.zero_grad(set_to_none=True)
+    assert relative_error(program.propagate_error(x, error), ref_inputs[0]) < 1e-10
+    for name, param in model.named_parameters():
+        # a conv bias right before BatchNorm has a zero gradient: compare absolutely there
+        scale = max(float(ref_params[name].norm()), 1e-3)
+        assert float((param.grad - ref_params[name]).norm()) / scale < 1e-10, name
+
+
 def test_dropout_reuses_the_forward_mask():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.4), nn.Linear(8, 2)).double()
     x = torch.randn(7, 6, dtype=torch.float64)

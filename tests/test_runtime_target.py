@@ -67,6 +67,15 @@ def test_analytic_dtp_on_mixer_is_bp_of_the_frozen_statistics_network():
     assert max(_unit_angles(model, grads, reference, program)) < 1.0
 
 
+def test_analytic_dtp_on_mixer_with_exact_statistics_is_true_bp():
+    model = build_model("mixer", (3, 16, 16), 10, patch=4, dim=16, hidden=32).double()
+    x, y = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+    program = fbcompile.compile(model, x, variants=("exact-statistics",))
+    reference = _bp(model, x, y)
+    grads = _grads_after_step(fbcompile.learner(program, "dtp", beta=1e-6), model, x, y)
+    assert max(_unit_angles(model, grads, reference, program)) < 1.0
+
+
 def test_condition_i_tp_and_dtp_give_the_same_targets():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 6), nn.LeakyReLU(0.2), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).double()
