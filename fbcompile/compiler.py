@@ -10,7 +10,7 @@ from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
 from .passes.units import partition
 from .program import FeedbackProgram, as_tuple
-from .registry import CONDITIONS, find_rule, rules_for
+from .registry import CONDITIONS, all_rules, find_rule, rules_for
 from .trace import info, trace_model
 
 
@@ -40,6 +40,7 @@ def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=
     Raises :class:`~fbcompile.errors.UnsupportedOpError` listing every unsupported node at once.
     """
     _check_condition(condition)
+    _check_variants(variants)
     return compile_traced(model, trace_model(model, as_tuple(example_inputs)), condition, variants, units)
 
 
@@ -59,6 +60,7 @@ def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants
     """Every node of ``model`` that has no feedback rule under ``condition``, found before compiling
     (empty when everything is supported). Raises only if the model cannot be traced at all."""
     _check_condition(condition)
+    _check_variants(variants)
     traced = trace_model(model, as_tuple(example_inputs))
     return select_rules(traced, condition, variants)[1]
 
@@ -95,6 +97,16 @@ def _target_name(node: fx.Node) -> str:
         return _get_qualified_name(node.target).replace("_operator.", "operator.")   # torch.cumsum
     except Exception:   # noqa: BLE001  (callables fx cannot name)
         return getattr(node.target, "__qualname__", None) or str(node.target)
+
+
+def _check_variants(variants) -> None:
+    if isinstance(variants, str):
+        raise OptionError(f"variants={variants!r} must be a tuple of names, e.g. ({variants!r},)")
+    known = sorted({rule.variant for rule in all_rules() if rule.variant})
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        raise OptionError(f"unknown rule variant(s) {', '.join(map(repr, unknown))}; registered variants: "
+                          f"{choices_text(known)}")
 
 
 def _check_condition(condition: str) -> None:

@@ -139,6 +139,16 @@ def test_verify_table_and_json(capsys, nets):
     assert {row["op"] for row in payload["rows"]} >= {"linear", "tanh"}
 
 
+def test_verify_with_the_exact_statistics_variant(capsys):
+    args = ("verify", "mixer", "--input-shape", "3,8,8", "--model-option", "patch=4", "--model-option", "dim=8",
+            "--model-option", "hidden=8", "--json")
+    kinds = {row["kind"] for row in json.loads(run(capsys, *args)[1])["rows"]}
+    assert "frozen-statistics" in kinds
+    code, out, _ = run(capsys, *args, "--variant", "exact-statistics")
+    assert code == 0 and {row["kind"] for row in json.loads(out)["rows"]} == {"exact"}
+    assert_clean_error(*run(capsys, "verify", "mlp", "--variant", "exakt")[::2], "unknown rule variant")
+
+
 def test_verify_exits_1_when_an_exact_rule_is_off(capsys, monkeypatch):
     def wrong(program, inputs, **kwargs):
         return VerifyReport("Fake", "T", [{"level": "node", "node": "fc", "op": "linear", "rule": "r",

@@ -176,3 +176,9 @@ def test_unsupported_hyperparameters_are_reported_per_node():
     problems = fbcompile.coverage(model, torch.randn(2, 1, 8))
     assert [(p.node, p.canonical) for p in problems] == [("_0", "conv1d"), ("_1", "max_pool1d")]
     assert "'reflect'" in problems[0].reason and "return_indices" in problems[1].reason
+
+
+def test_unknown_rule_variant_is_refused_with_the_registered_ones():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(fbcompile.FBCompileError, match=r"unknown rule variant\(s\) 'exakt'.*exact-statistics"):
+        fbcompile.compile(model, torch.randn(2, 3), variants=("exakt",))

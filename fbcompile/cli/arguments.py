@@ -21,6 +21,10 @@ def add_model(parser: argparse.ArgumentParser, *, positional: bool = False) -> N
                        help="keyword argument of the model constructor, e.g. width=128 (repeatable)")
     group.add_argument("--condition", default="T", choices=["T", "P", "I"],
                        help="Jacobian matching condition of the feedback rules (default T)")
+    group.add_argument("--variant", action="append", default=[], metavar="NAME",
+                       help="prefer an alternative rule where one exists (repeatable): exact-statistics "
+                            "(LayerNorm / train-mode BatchNorm through their full Jacobian), hadamard "
+                            "(activation targets of paper 002 eq. 29)")
 
 
 def add_data(parser: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
@@ -70,6 +74,7 @@ def run_config(args, algorithm: str, *, options: dict | None = None, seed: int |
     return RunConfig(model=args.model, data=args.data, algorithm=algorithm,
                      options=resolve.learner_options(args) if options is None else options,
                      model_options=model_options(args), input_shape=input_shape(args), condition=args.condition,
+                     variants=list(args.variant),
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                      momentum=args.momentum, weight_decay=args.weight_decay,
                      seed=args.seed if seed is None else seed, data_seed=args.data_seed, subset=args.subset,
@@ -107,10 +112,11 @@ def model_from_args(args, *, dtype=None, batch: int = 2):
 
 
 def program_from_args(args, *, dtype=None, batch: int = 2):
-    """(model, program, example batch): :func:`model_from_args`, compiled under ``--condition``."""
+    """(model, program, example batch): :func:`model_from_args`, compiled under ``--condition`` and
+    ``--variant``."""
     from .. import compile as compile_program
     model, example = model_from_args(args, dtype=dtype, batch=batch)
-    return model, compile_program(model, example, condition=args.condition), example
+    return model, compile_program(model, example, condition=args.condition, variants=tuple(args.variant)), example
 
 
 def infer_shape(spec: str, options: dict) -> tuple:

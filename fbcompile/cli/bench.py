@@ -64,7 +64,8 @@ def setup(args_dict: dict):
     for name in args.algos:
         try:
             model = _fresh(args)
-            learner = make_learner(compile_program(model, x[:2], condition=args.condition), name,
+            program = compile_program(model, x[:2], condition=args.condition, variants=tuple(args.variant))
+            learner = make_learner(program, name,
                                    **{"seed": args.seed, **resolve.options_for(name, shared)})
             steps[name] = learner_step(learner, x, y, loss_fn)
             steps[name]()                    # fails here if the algorithm cannot train this model

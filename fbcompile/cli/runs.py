@@ -27,6 +27,7 @@ class RunConfig:
     model_options: dict = field(default_factory=dict)
     input_shape: list | None = None
     condition: str = "T"
+    variants: list = field(default_factory=list)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -86,14 +87,15 @@ def input_shape_for(config: RunConfig, dataset: Dataset) -> tuple:
 
 
 def build_program(spec: str, input_shape, num_classes: int, *, model_options=None, seed: int = 0,
-                  condition: str = "T", example: torch.Tensor | None = None, dtype=torch.float32):
+                  condition: str = "T", variants=(), example: torch.Tensor | None = None,
+                  dtype=torch.float32):
     """(model, program): MODEL built, checked on an example batch and compiled."""
     model = resolve.build(spec, input_shape, num_classes, model_options, seed=seed).to(dtype)
     if example is None:
         example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(seed))
     example = example.to(dtype)
     resolve.check_forward(model, example, spec)
-    return model, compile_program(model, example, condition=condition)
+    return model, compile_program(model, example, condition=condition, variants=tuple(variants))
 
 
 def build_run(config: RunConfig, dataset: Dataset | None = None) -> Run:
@@ -103,7 +105,8 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> Run:
         dataset = load_data(config.data, seed=config.data_seed, subset=config.subset)
     shape = input_shape_for(config, dataset)
     model, program = build_program(config.model, shape, dataset.num_classes, model_options=config.model_options,
-                                   seed=config.seed, condition=config.condition, example=dataset.train_x[:2])
+                                   seed=config.seed, condition=config.condition, variants=config.variants,
+                                   example=dataset.train_x[:2])
     _check_outputs(model, dataset, config.model)
     options = {"seed": config.seed, **config.options}
     learner = make_learner(program, config.algorithm, **options)

@@ -17,7 +17,7 @@ from .runs import RunConfig, build_run, trainer_for
 
 # Flags whose value is part of the saved configuration: --resume refuses them (it would not be
 # the same run any more); only --epochs may change.
-FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "batch_size", "lr", "optimizer",
+FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "variant", "batch_size", "lr", "optimizer",
          "momentum", "weight_decay", "seed", "data_seed", "subset", "beta", "option", "predict_mode", "diagnostics")
 
 
