@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .context import RuleContext
 from .errors import FBCompileError
 from .passes.feedback import FeedbackGraph, emit_feedback
 from .passes.forward import build_cut_forward, build_forward, build_resume_forward, build_unit_forwards
@@ -48,7 +49,7 @@ class FeedbackProgram:
 
     def feedback_graph(self, mode: str) -> FeedbackGraph:
         """The feedback graph of ``mode``, emitted on first use ("error", "target", "difference",
-        "unit_difference", "unit_target"); new taps rebuild the forward programs."""
+        "unit_difference", "unit_target", "unit_error"); new taps rebuild the forward programs."""
         if mode not in self.feedback:
             graph = emit_feedback(self.traced, self.rules, self.partition, mode)
             self.feedback[mode] = graph
@@ -162,6 +163,40 @@ class FeedbackProgram:
         result = tuple(env[n] for n in self.outputs)
         return result[0] if len(result) == 1 else result
 
+    @property
+    def unit_outputs(self) -> list:
+        """Every unit's output nodes, unit by unit: the order of the cut modes' inputs."""
+        return [o for unit in self.partition.units for o in unit.outputs]
+
+    def unit_gradients(self, deltas: dict, values: dict, taps: tuple) -> dict:
+        """{parameter: local gradient} given delta_u at the unit outputs (``deltas``: node name ->
+        tensor; a missing one is zero, shaped like ``values[name]``): each unit's own backward with
+        its inputs held fixed, through the compiled "unit_error" graph, without autograd. Equals
+        autograd on the local losses where :attr:`exact_within_units`."""
+        fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
+        with torch.no_grad():
+            _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
+        return dict(zip(self.feedback["unit_error"].params, grads))
+
+    @property
+    def exact_within_units(self) -> bool:
+        """Whether every error map a unit's delta passes through on its way to a parameter is J_F^T:
+        condition T and rules of kind "exact" or "linearised" (whose error map is the exact
+        sigma'(x); only their target map is affine). Ops before a unit's first parametric op do
+        not count."""
+        if "exact_within_units" not in self._derived:
+            exact = self.condition == "T"
+            for unit in self.partition.units:
+                started = False
+                for node in unit.nodes:
+                    call = info(node).call
+                    started = started or bool(call is not None and call.params)
+                    rule = self.rules.get(node)
+                    if started and rule is not None and rule.kind_for(RuleContext(node)) not in ("exact", "linearised"):
+                        exact = False
+            self._derived["exact_within_units"] = exact
+        return self._derived["exact_within_units"]
+
     def resume_forward(self, node_name: str) -> fx.GraphModule:
         """The model output as a function of (model inputs, a replacement value for ``node_name``)."""
         key = ("resume", node_name)
@@ -207,8 +242,7 @@ class FeedbackProgram:
         tap_index = {key: i for i, key in enumerate(self.taps)}
         slot_index = {slot.key: i for i, slot in enumerate(self.slots)}
         plan = []
-        cut_index = {o.name: i for i, (_, o) in enumerate(self.cut_forward()[2])} if any(
-            kind == "cut" for kind, _ in graph.inputs) else {}
+        cut_index = {o.name: i for i, o in enumerate(self.unit_outputs)}
         for kind, key in graph.inputs:
             index = {"output": lambda k: k, "cut": cut_index.get, "tap": tap_index.get, "slot": slot_index.get}[kind](key)
             plan.append((kind, index))

@@ -215,3 +215,32 @@ def test_non_finite_targets_are_named():
     exploding = lambda out, t: float("inf") * out.pow(2).sum()      # dL/dout is inf or nan
     with pytest.raises(fbcompile.FBCompileError, match=r"non-finite targets at .*\(beta=0\.1\)"):
         learner.step(x, y, exploding)
+
+
+@pytest.mark.parametrize("name,shape,options", [
+    ("mlp", (20,), {"width": 16, "depth": 3}),
+    ("lenet", (1, 32, 32), {}),
+    ("mixer", (3, 16, 16), {"patch": 4, "dim": 16, "hidden": 32}),
+    ("resnet-small", (3, 16, 16), {}),
+], ids=["mlp", "lenet", "mixer", "resnet"])
+@pytest.mark.parametrize("algorithm,options_", [("dtp", {}), ("tp", {}), ("dtp", {"feedback": "random"})],
+                         ids=["dtp", "tp", "fwdtp"])
+def test_compiled_local_gradients_equal_autograd(name, shape, options, algorithm, options_):
+    """The unit_error graph gives the same parameter updates as autograd on the local losses."""
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10, **options).double()
+    x, y = torch.randn(4, *shape, dtype=torch.float64), torch.randint(0, 10, (4,))
+    if name == "resnet-small":      # train-mode BatchNorm is frozen-statistics: autograd would be used
+        assert not fbcompile.compile(model, x).exact_within_units
+        model.eval()
+    program = fbcompile.compile(model, x)
+    exact = program.exact_within_units
+    assert exact or name == "mixer"          # the Mixer's frozen-statistics LayerNorm sits inside units
+    updates = []
+    for compiled in (exact, False):          # the cached flag decides the path
+        program._derived["exact_within_units"] = compiled
+        learner = fbcompile.learner(program, algorithm, seed=1, **options_)
+        updates.append(_grads_after_step(learner, model, x, y))
+    for n in updates[1]:
+        scale = max(float(updates[1][n].norm()), 1e-3)
+        assert float((updates[0][n] - updates[1][n]).norm()) / scale < 1e-10, n

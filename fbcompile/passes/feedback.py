@@ -24,10 +24,12 @@ forward values ("taps") and feedback weights ("slots") the rules asked for. It r
 ``(boundary feedback, parameter gradients)`` for :attr:`FeedbackGraph.boundary` and
 :attr:`FeedbackGraph.params`.
 
-A fourth mode, ``"unit_target"``, cuts the graph at unit boundaries: every unit's target map G_u is
-applied to its own arguments (one per unit output) and the result at each unit input is returned
-per (unit, input) instead of flowing on. Reconstruction losses of learned feedback use it to
-evaluate G_u(F_u(h_u + eps)) for all units in one pass.
+Two cut modes stop the feedback at unit boundaries: every unit's rules are applied to its own
+arguments (one per unit output) and the result at each unit input is returned per (unit, input)
+instead of flowing on. ``"unit_target"`` applies the target maps G_u (reconstruction losses of
+learned feedback evaluate G_u(F_u(h_u + eps)) for all units in one pass); ``"unit_error"`` the
+error maps with their weight gradients: given delta_u at each unit's outputs it returns every
+parameter's local gradient, the unit inputs' errors being dropped (DTP's local losses).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from ..errors import FBCompileError, RuleError
 from ..trace import META, active_outputs, describe, info
 
 MODES = ("error", "target", "difference")
-CUT_MODE = "unit_target"
+CUT_MODES = {"unit_target": "target", "unit_error": "error"}     # cut mode -> the mode its rules run in
 UNIT_DIFFERENCE = "unit_difference"
 _OUTPUT_LABEL = {"error": "grad", "target": "target", "difference": "delta"}
 
@@ -79,9 +81,9 @@ class _NamingTracer(GraphAppendingTracer):
 
 class FeedbackBuilder:
     def __init__(self, gm: fx.GraphModule, rules: dict, partition, mode: str):
-        self.cut, self.unit_correction = mode == CUT_MODE, mode == UNIT_DIFFERENCE
+        self.cut, self.unit_correction = mode in CUT_MODES, mode == UNIT_DIFFERENCE
         self.emitted_mode = mode
-        mode = {CUT_MODE: "target", UNIT_DIFFERENCE: "difference"}.get(mode, mode)
+        mode = {**CUT_MODES, UNIT_DIFFERENCE: "difference"}.get(mode, mode)
         self.gm, self.rules, self.partition, self.mode = gm, rules, partition, mode
         self.cut_parts = defaultdict(list)
         self.graph = fx.Graph()
@@ -127,7 +129,7 @@ class FeedbackBuilder:
         if self.cut:
             for unit in self.partition.units:
                 for out in unit.outputs:
-                    self._add(out, self._placeholder(f"t_{out.name}", ("cut", out.name)))
+                    self._add(out, self._placeholder(f"{label[0]}_{out.name}", ("cut", out.name)))
         else:
             for i, out in enumerate(active_outputs(self.gm)):
                 self._add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
@@ -317,6 +319,6 @@ def _checked(rule, node, emit, what: str = "rule"):
 
 
 def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> FeedbackGraph:
-    if mode not in MODES + (CUT_MODE, UNIT_DIFFERENCE):
+    if mode not in MODES + tuple(CUT_MODES) + (UNIT_DIFFERENCE,):
         raise ValueError(mode)
     return FeedbackBuilder(gm, rules, partition, mode).build()

@@ -5,9 +5,12 @@ correction): t_in = G_u(t_out) + h_in - G_u(h_out), computed in difference form 
 graph. Each unit's parameters learn from ||F_u(h_in) - t_out||^2 / (2 beta) with its input
 detached, which gives updates on the scale of the loss gradient (analytic DTP with beta -> 0 is BP).
 
-The step runs the model once with unit inputs detached (graph-connected unit outputs), computes
-all targets with the feedback graph without autograd, then takes ONE multi-root ``autograd.grad``
-with per-unit deltas (h - t) / beta. No layer is re-run; the model is never copied.
+The step runs the model once with unit inputs detached, computes all targets with the feedback
+graph without autograd, then turns the per-unit deltas (h - t) / beta into every parameter's local
+gradient at once: through the compiled "unit_error" graph (each unit's own backward from the
+compiled rules, no autograd at all) when every error map inside the units is exact
+(:attr:`FeedbackProgram.exact_within_units`), else by ONE multi-root ``autograd.grad`` through the
+unit-local graphs recorded by that forward. No layer is re-run; the model is never copied.
 
 Feedback sources: ``"analytic"`` (the program's condition: T is TJML-DTP, paper 002 Alg. 2; P and I
 use (pseudo-)inverses), ``"random"`` (FWDTP: fixed random feedback weights, never trained) and the
@@ -86,7 +89,9 @@ class TargetPropagation(Learner):
     # -- one step -------------------------------------------------------------------------------
     def compute(self, inputs, targets, loss_fn):
         program, beta = self.program, self.options["beta"]
-        output, taps, boundary_values = program.local_forward()(*inputs)
+        compiled = self.feedback_optimizer is None and program.exact_within_units
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not compiled):
+            output, taps, boundary_values = program.local_forward()(*inputs)
         loss, errors = output_error(output, targets, loss_fn)
         values = dict(zip(program.boundary, boundary_values))
         if self.feedback_optimizer is not None:
@@ -101,16 +106,20 @@ class TargetPropagation(Learner):
         if not all_finite(feedback):
             bad = [n.name for n, f in zip(program.boundary, feedback) if f is not None and not torch.isfinite(f).all()]
             raise NonFiniteError(f"non-finite targets at {', '.join(bad)} (beta={beta}); nothing was changed")
-        roots, deltas = [], {}
-        for node, h, f in zip(program.boundary, boundary_values, feedback):
-            if f is None or node.op == "placeholder" or not h.requires_grad:
-                continue
-            roots.append(h)
-            deltas[node.name] = f * (-1.0 / beta) if self.difference else (h.detach() - f) / beta
-        names = [n for n, p in program.params.items() if p.requires_grad]
-        grads = torch.autograd.grad(roots, [program.params[n] for n in names], list(deltas.values()),
-                                    allow_unused=True)
-        updates = {n: g for n, g in zip(names, grads) if g is not None}
+        deltas = {node.name: f * (-1.0 / beta) if self.difference else (h.detach() - f) / beta
+                  for node, h, f in zip(program.boundary, boundary_values, feedback)
+                  if f is not None and node.op != "placeholder"}
+        trainable = [n for n, p in program.params.items() if p.requires_grad]
+        if compiled:            # each unit's local backward through the compiled unit_error graph
+            values = dict(zip((n.name for n in program.boundary), boundary_values))
+            local = program.unit_gradients(deltas, values, taps)
+            updates = {n: local[n] for n in trainable if local.get(n) is not None}
+        else:                   # one multi-root autograd backward through the unit-local graphs
+            roots = {n.name: h for n, h in zip(program.boundary, boundary_values) if h.requires_grad}
+            deltas = {name: d for name, d in deltas.items() if name in roots}
+            grads = torch.autograd.grad([roots[n] for n in deltas], [program.params[n] for n in trainable],
+                                        list(deltas.values()), allow_unused=True)
+            updates = {n: g for n, g in zip(trainable, grads) if g is not None}
         self.last["deltas"] = deltas
         return StepResult(float(loss), output.detach() if torch.is_tensor(output) else output), updates
 
