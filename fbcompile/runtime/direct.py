@@ -43,7 +43,7 @@ from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, draw_
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
-from .base import Learner, StepResult, output_error
+from .base import Learner, StepResult
 from .options import Option, non_negative, one_of
 
 PROJECTION_OPTIONS = {
@@ -89,18 +89,6 @@ class DirectProjections(nn.Module):
         weight = self.weights[index]
         return weight.reshape(weight.shape[0], -1)
 
-    def project_many(self, indices: list, signal: Signal) -> list:
-        """:meth:`project` for several units with ONE product: the B_u side by side, (C, sum S_u).
-        (Holds every delta at once: for the stored path, not the update-unlocked one.)"""
-        matrix = torch.cat([self.flat(i) for i in indices], dim=1)
-        if signal.labels is not None:
-            rows = matrix.index_select(0, signal.labels)
-            joined = rows * signal.factor if signal.factor != 1.0 else rows
-        else:
-            joined = signal.dense.to(matrix.dtype) @ matrix
-        parts = joined.split([self.flat(i).shape[1] for i in indices], dim=1)
-        return [part.reshape(signal.batch, *self.shapes[i]) for part, i in zip(parts, indices)]
-
     def project(self, index: int, signal: Signal) -> torch.Tensor:
         """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u."""
         matrix = self.flat(index)
@@ -142,10 +130,6 @@ class DirectLearner(Learner):
     def delta(self, projection, signal: Signal) -> torch.Tensor:
         return self.projections.project(projection.index, signal)
 
-    def deltas(self, projections: list, signal: Signal) -> list:
-        """:meth:`delta` of several projections at once (the stored path)."""
-        return self.projections.project_many([p.index for p in projections], signal)
-
     def before_forward(self, inputs) -> bool:
         """Runs before the stored forward; True if it already did :meth:`before_update`'s work."""
         return False
@@ -173,28 +157,24 @@ class DirectLearner(Learner):
         return self._stored_forward
 
     def _stored(self, inputs, targets, loss_fn):
-        """One forward keeping each unit's local graph, then ONE backward from every unit output at
-        once: e at the model output (the output units' local gradient) and delta_u at each hidden
-        unit's output. Unit inputs are detached, so each unit's update comes from its own graph
-        only; no error crosses a unit boundary, and one engine call replaces one per unit."""
+        """One forward keeping each unit's local graph, then one local backward per unit, through
+        that unit's own graph only (unit inputs are detached: no error crosses a unit boundary).
+        Units are visited from the output down and each graph (and delta) is freed after its
+        backward, so the deltas never all live at once (one backward from every unit at once would
+        hold them together: twice BP's peak memory on a deep, wide MLP)."""
         plan = self.plan
         prepared = self.before_forward(inputs)
         output, _, projected = self.stored_forward()(*inputs)
-        loss, errors = output_error(output, targets, loss_fn)
-        roots, seeds = list(flat_outputs(output)), list(errors)
+        loss, errors, updates = self._output_update(output, targets, loss_fn)
         if self.hidden_learn and plan.projections:
             values = dict(zip((p.node for p in plan.projections), projected))
             del projected
             signal = self.signal(errors, output, targets, _batch(inputs, output))
             if not prepared:
                 self.before_update(inputs, output, {n: v.detach() for n, v in values.items()}, signal)
-            hidden = [p for p in plan.projections if p.unit in plan.hidden_units]
-            roots.extend(values.pop(p.node) for p in hidden)
-            seeds.extend(self.deltas(hidden, signal))
-        names = [name for unit in self.trained_units() for name in plan.params[unit]]
-        grads = torch.autograd.grad(roots, [self.program.params[n] for n in names], seeds, allow_unused=True)
-        updates = {}
-        _accumulate(updates, names, grads)
+            for unit in reversed(plan.hidden_units):
+                projections = plan.of_unit(unit)
+                self._unit_update(unit, [values.pop(p.node) for p in projections], projections, signal, updates)
         return self._result(loss, output), updates
 
     def _unit_update(self, unit: int, outputs: list, projections: list, signal: Signal, updates: dict) -> None:

@@ -101,9 +101,6 @@ class DirectDifferenceTargetPropagation(DirectLearner):
     def make_feedback(self) -> nn.Module:
         raise NotImplementedError
 
-    def deltas(self, projections, signal):
-        return [self.delta(p, signal) for p in projections]
-
     def difference(self, index: int, moved: torch.Tensor, reference: torch.Tensor, signal: Signal) -> torch.Tensor:
         """g_u(moved) - g_u(reference), flattened to (N, prod(S_u))."""
         raise NotImplementedError
