@@ -25,7 +25,7 @@ MODELS = {
     "lenet": ("LeNet-5", "lenet", {}),
     "mixer": ("MLP-Mixer", "mixer", {"patch": 4, "dim": 32, "hidden": 64}),
 }
-EPOCHS, BATCH, LR = 4, 64, 2e-3
+EPOCHS, BATCH, LR = 10, 64, 2e-3
 
 
 def add_parser(commands):
