@@ -319,7 +319,7 @@ def accumulate_grads(params: dict, names: list, grads) -> None:
         if param.grad is None:
             owned = (not grad.requires_grad and grad.stride() == param.stride()
                      and grad.untyped_storage().data_ptr() != param.untyped_storage().data_ptr())
-            param.grad = grad if owned else torch.empty_like(param).copy_(grad)
+            param.grad = grad if owned else torch.empty_like(param).copy_(grad.detach())
         else:
             param.grad.add_(grad)
 

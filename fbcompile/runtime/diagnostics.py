@@ -26,7 +26,7 @@ def angle(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
     """Angle in degrees between two flattened tensors (None if either is missing or zero)."""
     if a is None or b is None:
         return None
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
     denominator = float(a.norm() * b.norm())
     if denominator == 0:
         return None
