@@ -321,7 +321,7 @@ def accumulate_grads(params: dict, names: list, grads) -> None:
                      and grad.untyped_storage().data_ptr() != param.untyped_storage().data_ptr())
             param.grad = grad if owned else torch.empty_like(param).copy_(grad.detach())
         else:
-            param.grad.add_(grad)
+            param.grad.add_(grad.detach())
 
 
 def _slots(model: nn.Module, feedback: dict) -> list:
