@@ -111,8 +111,8 @@ class TargetPropagation(Learner):
                   if f is not None and node.op != "placeholder"}
         trainable = [n for n, p in program.params.items() if p.requires_grad]
         if compiled:            # each unit's local backward through the compiled unit_error graph
-            values = dict(zip((n.name for n in program.boundary), boundary_values))
-            local = program.unit_gradients(deltas, values, taps)
+            by_name = dict(zip((n.name for n in program.boundary), boundary_values))
+            local = program.unit_gradients(deltas, by_name, taps)
             updates = {n: local[n] for n in trainable if local.get(n) is not None}
         else:                   # one multi-root autograd backward through the unit-local graphs
             roots = {n.name: h for n, h in zip(program.boundary, boundary_values) if h.requires_grad}
