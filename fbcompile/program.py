@@ -47,6 +47,12 @@ class FeedbackProgram:
         self._derived = {}
         self.feedback_graph("error")
 
+    def prepare(self, *modes: str) -> None:
+        """Emit the feedback graphs of ``modes`` before a forward runs: a graph emitted later can
+        ask for values ("taps") that forward did not save."""
+        for mode in modes:
+            self.feedback_graph(mode)
+
     def feedback_graph(self, mode: str) -> FeedbackGraph:
         """The feedback graph of ``mode``, emitted on first use ("error", "target", "difference",
         "unit_difference", "unit_target", "unit_error"); new taps rebuild the forward programs."""
@@ -168,15 +174,18 @@ class FeedbackProgram:
         """Every unit's output nodes, unit by unit: the order of the cut modes' inputs."""
         return [o for unit in self.partition.units for o in unit.outputs]
 
-    def unit_gradients(self, deltas: dict, values: dict, taps: tuple) -> dict:
+    def unit_gradients(self, deltas: dict, values: dict, taps: tuple, unit: int | None = None) -> dict:
         """{parameter: local gradient} given delta_u at the unit outputs (``deltas``: node name ->
         tensor; a missing one is zero, shaped like ``values[name]``): each unit's own backward with
         its inputs held fixed, through the compiled "unit_error" graph, without autograd. Equals
-        autograd on the local losses where :attr:`exact_within_units`."""
-        fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
+        autograd on the local losses where :attr:`exact_within_units`. With ``unit`` (an index) only
+        that unit's parameters are computed and only its deltas are read (the graph is pruned)."""
+        outputs = self.unit_outputs if unit is None else self.partition.units[unit].outputs
+        fed = {o.name: deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in outputs}
         with torch.no_grad():
-            _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
-        return dict(zip(self.feedback["unit_error"].params, grads))
+            _, grads = self.run_feedback("unit_error", [fed.get(o.name) for o in self.unit_outputs], taps,
+                                         returns="params" if unit is None else ("params", unit))
+        return {n: g for n, g in zip(self.feedback["unit_error"].params, grads) if g is not None}
 
     @property
     def exact_within_units(self) -> bool:
@@ -214,8 +223,9 @@ class FeedbackProgram:
         "unit_target"). ``weights`` maps slot keys ``(node name, param)`` to tensors used in place
         of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight.
         ``returns="units"`` skips the feedback into values computed without parameters (the model
-        inputs and what is computed from them alone) and ``"params"`` all boundary values: the graph
-        is pruned, so that work (e.g. the first layer's input gradient) is not done."""
+        inputs and what is computed from them alone), ``"params"`` all boundary values and
+        ``("params", unit)`` also the gradients of every other unit's parameters: the graph is pruned,
+        so that work (e.g. the first layer's input gradient) is not done."""
         self.feedback_graph(mode)
         plan = self._plans[mode]
         args = []
@@ -235,7 +245,9 @@ class FeedbackProgram:
             return self.feedback[mode].module
         key = ("pruned", mode, returns)
         if key not in self._derived:
-            self._derived[key] = prune_outputs(self.feedback[mode], returns, self.parameter_free_boundary)
+            keep = None if isinstance(returns, str) else set(self.partition.units[returns[1]].params)
+            self._derived[key] = prune_outputs(self.feedback[mode], returns if keep is None else "params",
+                                               self.parameter_free_boundary, keep)
         return self._derived[key]
 
     def _plan(self, graph: FeedbackGraph) -> list:
@@ -264,15 +276,19 @@ class FeedbackProgram:
         return input_errors[0] if len(input_errors) == 1 else input_errors
 
 
-def prune_outputs(graph: FeedbackGraph, returns: str, parameter_free: frozenset) -> fx.GraphModule:
+def prune_outputs(graph: FeedbackGraph, returns: str, parameter_free: frozenset,
+                  keep_params: set | None = None) -> fx.GraphModule:
     """A copy of ``graph.module`` whose boundary outputs are None where not wanted (``returns``
-    "units": the positions in ``parameter_free``; "params": every boundary value)."""
+    "units": the positions in ``parameter_free``; "params": every boundary value), and whose
+    parameter gradients are None outside ``keep_params`` when given."""
     if returns not in ("units", "params"):
         raise FBCompileError(f"returns={returns!r}; use 'all', 'units' or 'params'")
     module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
     out = next(n for n in module.graph.nodes if n.op == "output")
     values, grads = out.args[0]
     kept = [None if (returns == "params" or i in parameter_free) else v for i, v in enumerate(values)]
+    if keep_params is not None:
+        grads = tuple(g if name in keep_params else None for name, g in zip(graph.params, grads))
     out.args = ((tuple(kept), grads),)
     module.graph.eliminate_dead_code()
     module.recompile()

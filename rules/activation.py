@@ -136,15 +136,20 @@ def _consts(ctx) -> dict:
     return {n: ctx.const(n, _default(ctx, n)) for n in ACTIVATIONS[ctx.op_call.spec.name][2]}
 
 
+# Kernels that read only the forward output: their feedback saves y alone (the same tensor the
+# next op already saves), not also x, which would double the activations a program keeps.
+OUTPUT_KERNELS = {"tanh", "sigmoid", "relu"}
+
+
 def _fused_error(ctx, g):
-    kernel = KERNELS[ctx.op_call.spec.name]
-    return ctx.call(kernel, g, ctx.saved("input"), ctx.saved("output"), _consts(ctx))
+    name = ctx.op_call.spec.name
+    x_ = None if name in OUTPUT_KERNELS else ctx.saved("input")
+    return ctx.call(KERNELS[name], g, x_, ctx.saved("output"), _consts(ctx))
 
 
 def _local_slope(ctx):
     """sigma'(x) as a tensor (the fused kernel applied to ones)."""
-    x_ = ctx.saved("input")
-    return _fused_error(ctx, torch.ones_like(x_))
+    return _fused_error(ctx, torch.ones_like(ctx.saved("output")))
 
 
 def _invertible(ctx) -> bool:

@@ -319,3 +319,31 @@ def test_diagnostics_run_and_change_nothing(algorithm):
         assert 0 < report.rows[0]["angle_bp"] < 180
     if algorithm == "ddtp-linear":
         assert report.rows[0]["reconstruction"] > 0
+
+
+@pytest.mark.parametrize("algorithm,options", [("dfa", {}), ("sdfa", {}), ("drtp", {"execution": "stored"}),
+                                               ("shallow", {"execution": "stored"})])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_compiled_stored_path_equals_autograd(algorithm, options, model_name):
+    """Without autograd (the compiled unit_error graph, unit by unit) the updates are autograd's."""
+    torch.manual_seed(0)
+    if model_name == "mlp":
+        model, x = _mlp(), torch.randn(6, 12, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(4 * 16, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+        x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,))
+    updates = []
+    for compiled in (True, False):
+        learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=3, **options)
+        if compiled:
+            assert learner.compiled_stored
+        else:
+            learner._compiled_stored_ok = False
+        model.zero_grad(set_to_none=True)
+        learner.step(x, y, F.cross_entropy)
+        updates.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert updates[0].keys() == updates[1].keys() and updates[0]
+    for name in updates[1]:
+        assert torch.allclose(updates[0][name], updates[1][name], rtol=1e-10, atol=1e-12), name

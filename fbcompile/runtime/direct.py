@@ -43,7 +43,7 @@ from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, draw_
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
-from .base import Learner, StepResult
+from .base import Learner, StepResult, output_error
 from .options import Option, non_negative, one_of
 
 PROJECTION_OPTIONS = {
@@ -109,6 +109,7 @@ class DirectLearner(Learner):
     hidden_learn = True
     uses_projections = True          # C x S_u matrices (B_u, or DDTP-linear's Q_u)
     trainable_projections = False
+    compiled_local = True            # may compute local gradients with the compiled unit_error graph
     OPTIONS: dict = {}
 
     def __init__(self, program, **options):
@@ -141,8 +142,47 @@ class DirectLearner(Learner):
     def compute(self, inputs, targets, loss_fn):
         if self.options.get("execution") == "unlocked":
             return self._unlocked(inputs, targets, loss_fn)
+        if self.compiled_stored:
+            return self._compiled_stored(inputs, targets, loss_fn)
         with torch.enable_grad():
             return self._stored(inputs, targets, loss_fn)
+
+    @property
+    def compiled_stored(self) -> bool:
+        """Whether the stored path can run without autograd: every error map inside the units is
+        exact (:attr:`FeedbackProgram.exact_within_units`) and the output units output only model
+        outputs (their delta is e)."""
+        if not hasattr(self, "_compiled_stored_ok"):
+            program = self.program
+            self._compiled_stored_ok = (self.compiled_local and program.exact_within_units and all(
+                set(program.partition.units[u].outputs) <= set(program.outputs) for u in self.plan.output_units))
+            if self._compiled_stored_ok:
+                program.prepare("unit_error")
+        return self._compiled_stored_ok
+
+    def _compiled_stored(self, inputs, targets, loss_fn):
+        """The stored path without autograd: one forward (no graph) keeping the values the compiled
+        "unit_error" graph reads, then each unit's update from that graph pruned to the unit, e for
+        the output units and delta_u for the hidden ones, each delta made just before its unit and
+        dropped after it, so the deltas never all live at once."""
+        program, plan = self.program, self.plan
+        with torch.no_grad():
+            output, taps = program.run_forward(inputs)
+        loss, errors = output_error(output, targets, loss_fn)
+        updates = {}
+        at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
+        for unit in plan.output_units:
+            self._add_local(updates, unit, at_outputs, taps)
+        if self.hidden_learn and plan.projections:
+            signal = self.signal(errors, output, targets, _batch(inputs, output))
+            for unit in reversed(plan.hidden_units):
+                self._add_local(updates, unit, {p.node: self.delta(p, signal) for p in plan.of_unit(unit)}, taps)
+        return self._result(loss, output), updates
+
+    def _add_local(self, updates: dict, unit: int, deltas: dict, taps: tuple) -> None:
+        local = self.program.unit_gradients(deltas, {}, taps, unit=unit)
+        names = [n for n in self.plan.params[unit] if n in local]
+        _accumulate(updates, names, [local[n] for n in names])
 
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())

@@ -90,6 +90,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
     """Shared by DDTP-linear and DDTP-RHL: the signal, DRL feedback training and its optimizer."""
 
     trainable_projections = True
+    compiled_local = False           # trains its feedback on the stored unit outputs first
 
     def __init__(self, program, **options):
         super().__init__(program, **options)

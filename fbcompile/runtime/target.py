@@ -79,6 +79,13 @@ class TargetPropagation(Learner):
             kind = torch.optim.Adam if o["feedback_optimizer"] == "adam" else torch.optim.SGD
             self.feedback_optimizer = kind(params, lr=o["feedback_lr"], weight_decay=o["feedback_weight_decay"])
             self.feedback_steps = o["feedback_steps"] or DEFAULT_FEEDBACK_STEPS[source]
+        # every feedback graph a step runs, emitted now: the forward saves what all of them read
+        modes = [self.difference_mode if self.difference else "target"]
+        if source in LEARNED and source != "drl":
+            modes.append("unit_target")
+        if self.feedback_optimizer is None and program.exact_within_units:
+            modes.append("unit_error")
+        program.prepare(*modes)
 
     def parameters(self):
         return list(self.feedback.parameters()) if self.feedback is not None and self.feedback_optimizer else []
