@@ -130,15 +130,21 @@ def _failure_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
-    """Run something on ``model`` and restore its buffers (BatchNorm statistics) and the CPU RNG."""
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    """Run something on ``model`` with its buffers (BatchNorm statistics) swapped for copies and
+    the CPU RNG forked. Afterwards the original buffer tensors are back, never written in place:
+    autograd may have saved them (a train-mode BatchNorm backward reads the running statistics)."""
+    swapped = []
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                swapped.append((module, name, buf))
+                module._buffers[name] = buf.detach().clone()
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, buf in model.named_buffers():
-                    buf.copy_(saved[name])
+            for module, name, buf in swapped:
+                module._buffers[name] = buf
 
 
 def _propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:

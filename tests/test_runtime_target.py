@@ -244,3 +244,19 @@ def test_compiled_local_gradients_equal_autograd(name, shape, options, algorithm
     for n in updates[1]:
         scale = max(float(updates[1][n].norm()), 1e-3)
         assert float((updates[0][n] - updates[1][n]).norm()) / scale < 1e-10, n
+
+
+@pytest.mark.parametrize("source", ["drl", "ldrl"])
+def test_learned_feedback_on_a_batchnorm_resnet(source):
+    """Reconstruction passes run with the BatchNorm buffers swapped for copies: the step's backward
+    (which reads the running statistics) still works, and the statistics move by one forward only."""
+    torch.manual_seed(0)
+    model = build_model("resnet-small", (3, 16, 16), 10).double()
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (4,))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference(x)
+    learner = fbcompile.learner(fbcompile.compile(model, x), "dtp", feedback=source, feedback_steps=2)
+    learner.step(x, y, F.cross_entropy)
+    for (name, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-12), name
