@@ -6,7 +6,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from fbcompile.cli import main
 from fbcompile.runtime import ALGORITHMS
@@ -15,13 +14,7 @@ from fbcompile.verify.report import VerifyReport
 SMALL_MLP = ["--model", "mlp", "--model-option", "width=16", "--model-option", "depth=2", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """One torch thread (tiny models; much faster on a busy machine), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -225,9 +225,10 @@ def test_dense_limit_can_be_raised():
     old = dense.DENSE_LIMIT
     try:
         dense.set_dense_limit(100)
-        _refusal(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)), x, "P")
+        assert "100" in _refusal(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)), x, "P")
         dense.set_dense_limit(36 * 36)
-        fbcompile.compile(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)).double(), x, condition="P")
+        program = fbcompile.compile(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)).double(), x, condition="P")
+        assert program.condition == "P" and {r["kind"] for r in fbcompile.verify(program, x).rows} == {"exact"}
     finally:
         dense.set_dense_limit(old)
 

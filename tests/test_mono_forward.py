@@ -15,13 +15,7 @@ from fbcompile.runtime.mono_directional import central_difference, directional_g
 from helpers import snapshot, same, assert_failed_step_changes_nothing
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(channels=(8, 8), classes=10, in_channels=1, size=8):

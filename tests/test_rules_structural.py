@@ -166,8 +166,10 @@ def test_parameter_through_a_computed_value_warns():
         def forward(self, x):
             return torch.tanh(x) * self.g.sum()
 
-    with pytest.warns(UserWarning, match=r"(?s)mul.*'other'.*parameter\(s\) g"):
-        fbcompile.compile(Derived().double(), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.warns(UserWarning, match=r"(?s)mul.*'other'.*parameter\(s\) g") as caught:
+        program = fbcompile.compile(Derived().double(), torch.randn(2, 3, dtype=torch.float64))
+    assert any("outside the feedback graph" in str(w.message) for w in caught)
+    assert "g" not in program.feedback["error"].params          # error mode indeed gives g nothing
 
 
 def test_add_of_a_parameter_gets_its_gradient():

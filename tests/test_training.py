@@ -12,12 +12,7 @@ from fbcompile.training import Trainer, load_checkpoint, read_metrics
 MLP = {"width": 16, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
