@@ -172,7 +172,9 @@ class FeedbackProgram:
     @property
     def unit_outputs(self) -> list:
         """Every unit's output nodes, unit by unit: the order of the cut modes' inputs."""
-        return [o for unit in self.partition.units for o in unit.outputs]
+        if "unit_outputs" not in self._derived:
+            self._derived["unit_outputs"] = [o for unit in self.partition.units for o in unit.outputs]
+        return self._derived["unit_outputs"]
 
     def unit_gradients(self, deltas: dict, values: dict, taps: tuple, unit: int | None = None) -> dict:
         """{parameter: local gradient} given delta_u at the unit outputs (``deltas``: node name ->

@@ -340,7 +340,7 @@ def test_compiled_stored_path_equals_autograd(algorithm, options, model_name):
         if compiled:
             assert learner.compiled_stored
         else:
-            learner._compiled_stored_ok = False
+            learner.compiled_stored = False
         model.zero_grad(set_to_none=True)
         learner.step(x, y, F.cross_entropy)
         updates.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -123,6 +123,14 @@ class DirectLearner(Learner):
             self.projections = DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
                                                  scale=o["projection_scale"], seed=o["seed"],
                                                  trainable=self.trainable_projections)
+        # The stored path runs without autograd when every error map inside the units is exact and
+        # the output units output only model outputs (their delta is e).
+        self.compiled_stored = (self.compiled_local and self.options.get("execution") != "unlocked"
+                                and program.exact_within_units
+                                and all(set(program.partition.units[u].outputs) <= set(program.outputs)
+                                        for u in self.plan.output_units))
+        if self.compiled_stored:
+            program.prepare("unit_error")      # before any forward: it saves what this graph reads
 
     # -- hooks ------------------------------------------------------------------------------------
     def signal(self, errors: tuple | None, output, targets, batch: int) -> Signal | None:
@@ -146,19 +154,6 @@ class DirectLearner(Learner):
             return self._compiled_stored(inputs, targets, loss_fn)
         with torch.enable_grad():
             return self._stored(inputs, targets, loss_fn)
-
-    @property
-    def compiled_stored(self) -> bool:
-        """Whether the stored path can run without autograd: every error map inside the units is
-        exact (:attr:`FeedbackProgram.exact_within_units`) and the output units output only model
-        outputs (their delta is e)."""
-        if not hasattr(self, "_compiled_stored_ok"):
-            program = self.program
-            self._compiled_stored_ok = (self.compiled_local and program.exact_within_units and all(
-                set(program.partition.units[u].outputs) <= set(program.outputs) for u in self.plan.output_units))
-            if self._compiled_stored_ok:
-                program.prepare("unit_error")
-        return self._compiled_stored_ok
 
     def _compiled_stored(self, inputs, targets, loss_fn):
         """The stored path without autograd: one forward (no graph) keeping the values the compiled

@@ -83,7 +83,9 @@ class TargetPropagation(Learner):
         modes = [self.difference_mode if self.difference else "target"]
         if source in LEARNED and source != "drl":
             modes.append("unit_target")
-        if self.feedback_optimizer is None and program.exact_within_units:
+        # local gradients without autograd (compiled unit_error graph) where the units' error maps are exact
+        self.compiled_local = self.feedback_optimizer is None and program.exact_within_units
+        if self.compiled_local:
             modes.append("unit_error")
         program.prepare(*modes)
 
@@ -96,13 +98,12 @@ class TargetPropagation(Learner):
     # -- one step -------------------------------------------------------------------------------
     def compute(self, inputs, targets, loss_fn):
         program, beta = self.program, self.options["beta"]
-        compiled = self.feedback_optimizer is None and program.exact_within_units
+        compiled = self.compiled_local
         with torch.set_grad_enabled(torch.is_grad_enabled() and not compiled):
             output, taps, boundary_values = program.local_forward()(*inputs)
         loss, errors = output_error(output, targets, loss_fn)
-        values = dict(zip(program.boundary, boundary_values))
         if self.feedback_optimizer is not None:
-            self.train_feedback(inputs, taps, values)
+            self.train_feedback(inputs, taps, dict(zip(program.boundary, boundary_values)))
         with torch.no_grad():
             if self.difference:
                 fed = [-beta * e for e in errors]
