@@ -9,6 +9,7 @@ from torch import fx, nn
 from .context import RuleContext
 from .errors import FBCompileError
 from .passes.feedback import FeedbackGraph, emit_feedback
+from .passes.prune import GradientSubgraph, gradient_subgraph, prune_outputs
 from .passes.forward import build_cut_forward, build_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
 
@@ -63,7 +64,8 @@ class FeedbackProgram:
             self.taps.extend(new_taps)
             self.slots = _slots(self.model, self.feedback)
             if new_taps or not self._derived:
-                self._derived = {"forward": build_forward(self.traced, self.taps)}
+                self._derived = {"forward": build_forward(self.traced, self.taps),
+                                 "tap_index": {key: i for i, key in enumerate(self.taps)}}
             self._plans = {m: self._plan(g) for m, g in self.feedback.items()}
         return self.feedback[mode]
 
@@ -132,17 +134,23 @@ class FeedbackProgram:
             self._derived["cut"] = build_cut_forward(self.traced, self.partition)
         return self._derived["cut"]
 
-    def unit_forwards(self) -> list:
-        """Per-unit forward modules (:class:`~fbcompile.passes.forward.UnitStage`), in unit order."""
-        if "units" not in self._derived:
-            self._derived["units"] = build_unit_forwards(self.traced, self.partition)
-        return self._derived["units"]
+    def unit_forwards(self, tapped: bool = False) -> list:
+        """Per-unit forward modules (:class:`~fbcompile.passes.forward.UnitStage`), in unit order.
+        ``tapped``: each also returns the taps its unit's :meth:`unit_gradient_graph` reads (stage.taps)."""
+        key = "tapped units" if tapped else "units"
+        if key not in self._derived:
+            taps = None
+            if tapped:
+                taps = {u.index: [k for kind, k in self.unit_gradient_graph(u.index).inputs if kind == "tap"]
+                        for u in self.partition.units if u.params}
+            self._derived[key] = build_unit_forwards(self.traced, self.partition, taps)
+        return self._derived[key]
 
     def run_units(self, inputs: tuple, visit, *, detach: bool = True, stages: list | None = None,
                   execute=None):
         """Update-unlocked execution: run the units one after another; after each, call
-        ``visit(stage, unit_inputs, unit_outputs)`` (e.g. to compute and store its update at once),
-        then drop every value no later unit reads, so live activations do not grow with depth.
+        ``visit(stage, unit_inputs, unit_outputs)`` if given (e.g. to compute and store its update at
+        once), then drop every value no later unit reads, so live activations do not grow with depth.
         Unit inputs are detached when ``detach``. ``stages`` (default :meth:`unit_forwards`) may be
         stages carrying more than the unit (e.g. Mono-Forward's heads) and ``execute(stage, values)``
         replaces ``stage.module(*values)``. Returns the model output."""
@@ -160,7 +168,8 @@ class FeedbackProgram:
                 values = [v.detach() if torch.is_tensor(v) else v for v in values]
             outputs = stage.module(*values) if execute is None else execute(stage, values)
             env.update(zip(stage.outputs, outputs))
-            visit(stage, values, outputs)
+            if visit is not None:
+                visit(stage, values, outputs)
             del values, outputs
             for src in stage.inputs:
                 remaining[src] -= 1
@@ -181,13 +190,41 @@ class FeedbackProgram:
         tensor; a missing one is zero, shaped like ``values[name]``): each unit's own backward with
         its inputs held fixed, through the compiled "unit_error" graph, without autograd. Equals
         autograd on the local losses where :attr:`exact_within_units`. With ``unit`` (an index) only
-        that unit's parameters are computed and only its deltas are read (the graph is pruned)."""
-        outputs = self.unit_outputs if unit is None else self.partition.units[unit].outputs
-        fed = {o.name: deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in outputs}
+        that unit's parameters are computed, from the graph pruned to them (:meth:`unit_gradient_graph`)."""
+        if unit is not None:
+            index = self._derived["tap_index"]
+            return self.gradients_of_unit(unit, deltas, values, lambda key: taps[index[key]])
+        fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
         with torch.no_grad():
-            _, grads = self.run_feedback("unit_error", [fed.get(o.name) for o in self.unit_outputs], taps,
-                                         returns="params" if unit is None else ("params", unit))
+            _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
         return {n: g for n, g in zip(self.feedback["unit_error"].params, grads) if g is not None}
+
+    def unit_gradient_graph(self, unit: int) -> GradientSubgraph:
+        """The "unit_error" graph pruned to unit ``unit``'s parameter gradients, reading only that
+        unit's deltas and the taps its own backward needs."""
+        key = ("unit_gradients", unit)
+        if key not in self._derived:
+            graph = self.feedback_graph("unit_error")
+            self._derived[key] = gradient_subgraph(graph, [q for q in self.partition.units[unit].params
+                                                           if q in graph.params])
+        return self._derived[key]
+
+    def gradients_of_unit(self, unit: int, deltas: dict, values: dict, tap) -> dict:
+        """:meth:`unit_gradients` of one unit, with ``tap(key)`` giving the value of a tap key (from
+        the forward's taps, or from a tapped unit stage's, :meth:`unit_forwards`)."""
+        subgraph = self.unit_gradient_graph(unit)
+        args = []
+        for kind, key in subgraph.inputs:
+            if kind == "cut":
+                args.append(deltas[key] if key in deltas else torch.zeros_like(values[key]))
+            elif kind == "tap":
+                args.append(tap(key))
+            else:
+                raise FBCompileError(f"unit {unit}'s gradient graph reads a {kind!r} input {key!r}; "
+                                     "unit gradients take only unit-output deltas and taps")
+        with torch.no_grad():
+            grads = subgraph.module.forward(*args)     # .forward: no module hooks to run
+        return {n: g for n, g in zip(subgraph.params, grads) if g is not None}
 
     @property
     def exact_within_units(self) -> bool:
@@ -225,9 +262,8 @@ class FeedbackProgram:
         "unit_target"). ``weights`` maps slot keys ``(node name, param)`` to tensors used in place
         of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight.
         ``returns="units"`` skips the feedback into values computed without parameters (the model
-        inputs and what is computed from them alone), ``"params"`` all boundary values and
-        ``("params", unit)`` also the gradients of every other unit's parameters: the graph is pruned,
-        so that work (e.g. the first layer's input gradient) is not done."""
+        inputs and what is computed from them alone) and ``"params"`` all boundary values: the graph
+        is pruned, so that work (e.g. the first layer's input gradient) is not done."""
         self.feedback_graph(mode)
         plan = self._plans[mode]
         args = []
@@ -247,13 +283,11 @@ class FeedbackProgram:
             return self.feedback[mode].module
         key = ("pruned", mode, returns)
         if key not in self._derived:
-            keep = None if isinstance(returns, str) else set(self.partition.units[returns[1]].params)
-            self._derived[key] = prune_outputs(self.feedback[mode], returns if keep is None else "params",
-                                               self.parameter_free_boundary, keep)
+            self._derived[key] = prune_outputs(self.feedback[mode], returns, self.parameter_free_boundary)
         return self._derived[key]
 
     def _plan(self, graph: FeedbackGraph) -> list:
-        tap_index = {key: i for i, key in enumerate(self.taps)}
+        tap_index = self._derived["tap_index"]
         slot_index = {slot.key: i for i, slot in enumerate(self.slots)}
         plan = []
         cut_index = {o.name: i for i, o in enumerate(self.unit_outputs)}
@@ -276,33 +310,6 @@ class FeedbackProgram:
         input_errors = tuple(by_node.get(node) if by_node.get(node) is not None else torch.zeros_like(x)
                              for node, x in zip(self.inputs, inputs))
         return input_errors[0] if len(input_errors) == 1 else input_errors
-
-
-def prune_outputs(graph: FeedbackGraph, returns: str, parameter_free: frozenset,
-                  keep_params: set | None = None) -> fx.GraphModule:
-    """A copy of ``graph.module`` whose boundary outputs are None where not wanted (``returns``
-    "units": the positions in ``parameter_free``; "params": every boundary value), and whose
-    parameter gradients are None outside ``keep_params`` when given."""
-    if returns not in ("units", "params"):
-        raise FBCompileError(f"returns={returns!r}; use 'all', 'units' or 'params'")
-    module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
-    out = next(n for n in module.graph.nodes if n.op == "output")
-    values, grads = out.args[0]
-    kept = [None if (returns == "params" or i in parameter_free) else v for i, v in enumerate(values)]
-    if keep_params is not None:
-        grads = tuple(g if name in keep_params else None for name, g in zip(graph.params, grads))
-    out.args = ((tuple(kept), grads),)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
-
-
-def copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    env = {}
-    for node in graph.nodes:
-        env[node] = new.node_copy(node, lambda n: env[n])
-    return new
 
 
 def as_tuple(value) -> tuple:

@@ -283,6 +283,23 @@ def test_a_failed_step_changes_nothing(algorithm):
     assert_failed_step_changes_nothing(model, learner, bad, y)
 
 
+@pytest.mark.parametrize("algorithm,execution", [("dfa", None), ("sdfa", None), ("drtp", "unlocked"),
+                                                 ("drtp", "stored"), ("shallow", "unlocked")])
+def test_learners_that_declare_a_read_only_step_write_no_state(algorithm, execution):
+    """Transactions skip the state snapshot of learners with step_writes_state = False; a step
+    of theirs must then leave everything in state_dict but the step count as it was."""
+    torch.manual_seed(0)
+    model, x, y = _mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm,
+                                **({"execution": execution} if execution else {}))
+    assert not learner.step_writes_state
+    before = snapshot(model, learner)[3]
+    learner.step(x, y, F.cross_entropy)
+    after = snapshot(model, learner)[3]
+    assert (before.pop("steps"), after.pop("steps")) == (0, 1)
+    assert same(before, after)
+
+
 @pytest.mark.parametrize("algorithm", ["dfa", "drtp", "ddtp-linear", "ddtp-rhl"])
 def test_state_dict_round_trip_resumes_bitwise(algorithm):
     options = {"feedback_hidden": 16} if algorithm == "ddtp-rhl" else {}
@@ -322,10 +339,12 @@ def test_diagnostics_run_and_change_nothing(algorithm):
 
 
 @pytest.mark.parametrize("algorithm,options", [("dfa", {}), ("sdfa", {}), ("drtp", {"execution": "stored"}),
-                                               ("shallow", {"execution": "stored"})])
+                                               ("shallow", {"execution": "stored"}), ("drtp", {"execution": "unlocked"}),
+                                               ("shallow", {"execution": "unlocked"})])
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-def test_compiled_stored_path_equals_autograd(algorithm, options, model_name):
-    """Without autograd (the compiled unit_error graph, unit by unit) the updates are autograd's."""
+def test_compiled_paths_equal_autograd(algorithm, options, model_name):
+    """Without autograd (the compiled unit_error graph, unit by unit; for update-unlocked execution
+    fed by each unit stage's own taps) the updates are autograd's."""
     torch.manual_seed(0)
     if model_name == "mlp":
         model, x = _mlp(), torch.randn(6, 12, dtype=torch.float64)
@@ -338,9 +357,9 @@ def test_compiled_stored_path_equals_autograd(algorithm, options, model_name):
     for compiled in (True, False):
         learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=3, **options)
         if compiled:
-            assert learner.compiled_stored
+            assert learner.compiled
         else:
-            learner.compiled_stored = False
+            learner.compiled = False
         model.zero_grad(set_to_none=True)
         learner.step(x, y, F.cross_entropy)
         updates.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -25,6 +25,7 @@ import operator
 
 from torch import fx
 
+from ..errors import FBCompileError
 from ..trace import AttrRef, active_outputs, info
 
 
@@ -163,12 +164,14 @@ def _canonical_arguments(call, transform, get_attr) -> dict:
             for name, value in call.args.items()}
 
 
-def build_unit_forwards(gm: fx.GraphModule, partition) -> list:
+def build_unit_forwards(gm: fx.GraphModule, partition, taps: dict | None = None) -> list:
     """One GraphModule per unit, in unit order, for update-unlocked execution: unit ``u``'s module
     takes the values listed in ``stage.inputs`` (forward nodes produced outside the unit: other
     units' outputs, model inputs, shape values) and returns ``stage.outputs`` (the unit's outputs).
     Parameter-free helper nodes outside every unit (sizes, shapes) are recomputed inside the unit
-    that reads them."""
+    that reads them. With ``taps`` (unit index -> tap keys ``(node name, extra or None)`` of values
+    the unit's forward computes or reads) every module returns ``(outputs, tap values)`` instead,
+    the keys listed in ``stage.taps``: what a compiled local backward of the unit needs."""
     stages = []
     for unit in partition.units:
         members = _with_helpers(unit.nodes, partition)
@@ -186,16 +189,30 @@ def build_unit_forwards(gm: fx.GraphModule, partition) -> list:
                 copier.copy(node)
         for node in order:
             copier.copy(node)
-        module = copier.finish(tuple(copier.env[o] for o in unit.outputs), f"Unit{unit.index}")
-        stages.append(UnitStage(unit, module, inputs, list(unit.outputs)))
+        outputs = tuple(copier.env[o] for o in unit.outputs)
+        keys = None if taps is None else list(taps.get(unit.index, ()))
+        if keys is not None:
+            outputs = (outputs, tuple(_tap_value(copier, unit, key) for key in keys))
+        module = copier.finish(outputs, f"Unit{unit.index}")
+        stages.append(UnitStage(unit, module, inputs, list(unit.outputs), keys))
     return stages
 
 
-class UnitStage:
-    """A unit's own forward: ``module(*values of inputs) -> tuple of values of outputs``."""
+def _tap_value(copier: _Copier, unit, key: tuple) -> fx.Node:
+    by_name = {node.name: value for node, value in copier.env.items()}
+    value = copier.extras.get(key) if key[1] else by_name.get(key[0])
+    if value is None:
+        raise FBCompileError(f"unit {unit.index}'s forward neither computes nor reads the value {key} "
+                             "its local backward needs")
+    return value
 
-    def __init__(self, unit, module, inputs, outputs):
-        self.unit, self.module, self.inputs, self.outputs = unit, module, inputs, outputs
+
+class UnitStage:
+    """A unit's own forward: ``module(*values of inputs) -> tuple of values of outputs``, or
+    ``(outputs, values of the taps)`` when ``taps`` lists tap keys."""
+
+    def __init__(self, unit, module, inputs, outputs, taps=None):
+        self.unit, self.module, self.inputs, self.outputs, self.taps = unit, module, inputs, outputs, taps
 
     def __repr__(self):
         return f"UnitStage({self.unit.index}: {[n.name for n in self.inputs]} -> {[n.name for n in self.outputs]})"

@@ -48,6 +48,9 @@ class Learner:
 
     name = "learner"
     OPTIONS: dict = {}
+    # False where compute() never writes learner state (its fixed matrices and generator are only
+    # read): a step's transaction then snapshots just the model buffers and the global RNG.
+    step_writes_state = True
 
     def __init__(self, program, **options):
         from . import other_algorithms_with
@@ -122,15 +125,18 @@ class _Transaction:
         self.learner, self.always_restore = learner, always_restore
 
     def __enter__(self):
-        state = self.learner.state_dict()
-        self.state = _snapshot(state, {id(t) for t in self.learner.unwritten_tensors(state)})
+        self.state = None
+        if self.learner.step_writes_state or self.always_restore:
+            state = self.learner.state_dict()
+            self.state = _snapshot(state, {id(t) for t in self.learner.unwritten_tensors(state)})
         self.buffers = {n: b.detach().clone() for n, b in self.learner.buffers.items()}
         self.rng = torch.random.get_rng_state()
         return self
 
     def __exit__(self, kind, value, traceback):
         if kind is not None or self.always_restore:
-            self.learner.load_state_dict(self.state)
+            if self.state is not None:
+                self.learner.load_state_dict(self.state)
             with torch.no_grad():
                 for name, buffer in self.learner.buffers.items():
                     buffer.copy_(self.buffers[name])
@@ -147,6 +153,8 @@ def _snapshot(value, shared: set):
         return type(value)((k, _snapshot(v, shared)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return type(value)(_snapshot(v, shared) for v in value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
     return copy.deepcopy(value)
 
 
@@ -158,7 +166,7 @@ def all_finite(tensors) -> bool:
 
 
 def check_finite(grads: dict, result: StepResult) -> None:
-    if all_finite(grads.values()) and math.isfinite(result.loss):
+    if _updates_finite(list(grads.values())) and math.isfinite(result.loss):
         return
     bad = [name for name, g in grads.items() if g is not None and not torch.isfinite(g).all()]
     if bad:
@@ -166,3 +174,24 @@ def check_finite(grads: dict, result: StepResult) -> None:
                              "nothing was changed (lower the learning rate or beta, or check the inputs)")
     if not math.isfinite(result.loss):
         raise NonFiniteError(f"the loss is {result.loss}; nothing was changed")
+
+
+def _updates_finite(updates: list) -> bool:
+    """:func:`all_finite` for a step's own update tensors, exact (no overflow caveat) and about twice
+    as fast: the fused inf/nan check behind ``torch.amp.GradScaler`` with an unscale factor of 1.
+    That kernel writes its input in place (x * 1 == x, but the version counter moves), so it only
+    gets tensors no autograd graph can have saved: fresh, non-view, not requiring grad."""
+    fused, rest = {}, []
+    for t in updates:
+        if t is None or not t.numel():
+            continue
+        if t.is_floating_point() and t._base is None and not t.requires_grad:
+            fused.setdefault(t.device, []).append(t)
+        else:
+            rest.append(t)
+    for device, tensors in fused.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
+        if bool(found):
+            return False
+    return all_finite(rest)

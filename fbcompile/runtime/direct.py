@@ -110,6 +110,7 @@ class DirectLearner(Learner):
     uses_projections = True          # C x S_u matrices (B_u, or DDTP-linear's Q_u)
     trainable_projections = False
     compiled_local = True            # may compute local gradients with the compiled unit_error graph
+    step_writes_state = False        # B_u fixed, nothing drawn (DDTP, which trains Q_u, says True)
     OPTIONS: dict = {}
 
     def __init__(self, program, **options):
@@ -123,13 +124,12 @@ class DirectLearner(Learner):
             self.projections = DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
                                                  scale=o["projection_scale"], seed=o["seed"],
                                                  trainable=self.trainable_projections)
-        # The stored path runs without autograd when every error map inside the units is exact and
-        # the output units output only model outputs (their delta is e).
-        self.compiled_stored = (self.compiled_local and self.options.get("execution") != "unlocked"
-                                and program.exact_within_units
-                                and all(set(program.partition.units[u].outputs) <= set(program.outputs)
-                                        for u in self.plan.output_units))
-        if self.compiled_stored:
+        # Both paths run without autograd when every error map inside the units is exact and the
+        # output units output only model outputs (their delta is e).
+        self.compiled = (self.compiled_local and program.exact_within_units
+                         and all(set(program.partition.units[u].outputs) <= set(program.outputs)
+                                 for u in self.plan.output_units))
+        if self.compiled:
             program.prepare("unit_error")      # before any forward: it saves what this graph reads
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -148,10 +148,11 @@ class DirectLearner(Learner):
 
     # -- the step ---------------------------------------------------------------------------------
     def compute(self, inputs, targets, loss_fn):
-        if self.options.get("execution") == "unlocked":
+        unlocked = self.options.get("execution") == "unlocked"
+        if self.compiled:
+            return (self._compiled_unlocked if unlocked else self._compiled_stored)(inputs, targets, loss_fn)
+        if unlocked:
             return self._unlocked(inputs, targets, loss_fn)
-        if self.compiled_stored:
-            return self._compiled_stored(inputs, targets, loss_fn)
         with torch.enable_grad():
             return self._stored(inputs, targets, loss_fn)
 
@@ -167,17 +168,42 @@ class DirectLearner(Learner):
         updates = {}
         at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
         for unit in plan.output_units:
-            self._add_local(updates, unit, at_outputs, taps)
+            _add_local(updates, plan, unit, program.unit_gradients(at_outputs, {}, taps, unit=unit))
         if self.hidden_learn and plan.projections:
             signal = self.signal(errors, output, targets, _batch(inputs, output))
             for unit in reversed(plan.hidden_units):
-                self._add_local(updates, unit, {p.node: self.delta(p, signal) for p in plan.of_unit(unit)}, taps)
+                _add_local(updates, plan, unit, program.unit_gradients(self._deltas(unit, signal), {}, taps, unit=unit))
         return self._result(loss, output), updates
 
-    def _add_local(self, updates: dict, unit: int, deltas: dict, taps: tuple) -> None:
-        local = self.program.unit_gradients(deltas, {}, taps, unit=unit)
-        names = [n for n in self.plan.params[unit] if n in local]
-        _accumulate(updates, names, [local[n] for n in names])
+    def _compiled_unlocked(self, inputs, targets, loss_fn):
+        """The update-unlocked path without autograd: each unit's forward (no graph) also returns
+        the taps of its compiled local backward; a hidden unit's update is computed from them at
+        once and they are dropped, the output units' taps wait for e."""
+        program, plan = self.program, self.plan
+        signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
+        learning = set(plan.hidden_units if self.hidden_learn else ())
+        waiting, updates = {}, {}
+
+        def execute(stage, values):
+            outputs, tap_values = stage.module(*values)
+            index = stage.unit.index
+            if index in learning:
+                tap = dict(zip(stage.taps, tap_values)).__getitem__
+                _add_local(updates, plan, index, program.gradients_of_unit(index, self._deltas(index, signal), {}, tap))
+            elif index in plan.output_units:
+                waiting[index] = dict(zip(stage.taps, tap_values))
+            return outputs
+
+        with torch.no_grad():
+            output = program.run_units(inputs, None, stages=program.unit_forwards(tapped=True), execute=execute)
+        loss, errors = output_error(output, targets, loss_fn)
+        at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
+        for unit in plan.output_units:
+            _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, waiting.pop(unit).__getitem__))
+        return self._result(loss, output), updates
+
+    def _deltas(self, unit: int, signal: Signal) -> dict:
+        return {p.node: self.delta(p, signal) for p in self.plan.of_unit(unit)}
 
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())
@@ -286,6 +312,12 @@ class DirectLearner(Learner):
 def _batch(inputs, output) -> int:
     first = flat_outputs(output)[0] if output is not None else inputs[0]
     return int(first.shape[0])
+
+
+def _add_local(updates: dict, plan: DirectPlan, unit: int, local: dict) -> None:
+    """Add unit ``unit``'s trainable parameters' entries of ``local`` to ``updates``."""
+    names = [n for n in plan.params[unit] if n in local]
+    _accumulate(updates, names, [local[n] for n in names])
 
 
 def _accumulate(updates: dict, names, grads) -> None:

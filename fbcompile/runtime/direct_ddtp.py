@@ -91,6 +91,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
 
     trainable_projections = True
     compiled_local = False           # trains its feedback on the stored unit outputs first
+    step_writes_state = True         # Q_u, its optimizer, the noise generator
 
     def __init__(self, program, **options):
         super().__init__(program, **options)

@@ -1,0 +1,77 @@
+"""Pruned copies of a feedback graph: only the outputs a caller wants, and the work they need.
+
+A feedback graph returns ``(boundary values, parameter gradients)`` for the whole model. Callers
+often want less: DTP's targets never need the feedback into the model input (for an MLP that is a
+batch x 256 x 784 matmul), and a direct learner visiting one unit at a time wants that unit's
+parameter gradients only. Dropping outputs and then dead code removes the work; dropping the
+inputs nothing reads any more also removes the cost of gathering them on every call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from ..errors import FBCompileError
+from .feedback import FeedbackGraph
+
+
+def prune_outputs(graph: FeedbackGraph, returns: str, parameter_free: frozenset) -> fx.GraphModule:
+    """A copy of ``graph.module`` whose boundary outputs are None where not wanted (``returns``
+    "units": the positions in ``parameter_free``; "params": every boundary value)."""
+    if returns not in ("units", "params"):
+        raise FBCompileError(f"returns={returns!r}; use 'all', 'units' or 'params'")
+    module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
+    out = _output_node(module.graph)
+    values, grads = out.args[0]
+    kept = [None if (returns == "params" or i in parameter_free) else v for i, v in enumerate(values)]
+    out.args = ((tuple(kept), grads),)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+@dataclass(frozen=True)
+class GradientSubgraph:
+    """The part of a feedback graph computing the gradients of ``params`` only.
+
+    ``module(*args)`` returns one gradient per name in ``params`` (None where the graph has none);
+    ``args`` are the graph inputs it still reads, in the order of ``inputs`` (entries of
+    :attr:`FeedbackGraph.inputs`, e.g. ("cut", node name) or ("tap", key))."""
+    module: fx.GraphModule
+    inputs: tuple
+    params: tuple
+
+
+def gradient_subgraph(graph: FeedbackGraph, params) -> GradientSubgraph:
+    """Prune ``graph`` to the gradients of ``params`` and drop the inputs that are no longer read."""
+    wanted = tuple(params)
+    unknown = [name for name in wanted if name not in graph.params]
+    if unknown:
+        raise FBCompileError(f"the {graph.mode!r} feedback graph returns no gradient for {unknown}")
+    module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
+    out = _output_node(module.graph)
+    by_name = dict(zip(graph.params, out.args[0][1]))
+    out.args = (tuple(by_name[name] for name in wanted),)
+    module.graph.eliminate_dead_code()
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    inputs = []
+    for placeholder, source in zip(placeholders, graph.inputs):
+        if placeholder.users:
+            inputs.append(source)
+        else:
+            module.graph.erase_node(placeholder)
+    module.recompile()
+    return GradientSubgraph(module, tuple(inputs), wanted)
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    env = {}
+    for node in graph.nodes:
+        env[node] = new.node_copy(node, lambda n: env[n])
+    return new
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "output")
