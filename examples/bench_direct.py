@@ -40,11 +40,40 @@ def _config_step(config: str, model, x, y):
     return learner_step(fbcompile.learner(fbcompile.compile(model, x[:2]), name, **options), x, y, F.cross_entropy)
 
 
+def handwritten_dfa_step(model, x, y):
+    """The floor: DFA for this Linear/Tanh MLP written out by hand, with none of the learner
+    contract (no transaction, no finiteness check, the softmax cross-entropy error in closed form):
+    forward, e = (softmax(a_L) - y*) / N, then per layer delta = (e B) * (1 - h^2),
+    dW = delta^T h_in, db = sum_n delta. A reference row, not a configuration of the library."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    projections = [torch.randn(linears[-1].out_features, layer.out_features) for layer in linears[:-1]]
+    rows = torch.arange(len(y))
+
+    def step():
+        with torch.no_grad():
+            h, layer_inputs, outputs = x.flatten(1), [], []
+            for i, layer in enumerate(linears):
+                layer_inputs.append(h)
+                h = F.linear(h, layer.weight, layer.bias)
+                h = torch.tanh(h) if i < len(linears) - 1 else h
+                outputs.append(h)
+            e = torch.softmax(h, 1)
+            e[rows, y] -= 1
+            e /= len(y)
+            for i, layer in enumerate(linears):
+                delta = e if i == len(linears) - 1 else torch.ops.aten.tanh_backward(e @ projections[i], outputs[i])
+                layer.weight.grad = delta.t() @ layer_inputs[i]
+                layer.bias.grad = delta.sum(0)
+    return step
+
+
 def step_functions(batch: int = 128) -> dict:
     torch.manual_seed(0)
     model = build_model("mlp", (784,), 10, width=256, depth=5)
     x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
-    return {c: _config_step(c, model, x, y) for c in ["autograd bp", "dfa", "sdfa", "drtp (unlocked)", "drtp (stored)"]}
+    steps = {c: _config_step(c, model, x, y) for c in ["autograd bp", "dfa", "sdfa", "drtp (unlocked)", "drtp (stored)"]}
+    steps["dfa, hand-written floor"] = handwritten_dfa_step(model, x, y)
+    return steps
 
 
 def memory_of(config: str, depth: int = 16, width: int = 512, batch: int = 8192) -> dict:

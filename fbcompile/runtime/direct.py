@@ -27,23 +27,29 @@ never written (it stays None after ``zero_grad()``; optimizers then skip them).
 Execution (``execution``, drtp and shallow): "unlocked" (default) runs the units one by one with
 :meth:`FeedbackProgram.run_units`; each hidden unit computes its update right after its forward and
 its activations are freed before the next unit runs, so live memory does not grow with depth (the
-hidden signal needs only the label). "stored" runs one forward that keeps every unit's local graph
-and then one local backward per unit -- the path DFA and sDFA always take, since they need the
-output error; it never runs a backward chain through the network either. Both give the same updates.
+hidden signal needs only the label). "stored" runs one forward that keeps what every unit's local
+backward reads and then one local backward per unit -- the path DFA and sDFA always take, since
+they need the output error; it never runs a backward chain through the network either. Both give
+the same updates.
+
+Both paths run without autograd (``self.compiled``) when every error map inside the units is exact
+(:attr:`FeedbackProgram.exact_within_units`): the forward runs under no_grad and saves the taps of
+the compiled "unit_error" graph, and each unit's update comes from that graph pruned to the unit
+(:meth:`FeedbackProgram.gradients_of_unit`); update-unlocked, each unit stage returns its own taps
+(``program.unit_forwards(tapped=True)``). Otherwise each unit's update is an autograd backward
+through its own graph, its input detached.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch import nn
 
 from ..errors import FBCompileError, OptionError
-from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, draw_projections, plan_direct
+from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, plan_direct
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
 from .base import Learner, StepResult, output_error
+from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
 
 PROJECTION_OPTIONS = {
@@ -61,42 +67,6 @@ BATCH_SCALING = {"batch_scaling": Option("mean", one_of("mean", "none"),
 EXECUTION = {"execution": Option("unlocked", one_of("unlocked", "stored"),
                                  "'unlocked': update each unit right after its forward and free it; "
                                  "'stored': keep one forward's activations, one local backward")}
-
-
-@dataclass
-class Signal:
-    """The per-sample output-side signal of one batch: ``dense`` (N, C), or one-hot ``labels`` (N,)
-    times ``factor``; ``output`` is the flattened, detached model output (for DDTP-RHL)."""
-    batch: int
-    dense: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    factor: float = 1.0
-    output: torch.Tensor | None = None
-    cache: dict = field(default_factory=dict)
-
-
-class DirectProjections(nn.Module):
-    """The matrices B_u (or DDTP-linear's Q_u) of a plan, stored as (C, *S_u); trainable for DDTP."""
-
-    def __init__(self, plan: DirectPlan, *, init: str, fan: str, scale: float | None, seed: int,
-                 trainable: bool = False):
-        super().__init__()
-        self.shapes = [p.shape for p in plan.projections]
-        tensors = draw_projections(plan, init=init, fan=fan, scale=1.0 if scale is None else scale, seed=seed)
-        self.weights = nn.ParameterList([nn.Parameter(t, requires_grad=trainable) for t in tensors])
-
-    def flat(self, index: int) -> torch.Tensor:
-        weight = self.weights[index]
-        return weight.reshape(weight.shape[0], -1)
-
-    def project(self, index: int, signal: Signal) -> torch.Tensor:
-        """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u."""
-        matrix = self.flat(index)
-        if signal.labels is not None:          # scale the C rows, then select one per sample
-            delta = (matrix * signal.factor if signal.factor != 1.0 else matrix).index_select(0, signal.labels)
-        else:
-            delta = signal.dense.to(matrix.dtype) @ matrix
-        return delta.reshape(signal.batch, *self.shapes[index])
 
 
 class DirectLearner(Learner):
@@ -324,28 +294,6 @@ def _accumulate(updates: dict, names, grads) -> None:
     for name, grad in zip(names, grads):
         if grad is not None:
             updates[name] = grad if name not in updates else updates[name] + grad
-
-
-def flat_error(errors: tuple) -> torch.Tensor:
-    """The per-sample output error as one (N, C) matrix (several outputs concatenated)."""
-    flat = [e.reshape(e.shape[0], -1) for e in errors]
-    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
-
-
-def label_signal(targets, signal_dim: int, batch: int, factor: float, algorithm: str) -> Signal:
-    """y* as a signal: class indices (N,) select rows of B; one-hot or soft targets (N, C) multiply."""
-    if not torch.is_tensor(targets):
-        raise FBCompileError(f"algorithm {algorithm!r} needs class labels as a tensor, got {type(targets).__name__}")
-    if not targets.is_floating_point() and targets.dim() == 1 and len(targets) == batch:
-        if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= signal_dim):
-            raise FBCompileError(f"algorithm {algorithm!r}: labels must lie in [0, {signal_dim}) (the model's output "
-                                 f"size), got range [{int(targets.min())}, {int(targets.max())}]")
-        return Signal(batch, labels=targets, factor=factor)
-    if targets.is_floating_point() and tuple(targets.shape) == (batch, signal_dim):
-        return Signal(batch, dense=targets * factor)
-    raise FBCompileError(f"algorithm {algorithm!r} projects the one-hot target y*: give class indices of shape "
-                         f"({batch},) or one-hot targets of shape ({batch}, {signal_dim}); got "
-                         f"{targets.dtype} {tuple(targets.shape)}")
 
 
 def _check_projection_scale(algorithm: str, options: dict, given: dict) -> None:

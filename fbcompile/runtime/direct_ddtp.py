@@ -40,7 +40,8 @@ from ..program import as_tuple, flat_outputs
 from ..trace import preserved_state
 from . import register_algorithm
 from .base import all_finite
-from .direct import PROJECTION_OPTIONS, DirectLearner, Signal, flat_error
+from .direct import PROJECTION_OPTIONS, DirectLearner
+from .direct_signals import Signal, flat_error
 from .options import Option, non_negative, one_of, positive, positive_int
 
 FEEDBACK_OPTIONS = {

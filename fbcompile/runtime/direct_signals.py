@@ -1,0 +1,74 @@
+"""The output-side signals of the direct learners and the projections B_u that carry them.
+
+A :class:`Signal` is one batch's per-sample signal s (the error e, its sign, the one-hot target y*),
+dense (N, C) or, for class labels, the label indices with a scale; :class:`DirectProjections`
+holds B_u for every projected unit output (stored (C, *S_u), drawn by
+:func:`fbcompile.passes.direct.draw_projections`) and maps s onto the unit: delta_u = s B_u.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import FBCompileError
+from ..passes.direct import DirectPlan, draw_projections
+
+
+@dataclass
+class Signal:
+    """The per-sample output-side signal of one batch: ``dense`` (N, C), or one-hot ``labels`` (N,)
+    times ``factor``; ``output`` is the flattened, detached model output (for DDTP-RHL)."""
+    batch: int
+    dense: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    factor: float = 1.0
+    output: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+
+class DirectProjections(nn.Module):
+    """The matrices B_u (or DDTP-linear's Q_u) of a plan, stored as (C, *S_u); trainable for DDTP."""
+
+    def __init__(self, plan: DirectPlan, *, init: str, fan: str, scale: float | None, seed: int,
+                 trainable: bool = False):
+        super().__init__()
+        self.shapes = [p.shape for p in plan.projections]
+        tensors = draw_projections(plan, init=init, fan=fan, scale=1.0 if scale is None else scale, seed=seed)
+        self.weights = nn.ParameterList([nn.Parameter(t, requires_grad=trainable) for t in tensors])
+
+    def flat(self, index: int) -> torch.Tensor:
+        weight = self.weights[index]
+        return weight.reshape(weight.shape[0], -1)
+
+    def project(self, index: int, signal: Signal) -> torch.Tensor:
+        """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u."""
+        matrix = self.flat(index)
+        if signal.labels is not None:          # scale the C rows, then select one per sample
+            delta = (matrix * signal.factor if signal.factor != 1.0 else matrix).index_select(0, signal.labels)
+        else:
+            delta = signal.dense.to(matrix.dtype) @ matrix
+        return delta.reshape(signal.batch, *self.shapes[index])
+
+
+def flat_error(errors: tuple) -> torch.Tensor:
+    """The per-sample output error as one (N, C) matrix (several outputs concatenated)."""
+    flat = [e.reshape(e.shape[0], -1) for e in errors]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+
+def label_signal(targets, signal_dim: int, batch: int, factor: float, algorithm: str) -> Signal:
+    """y* as a signal: class indices (N,) select rows of B; one-hot or soft targets (N, C) multiply."""
+    if not torch.is_tensor(targets):
+        raise FBCompileError(f"algorithm {algorithm!r} needs class labels as a tensor, got {type(targets).__name__}")
+    if not targets.is_floating_point() and targets.dim() == 1 and len(targets) == batch:
+        if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= signal_dim):
+            raise FBCompileError(f"algorithm {algorithm!r}: labels must lie in [0, {signal_dim}) (the model's output "
+                                 f"size), got range [{int(targets.min())}, {int(targets.max())}]")
+        return Signal(batch, labels=targets, factor=factor)
+    if targets.is_floating_point() and tuple(targets.shape) == (batch, signal_dim):
+        return Signal(batch, dense=targets * factor)
+    raise FBCompileError(f"algorithm {algorithm!r} projects the one-hot target y*: give class indices of shape "
+                         f"({batch},) or one-hot targets of shape ({batch}, {signal_dim}); got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
