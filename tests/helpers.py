@@ -58,6 +58,17 @@ def assert_failed_step_changes_nothing(model, learner, bad_inputs, targets):
     assert same(before, snapshot(model, learner)) and torch.equal(rng, torch.random.get_rng_state())
 
 
+def assert_step_writes_no_state(model, learner, inputs, targets):
+    """A learner declaring ``step_writes_state = False`` (its transactions skip the state snapshot)
+    leaves everything in its state_dict but the step count as it was after a step."""
+    assert not learner.step_writes_state
+    before = snapshot(model, learner)[3]
+    learner.step(inputs, targets, F.cross_entropy)
+    after = snapshot(model, learner)[3]
+    assert after.pop("steps") == before.pop("steps") + 1
+    assert same(before, after)
+
+
 def assert_resume_is_bitwise(make, algorithm, options, steps=5, split=3):
     """Training ``steps`` steps in one go equals stopping after ``split``, rebuilding everything
     from other seeds and loading the model, learner and optimizer state dicts.

@@ -8,7 +8,8 @@ import fbcompile
 from fbcompile.data import load_dataset
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.models import build_model
-from helpers import assert_resume_is_bitwise, snapshot, same, assert_failed_step_changes_nothing
+from helpers import (assert_failed_step_changes_nothing, assert_resume_is_bitwise, assert_step_writes_no_state,
+                     same, snapshot)
 
 
 DIRECT = ["dfa", "sdfa", "drtp", "shallow", "ddtp-linear", "ddtp-rhl"]
@@ -292,12 +293,7 @@ def test_learners_that_declare_a_read_only_step_write_no_state(algorithm, execut
     model, x, y = _mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm,
                                 **({"execution": execution} if execution else {}))
-    assert not learner.step_writes_state
-    before = snapshot(model, learner)[3]
-    learner.step(x, y, F.cross_entropy)
-    after = snapshot(model, learner)[3]
-    assert (before.pop("steps"), after.pop("steps")) == (0, 1)
-    assert same(before, after)
+    assert_step_writes_no_state(model, learner, x, y)
 
 
 @pytest.mark.parametrize("algorithm", ["dfa", "drtp", "ddtp-linear", "ddtp-rhl"])

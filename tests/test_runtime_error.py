@@ -10,7 +10,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.models import build_model
 from fbcompile.runtime.diagnostics import angle
-from helpers import assert_resume_is_bitwise, assert_failed_step_changes_nothing
+from helpers import assert_failed_step_changes_nothing, assert_resume_is_bitwise, assert_step_writes_no_state
 from fbcompile.verify.checks import relative_error
 
 
@@ -122,6 +122,20 @@ def test_a_failed_step_changes_nothing(algorithm):
     bad = x.clone()
     bad[0, 0] = float("nan")
     assert_failed_step_changes_nothing(model, learner, bad, y)
+
+
+@pytest.mark.parametrize("algorithm,options", [("bp", {}), ("fa", {}), ("fa", {"sign": "usf"}),
+                                               ("fa", {"sign": "frsf"}), ("fa", {"sign": "brsf"})])
+def test_step_writes_state_is_declared_truthfully(algorithm, options):
+    """Only brsf FA draws during a step; the others may skip the transaction's state snapshot."""
+    model, x, y = _mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, **options)
+    if options.get("sign") == "brsf":
+        generator = learner.feedback.generator.get_state()
+        learner.step(x, y, F.cross_entropy)
+        assert learner.step_writes_state and not torch.equal(generator, learner.feedback.generator.get_state())
+    else:
+        assert_step_writes_no_state(model, learner, x, y)
 
 
 def test_state_dict_round_trip_resumes_bitwise():

@@ -11,7 +11,7 @@ import fbcompile
 from fbcompile.errors import OptionError
 from fbcompile.models import build_model
 from fbcompile.runtime.diagnostics import angle
-from helpers import assert_failed_step_changes_nothing
+from helpers import assert_failed_step_changes_nothing, assert_step_writes_no_state
 
 from test_end_to_end import _detach_variances
 
@@ -261,3 +261,21 @@ def test_learned_feedback_on_a_batchnorm_resnet(source):
     learner.step(x, y, F.cross_entropy)
     for (name, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
         assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-12), name
+
+
+@pytest.mark.parametrize("algorithm,feedback", [("dtp", "analytic"), ("tp", "analytic"), ("dtp", "random"),
+                                                ("dtp", "drl")])
+def test_step_writes_state_is_declared_truthfully(algorithm, feedback):
+    """Fixed feedback (analytic or random) leaves the learner state alone, so transactions skip its
+    snapshot; learned feedback trains its weights every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, feedback=feedback)
+    if feedback in ("analytic", "random"):
+        assert_step_writes_no_state(model, learner, x, y)
+    else:
+        before = [p.detach().clone() for p in learner.parameters()]
+        learner.step(x, y, F.cross_entropy)
+        assert learner.step_writes_state
+        assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters()))

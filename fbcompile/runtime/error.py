@@ -23,6 +23,7 @@ from .options import Option, non_negative, one_of
 class ErrorPropagation(Learner):
     """Backpropagation through the compiled condition-T feedback graph (equals autograd)."""
     name = "bp"
+    step_writes_state = False
 
     def __init__(self, program, **options):
         super().__init__(program, **options)
@@ -59,6 +60,10 @@ class FeedbackAlignment(ErrorPropagation):
         o = self.options
         self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"], seed=o["seed"],
                                         trainable=False, sign=o["sign"])
+
+    @property
+    def step_writes_state(self) -> bool:
+        return self.options["sign"] == "brsf"      # B's magnitudes are redrawn every batch
 
     def extra_state(self):
         return {"feedback": self.feedback.state_dict()}

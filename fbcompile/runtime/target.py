@@ -89,6 +89,10 @@ class TargetPropagation(Learner):
             modes.append("unit_error")
         program.prepare(*modes)
 
+    @property
+    def step_writes_state(self) -> bool:
+        return self.feedback_optimizer is not None      # learned feedback: its weights, optimizer, noise
+
     def parameters(self):
         return list(self.feedback.parameters()) if self.feedback is not None and self.feedback_optimizer else []
 
