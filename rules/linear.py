@@ -26,10 +26,13 @@ def linear(input, weight, bias=None):
 
 
 def linear_param_grads(ctx, g):
-    """dW = g^T x, db = sum(g), with the leading dimensions flattened into rows."""
-    out_features, in_features = ctx.shape("weight")
-    rows_g = g.reshape(-1, out_features)
-    rows_x = ctx.saved("input").reshape(-1, in_features)
+    """dW = g^T x, db = sum(g), with the leading dimensions flattened into rows (a traced (N, in)
+    input is rows already: no reshape ops in the generated code)."""
+    rows_g, rows_x = g, ctx.saved("input")
+    traced = ctx.shape("input")
+    if traced is None or len(traced) != 2:
+        out_features, in_features = ctx.shape("weight")
+        rows_g, rows_x = g.reshape(-1, out_features), rows_x.reshape(-1, in_features)
     grads = {"weight": rows_g.t() @ rows_x}
     if ctx.has("bias"):
         grads["bias"] = rows_g.sum(0)

@@ -86,6 +86,7 @@ class DirectLearner(Learner):
     def __init__(self, program, **options):
         super().__init__(program, **options)
         self.plan = plan_direct(program)
+        self._projections_of = {unit: self.plan.of_unit(unit) for unit in self.plan.hidden_units}
         self.projections, self._stored_forward = None, None
         if "projection_init" in self.OPTIONS:
             _check_projection_scale(self.name, self.options, options)
@@ -173,7 +174,7 @@ class DirectLearner(Learner):
         return self._result(loss, output), updates
 
     def _deltas(self, unit: int, signal: Signal) -> dict:
-        return {p.node: self.delta(p, signal) for p in self.plan.of_unit(unit)}
+        return {p.node: self.delta(p, signal) for p in self._projections_of[unit]}
 
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())
@@ -204,7 +205,7 @@ class DirectLearner(Learner):
             if not prepared:
                 self.before_update(inputs, output, {n: v.detach() for n, v in values.items()}, signal)
             for unit in reversed(plan.hidden_units):
-                projections = plan.of_unit(unit)
+                projections = self._projections_of[unit]
                 self._unit_update(unit, [values.pop(p.node) for p in projections], projections, signal, updates)
         return self._result(loss, output), updates
 
@@ -229,7 +230,7 @@ class DirectLearner(Learner):
             index = stage.unit.index
             if self.hidden_learn and index in plan.hidden_units:
                 by_node = dict(zip((n.name for n in stage.outputs), unit_outputs))
-                projections = plan.of_unit(index)
+                projections = self._projections_of[index]
                 self._unit_update(index, [by_node[p.node] for p in projections], projections, signal, updates)
             position[0] += 1
             if position[0] < len(stages):          # grad mode of the next unit's forward

@@ -40,16 +40,21 @@ class DirectProjections(nn.Module):
 
     def flat(self, index: int) -> torch.Tensor:
         weight = self.weights[index]
-        return weight.reshape(weight.shape[0], -1)
+        return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
     def project(self, index: int, signal: Signal) -> torch.Tensor:
-        """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u."""
+        """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u.
+        (Several small ops per unit and step: the no-op casts and reshapes are skipped.)"""
         matrix = self.flat(index)
-        if signal.labels is not None:          # scale the C rows, then select one per sample
-            delta = (matrix * signal.factor if signal.factor != 1.0 else matrix).index_select(0, signal.labels)
+        if signal.labels is not None:          # select one row per sample, then scale
+            delta = matrix.index_select(0, signal.labels)
+            if signal.factor != 1.0:
+                delta.mul_(signal.factor)
         else:
-            delta = signal.dense.to(matrix.dtype) @ matrix
-        return delta.reshape(signal.batch, *self.shapes[index])
+            dense = signal.dense if signal.dense.dtype == matrix.dtype else signal.dense.to(matrix.dtype)
+            delta = dense @ matrix
+        shape = self.shapes[index]
+        return delta if len(shape) == 1 else delta.reshape(signal.batch, *shape)
 
 
 def flat_error(errors: tuple) -> torch.Tensor:
