@@ -103,6 +103,11 @@ class FeedbackProgram:
         """The traced model returning ``(output, taps)``."""
         return self._derived["forward"]
 
+    @property
+    def tap_index(self) -> dict:
+        """{tap key: its position in the taps tuple :meth:`run_forward` returns}."""
+        return self._derived["tap_index"]
+
     def run_forward(self, inputs: tuple):
         """Run the forward program: ``(model output, taps tuple)``."""
         return self.forward_module(*inputs)
@@ -192,8 +197,9 @@ class FeedbackProgram:
         autograd on the local losses where :attr:`exact_within_units`. With ``unit`` (an index) only
         that unit's parameters are computed, from the graph pruned to them (:meth:`unit_gradient_graph`)."""
         if unit is not None:
-            index = self._derived["tap_index"]
-            return self.gradients_of_unit(unit, deltas, values, lambda key: taps[index[key]])
+            index = self.tap_index
+            with torch.no_grad():
+                return self.gradients_of_unit(unit, deltas, values, lambda key: taps[index[key]])
         fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
         with torch.no_grad():
             _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
@@ -205,25 +211,22 @@ class FeedbackProgram:
         key = ("unit_gradients", unit)
         if key not in self._derived:
             graph = self.feedback_graph("unit_error")
-            self._derived[key] = gradient_subgraph(graph, [q for q in self.partition.units[unit].params
-                                                           if q in graph.params])
+            subgraph = gradient_subgraph(graph, [q for q in self.partition.units[unit].params if q in graph.params])
+            other = [source for source in subgraph.inputs if source[0] not in ("cut", "tap")]
+            if other:
+                raise FBCompileError(f"unit {unit}'s gradient graph reads {other}; unit gradients take only "
+                                     "unit-output deltas and taps")
+            self._derived[key] = subgraph
         return self._derived[key]
 
     def gradients_of_unit(self, unit: int, deltas: dict, values: dict, tap) -> dict:
         """:meth:`unit_gradients` of one unit, with ``tap(key)`` giving the value of a tap key (from
-        the forward's taps, or from a tapped unit stage's, :meth:`unit_forwards`)."""
+        the forward's taps, or from a tapped unit stage's, :meth:`unit_forwards`). Run it under
+        ``torch.no_grad()`` (it is called once per unit and step, so it does not enter that itself)."""
         subgraph = self.unit_gradient_graph(unit)
-        args = []
-        for kind, key in subgraph.inputs:
-            if kind == "cut":
-                args.append(deltas[key] if key in deltas else torch.zeros_like(values[key]))
-            elif kind == "tap":
-                args.append(tap(key))
-            else:
-                raise FBCompileError(f"unit {unit}'s gradient graph reads a {kind!r} input {key!r}; "
-                                     "unit gradients take only unit-output deltas and taps")
-        with torch.no_grad():
-            grads = subgraph.module.forward(*args)     # .forward: no module hooks to run
+        args = [tap(key) if kind == "tap" else deltas[key] if key in deltas else torch.zeros_like(values[key])
+                for kind, key in subgraph.inputs]
+        grads = subgraph.module.forward(*args)        # .forward: our own module, no hooks to run
         return {n: g for n, g in zip(subgraph.params, grads) if g is not None}
 
     @property
@@ -287,7 +290,7 @@ class FeedbackProgram:
         return self._derived[key]
 
     def _plan(self, graph: FeedbackGraph) -> list:
-        tap_index = self._derived["tap_index"]
+        tap_index = self.tap_index
         slot_index = {slot.key: i for i, slot in enumerate(self.slots)}
         plan = []
         cut_index = {o.name: i for i, o in enumerate(self.unit_outputs)}

@@ -136,14 +136,16 @@ class DirectLearner(Learner):
         with torch.no_grad():
             output, taps = program.run_forward(inputs)
         loss, errors = output_error(output, targets, loss_fn)
-        updates = {}
+        updates, index = {}, program.tap_index
+        tap = lambda key: taps[index[key]]
         at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
-        for unit in plan.output_units:
-            _add_local(updates, plan, unit, program.unit_gradients(at_outputs, {}, taps, unit=unit))
-        if self.hidden_learn and plan.projections:
-            signal = self.signal(errors, output, targets, _batch(inputs, output))
-            for unit in reversed(plan.hidden_units):
-                _add_local(updates, plan, unit, program.unit_gradients(self._deltas(unit, signal), {}, taps, unit=unit))
+        with torch.no_grad():
+            for unit in plan.output_units:
+                _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, tap))
+            if self.hidden_learn and plan.projections:
+                signal = self.signal(errors, output, targets, _batch(inputs, output))
+                for unit in reversed(plan.hidden_units):
+                    _add_local(updates, plan, unit, program.gradients_of_unit(unit, self._deltas(unit, signal), {}, tap))
         return self._result(loss, output), updates
 
     def _compiled_unlocked(self, inputs, targets, loss_fn):
@@ -156,7 +158,7 @@ class DirectLearner(Learner):
         waiting, updates = {}, {}
 
         def execute(stage, values):
-            outputs, tap_values = stage.module(*values)
+            outputs, tap_values = stage.module.forward(*values)      # our own module: no hooks to run
             index = stage.unit.index
             if index in learning:
                 tap = dict(zip(stage.taps, tap_values)).__getitem__
@@ -166,7 +168,8 @@ class DirectLearner(Learner):
             return outputs
 
         with torch.no_grad():
-            output = program.run_units(inputs, None, stages=program.unit_forwards(tapped=True), execute=execute)
+            output = program.run_units(inputs, None, detach=False, stages=program.unit_forwards(tapped=True),
+                                       execute=execute)          # no graph is recorded: nothing to detach
         loss, errors = output_error(output, targets, loss_fn)
         at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
         for unit in plan.output_units:

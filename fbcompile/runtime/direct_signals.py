@@ -46,10 +46,8 @@ class DirectProjections(nn.Module):
         """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u.
         (Several small ops per unit and step: the no-op casts and reshapes are skipped.)"""
         matrix = self.flat(index)
-        if signal.labels is not None:          # select one row per sample, then scale
-            delta = matrix.index_select(0, signal.labels)
-            if signal.factor != 1.0:
-                delta.mul_(signal.factor)
+        if signal.labels is not None:          # scale the C rows, then select one per sample
+            delta = (matrix * signal.factor if signal.factor != 1.0 else matrix).index_select(0, signal.labels)
         else:
             dense = signal.dense if signal.dense.dtype == matrix.dtype else signal.dense.to(matrix.dtype)
             delta = dense @ matrix
