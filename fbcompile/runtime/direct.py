@@ -172,8 +172,9 @@ class DirectLearner(Learner):
                                        execute=execute)          # no graph is recorded: nothing to detach
         loss, errors = output_error(output, targets, loss_fn)
         at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
-        for unit in plan.output_units:
-            _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, waiting.pop(unit).__getitem__))
+        with torch.no_grad():
+            for unit in plan.output_units:
+                _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, waiting.pop(unit).__getitem__))
         return self._result(loss, output), updates
 
     def _deltas(self, unit: int, signal: Signal) -> dict:
