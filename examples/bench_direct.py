@@ -5,7 +5,9 @@
 1. Step time (issue 4): DFA and DRTP relative to a plain autograd BP step (``zero_grad``,
    ``cross_entropy(model(x), y).backward()``) on the same 784-5x256-10 tanh MLP and batch of 128,
    all configurations interleaved (:func:`fbcompile.bench.interleaved_times`). Targets: DFA <= 0.82 x
-   BP (1.5x faster than BioTorch's DFA at 1.23 x BP) and <= 0.9; DRTP <= 0.9.
+   BP (1.5x faster than BioTorch's DFA at 1.23 x BP) and <= 0.9; DRTP <= 0.9. A last row times DFA
+   written out by hand for this MLP without the learner contract (:func:`handwritten_dfa_step`):
+   the floor of eager PyTorch here, for reference.
 2. Peak tensor memory of ONE step on a 784-16x512-10 tanh MLP at batch 8192, each configuration in
    its own fresh process after one warm-up step (so ``.grad`` is allocated inside the measured step
    in every configuration): :func:`fbcompile.bench.memory_ledger`, the running sum of the profiler
