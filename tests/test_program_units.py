@@ -1,0 +1,67 @@
+"""Per-unit pieces of a compiled program: gradient subgraphs and tapped unit stages."""
+import pytest
+import torch
+from torch import nn
+
+import fbcompile
+from fbcompile.errors import FBCompileError
+from fbcompile.passes.prune import gradient_subgraph
+from fbcompile.trace import info
+
+
+def _program():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 16, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    program.prepare("unit_error")
+    return program, x
+
+
+def _random_deltas(program):
+    return {o.name: torch.randn(info(o).shape, dtype=torch.float64) for o in program.unit_outputs}
+
+
+def test_a_unit_gradient_graph_reads_its_own_deltas_and_equals_the_whole_graph():
+    program, x = _program()
+    with torch.no_grad():
+        _, taps = program.run_forward((x,))
+    deltas = _random_deltas(program)
+    every = program.unit_gradients(deltas, {}, taps)
+    checked = 0
+    for unit in program.units:
+        if not unit.params:
+            continue
+        subgraph = program.unit_gradient_graph(unit.index)
+        read = {key for kind, key in subgraph.inputs if kind == "cut"}
+        assert read and read <= {o.name for o in unit.outputs}
+        one = program.unit_gradients(deltas, {}, taps, unit=unit.index)
+        assert set(one) == set(unit.params)
+        for name, grad in one.items():
+            torch.testing.assert_close(grad, every[name], rtol=1e-13, atol=0)
+        checked += 1
+    assert checked == 3
+
+
+def test_tapped_unit_stages_return_the_values_the_forward_taps():
+    program, x = _program()
+    with torch.no_grad():
+        _, taps = program.run_forward((x,))
+        seen = {}
+
+        def execute(stage, values):
+            outputs, tap_values = stage.module(*values)
+            seen.update(zip(stage.taps, tap_values))
+            return outputs
+
+        program.run_units((x,), None, stages=program.unit_forwards(tapped=True), execute=execute)
+    assert any(key[1] is not None for key in seen)          # the max-pool indices are among them
+    for key, value in seen.items():
+        assert torch.equal(value, taps[program.tap_index[key]]), key
+
+
+def test_gradient_subgraph_names_a_parameter_the_graph_has_no_gradient_for():
+    program, _ = _program()
+    with pytest.raises(FBCompileError, match="no gradient for.*'9.weight'"):
+        gradient_subgraph(program.feedback_graph("unit_error"), ["4.weight", "9.weight"])
