@@ -337,13 +337,16 @@ def test_diagnostics_run_and_change_nothing(algorithm):
 @pytest.mark.parametrize("algorithm,options", [("dfa", {}), ("sdfa", {}), ("drtp", {"execution": "stored"}),
                                                ("shallow", {"execution": "stored"}), ("drtp", {"execution": "unlocked"}),
                                                ("shallow", {"execution": "unlocked"})])
-@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mlp with a frozen bias"])
 def test_compiled_paths_equal_autograd(algorithm, options, model_name):
-    """Without autograd (the compiled unit_error graph, unit by unit; for update-unlocked execution
-    fed by each unit stage's own taps) the updates are autograd's."""
+    """Without autograd (one generated graph for every update after the forward; update-unlocked,
+    one generated module per unit running its forward and then its update) the updates are
+    autograd's, and frozen parameters get none."""
     torch.manual_seed(0)
-    if model_name == "mlp":
+    if model_name.startswith("mlp"):
         model, x = _mlp(), torch.randn(6, 12, dtype=torch.float64)
+        if "frozen" in model_name:
+            model[2].bias.requires_grad_(False)
     else:
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
                               nn.Linear(4 * 16, 8), nn.Tanh(), nn.Linear(8, 5)).double()
@@ -360,5 +363,6 @@ def test_compiled_paths_equal_autograd(algorithm, options, model_name):
         learner.step(x, y, F.cross_entropy)
         updates.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert updates[0].keys() == updates[1].keys() and updates[0]
+    assert "frozen" not in model_name or "2.bias" not in updates[0]
     for name in updates[1]:
         assert torch.allclose(updates[0][name], updates[1][name], rtol=1e-10, atol=1e-12), name

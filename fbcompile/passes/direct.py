@@ -143,3 +143,18 @@ def draw_projections(plan: DirectPlan, *, init: str, fan: str, scale: float, see
     return [draw_projection(plan.signal_dim, p.shape, init=init, fan=fan, scale=scale,
                             generator=projection_generator(seed, p.index), dtype=p.dtype)
             for p in plan.projections]
+
+
+def project_dense(signal: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """delta = reshape(s B, (N, *S)) for a dense signal s (N, C) and B stored as (C, *S)."""
+    matrix = projection if projection.dim() == 2 else projection.reshape(projection.shape[0], -1)
+    dense = signal if signal.dtype == matrix.dtype else signal.to(matrix.dtype)
+    delta = dense @ matrix
+    return delta if projection.dim() == 2 else delta.reshape(signal.shape[0], *projection.shape[1:])
+
+
+def project_labels(labels: torch.Tensor, factor: float, projection: torch.Tensor) -> torch.Tensor:
+    """delta = factor * (the row of B of each sample's label): s B for s = factor * one-hot(labels),
+    as a row selection (exact, and it never multiplies an entry of B by zero)."""
+    scaled = projection * factor if factor != 1.0 else projection
+    return scaled.index_select(0, labels)

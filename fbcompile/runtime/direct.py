@@ -34,10 +34,12 @@ the same updates.
 
 Both paths run without autograd (``self.compiled``) when every error map inside the units is exact
 (:attr:`FeedbackProgram.exact_within_units`): the forward runs under no_grad and saves the taps of
-the compiled "unit_error" graph, and each unit's update comes from that graph pruned to the unit
-(:meth:`FeedbackProgram.gradients_of_unit`); update-unlocked, each unit stage returns its own taps
-(``program.unit_forwards(tapped=True)``). Otherwise each unit's update is an autograd backward
-through its own graph, its input detached.
+the compiled "unit_error" graph, and every update after it comes from one generated graph that makes
+each delta and pulls it back through its unit's pruned gradient graph
+(:func:`~fbcompile.passes.direct_graph.build_direct_gradients`); update-unlocked, each hidden unit
+runs one generated module, its forward followed by its update
+(:func:`~fbcompile.passes.direct_graph.build_update_stages`). Otherwise each unit's update is an
+autograd backward through its own graph, its input detached.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import torch
 
 from ..errors import FBCompileError, OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, plan_direct
+from ..passes.direct_graph import UpdateStage, build_direct_gradients, build_update_stages
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
@@ -87,6 +90,7 @@ class DirectLearner(Learner):
         super().__init__(program, **options)
         self.plan = plan_direct(program)
         self._projections_of = {unit: self.plan.of_unit(unit) for unit in self.plan.hidden_units}
+        self._fused = {}
         self.projections, self._stored_forward = None, None
         if "projection_init" in self.OPTIONS:
             _check_projection_scale(self.name, self.options, options)
@@ -95,9 +99,11 @@ class DirectLearner(Learner):
             self.projections = DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
                                                  scale=o["projection_scale"], seed=o["seed"],
                                                  trainable=self.trainable_projections)
-        # Both paths run without autograd when every error map inside the units is exact and the
-        # output units output only model outputs (their delta is e).
+        # Both paths run without autograd when every error map inside the units is exact, the
+        # output units output only model outputs (their delta is e) and the hidden deltas are s B_u
+        # (the generated update graphs make them; a subclass with its own delta() is not compiled).
         self.compiled = (self.compiled_local and program.exact_within_units
+                         and type(self).delta is DirectLearner.delta
                          and all(set(program.partition.units[u].outputs) <= set(program.outputs)
                                  for u in self.plan.output_units))
         if self.compiled:
@@ -129,46 +135,64 @@ class DirectLearner(Learner):
 
     def _compiled_stored(self, inputs, targets, loss_fn):
         """The stored path without autograd: one forward (no graph) keeping the values the compiled
-        "unit_error" graph reads, then each unit's update from that graph pruned to the unit, e for
-        the output units and delta_u for the hidden ones, each delta made just before its unit and
-        dropped after it, so the deltas never all live at once."""
-        program, plan = self.program, self.plan
+        "unit_error" graph reads, then every update from one generated graph
+        (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`): e for the output units,
+        delta_u for the hidden ones, each delta made just before its unit and freed after it, so the
+        deltas never all live at once."""
+        program = self.program
         with torch.no_grad():
             output, taps = program.run_forward(inputs)
         loss, errors = output_error(output, targets, loss_fn)
-        updates, index = {}, program.tap_index
-        tap = lambda key: taps[index[key]]
-        at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
+        hidden = self.hidden_learn and bool(self.plan.projections)
+        signal = self.signal(errors, output, targets, _batch(inputs, output)) if hidden else None
+        fused = self._fused_gradients(hidden, signal is not None and signal.labels is not None)
+        index, args = program.tap_index, []
+        for kind, key in fused.inputs:
+            if kind == "tap":
+                args.append(taps[index[key]])
+            elif kind == "error":
+                args.append(errors[key])
+            elif kind == "projection":
+                args.append(self.projections.weights[key])
+            else:                                   # "signal", "labels" or "factor"
+                args.append(getattr(signal, "dense" if kind == "signal" else kind))
         with torch.no_grad():
-            for unit in plan.output_units:
-                _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, tap))
-            if self.hidden_learn and plan.projections:
-                signal = self.signal(errors, output, targets, _batch(inputs, output))
-                for unit in reversed(plan.hidden_units):
-                    _add_local(updates, plan, unit, program.gradients_of_unit(unit, self._deltas(unit, signal), {}, tap))
+            grads = fused.module.forward(*args)     # our own module: no hooks to run
+        updates = {}
+        _accumulate(updates, fused.params, grads)
         return self._result(loss, output), updates
 
+    def _fused_gradients(self, hidden: bool, labels: bool):
+        key = (hidden, labels)
+        if key not in self._fused:
+            self._fused[key] = build_direct_gradients(self.program, self.plan, hidden=hidden, labels=labels)
+        return self._fused[key]
+
     def _compiled_unlocked(self, inputs, targets, loss_fn):
-        """The update-unlocked path without autograd: each unit's forward (no graph) also returns
-        the taps of its compiled local backward; a hidden unit's update is computed from them at
-        once and they are dropped, the output units' taps wait for e."""
+        """The update-unlocked path without autograd: a hidden unit's stage runs its forward and
+        then its update in one generated module (:func:`~fbcompile.passes.direct_graph.build_update_stages`),
+        so its activations are freed as soon as it returns; the output units' stages return the taps
+        their update needs, which wait for e."""
         program, plan = self.program, self.plan
         signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
-        learning = set(plan.hidden_units if self.hidden_learn else ())
+        stages = (self._fused_stages(signal.labels is not None) if signal is not None
+                  else program.unit_forwards(tapped=True))
         waiting, updates = {}, {}
 
         def execute(stage, values):
-            outputs, tap_values = stage.module.forward(*values)      # our own module: no hooks to run
-            index = stage.unit.index
-            if index in learning:
-                tap = dict(zip(stage.taps, tap_values)).__getitem__
-                _add_local(updates, plan, index, program.gradients_of_unit(index, self._deltas(index, signal), {}, tap))
-            elif index in plan.output_units:
-                waiting[index] = dict(zip(stage.taps, tap_values))
+            if isinstance(stage, UpdateStage):
+                extra = [self.projections.weights[key] if kind == "projection"
+                         else getattr(signal, "dense" if kind == "signal" else kind) for kind, key in stage.extra_inputs]
+                outputs, grads = stage.module.forward(*values, *extra)      # our own modules: no hooks to run
+                _accumulate(updates, stage.params, grads)
+                return outputs
+            outputs, tap_values = stage.module.forward(*values)
+            if stage.unit.index in plan.output_units:
+                waiting[stage.unit.index] = dict(zip(stage.taps, tap_values))
             return outputs
 
         with torch.no_grad():
-            output = program.run_units(inputs, None, detach=False, stages=program.unit_forwards(tapped=True),
+            output = program.run_units(inputs, None, detach=False, stages=stages,
                                        execute=execute)          # no graph is recorded: nothing to detach
         loss, errors = output_error(output, targets, loss_fn)
         at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
@@ -177,8 +201,11 @@ class DirectLearner(Learner):
                 _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, waiting.pop(unit).__getitem__))
         return self._result(loss, output), updates
 
-    def _deltas(self, unit: int, signal: Signal) -> dict:
-        return {p.node: self.delta(p, signal) for p in self._projections_of[unit]}
+    def _fused_stages(self, labels: bool) -> list:
+        key = ("stages", labels)
+        if key not in self._fused:
+            self._fused[key] = build_update_stages(self.program, self.plan, labels=labels)
+        return self._fused[key]
 
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())

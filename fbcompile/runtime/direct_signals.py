@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import FBCompileError
-from ..passes.direct import DirectPlan, draw_projections
+from ..passes.direct import DirectPlan, draw_projections, project_dense, project_labels
 
 
 @dataclass
@@ -34,7 +34,6 @@ class DirectProjections(nn.Module):
     def __init__(self, plan: DirectPlan, *, init: str, fan: str, scale: float | None, seed: int,
                  trainable: bool = False):
         super().__init__()
-        self.shapes = [p.shape for p in plan.projections]
         tensors = draw_projections(plan, init=init, fan=fan, scale=1.0 if scale is None else scale, seed=seed)
         self.weights = nn.ParameterList([nn.Parameter(t, requires_grad=trainable) for t in tensors])
 
@@ -43,16 +42,10 @@ class DirectProjections(nn.Module):
         return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
     def project(self, index: int, signal: Signal) -> torch.Tensor:
-        """delta = s B_u reshaped to (N, *S_u); for label signals a row selection of B_u.
-        (Several small ops per unit and step: the no-op casts and reshapes are skipped.)"""
-        matrix = self.flat(index)
-        if signal.labels is not None:          # scale the C rows, then select one per sample
-            delta = (matrix * signal.factor if signal.factor != 1.0 else matrix).index_select(0, signal.labels)
-        else:
-            dense = signal.dense if signal.dense.dtype == matrix.dtype else signal.dense.to(matrix.dtype)
-            delta = dense @ matrix
-        shape = self.shapes[index]
-        return delta if len(shape) == 1 else delta.reshape(signal.batch, *shape)
+        """delta = s B_u shaped (N, *S_u); for label signals a row selection of B_u."""
+        if signal.labels is not None:
+            return project_labels(signal.labels, signal.factor, self.weights[index])
+        return project_dense(signal.dense, self.weights[index])
 
 
 def flat_error(errors: tuple) -> torch.Tensor:
