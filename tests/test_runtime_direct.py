@@ -296,6 +296,23 @@ def test_learners_that_declare_a_read_only_step_write_no_state(algorithm, execut
     assert_step_writes_no_state(model, learner, x, y)
 
 
+@pytest.mark.parametrize("algorithm,execution", [("dfa", None), ("drtp", "unlocked"), ("drtp", "stored")])
+def test_loading_projections_after_the_update_graphs_exist_uses_them(algorithm, execution):
+    """The generated update graphs hold the learner's own B_u objects: a state loaded into a
+    learner that has already stepped gives the updates of the learner it came from."""
+    torch.manual_seed(0)
+    model, x, y = _mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    options = {"execution": execution} if execution else {}
+    program = fbcompile.compile(model, x)
+    stepped = fbcompile.learner(program, algorithm, seed=1, **options)
+    source = fbcompile.learner(program, algorithm, seed=2, **options)
+    assert stepped.compiled
+    _one_step(stepped, model, x, y)
+    stepped.load_state_dict(source.state_dict())
+    after_load, expected = _one_step(stepped, model, x, y), _one_step(source, model, x, y)
+    assert same(after_load, expected)
+
+
 @pytest.mark.parametrize("algorithm", ["dfa", "drtp", "ddtp-linear", "ddtp-rhl"])
 def test_state_dict_round_trip_resumes_bitwise(algorithm):
     options = {"feedback_hidden": 16} if algorithm == "ddtp-rhl" else {}

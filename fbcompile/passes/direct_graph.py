@@ -9,15 +9,17 @@ and pull each back through the unit's own pruned "unit_error" graph
 Python each also pays argument gathering and a module call. This pass inlines all of it into one
 GraphModule, in the same order (output units, then hidden units from the last to the first), so a
 step makes every update with one call. fx frees each value after its last use, so a delta lives only
-while its own unit is processed, as before.
+while its own unit is processed, as before. The projections B_u are attributes of the generated
+modules (the learner's own parameter objects, so in-place changes such as ``load_state_dict`` are
+seen).
 
 Inputs of the module, in the order of ``DirectGradientGraph.inputs``: ("signal", None) the dense
-(N, C) signal, or ("labels", None) and ("factor", None); ("projection", p) B of projection p;
-("error", i) dL/d(model output i); ("tap", key) a forward tap.
+(N, C) signal, or ("labels", None) and ("factor", None); ("error", i) dL/d(model output i);
+("tap", key) a forward tap.
 
 Update-unlocked execution (:func:`build_update_stages`) fuses the other way: each hidden unit's
-stage runs its forward and then its update in one module, ``(unit inputs, signal, B's) ->
-(unit outputs, gradients)``, so its activations are never handed back to Python at all.
+stage runs its forward and then its update in one module, ``(unit inputs, signal) -> (unit
+outputs, gradients)``, so its activations are never handed back to Python at all.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .direct import DirectPlan, project_dense, project_labels
+
+SIGNAL_INPUTS = {False: ("signal",), True: ("labels", "factor")}     # labels? -> placeholder names
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,10 @@ class DirectGradientGraph:
     params: tuple
 
 
-def build_direct_gradients(program, plan: DirectPlan, *, hidden: bool, labels: bool) -> DirectGradientGraph:
+def build_direct_gradients(program, plan: DirectPlan, projections: list, *, hidden: bool,
+                           labels: bool) -> DirectGradientGraph:
     """The fused update graph of ``plan``: the output units, and the hidden units when ``hidden``
-    (with a label signal when ``labels``, else a dense one)."""
+    (``projections[p]`` is B of projection p; with a label signal when ``labels``, else dense)."""
     hidden_units = list(reversed(plan.hidden_units)) if hidden else []
     units = list(plan.output_units) + hidden_units
     subgraphs = {unit: program.unit_gradient_graph(unit) for unit in units}
@@ -49,12 +54,7 @@ def build_direct_gradients(program, plan: DirectPlan, *, hidden: bool, labels: b
         inputs.append(source)
         return graph.placeholder(name)
 
-    signal = None
-    if hidden_units and plan.projections:
-        signal = ((placeholder(("labels", None), "labels"), placeholder(("factor", None), "factor")) if labels
-                  else (placeholder(("signal", None), "signal"),))
-    projections = {p.index: placeholder(("projection", p.index), f"projection_{p.index}")
-                   for unit in hidden_units for p in plan.of_unit(unit)}
+    signal = tuple(placeholder((name, None), name) for name in SIGNAL_INPUTS[labels]) if hidden_units else ()
     errors = {node.name: placeholder(("error", i), f"error_{i}") for i, node in enumerate(program.outputs)}
     taps = {}
     for subgraph in subgraphs.values():
@@ -62,32 +62,32 @@ def build_direct_gradients(program, plan: DirectPlan, *, hidden: bool, labels: b
             if kind == "tap" and key not in taps:
                 taps[key] = placeholder(("tap", key), "tap_" + "_".join(str(k) for k in key if k is not None))
 
-    grads, names = [], []
+    grads, names, bound = [], [], {}
     for unit in units:
-        deltas = errors if unit in plan.output_units else _emit_deltas(graph, plan, unit, signal, projections, labels)
+        deltas = errors if unit in plan.output_units else _emit_deltas(graph, plan, unit, signal, projections,
+                                                                        labels, bound)
         unit_grads, unit_names = _inline(graph, subgraphs[unit], deltas, taps, plan.params[unit])
         grads.extend(unit_grads)
         names.extend(unit_names)
     graph.output(tuple(grads))
-    module = _pruned_module(program.feedback_graph("unit_error").module, graph, "DirectGradients")
-    return DirectGradientGraph(module, tuple(inputs), tuple(names))
+    root = {**_attributes(graph, program.feedback_graph("unit_error").module), **bound}
+    return DirectGradientGraph(_pruned_module(root, graph, "DirectGradients"), tuple(inputs), tuple(names))
 
 
 @dataclass(frozen=True)
 class UpdateStage:
     """A unit's forward fused with its local update, for update-unlocked execution:
-    ``module(*unit inputs, *extra) -> (unit outputs, gradients of params)``, ``extra`` being the
-    values named by ``extra_inputs`` (the signal, the unit's projections); ``inputs``/``outputs`` are
-    the unit stage's (forward nodes), as :meth:`FeedbackProgram.run_units` expects."""
+    ``module(*unit inputs, *signal) -> (unit outputs, gradients of params)``, the signal being the
+    values :data:`SIGNAL_INPUTS` names; ``inputs``/``outputs`` are the unit stage's (forward
+    nodes), as :meth:`FeedbackProgram.run_units` expects."""
     unit: object
     module: fx.GraphModule
     inputs: list
     outputs: list
-    extra_inputs: tuple
     params: tuple
 
 
-def build_update_stages(program, plan: DirectPlan, *, labels: bool) -> list:
+def build_update_stages(program, plan: DirectPlan, projections: list, *, labels: bool) -> list:
     """Per unit in order: hidden units of ``plan`` as :class:`UpdateStage`, every other unit its
     tapped stage (``program.unit_forwards(tapped=True)``) unchanged."""
     stages = []
@@ -95,31 +95,31 @@ def build_update_stages(program, plan: DirectPlan, *, labels: bool) -> list:
         if stage.unit.index not in plan.hidden_units:
             stages.append(stage)
             continue
-        graph, extra = fx.Graph(), []
+        graph, bound = fx.Graph(), {}
         value_map = {node: graph.placeholder(node.name) for node in stage.module.graph.nodes if node.op == "placeholder"}
-        signal_names = ("labels", "factor") if labels else ("signal",)
-        signal = tuple(graph.placeholder(name) for name in signal_names)
-        extra.extend((name, None) for name in signal_names)
-        projections = {}
-        for p in plan.of_unit(stage.unit.index):
-            projections[p.index] = graph.placeholder(f"projection_{p.index}")
-            extra.append(("projection", p.index))
+        signal = tuple(graph.placeholder(name) for name in SIGNAL_INPUTS[labels])
         outputs, tap_values = graph.graph_copy(stage.module.graph, value_map)
         taps = dict(zip(stage.taps, tap_values))
         subgraph = program.unit_gradient_graph(stage.unit.index)
-        deltas = _emit_deltas(graph, plan, stage.unit.index, signal, projections, labels)
+        deltas = _emit_deltas(graph, plan, stage.unit.index, signal, projections, labels, bound)
         grads, names = _inline(graph, subgraph, deltas, taps, plan.params[stage.unit.index])
         graph.output((outputs, tuple(grads)))
-        root = _attributes(graph, stage.module, program.feedback_graph("unit_error").module)
+        root = {**_attributes(graph, stage.module, program.feedback_graph("unit_error").module), **bound}
         module = _pruned_module(root, graph, f"UnitUpdate{stage.unit.index}")
-        stages.append(UpdateStage(stage.unit, module, stage.inputs, stage.outputs, tuple(extra), names))
+        stages.append(UpdateStage(stage.unit, module, stage.inputs, stage.outputs, names))
     return stages
 
 
-def _emit_deltas(graph: fx.Graph, plan: DirectPlan, unit: int, signal: tuple, projections: dict, labels: bool) -> dict:
+def _emit_deltas(graph: fx.Graph, plan: DirectPlan, unit: int, signal: tuple, projections: list, labels: bool,
+                 bound: dict) -> dict:
+    """delta nodes of ``unit``'s projections; each B_u becomes an attribute, recorded in ``bound``."""
     project = project_labels if labels else project_dense
-    return {p.node: graph.call_function(project, (*signal, projections[p.index]), name=f"delta_{p.index}")
-            for p in plan.of_unit(unit)}
+    deltas = {}
+    for p in plan.of_unit(unit):
+        name = f"projection_{p.index}"
+        bound[name] = projections[p.index]
+        deltas[p.node] = graph.call_function(project, (*signal, graph.get_attr(name)), name=f"delta_{p.index}")
+    return deltas
 
 
 def _inline(graph: fx.Graph, subgraph, deltas: dict, taps: dict, trainable) -> tuple:
@@ -132,7 +132,7 @@ def _inline(graph: fx.Graph, subgraph, deltas: dict, taps: dict, trainable) -> t
     return [g for g, _ in kept], tuple(name for _, name in kept)
 
 
-def _pruned_module(root, graph: fx.Graph, name: str) -> fx.GraphModule:
+def _pruned_module(root: dict, graph: fx.Graph, name: str) -> fx.GraphModule:
     """The GraphModule of ``graph`` without the nodes nothing returned needs (the inlined
     gradients of frozen parameters)."""
     module = fx.GraphModule(root, graph, class_name=name)
@@ -142,21 +142,24 @@ def _pruned_module(root, graph: fx.Graph, name: str) -> fx.GraphModule:
 
 
 def _attributes(graph: fx.Graph, *sources: nn.Module) -> dict:
-    """{target: module or tensor} for the call_module / get_attr nodes of ``graph``, from the first
-    of ``sources`` that has it (a dict root for :class:`fx.GraphModule`)."""
+    """{target: module or tensor} for the call_module / get_attr nodes of ``graph`` found in
+    ``sources`` (the first that has it), for a dict root of :class:`fx.GraphModule`."""
     found = {}
     for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in found:
-            for source in sources:
-                try:
-                    found[node.target] = (source.get_submodule(node.target) if node.op == "call_module"
-                                          else _get_attr(source, node.target))
-                    break
-                except AttributeError:
-                    continue
+        if node.op not in ("call_module", "get_attr") or node.target in found:
+            continue
+        for source in sources:
+            value = _lookup(source, node.target, node.op == "call_module")
+            if value is not None:
+                found[node.target] = value
+                break
     return found
 
 
-def _get_attr(module: nn.Module, qualname: str):
+def _lookup(module: nn.Module, qualname: str, is_module: bool):
     *path, name = qualname.split(".")
-    return getattr(module.get_submodule(".".join(path)) if path else module, name)
+    for part in path:
+        module = module._modules.get(part) if module is not None else None
+    if module is None:
+        return None
+    return module._modules.get(name) if is_module else getattr(module, name, None)

@@ -152,8 +152,6 @@ class DirectLearner(Learner):
                 args.append(taps[index[key]])
             elif kind == "error":
                 args.append(errors[key])
-            elif kind == "projection":
-                args.append(self.projections.weights[key])
             else:                                   # "signal", "labels" or "factor"
                 args.append(getattr(signal, "dense" if kind == "signal" else kind))
         with torch.no_grad():
@@ -165,7 +163,8 @@ class DirectLearner(Learner):
     def _fused_gradients(self, hidden: bool, labels: bool):
         key = (hidden, labels)
         if key not in self._fused:
-            self._fused[key] = build_direct_gradients(self.program, self.plan, hidden=hidden, labels=labels)
+            self._fused[key] = build_direct_gradients(self.program, self.plan, self._projection_list(), hidden=hidden,
+                                                      labels=labels)
         return self._fused[key]
 
     def _compiled_unlocked(self, inputs, targets, loss_fn):
@@ -179,10 +178,10 @@ class DirectLearner(Learner):
                   else program.unit_forwards(tapped=True))
         waiting, updates = {}, {}
 
+        extra = () if signal is None else (signal.dense,) if signal.labels is None else (signal.labels, signal.factor)
+
         def execute(stage, values):
             if isinstance(stage, UpdateStage):
-                extra = [self.projections.weights[key] if kind == "projection"
-                         else getattr(signal, "dense" if kind == "signal" else kind) for kind, key in stage.extra_inputs]
                 outputs, grads = stage.module.forward(*values, *extra)      # our own modules: no hooks to run
                 _accumulate(updates, stage.params, grads)
                 return outputs
@@ -204,8 +203,12 @@ class DirectLearner(Learner):
     def _fused_stages(self, labels: bool) -> list:
         key = ("stages", labels)
         if key not in self._fused:
-            self._fused[key] = build_update_stages(self.program, self.plan, labels=labels)
+            self._fused[key] = build_update_stages(self.program, self.plan, self._projection_list(), labels=labels)
         return self._fused[key]
+
+    def _projection_list(self) -> list:
+        """The B_u parameter objects (bound into the generated update graphs)."""
+        return [] if self.projections is None else list(self.projections.weights)
 
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())
