@@ -177,7 +177,6 @@ class DirectLearner(Learner):
         stages = (self._fused_stages(signal.labels is not None) if signal is not None
                   else program.unit_forwards(tapped=True))
         waiting, updates = {}, {}
-
         extra = () if signal is None else (signal.dense,) if signal.labels is None else (signal.labels, signal.factor)
 
         def execute(stage, values):
