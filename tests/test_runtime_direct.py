@@ -294,6 +294,7 @@ def test_learners_that_declare_a_read_only_step_write_no_state(algorithm, execut
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm,
                                 **({"execution": execution} if execution else {}))
     assert_step_writes_no_state(model, learner, x, y)
+    assert model[-1].weight.grad is not None and model[-1].weight.grad.abs().sum() > 0    # the step did learn
 
 
 @pytest.mark.parametrize("algorithm,execution", [("dfa", None), ("drtp", "unlocked"), ("drtp", "stored")])
