@@ -9,8 +9,9 @@ autograd backprop), never against numbers from another run.
 - :func:`peak_tensor_memory`: one call of ``fn`` under ``torch.profiler`` with
   ``profile_memory=True``; the events' *self* CPU memory (allocations positive, frees negative; an
   op's total would count its children's allocations again) are summed in time order and the
-  maximum of that running sum is the peak of live tensor memory the call added. It does not depend on allocator caching or thread settings, unlike max RSS. Measure
-  each configuration in its own fresh process (:func:`in_subprocess`) so nothing else is live.
+  maximum of that running sum is the peak of live tensor memory the call added. It does not depend
+  on allocator caching or thread settings, unlike max RSS. Measure each configuration in its own
+  fresh process (:func:`in_subprocess`) so nothing else is live.
 """
 from __future__ import annotations
 

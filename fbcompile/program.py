@@ -199,7 +199,7 @@ class FeedbackProgram:
         if unit is not None:
             index = self.tap_index
             with torch.no_grad():
-                return self.gradients_of_unit(unit, deltas, values, lambda key: taps[index[key]])
+                return self._gradients_of_unit(unit, deltas, values, lambda key: taps[index[key]])
         fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
         with torch.no_grad():
             _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
@@ -219,10 +219,8 @@ class FeedbackProgram:
             self._derived[key] = subgraph
         return self._derived[key]
 
-    def gradients_of_unit(self, unit: int, deltas: dict, values: dict, tap) -> dict:
-        """:meth:`unit_gradients` of one unit, with ``tap(key)`` giving the value of a tap key (from
-        the forward's taps, or from a tapped unit stage's, :meth:`unit_forwards`). Run it under
-        ``torch.no_grad()`` (it is called once per unit and step, so it does not enter that itself)."""
+    def _gradients_of_unit(self, unit: int, deltas: dict, values: dict, tap) -> dict:
+        """:meth:`unit_gradients` of one unit, ``tap(key)`` giving a tap's value (run under no_grad)."""
         subgraph = self.unit_gradient_graph(unit)
         args = [tap(key) if kind == "tap" else deltas[key] if key in deltas else torch.zeros_like(values[key])
                 for kind, key in subgraph.inputs]

@@ -192,14 +192,14 @@ def build_unit_forwards(gm: fx.GraphModule, partition, taps: dict | None = None)
         outputs = tuple(copier.env[o] for o in unit.outputs)
         keys = None if taps is None else list(taps.get(unit.index, ()))
         if keys is not None:
-            outputs = (outputs, tuple(_tap_value(copier, unit, key) for key in keys))
+            by_name = {node.name: value for node, value in copier.env.items()}
+            outputs = (outputs, tuple(_tap_value(copier, by_name, unit, key) for key in keys))
         module = copier.finish(outputs, f"Unit{unit.index}")
         stages.append(UnitStage(unit, module, inputs, list(unit.outputs), keys))
     return stages
 
 
-def _tap_value(copier: _Copier, unit, key: tuple) -> fx.Node:
-    by_name = {node.name: value for node, value in copier.env.items()}
+def _tap_value(copier: _Copier, by_name: dict, unit, key: tuple) -> fx.Node:
     value = copier.extras.get(key) if key[1] else by_name.get(key[0])
     if value is None:
         raise FBCompileError(f"unit {unit.index}'s forward neither computes nor reads the value {key} "

@@ -38,7 +38,8 @@ the compiled "unit_error" graph, and every update after it comes from one genera
 each delta and pulls it back through its unit's pruned gradient graph
 (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`); update-unlocked, each hidden unit
 runs one generated module, its forward followed by its update
-(:func:`~fbcompile.passes.direct_graph.build_update_stages`). Otherwise each unit's update is an
+(:func:`~fbcompile.passes.direct_graph.build_update_stages`) and the output units' updates, once e
+is known, come from the same generated graph the stored path uses. Otherwise each unit's update is an
 autograd backward through its own graph, its input detached.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FBCompileError, OptionError
-from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, DirectPlan, plan_direct
+from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
 from ..passes.direct_graph import UpdateStage, build_direct_gradients, build_update_stages
 from ..passes.forward import build_forward
 from ..program import flat_outputs
@@ -89,7 +90,6 @@ class DirectLearner(Learner):
     def __init__(self, program, **options):
         super().__init__(program, **options)
         self.plan = plan_direct(program)
-        self._projections_of = {unit: self.plan.of_unit(unit) for unit in self.plan.hidden_units}
         self._fused = {}
         self.projections, self._stored_forward = None, None
         if "projection_init" in self.OPTIONS:
@@ -145,27 +145,31 @@ class DirectLearner(Learner):
         loss, errors = output_error(output, targets, loss_fn)
         hidden = self.hidden_learn and bool(self.plan.projections)
         signal = self.signal(errors, output, targets, _batch(inputs, output)) if hidden else None
-        fused = self._fused_gradients(hidden, signal is not None and signal.labels is not None)
-        index, args = program.tap_index, []
-        for kind, key in fused.inputs:
-            if kind == "tap":
-                args.append(taps[index[key]])
-            elif kind == "error":
-                args.append(errors[key])
-            else:                                   # "signal", "labels" or "factor"
-                args.append(getattr(signal, "dense" if kind == "signal" else kind))
-        with torch.no_grad():
-            grads = fused.module.forward(*args)     # our own module: no hooks to run
+        index = program.tap_index
         updates = {}
-        _accumulate(updates, fused.params, grads)
+        self._fused_update(updates, hidden, errors, signal, lambda key: taps[index[key]])
         return self._result(loss, output), updates
 
-    def _fused_gradients(self, hidden: bool, labels: bool):
+    def _fused_update(self, updates: dict, hidden: bool, errors: tuple, signal: Signal | None, tap) -> None:
+        """Add to ``updates`` what the generated update graph gives: the output units' from
+        ``errors`` and, when ``hidden``, the hidden units' from ``signal``; ``tap(key)`` returns a
+        forward tap."""
+        labels = signal is not None and signal.labels is not None
         key = (hidden, labels)
         if key not in self._fused:
             self._fused[key] = build_direct_gradients(self.program, self.plan, self._projection_list(), hidden=hidden,
                                                       labels=labels)
-        return self._fused[key]
+        fused, args = self._fused[key], []
+        for kind, name in fused.inputs:
+            if kind == "tap":
+                args.append(tap(name))
+            elif kind == "error":
+                args.append(errors[name])
+            else:                                   # "signal", "labels" or "factor"
+                args.append(getattr(signal, "dense" if kind == "signal" else kind))
+        with torch.no_grad():
+            grads = fused.module.forward(*args)     # our own module: no hooks to run
+        _accumulate(updates, fused.params, grads)
 
     def _compiled_unlocked(self, inputs, targets, loss_fn):
         """The update-unlocked path without autograd: a hidden unit's stage runs its forward and
@@ -186,17 +190,14 @@ class DirectLearner(Learner):
                 return outputs
             outputs, tap_values = stage.module.forward(*values)
             if stage.unit.index in plan.output_units:
-                waiting[stage.unit.index] = dict(zip(stage.taps, tap_values))
+                waiting.update(zip(stage.taps, tap_values))
             return outputs
 
         with torch.no_grad():
             output = program.run_units(inputs, None, detach=False, stages=stages,
                                        execute=execute)          # no graph is recorded: nothing to detach
         loss, errors = output_error(output, targets, loss_fn)
-        at_outputs = {node.name: e for node, e in zip(program.outputs, errors)}
-        with torch.no_grad():
-            for unit in plan.output_units:
-                _add_local(updates, plan, unit, program.gradients_of_unit(unit, at_outputs, {}, waiting.pop(unit).__getitem__))
+        self._fused_update(updates, False, errors, None, waiting.__getitem__)
         return self._result(loss, output), updates
 
     def _fused_stages(self, labels: bool) -> list:
@@ -238,7 +239,7 @@ class DirectLearner(Learner):
             if not prepared:
                 self.before_update(inputs, output, {n: v.detach() for n, v in values.items()}, signal)
             for unit in reversed(plan.hidden_units):
-                projections = self._projections_of[unit]
+                projections = plan.of_unit(unit)
                 self._unit_update(unit, [values.pop(p.node) for p in projections], projections, signal, updates)
         return self._result(loss, output), updates
 
@@ -263,7 +264,7 @@ class DirectLearner(Learner):
             index = stage.unit.index
             if self.hidden_learn and index in plan.hidden_units:
                 by_node = dict(zip((n.name for n in stage.outputs), unit_outputs))
-                projections = self._projections_of[index]
+                projections = plan.of_unit(index)
                 self._unit_update(index, [by_node[p.node] for p in projections], projections, signal, updates)
             position[0] += 1
             if position[0] < len(stages):          # grad mode of the next unit's forward
@@ -316,12 +317,6 @@ class DirectLearner(Learner):
 def _batch(inputs, output) -> int:
     first = flat_outputs(output)[0] if output is not None else inputs[0]
     return int(first.shape[0])
-
-
-def _add_local(updates: dict, plan: DirectPlan, unit: int, local: dict) -> None:
-    """Add unit ``unit``'s trainable parameters' entries of ``local`` to ``updates``."""
-    names = [n for n in plan.params[unit] if n in local]
-    _accumulate(updates, names, [local[n] for n in names])
 
 
 def _accumulate(updates: dict, names, grads) -> None:

@@ -31,7 +31,6 @@ paper's 1e-3; 1e-2 trained faster in examples/mono_forward_results.py.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import FBCompileError, NonFiniteError, OptionError, choices_text
@@ -90,7 +89,7 @@ class MonoForwardBase(Learner):
     def run(self, inputs: tuple, visit):
         """Update-unlocked execution over the head stages: ``visit(stage, values) -> unit outputs``
         runs each unit (values detached); values no later unit reads are dropped at once."""
-        return self.program.run_units(inputs, lambda *_: None, stages=self.stages, execute=visit)
+        return self.program.run_units(inputs, None, stages=self.stages, execute=visit)
 
     def local_loss(self, head, a, targets, loss_fn):
         """L_l = loss_fn(z_l M_l, y) for the head activation ``a`` of unit l."""
