@@ -17,9 +17,9 @@ Inputs of the module, in the order of ``DirectGradientGraph.inputs``: ("signal",
 (N, C) signal, or ("labels", None) and ("factor", None); ("error", i) dL/d(model output i);
 ("tap", key) a forward tap.
 
-Update-unlocked execution (:func:`build_update_stages`) fuses the other way: each hidden unit's
-stage runs its forward and then its update in one module, ``(unit inputs, signal) -> (unit
-outputs, gradients)``, so its activations are never handed back to Python at all.
+Update-unlocked execution (:func:`build_unlocked_step`) fuses the other way: the units' forwards in
+order, each hidden unit's update right after its own forward, all in one module, so activations are
+never handed back to Python at all.
 """
 from __future__ import annotations
 
@@ -75,39 +75,47 @@ def build_direct_gradients(program, plan: DirectPlan, projections: list, *, hidd
 
 
 @dataclass(frozen=True)
-class UpdateStage:
-    """A unit's forward fused with its local update, for update-unlocked execution:
-    ``module(*unit inputs, *signal) -> (unit outputs, gradients of params)``, the signal being the
-    values :data:`SIGNAL_INPUTS` names; ``inputs``/``outputs`` are the unit stage's (forward
-    nodes), as :meth:`FeedbackProgram.run_units` expects."""
-    unit: object
+class UnlockedStep:
+    """The update-unlocked step of a direct learner up to the output error, as one module:
+    ``module(*model inputs, *signal) -> (model outputs, output-unit taps, hidden gradients)``, the
+    signal being the values :data:`SIGNAL_INPUTS` names (none without hidden updates); ``taps``
+    keys the second output (what the output units' update reads once e is known) and ``params``
+    names the third."""
     module: fx.GraphModule
-    inputs: list
-    outputs: list
+    taps: tuple
     params: tuple
 
 
-def build_update_stages(program, plan: DirectPlan, projections: list, *, labels: bool) -> list:
-    """Per unit in order: hidden units of ``plan`` as :class:`UpdateStage`, every other unit its
-    tapped stage (``program.unit_forwards(tapped=True)``) unchanged."""
-    stages = []
+def build_unlocked_step(program, plan: DirectPlan, projections: list, *, hidden: bool,
+                        labels: bool) -> UnlockedStep:
+    """The units' forwards (``program.unit_forwards(tapped=True)``) in order, each hidden unit's
+    forward followed at once by its update when ``hidden``: its deltas from the signal and B_u
+    (``projections[p]``) pulled back through its pruned gradient graph. fx frees every value after
+    its last use, so a unit's activations die as soon as its update and the next unit's forward have
+    read them: live memory does not grow with depth, as with one module per unit, minus the Python
+    between units."""
+    graph, bound = fx.Graph(), {}
+    env = {node: graph.placeholder(node.name) for node in program.inputs}
+    signal = tuple(graph.placeholder(name) for name in SIGNAL_INPUTS[labels]) if hidden else ()
+    taps, grads, names = {}, [], []
     for stage in program.unit_forwards(tapped=True):
-        if stage.unit.index not in plan.hidden_units:
-            stages.append(stage)
-            continue
-        graph, bound = fx.Graph(), {}
-        value_map = {node: graph.placeholder(node.name) for node in stage.module.graph.nodes if node.op == "placeholder"}
-        signal = tuple(graph.placeholder(name) for name in SIGNAL_INPUTS[labels])
-        outputs, tap_values = graph.graph_copy(stage.module.graph, value_map)
-        taps = dict(zip(stage.taps, tap_values))
-        subgraph = program.unit_gradient_graph(stage.unit.index)
-        deltas = _emit_deltas(graph, plan, stage.unit.index, signal, projections, labels, bound)
-        grads, names = _inline(graph, subgraph, deltas, taps, plan.params[stage.unit.index])
-        graph.output((outputs, tuple(grads)))
-        root = {**_attributes(graph, stage.module, program.feedback_graph("unit_error").module), **bound}
-        module = _pruned_module(root, graph, f"UnitUpdate{stage.unit.index}")
-        stages.append(UpdateStage(stage.unit, module, stage.inputs, stage.outputs, names))
-    return stages
+        index = stage.unit.index
+        placeholders = [n for n in stage.module.graph.nodes if n.op == "placeholder"]
+        outputs, tap_values = graph.graph_copy(stage.module.graph, dict(zip(placeholders, (env[s] for s in stage.inputs))))
+        env.update(zip(stage.outputs, outputs))
+        unit_taps = dict(zip(stage.taps, tap_values))
+        if index in plan.output_units:
+            taps.update(unit_taps)
+        elif hidden and index in plan.hidden_units:
+            deltas = _emit_deltas(graph, plan, index, signal, projections, labels, bound)
+            unit_grads, unit_names = _inline(graph, program.unit_gradient_graph(index), deltas, unit_taps,
+                                             plan.params[index])
+            grads.extend(unit_grads)
+            names.extend(unit_names)
+    graph.output((tuple(env[node] for node in program.outputs), tuple(taps.values()), tuple(grads)))
+    root = {**_attributes(graph, program.traced, program.feedback_graph("unit_error").module), **bound}
+    module = _pruned_module(root, graph, "UnlockedStep")
+    return UnlockedStep(module, tuple(taps), tuple(names))
 
 
 def _emit_deltas(graph: fx.Graph, plan: DirectPlan, unit: int, signal: tuple, projections: list, labels: bool,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FBCompileError, NonFiniteError
-from ..program import accumulate_grads, as_tuple, flat_outputs
+from ..program import accumulate_grads, as_tuple
 from .options import Option, integer, parse_options
 
 COMMON_OPTIONS = {"seed": Option(0, integer, "seed of the learner's random generators (feedback weights, noise)")}
@@ -29,18 +29,6 @@ class StepResult:
     loss: float
     output: torch.Tensor
     details: dict = field(default_factory=dict)
-
-
-def output_error(output, targets, loss_fn) -> tuple[torch.Tensor, tuple]:
-    """(loss, dL/d output) for any loss, by autograd on a detached copy of the output only."""
-    outs = tuple(o.detach().requires_grad_(True) for o in flat_outputs(output))
-    with torch.enable_grad():
-        loss = loss_fn(outs[0] if len(outs) == 1 else outs, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise FBCompileError("loss_fn must return a scalar tensor")
-        errors = torch.autograd.grad(loss, outs, allow_unused=True)
-    errors = tuple(e if e is not None else torch.zeros_like(o) for e, o in zip(errors, outs))
-    return loss.detach(), errors
 
 
 class Learner:

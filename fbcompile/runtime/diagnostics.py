@@ -105,7 +105,7 @@ def _autograd_gradients(program, inputs, targets, loss_fn) -> dict:
 
 def _gauss_newton_updates(program, inputs, targets, loss_fn, damping: float) -> dict:
     """Parameter updates from damped Gauss-Newton targets at every unit output."""
-    from .base import output_error
+    from .losses import output_error
     with preserved_state(program.model):
         output, _, values = program.local_forward()(*inputs)
         _, errors = output_error(output, targets, loss_fn)

@@ -24,9 +24,9 @@ The output unit(s) learn from the loss's local gradient e (paper 001 Alg. 1, las
 the algorithm. Shallow learning leaves hidden parameters out of the update, so their ``.grad`` is
 never written (it stays None after ``zero_grad()``; optimizers then skip them).
 
-Execution (``execution``, drtp and shallow): "unlocked" (default) runs the units one by one with
-:meth:`FeedbackProgram.run_units`; each hidden unit computes its update right after its forward and
-its activations are freed before the next unit runs, so live memory does not grow with depth (the
+Execution (``execution``, drtp and shallow): "unlocked" (default) runs the units one by one; each
+hidden unit computes its update right after its forward and its activations are freed as soon as
+the next unit has read them, so live memory does not grow with depth (the
 hidden signal needs only the label). "stored" runs one forward that keeps what every unit's local
 backward reads and then one local backward per unit -- the path DFA and sDFA always take, since
 they need the output error; it never runs a backward chain through the network either. Both give
@@ -36,11 +36,12 @@ Both paths run without autograd (``self.compiled``) when every error map inside 
 (:attr:`FeedbackProgram.exact_within_units`): the forward runs under no_grad and saves the taps of
 the compiled "unit_error" graph, and every update after it comes from one generated graph that makes
 each delta and pulls it back through its unit's pruned gradient graph
-(:func:`~fbcompile.passes.direct_graph.build_direct_gradients`); update-unlocked, each hidden unit
-runs one generated module, its forward followed by its update
-(:func:`~fbcompile.passes.direct_graph.build_update_stages`) and the output units' updates, once e
-is known, come from the same generated graph the stored path uses. Otherwise each unit's update is an
-autograd backward through its own graph, its input detached.
+(:func:`~fbcompile.passes.direct_graph.build_direct_gradients`); update-unlocked, one generated
+module runs the units' forwards with each hidden unit's update right after its own forward
+(:func:`~fbcompile.passes.direct_graph.build_unlocked_step`) and the output units' updates, once e
+is known, come from the same generated graph the stored path uses. Otherwise (autograd) the units
+run one by one with :meth:`FeedbackProgram.run_units` and each unit's update is a backward through
+its own graph, its input detached.
 """
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ import torch
 
 from ..errors import FBCompileError, OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
-from ..passes.direct_graph import UpdateStage, build_direct_gradients, build_update_stages
+from ..passes.direct_graph import build_direct_gradients, build_unlocked_step
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
-from .base import Learner, StepResult, output_error
+from .base import Learner, StepResult
+from .losses import output_error
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
 
@@ -172,39 +174,27 @@ class DirectLearner(Learner):
         _accumulate(updates, fused.params, grads)
 
     def _compiled_unlocked(self, inputs, targets, loss_fn):
-        """The update-unlocked path without autograd: a hidden unit's stage runs its forward and
-        then its update in one generated module (:func:`~fbcompile.passes.direct_graph.build_update_stages`),
-        so its activations are freed as soon as it returns; the output units' stages return the taps
-        their update needs, which wait for e."""
-        program, plan = self.program, self.plan
+        """The update-unlocked path without autograd: one generated module runs the units'
+        forwards, each hidden unit's update right after its own forward
+        (:func:`~fbcompile.passes.direct_graph.build_unlocked_step`), so a unit's activations are
+        freed as soon as the next unit has read them; it returns the taps the output units' update
+        needs, which wait for e."""
         signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
-        stages = (self._fused_stages(signal.labels is not None) if signal is not None
-                  else program.unit_forwards(tapped=True))
-        waiting, updates = {}, {}
-        extra = () if signal is None else (signal.dense,) if signal.labels is None else (signal.labels, signal.factor)
-
-        def execute(stage, values):
-            if isinstance(stage, UpdateStage):
-                outputs, grads = stage.module.forward(*values, *extra)      # our own modules: no hooks to run
-                _accumulate(updates, stage.params, grads)
-                return outputs
-            outputs, tap_values = stage.module.forward(*values)
-            if stage.unit.index in plan.output_units:
-                waiting.update(zip(stage.taps, tap_values))
-            return outputs
-
-        with torch.no_grad():
-            output = program.run_units(inputs, None, detach=False, stages=stages,
-                                       execute=execute)          # no graph is recorded: nothing to detach
-        loss, errors = output_error(output, targets, loss_fn)
-        self._fused_update(updates, False, errors, None, waiting.__getitem__)
-        return self._result(loss, output), updates
-
-    def _fused_stages(self, labels: bool) -> list:
-        key = ("stages", labels)
+        labels = signal is not None and signal.labels is not None
+        key = ("unlocked", signal is not None, labels)
         if key not in self._fused:
-            self._fused[key] = build_update_stages(self.program, self.plan, self._projection_list(), labels=labels)
-        return self._fused[key]
+            self._fused[key] = build_unlocked_step(self.program, self.plan, self._projection_list(),
+                                                   hidden=signal is not None, labels=labels)
+        fused = self._fused[key]
+        extra = () if signal is None else (signal.labels, signal.factor) if labels else (signal.dense,)
+        with torch.no_grad():
+            outputs, tap_values, grads = fused.module.forward(*inputs, *extra)     # our own module: no hooks
+        updates = {}
+        _accumulate(updates, fused.params, grads)
+        output = outputs[0] if len(outputs) == 1 else outputs
+        loss, errors = output_error(output, targets, loss_fn)
+        self._fused_update(updates, False, errors, None, dict(zip(fused.taps, tap_values)).__getitem__)
+        return self._result(loss, output), updates
 
     def _projection_list(self) -> list:
         """The B_u parameter objects (bound into the generated update graphs)."""

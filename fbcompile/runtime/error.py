@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import OptionError
-from .base import Learner, StepResult, output_error
+from .base import Learner, StepResult
+from .losses import output_error
 from .feedback_weights import INITS, SIGNS, FeedbackWeights
 from .options import Option, non_negative, one_of
 

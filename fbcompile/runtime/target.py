@@ -24,7 +24,8 @@ import torch
 from ..errors import NonFiniteError, OptionError, choices_text
 from ..program import flat_outputs
 from ..trace import depends_on_parameters
-from .base import Learner, StepResult, all_finite, output_error
+from .base import Learner, StepResult, all_finite
+from .losses import output_error
 from .feedback_weights import INITS, FeedbackWeights
 from .options import Option, boolean, non_negative, one_of, positive, positive_int
 from .reconstruction import cut_reconstruction, difference_reconstruction
