@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbcompile
+from fbcompile.bench import peak_tensor_memory
 from fbcompile.data import batches, load_dataset
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.runtime.diagnostics import angle
@@ -231,18 +232,6 @@ def test_every_unit_loss_falls_on_digits(algorithm, options):
     assert after[1] < 0.85 * before[1] and all(after[u] < 0.97 * before[u] for u in after), (before, after)
 
 
-def _peak_memory(fn) -> int:
-    """Peak of the running sum of the profiler events' self CPU memory (bytes allocated inside ``fn``)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    running = peak = 0
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        running += event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
-
-
 def test_mf_peak_memory_does_not_grow_with_depth_unlike_bp():
     x, y = torch.randn(2048, 32), torch.randint(0, 10, (2048,))
     peaks = {}
@@ -251,9 +240,9 @@ def test_mf_peak_memory_does_not_grow_with_depth_unlike_bp():
         learner = fbcompile.learner(fbcompile.compile(model, x[:8]), "mf")
         learner.step(x, y, F.cross_entropy)
         model.zero_grad(set_to_none=True)
-        peaks["mf", depth] = _peak_memory(lambda: learner.step(x, y, F.cross_entropy))
+        peaks["mf", depth] = peak_tensor_memory(lambda: learner.step(x, y, F.cross_entropy))
         model.zero_grad(set_to_none=True)
-        peaks["bp", depth] = _peak_memory(lambda: F.cross_entropy(model(x), y).backward())
+        peaks["bp", depth] = peak_tensor_memory(lambda: F.cross_entropy(model(x), y).backward())
     assert peaks["mf", 8] < 1.3 * peaks["mf", 2], peaks
     assert peaks["bp", 8] > 2.5 * peaks["bp", 2] and peaks["mf", 8] < 0.5 * peaks["bp", 8], peaks
 
