@@ -101,7 +101,8 @@ def build_unlocked_step(program, plan: DirectPlan, projections: list, *, hidden:
     for stage in program.unit_forwards(tapped=True):
         index = stage.unit.index
         placeholders = [n for n in stage.module.graph.nodes if n.op == "placeholder"]
-        outputs, tap_values = graph.graph_copy(stage.module.graph, dict(zip(placeholders, (env[s] for s in stage.inputs))))
+        value_map = dict(zip(placeholders, (env[src] for src in stage.inputs)))
+        outputs, tap_values = graph.graph_copy(stage.module.graph, value_map)
         env.update(zip(stage.outputs, outputs))
         unit_taps = dict(zip(stage.taps, tap_values))
         if index in plan.output_units:
