@@ -33,6 +33,17 @@ def _mlp(inputs=12, width=16, depth=2, classes=5, bias=True):
     return nn.Sequential(*layers, nn.Linear(n, classes, bias=bias)).double()
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        g = torch.tanh(self.b(h)) + h
+        return self.out(torch.tanh(self.c(g)) + h)
+
+
 def _one_step(learner, model, x, y, loss_fn=F.cross_entropy):
     model.zero_grad(set_to_none=True)
     learner.step(x, y, loss_fn)
@@ -355,13 +366,16 @@ def test_diagnostics_run_and_change_nothing(algorithm):
 @pytest.mark.parametrize("algorithm,options", [("dfa", {}), ("sdfa", {}), ("drtp", {"execution": "stored"}),
                                                ("shallow", {"execution": "stored"}), ("drtp", {"execution": "unlocked"}),
                                                ("shallow", {"execution": "unlocked"})])
-@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mlp with a frozen bias"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mlp with a frozen bias", "residual"])
 def test_compiled_paths_equal_autograd(algorithm, options, model_name):
     """Without autograd (one generated graph for every update after the forward; update-unlocked,
-    one generated module per unit running its forward and then its update) the updates are
-    autograd's, and frozen parameters get none."""
+    one generated module running the forwards, each hidden unit's update right after its own) the
+    updates are autograd's, and frozen parameters get none. "residual": a unit output read by two
+    later units, so the module must keep it past the next unit."""
     torch.manual_seed(0)
-    if model_name.startswith("mlp"):
+    if model_name == "residual":
+        model, x = _Residual().double(), torch.randn(6, 12, dtype=torch.float64)
+    elif model_name.startswith("mlp"):
         model, x = _mlp(), torch.randn(6, 12, dtype=torch.float64)
         if "frozen" in model_name:
             model[2].bias.requires_grad_(False)
