@@ -59,9 +59,10 @@ def label_signal(targets, signal_dim: int, batch: int, factor: float, algorithm:
     if not torch.is_tensor(targets):
         raise FBCompileError(f"algorithm {algorithm!r} needs class labels as a tensor, got {type(targets).__name__}")
     if not targets.is_floating_point() and targets.dim() == 1 and len(targets) == batch:
-        if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= signal_dim):
+        low, high = (int(v) for v in torch.aminmax(targets)) if len(targets) else (0, 0)
+        if low < 0 or high >= signal_dim:
             raise FBCompileError(f"algorithm {algorithm!r}: labels must lie in [0, {signal_dim}) (the model's output "
-                                 f"size), got range [{int(targets.min())}, {int(targets.max())}]")
+                                 f"size), got range [{low}, {high}]")
         return Signal(batch, labels=targets, factor=factor)
     if targets.is_floating_point() and tuple(targets.shape) == (batch, signal_dim):
         return Signal(batch, dense=targets * factor)
