@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fbcompile
 from fbcompile.errors import NonFiniteError
@@ -15,6 +16,22 @@ from fbcompile.verify.checks import autograd_gradients, relative_error
 
 def grads_of(model):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+def step_grads(learner, model, x, y, loss_fn=F.cross_entropy):
+    """The model's .grad after one learner step from cleared gradients."""
+    model.zero_grad(set_to_none=True)
+    learner.step(x, y, loss_fn)
+    return grads_of(model)
+
+
+def tanh_mlp(inputs=12, width=16, depth=2, classes=5, bias=True):
+    """A float64 Linear/Tanh MLP as nn.Sequential (index 2i is Linear i)."""
+    layers, n = [], inputs
+    for _ in range(depth):
+        layers += [nn.Linear(n, width, bias=bias), nn.Tanh()]
+        n = width
+    return nn.Sequential(*layers, nn.Linear(n, classes, bias=bias)).double()
 
 
 def compare_with_autograd(model, x, *, program=None, output_error=None):

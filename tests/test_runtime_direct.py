@@ -9,7 +9,7 @@ from fbcompile.data import load_dataset
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.models import build_model
 from helpers import (assert_failed_step_changes_nothing, assert_resume_is_bitwise, assert_step_writes_no_state,
-                     same, snapshot)
+                     same, snapshot, step_grads, tanh_mlp)
 
 
 DIRECT = ["dfa", "sdfa", "drtp", "shallow", "ddtp-linear", "ddtp-rhl"]
@@ -25,40 +25,15 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _mlp(inputs=12, width=16, depth=2, classes=5, bias=True):
-    layers, n = [], inputs
-    for _ in range(depth):
-        layers += [nn.Linear(n, width, bias=bias), nn.Tanh()]
-        n = width
-    return nn.Sequential(*layers, nn.Linear(n, classes, bias=bias)).double()
-
-
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c, self.out = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        g = torch.tanh(self.b(h)) + h
-        return self.out(torch.tanh(self.c(g)) + h)
-
-
-def _one_step(learner, model, x, y, loss_fn=F.cross_entropy):
-    model.zero_grad(set_to_none=True)
-    learner.step(x, y, loss_fn)
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-
-
 # -- the update rules, exactly (ALGORITHMS.md check 5) --------------------------------------------
 @pytest.mark.parametrize("algorithm,options", [
     ("dfa", {}), ("sdfa", {}), ("sdfa", {"batch_scaling": "none"}),
     ("drtp", {}), ("drtp", {"batch_scaling": "none"}), ("drtp", {"execution": "stored"})])
 def test_first_layer_gradient_is_the_projected_signal_times_the_derivative(algorithm, options):
-    model = _mlp()
+    model = tanh_mlp()
     x, y = torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=4, **options)
-    grads = _one_step(learner, model, x, y)
+    grads = step_grads(learner, model, x, y)
     with torch.no_grad():
         error = (torch.softmax(model(x), 1) - F.one_hot(y, 5)) / len(x)          # dL/dlogits
         scale = 1.0 / len(x) if options.get("batch_scaling", "mean") == "mean" else 1.0
@@ -72,21 +47,6 @@ def test_first_layer_gradient_is_the_projected_signal_times_the_derivative(algor
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()          # the output unit learns from its own gradient e
     torch.testing.assert_close(grads["4.weight"], model[4].weight.grad, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("model_name,shape", [("mlp", (20,)), ("lenet", (1, 8, 8))])
-@pytest.mark.parametrize("algorithm", ["drtp", "shallow"])
-def test_update_unlocked_execution_equals_stored_activations(model_name, shape, algorithm):
-    model = build_model(model_name, shape, 10, **({"width": 24, "depth": 3} if model_name == "mlp" else {})).double()
-    x, y = torch.randn(9, *shape, dtype=torch.float64), torch.randint(0, 10, (9,))
-    program = fbcompile.compile(model, x)
-    unlocked = _one_step(fbcompile.learner(program, algorithm, seed=2), model, x, y)
-    stored = _one_step(fbcompile.learner(program, algorithm, seed=2, execution="stored"), model, x, y)
-    for name in unlocked:
-        if unlocked[name] is None:
-            assert stored[name] is None and algorithm == "shallow", name
-        else:
-            torch.testing.assert_close(unlocked[name], stored[name], rtol=1e-13, atol=1e-15)
 
 
 def test_conv_units_get_projections_to_their_full_output_shape():
@@ -105,18 +65,18 @@ def test_conv_units_get_projections_to_their_full_output_shape():
     ({"projection_init": "xavier_uniform"}, (6 / (16 + 5)) ** 0.5),
     ({"projection_init": "uniform", "projection_scale": 0.25}, 0.25)])
 def test_projection_initialisations_have_their_documented_bounds(options, bound):
-    program = fbcompile.compile(_mlp(width=16, classes=5), torch.randn(2, 12, dtype=torch.float64))
+    program = fbcompile.compile(tanh_mlp(width=16, classes=5), torch.randn(2, 12, dtype=torch.float64))
     weight = fbcompile.learner(program, "dfa", **options).projections.weights[0]
     assert tuple(weight.shape) == (5, 16)
     assert 0.7 * bound < float(weight.abs().max()) <= bound
 
 
 def test_ddtp_linear_signal_is_e_q_with_the_freshly_trained_q():
-    model = _mlp()
+    model = tanh_mlp()
     x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 5, (6,))
     learner = fbcompile.learner(fbcompile.compile(model, x), "ddtp-linear", seed=1)
     before = learner.projections.weights[0].detach().clone()
-    grads = _one_step(learner, model, x, y)
+    grads = step_grads(learner, model, x, y)
     Q = learner.projections.weights[0].detach()
     assert not torch.equal(before, Q)                  # DRL ran before the forward update
     with torch.no_grad():
@@ -142,10 +102,10 @@ def test_drl_drives_ddtp_linear_feedback_to_the_pseudo_inverse():
 
 
 def test_ddtp_rhl_signal_is_the_difference_corrected_target_of_its_maps():
-    model = _mlp()
+    model = tanh_mlp()
     x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 5, (6,))
     learner = fbcompile.learner(fbcompile.compile(model, x), "ddtp-rhl", feedback_hidden=32, beta=0.05)
-    grads = _one_step(learner, model, x, y)
+    grads = step_grads(learner, model, x, y)
     maps = learner.feedback_maps
     with torch.no_grad():
         out = model(x)
@@ -161,7 +121,7 @@ def test_ddtp_rhl_signal_is_the_difference_corrected_target_of_its_maps():
 @pytest.mark.parametrize("output", ["sigmoid", "softmax"])
 def test_drtp_signals_are_within_90_degrees_of_bp_in_linear_hidden_networks(output):
     torch.manual_seed(0)
-    model = _mlp(inputs=10, width=12, depth=3, classes=4, bias=False)
+    model = tanh_mlp(inputs=10, width=12, depth=3, classes=4, bias=False)
     model = nn.Sequential(*[m for m in model if isinstance(m, nn.Linear)])  # linear hidden layers
     for p in model.parameters():
         nn.init.zeros_(p)                                                   # the theorem's zero init
@@ -262,13 +222,13 @@ def _train_batch(learner, optimizer, x, y):
     ("shallow", {"projection_init": "he_uniform"}, "'projection_init' does not apply to algorithm 'shallow'"),
 ])
 def test_bad_options_name_the_option_and_the_choices(algorithm, options, pattern):
-    program = fbcompile.compile(_mlp(), torch.randn(2, 12, dtype=torch.float64))
+    program = fbcompile.compile(tanh_mlp(), torch.randn(2, 12, dtype=torch.float64))
     with pytest.raises(OptionError, match=pattern):
         fbcompile.learner(program, algorithm, **options)
 
 
 def test_drtp_refuses_labels_it_cannot_project():
-    model = _mlp()
+    model = tanh_mlp()
     x = torch.randn(4, 12, dtype=torch.float64)
     learner = fbcompile.learner(fbcompile.compile(model, x), "drtp")
     with pytest.raises(FBCompileError, match=r"labels must lie in \[0, 5\)"):
@@ -277,8 +237,8 @@ def test_drtp_refuses_labels_it_cannot_project():
         learner.step(x, torch.zeros(4, 3, dtype=torch.float64), F.mse_loss)
     assert all(p.grad is None for p in model.parameters())
     one_hot = F.one_hot(torch.tensor([0, 1, 2, 3]), 5).double()             # dense targets work too
-    dense = _one_step(learner, model, x, one_hot, lambda out, t: F.cross_entropy(out, t.argmax(1)))
-    labels = _one_step(learner, model, x, torch.tensor([0, 1, 2, 3]))
+    dense = step_grads(learner, model, x, one_hot, lambda out, t: F.cross_entropy(out, t.argmax(1)))
+    labels = step_grads(learner, model, x, torch.tensor([0, 1, 2, 3]))
     torch.testing.assert_close(dense["0.weight"], labels["0.weight"], rtol=1e-14, atol=0)
 
 
@@ -301,7 +261,7 @@ def test_learners_that_declare_a_read_only_step_write_no_state(algorithm, execut
     """Transactions skip the state snapshot of learners with step_writes_state = False; a step
     of theirs must then leave everything in state_dict but the step count as it was."""
     torch.manual_seed(0)
-    model, x, y = _mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    model, x, y = tanh_mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm,
                                 **({"execution": execution} if execution else {}))
     assert_step_writes_no_state(model, learner, x, y)
@@ -313,15 +273,15 @@ def test_loading_projections_after_the_update_graphs_exist_uses_them(algorithm, 
     """The generated update graphs hold the learner's own B_u objects: a state loaded into a
     learner that has already stepped gives the updates of the learner it came from."""
     torch.manual_seed(0)
-    model, x, y = _mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    model, x, y = tanh_mlp(), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
     options = {"execution": execution} if execution else {}
     program = fbcompile.compile(model, x)
     stepped = fbcompile.learner(program, algorithm, seed=1, **options)
     source = fbcompile.learner(program, algorithm, seed=2, **options)
     assert stepped.compiled
-    _one_step(stepped, model, x, y)
+    step_grads(stepped, model, x, y)
     stepped.load_state_dict(source.state_dict())
-    after_load, expected = _one_step(stepped, model, x, y), _one_step(source, model, x, y)
+    after_load, expected = step_grads(stepped, model, x, y), step_grads(source, model, x, y)
     assert same(after_load, expected)
 
 
@@ -329,12 +289,12 @@ def test_loading_projections_after_the_update_graphs_exist_uses_them(algorithm, 
 def test_state_dict_round_trip_resumes_bitwise(algorithm):
     options = {"feedback_hidden": 16} if algorithm == "ddtp-rhl" else {}
 
-    make = lambda: (_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,)))
+    make = lambda: (tanh_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,)))
     assert_resume_is_bitwise(make, algorithm, options)
 
 
 def test_projections_are_seeded_separate_per_unit_and_in_the_state_dict():
-    program = fbcompile.compile(_mlp(width=5, classes=5), torch.randn(2, 12, dtype=torch.float64))
+    program = fbcompile.compile(tanh_mlp(width=5, classes=5), torch.randn(2, 12, dtype=torch.float64))
     a, b, c = (fbcompile.learner(program, "dfa", seed=s) for s in (3, 3, 4))
     wa, wb, wc = (list(learner.projections.weights) for learner in (a, b, c))
     assert all(torch.equal(p, q) for p, q in zip(wa, wb))
@@ -347,7 +307,7 @@ def test_projections_are_seeded_separate_per_unit_and_in_the_state_dict():
 
 @pytest.mark.parametrize("algorithm", ["dfa", "drtp", "shallow", "ddtp-linear"])
 def test_diagnostics_run_and_change_nothing(algorithm):
-    model = _mlp()
+    model = tanh_mlp()
     x, y = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 5, (8,))
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm)
     before = snapshot(model, learner)
@@ -361,40 +321,3 @@ def test_diagnostics_run_and_change_nothing(algorithm):
         assert 0 < report.rows[0]["angle_bp"] < 180
     if algorithm == "ddtp-linear":
         assert report.rows[0]["reconstruction"] > 0
-
-
-@pytest.mark.parametrize("algorithm,options", [("dfa", {}), ("sdfa", {}), ("drtp", {"execution": "stored"}),
-                                               ("shallow", {"execution": "stored"}), ("drtp", {"execution": "unlocked"}),
-                                               ("shallow", {"execution": "unlocked"})])
-@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mlp with a frozen bias", "residual"])
-def test_compiled_paths_equal_autograd(algorithm, options, model_name):
-    """Without autograd (one generated graph for every update after the forward; update-unlocked,
-    one generated module running the forwards, each hidden unit's update right after its own) the
-    updates are autograd's, and frozen parameters get none. "residual": a unit output read by two
-    later units, so the module must keep it past the next unit."""
-    torch.manual_seed(0)
-    if model_name == "residual":
-        model, x = _Residual().double(), torch.randn(6, 12, dtype=torch.float64)
-    elif model_name.startswith("mlp"):
-        model, x = _mlp(), torch.randn(6, 12, dtype=torch.float64)
-        if "frozen" in model_name:
-            model[2].bias.requires_grad_(False)
-    else:
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
-                              nn.Linear(4 * 16, 8), nn.Tanh(), nn.Linear(8, 5)).double()
-        x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 5, (6,))
-    updates = []
-    for compiled in (True, False):
-        learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=3, **options)
-        if compiled:
-            assert learner.compiled
-        else:
-            learner.compiled = False
-        model.zero_grad(set_to_none=True)
-        learner.step(x, y, F.cross_entropy)
-        updates.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert updates[0].keys() == updates[1].keys() and updates[0]
-    assert "frozen" not in model_name or "2.bias" not in updates[0]
-    for name in updates[1]:
-        assert torch.allclose(updates[0][name], updates[1][name], rtol=1e-10, atol=1e-12), name
