@@ -10,16 +10,9 @@ import fbcompile
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.models import build_model
 from fbcompile.runtime.diagnostics import angle
-from helpers import assert_failed_step_changes_nothing, assert_resume_is_bitwise, assert_step_writes_no_state
+from helpers import (assert_failed_step_changes_nothing, assert_resume_is_bitwise, assert_step_writes_no_state,
+                     tanh_mlp)
 from fbcompile.verify.checks import relative_error
-
-
-def _mlp(depth=3, width=16, inputs=12, classes=5):
-    layers, n = [], inputs
-    for _ in range(depth):
-        layers += [nn.Linear(n, width), nn.Tanh()]
-        n = width
-    return nn.Sequential(*layers, nn.Linear(n, classes)).double()
 
 
 def _autograd(model, x, y, loss_fn=F.cross_entropy):
@@ -43,7 +36,7 @@ def test_bp_learner_equals_autograd(name, shape):
 
 
 def test_grad_accumulates_like_autograd():
-    model = _mlp()
+    model = tanh_mlp(depth=3)
     x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 5, (5,))
     reference = _autograd(model, x, y)
     learner = fbcompile.learner(fbcompile.compile(model, x), "bp")
@@ -56,7 +49,7 @@ def test_grad_accumulates_like_autograd():
 
 def test_fa_learns_and_every_hidden_layer_gets_a_gradient():
     torch.manual_seed(1)
-    model = _mlp(depth=2, width=32).float()
+    model = tanh_mlp(depth=2, width=32).float()
     x = torch.randn(128, 12)
     y = (x[:, :5] * torch.arange(1, 6)).argmax(1)
     learner = fbcompile.learner(fbcompile.compile(model, x), "fa", seed=3)
@@ -72,7 +65,7 @@ def test_fa_learns_and_every_hidden_layer_gets_a_gradient():
 
 
 def test_fa_feedback_is_fixed_seeded_and_separate_per_unit():
-    model = _mlp(depth=2, width=8)
+    model = tanh_mlp(depth=2, width=8)
     x = torch.randn(4, 12, dtype=torch.float64)
     program = fbcompile.compile(model, x)
     a, b = fbcompile.learner(program, "fa", seed=5), fbcompile.learner(program, "fa", seed=5)
@@ -87,7 +80,7 @@ def test_fa_feedback_is_fixed_seeded_and_separate_per_unit():
 
 @pytest.mark.parametrize("sign", ["usf", "frsf", "brsf"])
 def test_sign_symmetric_feedback_agrees_in_sign_with_forward_weights(sign):
-    model = _mlp(depth=2, width=8)
+    model = tanh_mlp(depth=2, width=8)
     x = torch.randn(4, 12, dtype=torch.float64)
     program = fbcompile.compile(model, x)
     learner = fbcompile.learner(program, "fa", sign=sign)
@@ -98,7 +91,7 @@ def test_sign_symmetric_feedback_agrees_in_sign_with_forward_weights(sign):
 
 
 def test_unknown_algorithm_and_options_are_named():
-    program = fbcompile.compile(_mlp(), torch.randn(2, 12, dtype=torch.float64))
+    program = fbcompile.compile(tanh_mlp(depth=3), torch.randn(2, 12, dtype=torch.float64))
     with pytest.raises(OptionError, match="unknown algorithm 'backprop'.*'bp'"):
         fbcompile.learner(program, "backprop")
     with pytest.raises(OptionError, match="option 'colour'.*'feedback_init'"):
@@ -128,7 +121,7 @@ def test_a_failed_step_changes_nothing(algorithm):
                                                ("fa", {"sign": "frsf"}), ("fa", {"sign": "brsf"})])
 def test_step_writes_state_is_declared_truthfully(algorithm, options):
     """Only brsf FA draws during a step; the others may skip the transaction's state snapshot."""
-    model, x, y = _mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    model, x, y = tanh_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, **options)
     if options.get("sign") == "brsf":
         generator = learner.feedback.generator.get_state()
@@ -139,12 +132,12 @@ def test_step_writes_state_is_declared_truthfully(algorithm, options):
 
 
 def test_state_dict_round_trip_resumes_bitwise():
-    make = lambda: (_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,)))
+    make = lambda: (tanh_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,)))
     assert_resume_is_bitwise(make, "fa", {"sign": "brsf"}, steps=6)
 
 
 def test_diagnostics_of_bp_are_zero_angles_and_unit_ratios():
-    model = _mlp()
+    model = tanh_mlp(depth=3)
     x, y = torch.randn(9, 12, dtype=torch.float64), torch.randint(0, 5, (9,))
     learner = fbcompile.learner(fbcompile.compile(model, x), "bp")
     report = learner.diagnostics(x, y, F.cross_entropy)
@@ -156,7 +149,7 @@ def test_diagnostics_of_bp_are_zero_angles_and_unit_ratios():
 
 
 def test_condition_p_program_is_refused_by_error_mode():
-    model = _mlp()
+    model = tanh_mlp(depth=3)
     program = fbcompile.compile(model, torch.randn(2, 12, dtype=torch.float64), condition="P")
     with pytest.raises(FBCompileError, match="condition='T'"):
         fbcompile.learner(program, "bp")
