@@ -190,16 +190,11 @@ class FeedbackProgram:
             self._derived["unit_outputs"] = [o for unit in self.partition.units for o in unit.outputs]
         return self._derived["unit_outputs"]
 
-    def unit_gradients(self, deltas: dict, values: dict, taps: tuple, unit: int | None = None) -> dict:
+    def unit_gradients(self, deltas: dict, values: dict, taps: tuple) -> dict:
         """{parameter: local gradient} given delta_u at the unit outputs (``deltas``: node name ->
         tensor; a missing one is zero, shaped like ``values[name]``): each unit's own backward with
         its inputs held fixed, through the compiled "unit_error" graph, without autograd. Equals
-        autograd on the local losses where :attr:`exact_within_units`. With ``unit`` (an index) only
-        that unit's parameters are computed, from the graph pruned to them (:meth:`unit_gradient_graph`)."""
-        if unit is not None:
-            index = self.tap_index
-            with torch.no_grad():
-                return self._gradients_of_unit(unit, deltas, values, lambda key: taps[index[key]])
+        autograd on the local losses where :attr:`exact_within_units`."""
         fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
         with torch.no_grad():
             _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
@@ -218,14 +213,6 @@ class FeedbackProgram:
                                      "unit-output deltas and taps")
             self._derived[key] = subgraph
         return self._derived[key]
-
-    def _gradients_of_unit(self, unit: int, deltas: dict, values: dict, tap) -> dict:
-        """:meth:`unit_gradients` of one unit, ``tap(key)`` giving a tap's value (run under no_grad)."""
-        subgraph = self.unit_gradient_graph(unit)
-        args = [tap(key) if kind == "tap" else deltas[key] if key in deltas else torch.zeros_like(values[key])
-                for kind, key in subgraph.inputs]
-        grads = subgraph.module.forward(*args)        # .forward: our own module, no hooks to run
-        return {n: g for n, g in zip(subgraph.params, grads) if g is not None}
 
     @property
     def exact_within_units(self) -> bool:

@@ -47,14 +47,14 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import FBCompileError, OptionError
+from ..errors import OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
 from ..passes.direct_graph import build_direct_gradients, build_unlocked_step
 from ..passes.forward import build_forward
 from ..program import flat_outputs
 from . import register_algorithm
 from .base import Learner, StepResult
-from .losses import output_error
+from .losses import output_error, scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
 
@@ -277,9 +277,7 @@ class DirectLearner(Learner):
         outs = flat_outputs(output)
         names = [name for unit in self.plan.output_units for name in self.plan.params[unit]]
         with torch.enable_grad():
-            loss = loss_fn(outs[0] if len(outs) == 1 else outs, targets)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise FBCompileError("loss_fn must return a scalar tensor")
+            loss = scalar_loss(loss_fn, outs, targets)
             grads = torch.autograd.grad(loss, [*outs, *(self.program.params[n] for n in names)], allow_unused=True)
         errors = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(grads, outs))
         updates = {}

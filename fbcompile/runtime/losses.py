@@ -40,12 +40,19 @@ def autograd_output_error(output, targets, loss_fn) -> tuple[torch.Tensor, tuple
     """(loss, dL/d output) for any loss, by autograd on a detached copy of the output only."""
     outs = tuple(o.detach().requires_grad_(True) for o in flat_outputs(output))
     with torch.enable_grad():
-        loss = loss_fn(outs[0] if len(outs) == 1 else outs, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise FBCompileError("loss_fn must return a scalar tensor")
+        loss = scalar_loss(loss_fn, outs, targets)
         errors = torch.autograd.grad(loss, outs, allow_unused=True)
     errors = tuple(e if e is not None else torch.zeros_like(o) for e, o in zip(errors, outs))
     return loss.detach(), errors
+
+
+def scalar_loss(loss_fn, outs: tuple, targets) -> torch.Tensor:
+    """``loss_fn`` applied to the model outputs (one tensor, or the tuple of several), checked to be
+    a scalar tensor."""
+    loss = loss_fn(outs[0] if len(outs) == 1 else outs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise FBCompileError("loss_fn must return a scalar tensor")
+    return loss
 
 
 def _known_loss(output, targets, loss_fn):
