@@ -8,6 +8,7 @@ from torch.fx.node import _get_qualified_name
 
 from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
+from .passes.reach import check_parameter_coverage
 from .passes.units import partition
 from .program import FeedbackProgram, as_tuple
 from .registry import CONDITIONS, all_rules, find_rule, rules_for
@@ -30,18 +31,21 @@ class Unsupported:
         return f"{self.node} = {self.op}[{self.target}]{op}: {self.reason}{where}"
 
 
-def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), units="layer") -> FeedbackProgram:
+def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), units="layer",
+            kwargs: dict | None = None) -> FeedbackProgram:
     """Trace ``model`` on ``example_inputs`` and derive its feedback graph.
 
     ``condition``: "T" (feedback Jacobian = transposed forward Jacobian, the default), "P"
     (pseudo-inverse) or "I" (inverse). ``variants``: alternative rules to prefer, e.g.
     ``("hadamard",)`` for the activation feedback of paper 002 eq. 29. ``units``: how nodes group
     into TP units ("layer", "op", "module", ("module", depth) or a callable node -> key).
+    ``kwargs``: constant values for ``forward`` arguments after the example inputs (the others
+    keep their defaults).
     Raises :class:`~fbcompile.errors.UnsupportedOpError` listing every unsupported node at once.
     """
     _check_condition(condition)
     _check_variants(variants)
-    return compile_traced(model, trace_model(model, as_tuple(example_inputs)), condition, variants, units)
+    return compile_traced(model, trace_model(model, as_tuple(example_inputs), kwargs), condition, variants, units)
 
 
 def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram:
@@ -53,15 +57,17 @@ def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram
         raise UnsupportedOpError(
             f"{len(problems)} node(s) of {type(model).__name__} have no condition-{condition} feedback rule:\n  "
             f"{listing}\nRegister one with @fbcompile.register_rule (see examples/custom_rule.py).", problems)
-    return FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
+    program = FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
+    check_parameter_coverage(traced, model, program.feedback["error"].params)
+    return program
 
 
-def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants=()) -> list:
+def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), kwargs: dict | None = None) -> list:
     """Every node of ``model`` that has no feedback rule under ``condition``, found before compiling
     (empty when everything is supported). Raises only if the model cannot be traced at all."""
     _check_condition(condition)
     _check_variants(variants)
-    traced = trace_model(model, as_tuple(example_inputs))
+    traced = trace_model(model, as_tuple(example_inputs), kwargs)
     return select_rules(traced, condition, variants)[1]
 
 

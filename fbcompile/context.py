@@ -156,6 +156,9 @@ class EagerContext(RuleContext):
     def weight(self, name):
         if (self.node.name, name) in self.weights:
             return self.weights[(self.node.name, name)]
+        value = self.op_call.args.get(name)
+        if isinstance(value, fx.Node) and value.op != "get_attr":
+            return self.saved(name)
         return self.param(name)
 
     def call(self, fn, *args, **kwargs):
@@ -180,6 +183,12 @@ class ProxyContext(RuleContext):
         return None if qualname is None else self.builder.attr(qualname)
 
     def weight(self, name):
+        value = self.op_call.args.get(name)
+        if isinstance(value, fx.Node) and value.op != "get_attr":
+            # a weight computed from parameters (F.linear(x, self.w.t())): the forward value; no
+            # slot, so feedback-weight learners refuse the program (FeedbackWeights)
+            self.builder.computed_weights.append(self.node.name)
+            return self.saved(name)
         if self._attr_name(name) is None:
             return None
         return self.builder.slot(self.node, name)

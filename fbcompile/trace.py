@@ -9,10 +9,10 @@ nodes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import os
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,16 +50,29 @@ class OpCall:
 
 @dataclass(eq=False)
 class NodeInfo:
+    """What tracing learned about one node.
+
+    ``active``: the value carries feedback: it holds floating-point tensors computed from a model
+    input or from a trainable parameter, whatever its Python type (tensor, tuple, list).
+    ``from_input``: it depends on a model input. An active value that does not (``param_only``:
+    a class token expanded to the batch, a transposed weight, a layer scale reshaped) is part of a
+    parameter path: error mode sends feedback down it into the parameters; targets never go there.
+    """
     role: str                      # input | param | buffer | constant | op | select | value | output
     active: bool = False
-    shape: tuple | None = None     # tensors; for tuples a tuple of shapes
+    shape: tuple | None = None     # tensors; for tuples a tuple of shapes (None for a None element)
     dtype: torch.dtype | None = None
     is_tuple: bool = False
     call: OpCall | None = None
-    select_index: int | None = None
+    select_index: int | tuple | None = None   # a getitem on a tuple: the element, or elements for a slice
     source: str = ""
     unit: int | None = None
+    from_input: bool = False
     problem: str | None = field(default=None, repr=False)
+
+    @property
+    def param_only(self) -> bool:
+        return self.active and not self.from_input
 
 
 def info(node: fx.Node) -> NodeInfo:
@@ -97,12 +110,17 @@ def describe(node: fx.Node) -> str:
     return f"{text}" + (f"\n      at {line}" if line else "")
 
 
-def trace_model(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+def trace_model(model: nn.Module, example_inputs: tuple, constants: dict | None = None) -> fx.GraphModule:
     """Symbolically trace ``model``, run ``example_inputs`` through it to record shapes, and
-    canonicalise every node. The model's parameters, buffers and RNG state are left unchanged."""
+    canonicalise every node. The model's parameters, buffers and RNG state are left unchanged.
+
+    ``forward`` arguments after the example inputs are constants of the program: those named in
+    ``constants`` take that value, the others their defaults (``forward(x, attn_mask=None)`` traced
+    from ``model(x)`` is specialised to ``attn_mask=None``, as the user's call would be)."""
     tracer = _Tracer()
+    fixed = constant_arguments(model, len(example_inputs), constants or {})
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
         where = _failure_line(exc)
         raise UntraceableModelError(
@@ -112,10 +130,56 @@ def trace_model(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             "(if x.sum() > 0, loops over x.shape[0] of a traced value, ...). Move that logic out of "
             "forward(), make the branch depend on constructor arguments, or wrap the offending "
             "submodule in a module class that fbcompile has a rule for.") from exc
+    _drop_specialised(graph, len(example_inputs), model)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     _propagate(gm, model, example_inputs)
     _canonicalise(gm, model)
     return gm
+
+
+def constant_arguments(model: nn.Module, given: int, constants: dict) -> dict:
+    """{name: value} for the ``forward`` parameters after the first ``given`` positional ones."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    later = params[given:]
+    unknown = sorted(set(constants) - {p.name for p in later})
+    if unknown:
+        raise FBCompileError(f"{type(model).__name__}.forward has no argument {', '.join(map(repr, unknown))} "
+                             f"after its {given} example input(s) (its arguments: "
+                             f"{', '.join(p.name for p in params)})")
+    fixed = {}
+    for p in later:
+        value = constants.get(p.name, p.default)
+        if value is p.empty:
+            raise FBCompileError(f"{type(model).__name__}.forward takes {len(params)} input(s) "
+                                 f"({', '.join(q.name for q in params)}) but {given} example input(s) were "
+                                 f"given, and {p.name!r} has no default: pass it as an example input")
+        if isinstance(value, torch.Tensor):
+            raise FBCompileError(f"argument {p.name!r} of {type(model).__name__}.forward is a tensor: pass it "
+                                 "as an example input, not as a constant")
+        fixed[p.name] = value
+    return fixed
+
+
+_GUARDS = (torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq)
+
+
+def _drop_specialised(graph: fx.Graph, given: int, model: nn.Module) -> None:
+    """Remove the placeholders fx keeps for specialised arguments, with the guards that check them:
+    the program takes exactly the example inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][given:]
+    for node in reversed(placeholders):
+        guards, stack = [], list(node.users)
+        while stack:
+            user = stack.pop()
+            if user.op != "call_function" or user.target not in _GUARDS:
+                raise FBCompileError(f"{type(model).__name__}.forward uses the constant argument {node.target!r} "
+                                     f"as a value at {describe(user)}; pass it as an example input")
+            guards.append(user)
+            stack.extend(user.users)
+        for guard in sorted(set(guards), key=lambda g: -list(graph.nodes).index(g)):
+            graph.erase_node(guard)
+        graph.erase_node(node)
 
 
 def _failure_line(exc: BaseException) -> str:
@@ -163,16 +227,17 @@ def _propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> N
             except Exception as exc:
                 raise FBCompileError(f"running the example inputs failed at node {describe(node)}: "
                                      f"{type(exc).__name__}: {exc}") from exc
-            node.meta[META] = _value_info(node, value, params)
+            node.meta[META] = _value_info(node, value, model, params)
             return value
 
     with preserved_state(model), torch.no_grad():
         Recorder(gm).run(*example_inputs)
 
 
-def _value_info(node: fx.Node, value, param_ids: set) -> NodeInfo:
+def _value_info(node: fx.Node, value, model: nn.Module, param_ids: set) -> NodeInfo:
     is_tensor = isinstance(value, torch.Tensor)
-    is_tuple = isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+    is_tuple = (isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+                and all(v is None or isinstance(v, torch.Tensor) for v in value))
     if node.op == "placeholder":
         role = "input"
     elif node.op == "get_attr":
@@ -181,15 +246,40 @@ def _value_info(node: fx.Node, value, param_ids: set) -> NodeInfo:
         role = "output"
     else:
         role = "op"
-    upstream = [n for n in node.all_input_nodes if META in n.meta]
-    active = (role == "input" and is_tensor) or (
-        role == "op" and (is_tensor or is_tuple) and any(info(n).active for n in upstream))
-    record = NodeInfo(role=role, active=active, is_tuple=is_tuple, source=user_line(node))
+    upstream = [info(n) for n in node.all_input_nodes if META in n.meta]
+    differentiable = _holds_floating_tensor(value)
+    from_input = differentiable and ((role == "input") or (role == "op" and any(u.from_input for u in upstream)))
+    from_param = differentiable and (
+        (role == "param" and value.requires_grad)
+        or (role == "op" and (any(u.active and not u.from_input for u in upstream) or _owns_trainable(node, model))))
+    record = NodeInfo(role=role, active=from_input or from_param, is_tuple=is_tuple, source=user_line(node),
+                      from_input=from_input)
     if is_tensor:
         record.shape, record.dtype = tuple(value.shape), value.dtype
     elif is_tuple:
-        record.shape, record.dtype = tuple(tuple(v.shape) for v in value), value[0].dtype
+        record.shape = tuple(None if v is None else tuple(v.shape) for v in value)
+        record.dtype = next(v.dtype for v in value if v is not None)
     return record
+
+
+def _holds_floating_tensor(value) -> bool:
+    """Whether ``value`` (a tensor, or tuples/lists/dicts of them at any depth) holds a floating-point
+    or complex tensor: integer and boolean tensors (token ids, masks, indices) carry no feedback."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() or value.is_complex()
+    if isinstance(value, (tuple, list)):
+        return any(_holds_floating_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_floating_tensor(v) for v in value.values())
+    return False
+
+
+def _owns_trainable(node: fx.Node, model: nn.Module) -> bool:
+    """A call_module node whose module holds trainable parameters (nn.Embedding on integer ids is
+    active through its weight although none of its arguments is)."""
+    if node.op != "call_module":
+        return False
+    return any(p.requires_grad for p in model.get_submodule(node.target).parameters())
 
 
 def _canonicalise(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -202,12 +292,27 @@ def _canonicalise(gm: fx.GraphModule, model: nn.Module) -> None:
                 record.role = "value"  # shapes, sizes, constants computed in forward
             continue
         if node.target is operator.getitem and info(node.args[0]).is_tuple:
-            record.role, record.select_index = "select", node.args[1]
+            record.role = "select"
+            try:
+                record.select_index = _element_index(node.args[1], len(info(node.args[0]).shape))
+            except FBCompileError as exc:
+                record.problem = str(exc)
             continue
         try:
             record.call = _bind(node, gm, names)
         except FBCompileError as exc:
             record.problem = str(exc)
+
+
+def _element_index(index, length: int):
+    """A getitem index into a tuple of ``length`` elements as a non-negative int, or a tuple of them
+    for a slice (``parts[-1]`` is element ``length - 1``; ``parts[1:]`` is elements 1..length-1)."""
+    if isinstance(index, slice) and all(v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)):
+        return tuple(range(length)[index])
+    if isinstance(index, int) and -length <= index < length:
+        return index % length
+    raise FBCompileError(f"index {index!r} into a tuple of {length} values is not a constant int or slice "
+                         "within range")
 
 
 def _qualified_names(model: nn.Module) -> dict[int, str]:
@@ -218,13 +323,19 @@ def _qualified_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+RECURRENT_HINT = (": recurrent modules (nn.RNN, nn.LSTM, nn.GRU and their cells) are not supported; fbcompile "
+                  "has no feedback rule through time")
+
+
 def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
     module = None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         spec, inplace = lookup_module(module), False
         if spec is None:
-            raise FBCompileError(f"no op is declared for module class {type(module).__name__}")
+            raise FBCompileError(f"no op is declared for module class {type(module).__name__}"
+                                 + (RECURRENT_HINT if isinstance(module, _RECURRENT) else ""))
         extra = spec.modules[_declared_class(spec, module)](module)
         inplace = bool(extra.pop("inplace", False))
         try:
@@ -256,35 +367,13 @@ def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
             where = index if isinstance(value, (list, tuple)) else None
             if isinstance(item, fx.Node):
                 record = info(item)
-                if record.active:
-                    active.append((name, where, item))
-                elif record.role == "param" and where is None:
+                if record.role == "param" and where is None:
                     params[name] = item.target
-                elif _derived_params(item):
-                    warnings.warn(
-                        f"{describe(node)}\n  argument {name!r} is computed from parameter(s) "
-                        f"{', '.join(_derived_params(item))} outside the feedback graph: propagate_error "
-                        "gives them no gradient there (target-mode local losses do). Pass the parameter "
-                        "to the op directly to get it.", stacklevel=4)
+                elif record.active:
+                    active.append((name, where, item))
             elif isinstance(item, AttrRef) and isinstance(item.value, nn.Parameter) and where is None:
                 params[name] = item.qualname
     return OpCall(spec, args, params, inplace, module, active)
-
-
-def _derived_params(node: fx.Node) -> list[str]:
-    """Parameters a non-active computed value (``self.w.t()``, ``self.g.sum()``) is made from."""
-    found, stack, seen = [], [node], set()
-    while stack:
-        current = stack.pop()
-        if current in seen or META not in current.meta:
-            continue
-        seen.add(current)
-        record = info(current)
-        if record.role == "param" and current is not node:
-            found.append(current.target)
-        elif record.role == "value":
-            stack.extend(current.all_input_nodes)
-    return sorted(found)
 
 
 def _declared_class(spec: OpSpec, module: nn.Module) -> type:

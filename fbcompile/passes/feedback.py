@@ -42,6 +42,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ..context import ProxyContext
 from ..errors import FBCompileError, RuleError
+from ..ops import param_vjp
 from ..trace import META, active_outputs, describe, info
 
 MODES = ("error", "target", "difference")
@@ -59,6 +60,7 @@ class FeedbackGraph:
     params: list                      # qualified names of returned parameter gradients
     emitted: dict = field(default_factory=dict)   # forward node name -> feedback node names
     slot_params: dict = field(default_factory=dict)  # slot key -> qualified name of the forward weight
+    computed_weights: list = field(default_factory=list)  # nodes whose ctx.weight is computed from parameters
 
 
 class _NamingTracer(GraphAppendingTracer):
@@ -83,13 +85,16 @@ class FeedbackBuilder:
     def __init__(self, gm: fx.GraphModule, rules: dict, partition, mode: str):
         self.cut, self.unit_correction = mode in CUT_MODES, mode == UNIT_DIFFERENCE
         self.emitted_mode = mode
+        # error maps walk parameter paths down to the parameters; targets stay on activations
+        self.reaches_params = mode in ("error", "unit_error")
         mode = {**CUT_MODES, UNIT_DIFFERENCE: "difference"}.get(mode, mode)
         self.gm, self.rules, self.partition, self.mode = gm, rules, partition, mode
         self.cut_parts = defaultdict(list)
         self.graph = fx.Graph()
         self.tracer = _NamingTracer(self.graph)
         self.taps, self.slots, self.attrs, self.slot_params = {}, {}, {}, {}
-        self.contribs = defaultdict(list)
+        self.computed_weights = []
+        self.contribs, self.origins = defaultdict(list), defaultdict(list)
         self.incoming_memo, self.base_memo, self.at_base_memo = {}, {}, {}
         self.param_parts = defaultdict(list)
         self.emitted = defaultdict(list)
@@ -135,21 +140,25 @@ class FeedbackBuilder:
                 self._add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
         for node in reversed(list(self.gm.graph.nodes)):
             record = info(node)
-            if not record.active:
+            if not record.active or (record.param_only and not self.reaches_params):
                 continue
             if record.role == "select":
                 g = self.incoming(node)
                 if g is not None:
-                    self._add(node.args[0], g, index=record.select_index)
+                    self._select(node, record.select_index, g)
             elif record.role == "op":
                 self._emit(node)
+            elif record.role == "param":
+                g = self.incoming(node)
+                if g is not None:
+                    self.param_parts[node.target].append(g)
         boundary = self.partition.boundary
         self._label(None, None, "output")
         if self.cut:
             boundary = [(unit.index, src) for unit in self.partition.units for src in unit.inputs]
             values = tuple(_unwrap(self._sum(self.cut_parts[key], f"{key[1].name}_u{key[0]}")) for key in boundary)
         else:
-            values = tuple(_unwrap(self.incoming(n)) for n in boundary)
+            values = tuple(_unwrap(self.external(n)) for n in boundary)
         params = sorted(self.param_parts)
         grads = tuple(_unwrap(self._sum(self.param_parts[p], f"grad_{p.replace('.', '_')}")) for p in params)
         self.graph.output((values, grads))
@@ -157,7 +166,17 @@ class FeedbackBuilder:
         module = fx.GraphModule(self.gm, self.graph, class_name=f"{type(self.gm).__name__}Feedback")
         inputs = [n.meta[META]["input"] for n in self.graph.nodes if n.op == "placeholder"]
         emitted = {name: [n.name for n in nodes] for name, nodes in self.emitted.items()}
-        return FeedbackGraph(module, self.emitted_mode, inputs, boundary, params, emitted, dict(self.slot_params))
+        return FeedbackGraph(module, self.emitted_mode, inputs, boundary, params, emitted, dict(self.slot_params),
+                             sorted(set(self.computed_weights)))
+
+    def _select(self, node: fx.Node, index, g) -> None:
+        """Feedback of ``tuple[index]`` goes to that element of the tuple (each element of a slice)."""
+        if isinstance(index, tuple):
+            for element, part in zip(index, g):
+                if part is not None:
+                    self._add(node.args[0], part, index=element, origin=node)
+        else:
+            self._add(node.args[0], g, index=index, origin=node)
 
     def _emit(self, node: fx.Node) -> None:
         g = self.incoming(node)
@@ -207,9 +226,19 @@ class FeedbackBuilder:
                 if self.partition.unit_of.get(user) is unit and info(user).role == "op":
                     at_base = self._target_at_base(user)
                     parts.extend(v for v in self._entries_for(user, at_base, value) if v is not None)
-            base = self._sum(parts, f"base_{value.name}")
+            base = self._neutral_sum(parts, value, f"base_{value.name}")
         self.base_memo[value] = base
         return base
+
+    def _neutral_sum(self, parts: list, value: fx.Node, name: str):
+        """Targets b_1..b_k for one value h combined as h + sum_i (b_i - h): each consumer's target
+        moves h by its own difference, so k consumers that all return h give h (a plain sum would
+        give k h, and every non-linear rule upstream would be evaluated at the wrong point)."""
+        total = self._sum(parts, name)
+        if len(parts) < 2:
+            return total
+        extra = self.tracer.create_proxy("call_function", operator.mul, (self.tap((value.name, None)), len(parts) - 1), {})
+        return self.tracer.create_proxy("call_function", operator.sub, (total, extra), {}, name=f"{name}_neutral")
 
     def _target_at_base(self, node: fx.Node):
         if node not in self.at_base_memo:
@@ -232,6 +261,10 @@ class FeedbackBuilder:
             raise RuleError(f"rule {rule.name} returned {type(feedback).__name__} for {node.format_node()}; "
                             "rules return a dict {argument name: feedback}")
         for arg, index, src in info(node).call.active:
+            if info(src).param_only and not self.reaches_params:
+                continue
+            if arg not in feedback and info(src).param_only:
+                feedback[arg] = self._parameter_path_grad(node, arg)
             if arg not in feedback:
                 raise RuleError(f"rule {rule.name} gave no feedback for active argument {arg!r} of "
                                 f"{node.format_node()}")
@@ -241,10 +274,21 @@ class FeedbackBuilder:
             if value is None:
                 continue
             unit = self.partition.unit_of.get(node)
-            if self.cut and self.partition.unit_of.get(src) is not unit:
+            if self.cut and self.partition.unit_of.get(src) is not unit and not info(src).param_only:
                 self.cut_parts[(unit.index, src)].append(value)
             else:
-                self._add(src, value)
+                self._add(src, value, origin=node)
+
+    def _parameter_path_grad(self, node, arg: str):
+        """The error at argument ``arg`` of ``node`` when the rule only maps into activations and
+        ``arg`` is computed from parameters (``F.linear(x, self.w.t())``): the op's vjp with respect
+        to that argument, one graph node."""
+        ctx = ProxyContext(node, self)
+        g = self.incoming(node)
+        self._label(node, self.rules[node], "param_grad")
+        return _checked(self.rules[node], node,
+                        lambda: ctx.call(param_vjp, ctx.op_call.spec.name, ctx.forward_args(), (arg,), g)[0],
+                        "parameter-path vjp")
 
     def _param_grads(self, node, ctx, g) -> None:
         call = info(node).call
@@ -255,13 +299,38 @@ class FeedbackBuilder:
                 self.param_parts[qualname].append(grads[role])
 
     # -- accumulation -------------------------------------------------------------------------
-    def _add(self, node: fx.Node, value, index=None) -> None:
+    def _add(self, node: fx.Node, value, index=None, origin: fx.Node | None = None) -> None:
+        """Record feedback ``value`` for ``node`` (element ``index`` of a tuple) sent by the consumer
+        ``origin`` (None: the model output)."""
         if info(node).is_tuple and index is None:
             for i, item in enumerate(value):
                 if item is not None:
-                    self._add(node, item, index=i)
+                    self._add(node, item, index=i, origin=origin)
             return
         self.contribs[(node, index)].append(value)
+        self.origins[(node, index)].append(origin)
+
+    def external(self, node: fx.Node):
+        """The feedback at ``node`` from consumers outside its unit (and the model output): what a
+        unit output's local loss is given. Feedback from consumers inside the unit already reaches
+        the unit's parameters through the unit's own backward; counting it at the output as well
+        would give those paths twice (a unit output that another member of its unit also reads, as
+        in a dense block's cat). For a value outside every unit (a model input) it is the total."""
+        unit = self.partition.unit_of.get(node)
+        if info(node).is_tuple:
+            parts = [self._external_sum(node, i, unit) for i in range(len(info(node).shape))]
+            return parts if any(p is not None for p in parts) else None
+        return self._external_sum(node, None, unit)
+
+    def _external_sum(self, node, index, unit):
+        origins = self.origins.get((node, index), [])
+        inside = [o is not None and self.partition.unit_of.get(o) is unit for o in origins]
+        if unit is None or not any(inside):
+            total = self.incoming(node)
+            return total[index] if index is not None and total is not None else total
+        parts = [v for v, internal in zip(self.contribs[(node, index)], inside) if not internal]
+        self._label(node, None, "fanout")
+        return self._sum(parts, f"{node.name}{'' if index is None else f'_{index}'}_external")
 
     def incoming(self, node: fx.Node):
         """The summed feedback arriving at ``node`` (a list for tuple-valued nodes), or None."""

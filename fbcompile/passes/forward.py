@@ -85,7 +85,7 @@ def build_forward(gm: fx.GraphModule, taps: list, partition=None, detach_units: 
     def source(user, src):
         value = copier.env[src]
         unit = partition.unit_of.get(user) if detach_units else None
-        if unit is None or not info(src).active or src.op == "placeholder" or partition.unit_of.get(src) is unit:
+        if unit is None or not info(src).from_input or src.op == "placeholder" or partition.unit_of.get(src) is unit:
             return value
         key = (src, unit.index)
         if key not in detached:
@@ -112,7 +112,7 @@ def build_cut_forward(gm: fx.GraphModule, partition) -> tuple[fx.GraphModule, li
 
     def source(user, src):
         unit = partition.unit_of.get(user)
-        if unit is None or not info(src).active or partition.unit_of.get(src) is unit:
+        if unit is None or not info(src).from_input or partition.unit_of.get(src) is unit:
             return copier.env[src]
         return cut_inputs[(unit.index, src)]
 
@@ -219,13 +219,15 @@ class UnitStage:
 
 
 def _with_helpers(nodes: list, partition) -> set:
-    """``nodes`` plus the parameter-free, non-active helper nodes (in no unit) they depend on."""
+    """``nodes`` plus the helper nodes in no unit they depend on: parameter-free values (sizes,
+    shapes) and parameter paths (an expanded class token), recomputed inside the unit."""
     members, stack = set(nodes), list(nodes)
     while stack:
         node = stack.pop()
         for src in node.all_input_nodes:
             record = info(src)
-            if src not in members and src not in partition.unit_of and record.role == "value":
+            helper = record.role == "value" or (record.role == "op" and record.param_only)
+            if src not in members and src not in partition.unit_of and helper:
                 members.add(src)
                 stack.append(src)
     return members

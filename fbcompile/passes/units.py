@@ -53,7 +53,7 @@ class Partition:
 def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
     """Assign every active op node of ``gm`` to a :class:`Unit`."""
     key_of = _key_function(grouping)
-    nodes = [n for n in gm.graph.nodes if info(n).role in ("op", "select") and info(n).active]
+    nodes = [n for n in gm.graph.nodes if info(n).role in ("op", "select") and info(n).from_input]
     position = {n: i for i, n in enumerate(nodes)}
     unit_of, by_key, units, last = {}, {}, [], {}
 
@@ -85,6 +85,31 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
 
 
 _FOLLOW, _LEAD = object(), object()
+
+
+def path_parameters(node: fx.Node) -> list:
+    """The trainable parameters a parameter-path value (``self.cls_token.expand(b, -1, -1)``) is
+    computed from: they learn with the unit that reads the value."""
+    found, stack, seen = [], [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or not info(current).param_only:
+            continue
+        seen.add(current)
+        if info(current).role == "param":
+            found.append(current.target)
+        else:
+            call = info(current).call
+            found.extend(call.params.values() if call is not None else ())
+            stack.extend(current.all_input_nodes)
+    return sorted(set(found))
+
+
+def _carries_feedback(user: fx.Node) -> bool:
+    """Whether ``user`` sends feedback back to its inputs: an active op or tuple element. A consumer
+    that only reads metadata (``h.size(0)``, ``h.shape``, ``h.dtype``) computes no active value, so
+    it never makes ``h`` a unit output (a spurious output would add a second local loss on h)."""
+    return user.op != "output" and info(user).from_input and info(user).role in ("op", "select")
 
 
 def _key_function(grouping):
@@ -122,9 +147,11 @@ def _connect(gm: fx.GraphModule, units: list, unit_of: dict) -> None:
         members = set(unit.nodes)
         for node in unit.nodes:
             for src in node.all_input_nodes:
-                if info(src).active and src not in members and src not in unit.inputs:
+                if info(src).from_input and src not in members and src not in unit.inputs:
                     unit.inputs.append(src)
-            used_outside = any(u not in members and u.op != "output" for u in node.users)
+                elif info(src).param_only and src.op != "get_attr":
+                    unit.params.extend(q for q in path_parameters(src) if q not in unit.params)
+            used_outside = any(u not in members and _carries_feedback(u) for u in node.users)
             if (used_outside or node in returned) and node not in unit.outputs:
                 unit.outputs.append(node)
             call = info(node).call
