@@ -48,6 +48,11 @@ class DataError(FBCompileError):
     """A dataset specification, path or file is missing or malformed."""
 
 
+class UnsafeFileError(DataError):
+    """A data file (checkpoint, dataset batch) asks to construct something its format never holds,
+    such as a pickled object that would run code; it is refused before anything is built."""
+
+
 def choices_text(choices) -> str:
     """Format valid choices for an error message: ``'a', 'b' or 'c'``."""
     items = [repr(c) for c in sorted(choices, key=str)]

@@ -12,7 +12,9 @@
   caller's configuration. :meth:`Trainer.restore` continues exactly where the checkpoint was
   written: a resumed run is bitwise identical to an uninterrupted one.
 
-Checkpoints are pickles: load only your own.
+A checkpoint holds only tensors, plain containers, numbers and strings, and is read back with
+``torch.load(weights_only=True)`` (:func:`fbcompile.safe_load.load_torch_data`): loading one never runs
+code, so a colleague's run can be resumed safely; a file that needs any other type is refused.
 """
 from __future__ import annotations
 
@@ -27,11 +29,16 @@ import numpy as np
 import torch
 
 from .data import Dataset, batches
-from .errors import FBCompileError
+from .errors import DataError, FBCompileError
+from .safe_load import load_torch_data
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FORMAT = 1
+# The entries of a checkpoint and their types (checked on load, so a malformed file is one clear error).
+CHECKPOINT_ENTRIES = {"format": int, "epoch": int, "config": dict, "history": list, "model": dict,
+                      "optimizer": dict, "learner": dict, "rng": dict}
+RNG_ENTRIES = ("torch", "shuffle", "numpy", "python")
 
 
 class Trainer:
@@ -152,34 +159,47 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Load a checkpoint's state (from :func:`load_checkpoint`) into this trainer, its model,
-        optimizer and learner, and rewrite ``metrics.jsonl`` to the checkpoint's history."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.learner.load_state_dict(state["learner"])
-        rng = state["rng"]
-        torch.random.set_rng_state(rng["torch"])
-        self.shuffle.set_state(rng["shuffle"])
-        _set_numpy_state(rng["numpy"])
-        random.setstate(rng["python"])
+        optimizer and learner, and rewrite ``metrics.jsonl`` to the checkpoint's history.
+
+        A checkpoint that does not fit this run (another model's weights, a damaged random state) is
+        a DataError; the trainer is then partly restored and should be discarded."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.learner.load_state_dict(state["learner"])
+            rng = state["rng"]
+            torch.random.set_rng_state(rng["torch"])
+            self.shuffle.set_state(rng["shuffle"])
+            _set_numpy_state(rng["numpy"])
+            random.setstate(rng["python"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            details = "; ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
+            raise DataError(f"the checkpoint does not fit this run ({type(exc).__name__}: {details})") from exc
         self.epoch, self.history = state["epoch"], list(state["history"])
         if self.out_dir is not None:
             write_metrics(self.out_dir / METRICS, self.history)
 
 
 def load_checkpoint(directory) -> dict:
-    """The checkpoint of a ``fbcompile train`` output directory (raises FBCompileError if absent)."""
+    """The checkpoint of a ``fbcompile train`` output directory, read without running code.
+
+    Raises FBCompileError if it is absent, DataError if it is unreadable or malformed, and
+    UnsafeFileError (a DataError) if it asks for any type beyond tensors and plain data."""
     directory = Path(directory)
     path = directory / CHECKPOINT
     if not directory.is_dir():
         raise FBCompileError(f"cannot resume: directory {str(directory)!r} does not exist")
     if not path.is_file():
         raise FBCompileError(f"cannot resume: {str(path)!r} does not exist (no epoch finished in that run)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise FBCompileError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    state = load_torch_data(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise FBCompileError(f"{str(path)!r} is not an fbcompile checkpoint (format {FORMAT})")
+        raise DataError(f"{str(path)!r} is not an fbcompile checkpoint (format {FORMAT})")
+    wrong = [f"{key!r} should be {kind.__name__}, not {type(state.get(key)).__name__}"
+             for key, kind in CHECKPOINT_ENTRIES.items() if not isinstance(state.get(key), kind)]
+    if isinstance(state.get("rng"), dict):
+        wrong += [f"'rng' lacks {key!r}" for key in RNG_ENTRIES if key not in state["rng"]]
+    if wrong:
+        raise DataError(f"{str(path)!r} is a damaged fbcompile checkpoint: {'; '.join(wrong)}")
     return state
 
 

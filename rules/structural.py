@@ -1,24 +1,33 @@
-"""Structural ops: they move or copy entries without arithmetic, so J_F is a permutation-like
-(0/1) matrix with orthonormal rows or columns and T = P = I wherever the inverse exists.
+"""Structural ops: they move or copy entries without arithmetic, so J_F is a 0/1 matrix with at most
+one 1 per row (every output entry is a copy of one input entry, or a constant).
+
+Such a J has columns with disjoint supports, so J^T J = diag(c) with c = J^T 1 the number of output
+entries copying each input entry: J^+ = diag(1/c) J^T (0 where c = 0), :func:`pinv_by_counts`.
+Permutations (c = 1, J square) have T = P = I.
 
 - reshape family (flatten, view, reshape, squeeze, unsqueeze, unflatten): G(g) = g reshaped to the
   saved input's shape (J_F is the identity on the flattened entries).
-- transpose(d0, d1): G(g) = g transposed back; permute(p): G(g) = g permuted by p^-1.
+- transpose(d0, d1), ``.T``, ``.mT``: G(g) = g transposed back; permute(p): G(g) = g permuted by p^-1.
 - contiguous, clone, Identity, Dropout in eval: G(g) = g.
-- cat(tensors, dim): G(g) = the slices of g along dim, one per input.
-- split / chunk: G(g_1..g_k) = cat of the pieces (zeros for pieces that received no feedback).
-- basic indexing x[idx] (ints, slices, None, ...): G(g) = zeros of x's shape with g placed at idx
-  (T = P; I only if nothing is dropped, which is not offered).
+- cat(tensors, dim): G(g) = the slices of g along dim, one per input; stack: G(g) = unbind(g, dim).
+- split / chunk / unbind: G(g_1..g_k) = cat (stack) of the pieces (zeros for pieces without feedback).
+- roll(shifts, dims): G(g) = roll(g, -shifts, dims); flip(dims), fliplr, flipud: G(g) = flip of g.
+- copies (expand, expand_as, broadcast_to, repeat, tile): out = x copied k times, so J^T sums the k
+  copies and J^T J = k I: T: G(g) = sum over copies; P: G(g) = mean over copies; I only when k = 1.
+Indexing, gather, padding, masking and max/min selections are in :mod:`rules.indexing`.
 """
 from __future__ import annotations
 
-import operator
+import builtins
+
+import math
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
+from fbcompile.trace import info
 
 
 def _as_shape(shape):
@@ -69,32 +78,23 @@ def chunk(input, chunks, dim=0):
     return torch.chunk(input, chunks, dim)
 
 
-def index(input, idx):
-    return input[idx]
-
-
 def _off_batch(*dims):
     """``batch_local`` for ops with dim hyperparameters: local unless one of them is dim 0."""
     def local(ctx):
         rank = len(ctx.shape("input") if "input" in ctx.op_call.args else ctx.shape())
-        values = [ctx.const(d, 0) for d in dims]
-        flat = [v for value in values for v in (value if isinstance(value, (tuple, list)) else (value,))]
-        return all(v % rank != 0 for v in flat)
+        return all(v % rank != 0 for v in _flat_ints([ctx.const(d, 0) for d in dims]))
     return local
+
+
+def _flat_ints(value) -> list:
+    """Every int in a (nested) tuple/list of dims."""
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _flat_ints(item)]
+    return [value]
 
 
 def _permute_local(ctx):
     return _as_shape(ctx.const("dims"))[0] % len(ctx.shape()) == 0
-
-
-def _index_local(ctx):
-    """x[:, ...] and x[..., i] (when it cannot reach dim 0) keep every sample in its row."""
-    idx = ctx.const("idx")
-    items = idx if isinstance(idx, tuple) else (idx,)
-    if items and items[0] == slice(None):
-        return True
-    touched = [i for i in items[1:] if i is not None]
-    return bool(items) and items[0] is Ellipsis and len(touched) < len(ctx.shape("input"))
 
 
 # view/reshape name their sizes, the batch size included, so a one-sample replay would fail: verify
@@ -121,7 +121,6 @@ SPLIT = declare_op("split", split, functions=[torch.split], methods=[tensor_meth
                    batch_local=_off_batch("dim"))
 CHUNK = declare_op("chunk", chunk, functions=[torch.chunk], methods=[tensor_method("chunk")],
                    batch_local=_off_batch("dim"))
-INDEX = declare_op("index", index, functions=[operator.getitem], batch_local=_index_local)
 
 
 def _reshape_back(ctx, g):
@@ -183,24 +182,218 @@ for _op in (SPLIT, CHUNK):
     register_rule(_op, conditions="TPI", name=f"{_op.name}.cat_back")(_pieces_back)
 
 
-def index_adjoint(g, input, idx):
-    """Zeros shaped like ``input`` with ``g`` written at the (basic, non-repeating) index ``idx``.
-    The zeros come from ``g`` (``new_zeros``), so under torch.func's vmap the write is batched."""
-    out = g.new_zeros(input.shape)
-    out[idx] = g
-    return out
+# -- shared by every copy/selection rule ---------------------------------------------------------
+def _ones_like(g):
+    return [None if p is None else torch.ones_like(p) for p in g] if isinstance(g, list) else torch.ones_like(g)
 
 
-def _static_index(ctx):
-    idx = ctx.op_call.args["idx"]
-    items = idx if isinstance(idx, tuple) else (idx,)
-    if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items):
-        return "indexing with a runtime tensor or value is not supported; only ints, slices, None and ..."
+def _divide(moved, counts):
+    if isinstance(moved, list):
+        return [_divide(m, c) for m, c in zip(moved, counts)]
+    return None if moved is None else moved / counts.clamp(min=1)
+
+
+def pinv_by_counts(transpose):
+    """Condition P from the T rule of an op whose J is 0/1 with at most one 1 per row:
+    J^+ = diag(1/c) J^T with c = J^T 1 (the T rule applied to ones), 0 where c = 0."""
+    def pinv(ctx, g):
+        moved, counts = transpose(ctx, g), transpose(ctx, _ones_like(g))
+        return {name: _divide(value, counts[name]) for name, value in moved.items()}
+    pinv.__doc__ = f"G(g) = diag(1 / J^T 1) J^T g, J^T being {transpose.__name__}: {transpose.__doc__}"
+    return pinv
+
+
+def register_copy_rules(op, transpose, inverse_problem, supports=None):
+    """T = ``transpose``; P = :func:`pinv_by_counts`; I = ``transpose`` where ``inverse_problem(ctx)``
+    returns None (J is then a permutation, J^-1 = J^T), refused with its reason otherwise.
+    ``supports(ctx)`` (a reason or None) applies to all three."""
+    either = lambda ctx: (supports and supports(ctx)) or inverse_problem(ctx)
+    register_rule(op, conditions="T", name=f"{op.name}.{transpose.__name__}", supports=supports)(transpose)
+    register_rule(op, conditions="P", name=f"{op.name}.pinv_by_counts", supports=supports)(pinv_by_counts(transpose))
+    register_rule(op, conditions="I", name=f"{op.name}.{transpose.__name__}", supports=either)(transpose)
+
+
+def _same_size(ctx):
+    """I is J^T only when no entry is copied or dropped (as many outputs as inputs)."""
+    inputs, outputs = ctx.shape("input"), ctx.shape()
+    if math.prod(inputs) != math.prod(outputs):
+        return (f"{ctx.op_call.spec.name} maps {math.prod(inputs)} entries to {math.prod(outputs)}, so it has no "
+                "inverse; use condition T or P")
     return None
 
 
-@register_rule(INDEX, conditions="TP", supports=_static_index)
-def index_transpose(ctx, g):
-    """G(g) = zeros with g placed where the forward read. J selects distinct entries, so its rows
-    are orthonormal and J^+ = J^T: the same rule serves condition P."""
-    return {"input": ctx.call(index_adjoint, g, ctx.saved("input"), ctx.const("idx"))}
+# -- copies: expand, expand_as, broadcast_to, repeat, tile -----------------------------------------
+def expand(input, *sizes):
+    return input.expand(_as_shape(sizes))
+
+
+def expand_as(input, other):
+    return input.expand_as(other)
+
+
+def broadcast_to(input, *size):
+    return torch.broadcast_to(input, _as_shape(size))
+
+
+def repeat(input, *repeats):
+    return input.repeat(_as_shape(repeats))
+
+
+def tile(input, dims):
+    return torch.tile(input, dims)
+
+
+def _repeat_local(name):
+    """Local when no copy dim is added in front and dim 0 is not repeated."""
+    def local(ctx):
+        reps = _as_shape(ctx.const(name)) if name == "repeats" else tuple(ctx.const(name))
+        rank = len(ctx.shape("input"))
+        return len(reps) <= rank and (len(reps) < rank or reps[0] == 1)
+    return local
+
+
+def _expand_local(name):
+    """Local when no dim is added in front and dim 0 is named -1 (a one-sample replay must work)."""
+    def local(ctx):
+        sizes = _as_shape(ctx.const(name))
+        return len(sizes) == len(ctx.shape("input")) and sizes[0] == -1
+    return local
+
+
+EXPAND = declare_op("expand", expand, methods=[tensor_method("expand")], batch_local=_expand_local("sizes"))
+EXPAND_AS = declare_op("expand_as", expand_as, methods=[tensor_method("expand_as")],
+                       batch_local=lambda ctx: len(ctx.shape()) == len(ctx.shape("input")))
+BROADCAST_TO = declare_op("broadcast_to", broadcast_to, functions=[torch.broadcast_to],
+                          methods=[tensor_method("broadcast_to")], batch_local=_expand_local("size"))
+REPEAT = declare_op("repeat", repeat, methods=[tensor_method("repeat")], batch_local=_repeat_local("repeats"))
+TILE = declare_op("tile", tile, functions=[torch.tile], methods=[tensor_method("tile")],
+                  batch_local=_repeat_local("dims"))
+
+
+def sum_copies(ctx, g):
+    """G(g) = g summed over the copies broadcasting made (sum_to_size to the input's shape)."""
+    fed = {"input": g.sum_to_size(ctx.saved("input").shape)}
+    return {**fed, "other": None} if ctx.op_call.spec is EXPAND_AS else fed
+
+
+def sum_tiles(g, shape, reps):
+    """Adjoint of repeat/tile: output dim i is (r_i copies) x (size s_i), so view g as
+    (r_0, s_0, r_1, s_1, ...) and sum the r_i dims (tile pads ``reps``, repeat the shape, with 1s)."""
+    reps = (1,) * (len(shape) - len(reps)) + tuple(reps)
+    padded = (1,) * (len(reps) - len(shape)) + tuple(shape)
+    interleaved = [size for pair in zip(reps, padded) for size in pair]
+    return g.reshape(interleaved).sum(dim=tuple(range(0, 2 * len(reps), 2))).reshape(shape)
+
+
+def sum_repeats(ctx, g):
+    """G(g) = sum over the tiled copies of each entry (repeat and tile)."""
+    reps = _as_shape(ctx.const("repeats")) if ctx.op_call.spec is REPEAT else tuple(ctx.const("dims"))
+    return {"input": ctx.call(sum_tiles, g, ctx.saved("input").shape, reps)}
+
+
+for _op in (EXPAND, EXPAND_AS, BROADCAST_TO):
+    register_copy_rules(_op, sum_copies, _same_size)
+for _op in (REPEAT, TILE):
+    register_copy_rules(_op, sum_repeats, _same_size)
+
+
+# -- permutations: roll, flip, unbind / stack, .T / .mT --------------------------------------------
+def roll(input, shifts, dims=None):
+    return torch.roll(input, shifts, dims)
+
+
+def flip(input, *dims):
+    return torch.flip(input, _as_shape(dims))
+
+
+def fliplr(input):
+    return torch.fliplr(input)
+
+
+def flipud(input):
+    return torch.flipud(input)
+
+
+def unbind(input, dim=0):
+    return torch.unbind(input, dim)
+
+
+def stack(tensors, dim=0):
+    return torch.stack(tensors, dim)
+
+
+def attribute(input, name):
+    return getattr(input, name)
+
+
+TRANSPOSING_ATTRIBUTES = ("T", "mT", "H", "mH")
+ROLL = declare_op("roll", roll, functions=[torch.roll], methods=[tensor_method("roll")],
+                  batch_local=lambda ctx: ctx.const("dims") is not None and _off_batch("dims")(ctx))
+FLIP = declare_op("flip", flip, functions=[torch.flip], methods=[tensor_method("flip")],
+                  batch_local=_off_batch("dims"))
+FLIPLR = declare_op("fliplr", fliplr, functions=[torch.fliplr], methods=[tensor_method("fliplr")])
+FLIPUD = declare_op("flipud", flipud, functions=[torch.flipud], methods=[tensor_method("flipud")],
+                    batch_local=lambda ctx: False)
+UNBIND = declare_op("unbind", unbind, functions=[torch.unbind], methods=[tensor_method("unbind")],
+                    batch_local=_off_batch("dim"))
+STACK = declare_op("stack", stack, functions=[torch.stack], batch_local=_off_batch("dim"))
+ATTRIBUTE = declare_op("attribute", attribute, functions=[builtins.getattr],
+                       batch_local=lambda ctx: ctx.const("name") in ("mT", "mH") and len(ctx.shape()) > 2)
+
+
+@register_rule(ROLL, conditions="TPI")
+def roll_back(ctx, g):
+    """G(g) = roll(g, -shifts, dims): a cyclic shift is orthogonal, its inverse shifts back."""
+    shifts = ctx.const("shifts")
+    back = [-s for s in shifts] if isinstance(shifts, (tuple, list)) else -shifts
+    return {"input": torch.roll(g, back, ctx.const("dims"))}
+
+
+@register_rule(FLIP, conditions="TPI", name="flip.flip_back")
+@register_rule(FLIPLR, conditions="TPI", name="fliplr.flip_back")
+@register_rule(FLIPUD, conditions="TPI", name="flipud.flip_back")
+def flip_back(ctx, g):
+    """G(g) = the same flip of g (a reversal is its own inverse and orthogonal)."""
+    spec = ctx.op_call.spec
+    return {"input": torch.flip(g, _as_shape(ctx.const("dims"))) if spec is FLIP else spec.apply(g)}
+
+
+@register_rule(UNBIND, conditions="TPI")
+def stack_back(ctx, g):
+    """G(g_1, ..., g_k) = stack(g_1, ..., g_k) along ``dim``; pieces without feedback count as zeros."""
+    return {"input": ctx.call(stack_or_zeros, g, ctx.const("dim", 0))}
+
+
+def stack_or_zeros(pieces, dim):
+    present = next(p for p in pieces if p is not None)
+    return torch.stack([present.new_zeros(present.shape) if p is None else p for p in pieces], dim)
+
+
+@register_rule(STACK, conditions="TPI")
+def unbind_back(ctx, g):
+    """G(g) = unbind(g, dim): entry i goes back to the i-th stacked tensor."""
+    tensors = ctx.op_call.args["tensors"]
+    count = len(info(tensors).shape) if isinstance(tensors, fx.Node) else len(tensors)   # a tuple value
+    parts = ctx.call(torch.unbind, g, ctx.const("dim", 0))
+    return {"tensors": [parts[i] for i in range(count)]}
+
+
+def _transposing_attribute(ctx):
+    name = ctx.op_call.args.get("name")
+    if name in ("values", "indices") and ctx.op_call.active and info(ctx.op_call.active[0][2]).is_tuple:
+        return (f"attribute {name!r} of a tuple result is not supported; index it instead "
+                f"([0] for values, [1] for indices)")
+    if name not in TRANSPOSING_ATTRIBUTES:
+        return f"tensor attribute {name!r} has no feedback rule; supported: {', '.join(TRANSPOSING_ATTRIBUTES)}"
+    if name.startswith(("H", "mH")) and ctx.dtype() is not None and ctx.dtype().is_complex:
+        return f"attribute {name!r} of a complex tensor (conjugation) is not supported"
+    return None
+
+
+@register_rule(ATTRIBUTE, conditions="TPI", supports=_transposing_attribute)
+def attribute_back(ctx, g):
+    """``.T``/``.H`` reverse all dims, ``.mT``/``.mH`` swap the last two (real tensors: no conjugation);
+    both are permutations, so G(g) = g permuted back by the same (self-inverse) permutation."""
+    if ctx.const("name") in ("mT", "mH"):
+        return {"input": g.transpose(-2, -1)}
+    return {"input": g.permute(tuple(reversed(range(len(ctx.shape())))))}

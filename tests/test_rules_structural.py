@@ -1,14 +1,18 @@
 """Structural, arithmetic and dropout rules (float64): reshapes, transposes, permutes, cat, split,
-chunk, basic indexing, add/sub with broadcasting and alpha, mul/div by constants, neg, dropout."""
+chunk, basic indexing, copies (expand, repeat, tile), roll, flip, unbind, stack, .T/.mT, add/sub with
+broadcasting and alpha, mul/div by constants, neg, dropout."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import fbcompile
+from fbcompile.errors import UnsupportedOpError
 from fbcompile.verify.checks import rule_errors
 
-from helpers import compare_with_autograd
+from helpers import compare_with_autograd, step_grads
+from test_conditions import Fn, assert_condition
+from fbcompile.runtime.diagnostics import angle
 
 TOL = 1e-10
 
@@ -66,6 +70,27 @@ STRUCTURAL = {
     "index_ellipsis": lambda h: h[..., 0],
     "index_batch": lambda h: h[1:],
     "identity": nn.Identity(),
+    "expand": lambda h: h[:, :, :1].expand(-1, 4, 2, 3),
+    "expand_front": lambda h: h[:, :1].expand(2, 3, 4, 2, 3),
+    "expand_as": lambda h: h[..., :1].expand_as(h),
+    "broadcast_to": lambda h: torch.broadcast_to(h[:, :1], (3, 4, 2, 3)),
+    "broadcast_to_method": lambda h: h.sum(0).broadcast_to(3, 4, 2, 3),
+    "repeat": lambda h: h.repeat(1, 2, 1, 3),
+    "repeat_front": lambda h: h.repeat((2, 1, 2, 1, 1)),
+    "tile": lambda h: torch.tile(h, (2, 3)),
+    "tile_method": lambda h: h.tile((2, 1, 1, 1, 2)),
+    "roll": lambda h: torch.roll(h, (1, -2), (1, 3)),
+    "roll_method_flat": lambda h: h.roll(5),
+    "flip": lambda h: torch.flip(h, [1, -1]),
+    "flip_method": lambda h: h.flip(2, 3),
+    "fliplr": lambda h: torch.fliplr(h),
+    "flipud": lambda h: h.flipud(),
+    "unbind": lambda h: torch.unbind(h, 1)[0] * 2 + h.unbind(1)[3],
+    "unbind_unused": lambda h: h.unbind(-1)[1],
+    "stack": lambda h: torch.stack([h, h.sigmoid()], 2),
+    "stack_neg": lambda h: torch.stack((h.sigmoid(), h), dim=-1),
+    "T": lambda h: h.flatten(1).T,
+    "mT": lambda h: h.mT,
 }
 
 
@@ -155,9 +180,9 @@ def test_mul_div_by_constants_and_neg():
     assert_exact(model, torch.randn(5, 3, 4, dtype=torch.float64), units="op")
 
 
-def test_parameter_through_a_computed_value_warns():
-    """``x * self.g.sum()``: the factor is computed outside the feedback graph, so error mode cannot
-    give ``g`` its gradient there; compiling says so instead of silently dropping it."""
+def test_parameter_through_a_computed_value_gets_its_gradient():
+    """``x * self.g.sum()``: the factor is computed from a parameter; error mode gives ``g`` its exact
+    gradient (it used to be dropped with a warning)."""
     class Derived(nn.Module):
         def __init__(self):
             super().__init__()
@@ -166,10 +191,8 @@ def test_parameter_through_a_computed_value_warns():
         def forward(self, x):
             return torch.tanh(x) * self.g.sum()
 
-    with pytest.warns(UserWarning, match=r"(?s)mul.*'other'.*parameter\(s\) g") as caught:
-        program = fbcompile.compile(Derived().double(), torch.randn(2, 3, dtype=torch.float64))
-    assert any("outside the feedback graph" in str(w.message) for w in caught)
-    assert "g" not in program.feedback["error"].params          # error mode indeed gives g nothing
+    input_rel, param_rel = compare_with_autograd(Derived().double(), torch.randn(2, 3, dtype=torch.float64))
+    assert input_rel < TOL and param_rel < TOL
 
 
 def test_add_of_a_parameter_gets_its_gradient():
@@ -199,3 +222,107 @@ def test_fanout_sums_feedback():
     model = Lambda(lambda h: torch.cat([h, h.transpose(0, 1)], 1) + torch.cat([h, 2 * h], 1))
     x = torch.randn(3, 3, dtype=torch.float64)
     assert_exact(model, x, units="op")
+
+
+def test_stack_of_a_tuple_value():
+    """``torch.stack(h.unbind(1), -1)`` passes the tuple itself (one graph value) as ``tensors``."""
+    model = Lambda(lambda h: torch.stack(h.unbind(1), -1) * 2.0)
+    input_rel, _ = compare_with_autograd(model, torch.randn(*SHAPE, dtype=torch.float64))
+    assert input_rel < TOL
+
+
+def assert_dtp_is_bp(model, x, classes):
+    """Every parameter's gradient: error mode == autograd, and analytic DTP with beta = 1e-6 points
+    the same way as BP (angle < 0.01 degrees), float64."""
+    input_rel, param_rel = compare_with_autograd(model, x)
+    assert input_rel < TOL and param_rel < TOL
+    program = fbcompile.compile(model, x)
+    y = torch.randint(0, classes, (x.shape[0],))
+    bp = step_grads(fbcompile.learner(program, "bp"), model, x, y)
+    dtp = step_grads(fbcompile.learner(program, "dtp", beta=1e-6), model, x, y)
+    for name, grad in bp.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert angle(dtp[name], grad) < 0.01, (name, angle(dtp[name], grad))
+
+
+class Sandwich(nn.Module):
+    """Linear -> tanh -> op -> flatten -> Linear: the op's feedback reaches both layers' parameters."""
+
+    def __init__(self, fn, shape, classes=3):
+        super().__init__()
+        self.first, self.fn = nn.Linear(shape[-1], shape[-1]), fn
+        self.last = nn.Linear(fn(torch.zeros(shape))[0].numel(), classes)
+
+    def forward(self, x):
+        return self.last(self.fn(torch.tanh(self.first(x))).flatten(1))
+
+
+COPIES_AND_PERMUTATIONS = ["expand", "expand_as", "broadcast_to", "repeat", "tile", "roll", "roll_method_flat",
+                           "flip", "fliplr", "unbind", "stack", "mT"]
+
+
+@pytest.mark.parametrize("name", COPIES_AND_PERMUTATIONS)
+def test_copies_and_permutations_feed_linears_and_dtp_is_bp(name):
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    assert_dtp_is_bp(Sandwich(STRUCTURAL[name], SHAPE).double(), x, 3)
+
+
+@pytest.mark.parametrize("name", ["expand", "expand_front", "repeat", "repeat_front", "tile", "broadcast_to"])
+def test_copies_pinv_is_mean_over_copies(name):
+    assert_condition(Fn(STRUCTURAL[name]), torch.randn(*SHAPE, dtype=torch.float64), "P")
+
+
+@pytest.mark.parametrize("name", ["roll", "roll_method_flat", "flip", "flip_method", "fliplr", "flipud", "stack",
+                                  "mT", "T"])
+def test_permutations_are_their_own_inverse_and_pinv(name):
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    model = Fn(lambda h: STRUCTURAL[name](torch.tanh(h)))
+    assert_condition(model, x, "I", nodes=[n for n in _rule_nodes(model, x, "I") if not n.startswith("tanh")])
+    assert_condition(Fn(STRUCTURAL[name]), x, "P")
+
+
+def _rule_nodes(model, x, condition):
+    return [n.name for n in fbcompile.compile(model.double(), x, condition=condition).rules]
+
+
+def test_copies_refuse_condition_i_unless_nothing_is_copied():
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    with pytest.raises(UnsupportedOpError, match=r"repeat maps 72 entries to 432, so it has no inverse"):
+        fbcompile.compile(Fn(STRUCTURAL["repeat"]), x, condition="I")
+    assert_condition(Fn(lambda h: h.expand(3, 4, 2, 3) * 2.0), x, "I")
+
+
+def test_unsupported_attributes_are_refused_with_the_name():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(UnsupportedOpError, match=r"index it instead \(\[0\] for values"):
+        fbcompile.compile(Fn(lambda h: h.max(1).values), x)
+    with pytest.raises(UnsupportedOpError, match=r"tensor attribute 'real'"):
+        fbcompile.compile(Fn(lambda h: h.real), x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=4, max_size=6), st.integers(1, 3), st.booleans())
+def test_random_repeats_tiles_and_expands(reps, size, tile):
+    """repeat/tile with random counts (extra leading dims too), expand of a size-1 dim to ``size``."""
+    rank = len(SHAPE)
+    reps = [1] + reps[1:] if len(reps) == rank else reps
+
+    used = tuple(reps[1:]) if tile else tuple(reps)
+
+    def fn(h):
+        copied = torch.tile(h, used) if tile else h.repeat(*used)
+        return copied[..., :1].expand(*[-1] * (max(len(used), rank) - 1), size)
+    assert_exact(Lambda(fn), torch.randn(*SHAPE, dtype=torch.float64), units="op")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 3)), min_size=1, max_size=3, unique_by=lambda p: p[1]),
+       st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True), st.integers(0, 3))
+def test_random_rolls_flips_and_stacks(shift_dims, flip_dims, stack_dim):
+    shifts, dims = zip(*shift_dims)
+
+    def fn(h):
+        moved = torch.roll(h, shifts, dims).flip(flip_dims)
+        parts = moved.unbind(stack_dim)
+        return torch.stack([parts[i] for i in reversed(range(SHAPE[stack_dim]))], dim=stack_dim)
+    assert_exact(Lambda(fn), torch.randn(*SHAPE, dtype=torch.float64), units="op")

@@ -224,8 +224,7 @@ class FeedbackBuilder:
                 parts.append(self.tap((value.name, None)))
             for user in value.users:
                 if self.partition.unit_of.get(user) is unit and info(user).role == "op":
-                    at_base = self._target_at_base(user)
-                    parts.extend(v for v in self._entries_for(user, at_base, value) if v is not None)
+                    parts.extend(v for v in self._base_entries(user, value) if v is not None)
             base = self._neutral_sum(parts, value, f"base_{value.name}")
         self.base_memo[value] = base
         return base
@@ -239,6 +238,24 @@ class FeedbackBuilder:
             return total
         extra = self.tracer.create_proxy("call_function", operator.mul, (self.tap((value.name, None)), len(parts) - 1), {})
         return self.tracer.create_proxy("call_function", operator.sub, (total, extra), {}, name=f"{name}_neutral")
+
+    def _base_entries(self, user: fx.Node, value: fx.Node) -> list:
+        """What ``user``'s target map, applied at its base, gives ``value``. An affine op joining
+        several activations (a residual add) maps its output target to each operand as
+        h_i + J_i^T (b - h) with the other operands held at their forward values: its plain target map
+        would hand the whole sum b to every operand, and a non-linear rule upstream would then be
+        evaluated at the sum instead of at its own output."""
+        rule = self.rules[user]
+        joined = sum(1 for _, _, src in info(user).call.active if info(src).from_input) > 1
+        if not (rule.linear and joined and not info(user).is_tuple):
+            return self._entries_for(user, self._target_at_base(user), value)
+        if user not in self.at_base_memo:
+            moved = self.tracer.create_proxy("call_function", operator.sub, (self._base(user), self.tap((user.name, None))), {})
+            self._label(user, rule, "base")
+            self.at_base_memo[user] = _checked(rule, user, lambda: rule.error(ProxyContext(user, self), moved))
+        return [None if d is None else self.tracer.create_proxy("call_function", operator.add,
+                                                                (self.tap((value.name, None)), d), {})
+                for d in self._entries_for(user, self.at_base_memo[user], value)]
 
     def _target_at_base(self, node: fx.Node):
         if node not in self.at_base_memo:

@@ -128,14 +128,20 @@ def node_problem(program, node: fx.Node, values: dict, sample: int | None = None
     is_tuple = info(node).is_tuple
     output = values[(node.name, None)]
 
+    # integer pieces of a tuple output (max(dim)'s indices) carry no derivative: F and G skip them
+    pieces = list(output) if is_tuple else [output]
+    keep = [o.is_floating_point() or o.is_complex() for o in pieces]
+
     def forward(*inputs):
         result = _replay(call, node.name, values, _with_inputs(args, call.active, inputs))
-        return tuple(result) if is_tuple else (result,)
+        return tuple(r for r, k in zip(result, keep) if k) if is_tuple else (result,)
 
     def feedback(*gs):
-        return _feedback_list(call, rule.error(ctx, list(gs) if is_tuple else gs[0]), xs)
+        given = iter(gs)
+        full = [next(given) if k else None for k in keep]
+        return _feedback_list(call, rule.error(ctx, full if is_tuple else full[0]), xs)
 
-    shapes = [tuple(o.shape) for o in output] if is_tuple else [tuple(output.shape)]
+    shapes = [tuple(o.shape) for o, k in zip(pieces, keep) if k]
     return Problem(node.name, xs, shapes, forward, feedback)
 
 
