@@ -291,7 +291,7 @@ def _canonicalise(gm: fx.GraphModule, model: nn.Module) -> None:
             if record.role == "op":
                 record.role = "value"  # shapes, sizes, constants computed in forward
             continue
-        if node.target is operator.getitem and info(node.args[0]).is_tuple:
+        if _selects_element(node):
             record.role = "select"
             try:
                 record.select_index = _element_index(node.args[1], len(info(node.args[0]).shape))
@@ -302,6 +302,21 @@ def _canonicalise(gm: fx.GraphModule, model: nn.Module) -> None:
             record.call = _bind(node, gm, names)
         except FBCompileError as exc:
             record.problem = str(exc)
+
+
+_NAMED_ELEMENTS = {"values": 0, "indices": 1}   # torch.return_types of max, min, sort, topk, ...
+
+
+def _selects_element(node: fx.Node) -> bool:
+    """``parts[i]`` on a tuple value, or ``result.values`` / ``result.indices`` on a named tuple
+    (rewritten to its position, so both spellings are one select)."""
+    if not (node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node)
+            and info(node.args[0]).is_tuple):
+        return False
+    if node.target is getattr and node.args[1] in _NAMED_ELEMENTS:
+        node.args = (node.args[0], _NAMED_ELEMENTS[node.args[1]])
+        node.target = operator.getitem
+    return node.target is operator.getitem
 
 
 def _element_index(index, length: int):

@@ -183,6 +183,23 @@ def test_train_writes_metrics_checkpoint_and_plot(capsys, tmp_path):
     assert code == 0 and "already trained 2 of 2" in out
 
 
+def test_resuming_a_model_from_a_file_needs_that_file_named_again(capsys, tmp_path):
+    source = tmp_path / "digits_net.py"
+    source.write_text("from torch import nn\n\nclass Net(nn.Sequential):\n    def __init__(self):\n"
+                      "        super().__init__(nn.Flatten(), nn.Linear(64, 10))\n")
+    out_dir, model = tmp_path / "run", f"{source}:Net"
+    code, _, _ = run(capsys, "train", "--model", model, "--subset", "64", "--epochs", "1",
+                     "--threads", "1", "--no-progress", "--no-plot", "--out", str(out_dir))
+    assert code == 0
+    code, _, err = run(capsys, "train", "--resume", str(out_dir), "--epochs", "2", "--no-progress", "--no-plot")
+    assert_clean_error(code, err, "which is code", f"--model {model}")
+    code, _, err = run(capsys, "train", "--resume", str(out_dir), "--model", "mlp", "--epochs", "2")
+    assert_clean_error(code, err, f"--model {model}")
+    code, out, _ = run(capsys, "train", "--resume", str(out_dir), "--model", model, "--epochs", "2",
+                       "--no-progress", "--no-plot")
+    assert code == 0 and "epoch 2/2" in out
+
+
 def test_train_regression_and_generic_options(capsys, tmp_path):
     code, out, _ = run(capsys, "train", *SMALL_MLP, "--data", "synthetic-regression", "--subset", "64", "--algo",
                        "fa", "--option", "sign='usf'", "--epochs", "1", "--no-progress", "--no-plot",

@@ -198,3 +198,18 @@ def test_the_check_names_a_parameter_the_feedback_graph_lost():
     written = [q for q in program.feedback["error"].params if q != "cls_token"]
     with pytest.raises(FBCompileError, match=r"1 parameter\(s\).*\n  cls_token: read at"):
         check_parameter_coverage(program.traced, model, written)
+
+
+def test_named_tuple_fields_are_selects_of_their_position():
+    class Extremes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x)).view(-1, 2, 3)
+            return self.b(h.max(1).values + h.min(dim=1)[0])
+
+    model, x = Extremes().double(), torch.randn(5, 4, dtype=torch.float64)
+    input_rel, param_rel = compare_with_autograd(model, x)
+    assert input_rel < TOL and param_rel < TOL

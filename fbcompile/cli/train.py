@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import OptionError
 from ..training import CHECKPOINT, METRICS, load_checkpoint, read_metrics
 from . import arguments
+from ..models import BUILTIN_MODELS
 from .runs import RunConfig, build_run, trainer_for
 
 # Flags whose value is part of the saved configuration: --resume refuses them (it would not be
@@ -74,22 +75,33 @@ def run(args) -> int:
 
 def _resumed(args):
     """(config, directory, checkpoint state) of ``--resume DIR``; only --epochs may change."""
-    given = [name for name in FIXED if given_flag(args, name)]
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise OptionError(f"--resume continues the saved configuration; {flags} cannot change "
-                          "(only --epochs can)")
     if args.out and Path(args.out) != Path(args.resume):
         raise OptionError("--resume writes into the run's own directory; leave out --out")
     directory = Path(args.resume)
     state = load_checkpoint(directory)
     config = RunConfig.from_dict(state["config"])
+    _confirm_model_code(args, config, directory)
+    given = [name for name in FIXED if given_flag(args, name) and not (name == "model" and args.model == config.model)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise OptionError(f"--resume continues the saved configuration; {flags} cannot change "
+                          "(only --epochs can)")
     if given_flag(args, "epochs"):
         config.epochs = args.epochs
     if state["epoch"] >= config.epochs:
         print(f"{directory} has already trained {state['epoch']} of {config.epochs} epochs; "
               "pass --epochs N to train further")
     return config, directory, state
+
+
+def _confirm_model_code(args, config, directory) -> None:
+    """A checkpoint is data and never decides which code runs: a run of a model defined in a Python
+    file resumes only when the user names that same file again with --model."""
+    if config.model in BUILTIN_MODELS:
+        return
+    if not given_flag(args, "model") or args.model != config.model:
+        raise OptionError(f"the run in {directory} trains the model {config.model!r}, which is code: resuming "
+                          f"would import and run it. Repeat --model {config.model} to confirm you trust that file")
 
 
 def given_flag(args, dest: str) -> bool:
