@@ -237,7 +237,9 @@ class FeedbackProgram:
         """The model output as a function of (model inputs, a replacement value for ``node_name``)."""
         key = ("resume", node_name)
         if key not in self._derived:
-            node = next(n for n in self.traced.graph.nodes if n.name == node_name)
+            node = next((n for n in self.traced.graph.nodes if n.name == node_name), None)
+            if node is None:
+                raise FBCompileError(f"the traced model has no node {node_name!r}")
             self._derived[key] = build_resume_forward(self.traced, node)
         return self._derived[key]
 
@@ -301,11 +303,11 @@ class FeedbackProgram:
 
 
 def as_tuple(value) -> tuple:
+    """Model inputs or outputs as a tuple (one tensor becomes a 1-tuple)."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def flat_outputs(output) -> tuple:
-    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+flat_outputs = as_tuple
 
 
 def check_output_feedback(program: FeedbackProgram, output, feedback: tuple) -> None:

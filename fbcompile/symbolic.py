@@ -33,15 +33,27 @@ class sigmoid(sympy.Function):
         return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
 
 
+class softplus(sympy.Function):
+    """log(1 + e^x) as one symbol (Mish): it differentiates to sigmoid(x) and evaluates with
+    ``torch.nn.functional.softplus``, which neither overflows for large x nor loses small ones."""
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+
 @dataclass(frozen=True)
 class Piece:
     """One branch of an activation: ``forward`` (in x) where ``where`` (a condition on x) holds and,
     for invertible activations, its ``inverse`` (in y) for outputs above ``above`` (None: the lowest
-    branch). Branches are listed from the highest outputs down; the first whose condition holds wins."""
+    branch). Branches are listed from the highest outputs down; the first whose condition holds wins.
+    ``increasing`` is the condition on the hyperparameters under which the branch is strictly
+    increasing (leaky ReLU's ``negative_slope > 0``): only then does ``inverse`` invert it, and an
+    activation is invertible only if every branch is increasing and they join without a jump."""
     forward: sympy.Expr
     where: sympy.Basic = sympy.true
     inverse: sympy.Expr | None = None
     above: sympy.Expr | None = None
+    increasing: sympy.Basic = sympy.true
 
 
 @dataclass(frozen=True)
@@ -74,12 +86,12 @@ def derive(name: str, pieces: tuple, **constants) -> Derived:
 def _derive(name: str, pieces: tuple, constants: tuple) -> Derived:
     subs = {sympy.Symbol(k, real=True): sympy.nsimplify(v) for k, v in constants}
     pieces = [Piece(*(sympy.sympify(part).subs(subs) if part is not None else None
-                      for part in (p.forward, p.where, p.inverse, p.above))) for p in pieces]
+                      for part in (p.forward, p.where, p.inverse, p.above, p.increasing))) for p in pieces]
     forward = _piecewise([(p.forward, p.where) for p in pieces])
     derivative = _piecewise([(sympy.diff(p.forward, x), p.where) for p in pieces])
     exprs = {"forward": forward, "derivative": derivative}
     fns = {"forward": to_torch(forward, x, name), "derivative": to_torch(derivative, x, f"{name}_derivative")}
-    if all(p.inverse is not None for p in pieces) and _injective(pieces):
+    if _invertible(pieces):
         at_y = [sympy.simplify(sympy.diff(p.forward, x).subs(x, p.inverse)) for p in pieces]
         integrals = _continuous_antiderivative(pieces, at_y, forward.subs(x, 0))
         conditions = [y > p.above if p.above is not None else sympy.true for p in pieces]
@@ -89,6 +101,13 @@ def _derive(name: str, pieces: tuple, constants: tuple) -> Derived:
             fns[key] = to_torch(exprs[key], y, f"{name}_{key}")
     return Derived(name, fns["forward"], fns["derivative"], fns.get("derivative_at_output"),
                    fns.get("inverse"), fns.get("varsigma"), exprs)
+
+
+def _invertible(pieces) -> bool:
+    """Every branch has an inverse and is increasing for these hyperparameters (checked first: with
+    ``negative_slope = 0`` the inverse y / slope is undefined), and the branches join injectively."""
+    return (all(p.inverse is not None and p.increasing is sympy.true for p in pieces)
+            and _injective(pieces))
 
 
 def _injective(pieces, tolerance: float = 1e-8) -> bool:
@@ -281,6 +300,7 @@ def _expm1_form(node: sympy.Add):
 _FUNCTIONS = {
     sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.atanh: "atanh", sympy.erf: "erf",
     sympy.sqrt: "sqrt", sympy.Abs: "abs", sympy.sign: "sign", sigmoid: "sigmoid",
+    softplus: "nn.functional.softplus",
 }
 _RELATIONS = {
     sympy.StrictGreaterThan: ">", sympy.GreaterThan: ">=", sympy.StrictLessThan: "<", sympy.LessThan: "<=",

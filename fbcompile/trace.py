@@ -68,6 +68,7 @@ class NodeInfo:
     source: str = ""
     unit: int | None = None
     from_input: bool = False
+    input_dependent: bool = False  # computed from a model input, whatever the dtype (token ids, sizes)
     problem: str | None = field(default=None, repr=False)
 
     @property
@@ -248,12 +249,16 @@ def _value_info(node: fx.Node, value, model: nn.Module, param_ids: set) -> NodeI
         role = "op"
     upstream = [info(n) for n in node.all_input_nodes if META in n.meta]
     differentiable = _holds_floating_tensor(value)
-    from_input = differentiable and ((role == "input") or (role == "op" and any(u.from_input for u in upstream)))
-    from_param = differentiable and (
-        (role == "param" and value.requires_grad)
-        or (role == "op" and (any(u.active and not u.from_input for u in upstream) or _owns_trainable(node, model))))
+    reads_param = role == "op" and (any(u.role == "param" or u.param_only for u in upstream) or _owns_trainable(node, model))
+    input_dependent = role == "input" or (role == "op" and any(u.input_dependent for u in upstream))
+    # an activation: differentiable and computed from an activation, or a parameter looked up by
+    # input-dependent integers (an embedding of token ids starts the activations of a text model)
+    from_input = differentiable and (
+        (role == "input") or (role == "op" and (any(u.active and u.from_input for u in upstream)
+                                                or (reads_param and input_dependent))))
+    from_param = differentiable and ((role == "param" and value.requires_grad) or reads_param)
     record = NodeInfo(role=role, active=from_input or from_param, is_tuple=is_tuple, source=user_line(node),
-                      from_input=from_input)
+                      from_input=from_input, input_dependent=input_dependent)
     if is_tensor:
         record.shape, record.dtype = tuple(value.shape), value.dtype
     elif is_tuple:
@@ -395,7 +400,7 @@ def _declared_class(spec: OpSpec, module: nn.Module) -> type:
     for cls in type(module).__mro__:
         if cls in spec.modules:
             return cls
-    raise AssertionError(type(module))
+    raise FBCompileError(f"op {spec.name!r} declares no module class that {type(module).__name__} derives from")
 
 
 def _attr(value, names: dict[int, str]):

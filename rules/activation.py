@@ -13,7 +13,11 @@ Rules (x = saved input, y = saved output, g = feedback at y):
   error J_G g = varsigma'(y) g = sigma'(x) g, computed with torch's fused backward kernel.
 - T, variant "hadamard" (eq. 29), kind "surrogate": G(t) = sigma(sigma'(x) * t);
   error = sigma'(sigma'(x) y) sigma'(x) g, its Jacobian at t = y.
-- T, non-invertible (relu, gelu, silu, hardtanh), kind "linearised": the affine map
+- Invertible means strictly increasing for the call's hyperparameters (each branch's ``increasing``
+  condition): leaky_relu with negative_slope <= 0, elu with alpha <= 0 and softplus with beta < 0
+  have no inverse on their range and get the linearised rules below.
+- T, non-invertible (relu, gelu, silu, hardtanh, relu6, hardswish, hardsigmoid, mish), kind
+  "linearised": the affine map
   G(t) = x + sigma'(x) (t - y), whose Jacobian sigma'(x) equals J_F^T at the operating point.
 - P and I, invertible: G(t) = sigma^-1(t), error g / sigma'(x), kind "exact".
 - P, non-invertible: G(t) = x + sigma'(x)^+ (t - y) with the elementwise pseudo-inverse
@@ -28,7 +32,7 @@ from torch import nn
 
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
-from fbcompile.symbolic import Piece, derive, sigmoid, x, y
+from fbcompile.symbolic import Piece, derive, sigmoid, softplus, x, y
 
 aten = torch.ops.aten
 slope, alpha, beta, threshold = sympy.symbols("negative_slope alpha beta threshold", real=True)
@@ -73,8 +77,26 @@ def _kernels():
 
     def hardtanh_grad(g, x_, y_, c):
         return aten.hardtanh_backward(g, x_, c["min_val"], c["max_val"])
+
+    def relu6_grad(g, x_, y_, c):
+        return aten.hardtanh_backward(g, x_, 0.0, 6.0)
+
+    def hardswish_grad(g, x_, y_, c):
+        return aten.hardswish_backward(g, x_)
+
+    def hardsigmoid_grad(g, x_, y_, c):
+        # aten.hardsigmoid_backward has no derivative: its slope at g = 1 times g (the very numbers
+        # autograd uses; its 1/6 is a float32 constant even in float64)
+        return g * aten.hardsigmoid_backward(torch.ones_like(x_), x_)
+
+    def mish_grad(g, x_, y_, c):
+        # mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), sp = softplus(x), written out as
+        # aten.mish_backward's kernel computes it (it has no derivative and no vmap batching rule)
+        t = torch.tanh(F.softplus(x_))
+        return g * (t + x_ * torch.sigmoid(x_) * (1 - t * t))
     return {f.__name__[:-5]: f for f in (tanh_grad, sigmoid_grad, leaky_relu_grad, elu_grad, softplus_grad,
-                                         relu_grad, gelu_grad, silu_grad, hardtanh_grad)}
+                                         relu_grad, gelu_grad, silu_grad, hardtanh_grad, relu6_grad,
+                                         hardswish_grad, hardsigmoid_grad, mish_grad)}
 
 
 KERNELS = _kernels()
@@ -86,12 +108,13 @@ ACTIVATIONS = {
     "sigmoid": (lambda input: torch.sigmoid(input),
                 lambda: (Piece(1 / (1 + sympy.exp(-x)), sympy.true, sympy.log(y / (1 - y))),), ()),
     "leaky_relu": (lambda input, negative_slope=0.01, inplace=False: F.leaky_relu(input, negative_slope),
-                   lambda: (Piece(x, x > 0, y, 0), Piece(slope * x, sympy.true, y / slope)), ("negative_slope",)),
+                   lambda: (Piece(x, x > 0, y, 0), Piece(slope * x, sympy.true, y / slope, increasing=slope > 0)),
+                   ("negative_slope",)),
     "elu": (lambda input, alpha=1.0, inplace=False: F.elu(input, alpha),
-            lambda: (Piece(x, x > 0, y, 0), Piece(alpha * (sympy.exp(x) - 1), sympy.true, sympy.log(1 + y / alpha))),
-            ("alpha",)),
+            lambda: (Piece(x, x > 0, y, 0), Piece(alpha * (sympy.exp(x) - 1), sympy.true, sympy.log(1 + y / alpha),
+                                                   increasing=alpha > 0)), ("alpha",)),
     "softplus": (lambda input, beta=1.0, threshold=20.0: F.softplus(input, beta, threshold),
-                 lambda: (Piece(x, beta * x > threshold, y, threshold / beta),
+                 lambda: (Piece(x, beta * x > threshold, y, threshold / beta, increasing=beta > 0),
                           Piece(sympy.log(1 + sympy.exp(beta * x)) / beta, sympy.true,
                                 sympy.log(sympy.exp(beta * y) - 1) / beta)), ("beta", "threshold")),
     "relu": (lambda input, inplace=False: torch.relu(input),
@@ -100,6 +123,17 @@ ACTIVATIONS = {
     "silu": (lambda input, inplace=False: F.silu(input), lambda: (Piece(x * sigmoid(x)),), ()),
     "hardtanh": (lambda input, min_val=-1.0, max_val=1.0, inplace=False: F.hardtanh(input, min_val, max_val),
                  lambda: (Piece(lo, x <= lo), Piece(hi, x >= hi), Piece(x)), ("min_val", "max_val")),
+    # torch's derivative conventions at the kinks (hardtanh_backward, hardswish_backward,
+    # hardsigmoid_backward): relu6' = 0 at 0 and 6, hardswish' = 0 at -3 and 1 at 3, hardsigmoid' = 0
+    # at +-3; each branch owns the bound its condition includes, which gives exactly these
+    "relu6": (lambda input, inplace=False: F.relu6(input),
+              lambda: (Piece(sympy.Integer(6), x >= 6), Piece(x, x > 0), Piece(sympy.Integer(0))), ()),
+    "hardswish": (lambda input, inplace=False: F.hardswish(input),
+                  lambda: (Piece(x, x >= 3), Piece(x * (x + 3) / 6, x > -3), Piece(sympy.Integer(0))), ()),
+    "hardsigmoid": (lambda input, inplace=False: F.hardsigmoid(input),
+                    lambda: (Piece(sympy.Integer(1), x >= 3), Piece(x / 6 + sympy.Rational(1, 2), x > -3),
+                             Piece(sympy.Integer(0))), ()),
+    "mish": (lambda input, inplace=False: F.mish(input), lambda: (Piece(x * sympy.tanh(softplus(x))),), ()),
 }
 
 _SPELLINGS = {
@@ -115,6 +149,10 @@ _SPELLINGS = {
     "silu": ([F.silu], [], [], [], {nn.SiLU: lambda m: {"inplace": m.inplace}}),
     "hardtanh": ([F.hardtanh], [], [F.hardtanh_], [],
                  {nn.Hardtanh: lambda m: {"min_val": m.min_val, "max_val": m.max_val, "inplace": m.inplace}}),
+    "relu6": ([F.relu6], [], [], [], {nn.ReLU6: lambda m: {"inplace": m.inplace}}),
+    "hardswish": ([F.hardswish], [], [], [], {nn.Hardswish: lambda m: {"inplace": m.inplace}}),
+    "hardsigmoid": ([F.hardsigmoid], [], [], [], {nn.Hardsigmoid: lambda m: {"inplace": m.inplace}}),
+    "mish": ([F.mish], [], [], [], {nn.Mish: lambda m: {"inplace": m.inplace}}),
 }
 
 

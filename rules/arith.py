@@ -7,6 +7,10 @@
   broadcast operands by the Woodbury identity (:func:`add_pinv_feedback`). I: one full-size operand.
 - mul / div by a constant c (a number or a non-active tensor): T: g * c; P: g / c, or
   S^T (c g) / S^T (c^2) when c broadcasts the operand (:func:`scale_pinv`); I: g / c.
+- mul / div of two active values (gating, SwiGLU, squeeze-excitation, layer scale): T per operand,
+  g y and g x (div: g / y and -g x / y^2), summed to each operand's shape; the other operand is held
+  at its forward value (:func:`product_transpose`). P and I are refused unless one factor is
+  constant for the input.
 - neg: T = P = I: -g.
 - mean / sum over dims (GAP, the MLP-Mixer token mean): J = (1/n) 1^T (or 1^T).
   T: g broadcast back times 1/n (or 1). P: J^+ = 1 (mean) or (1/n) 1 (sum); I only when n = 1.
@@ -24,7 +28,7 @@ from torch import fx
 
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
-from fbcompile.trace import AttrRef
+from fbcompile.trace import AttrRef, info
 
 
 def add(input, other, alpha=1):
@@ -78,11 +82,22 @@ ADD = declare_op("add", add, functions=[operator.add, torch.add], methods=[tenso
                  inplace=[operator.iadd, tensor_method("add_")], param_grads=_param_grads)
 SUB = declare_op("sub", sub, functions=[operator.sub, torch.sub], methods=[tensor_method("sub")],
                  inplace=[operator.isub, tensor_method("sub_")], param_grads=_param_grads)
+
+
+def _operands_keep_the_batch(ctx) -> bool:
+    """mul/div map samples independently only when every active operand has the output's rank (an
+    operand with fewer dims is broadcast along dim 0: its dim 0 is not the batch)."""
+    rank = len(ctx.shape())
+    return all(len(ctx.shape(name)) == rank for name, _, _ in ctx.op_call.active)
+
+
 MUL = declare_op("mul", mul, functions=[operator.mul, torch.mul], methods=[tensor_method("mul")],
-                 inplace=[operator.imul, tensor_method("mul_")])
+                 inplace=[operator.imul, tensor_method("mul_")], param_grads=lambda ctx, g: product_param_grads(ctx, g),
+                 batch_local=_operands_keep_the_batch)
 DIV = declare_op("div", div, functions=[operator.truediv, torch.div, torch.true_divide],
                  methods=[tensor_method("div"), tensor_method("true_divide")],
-                 inplace=[operator.itruediv, tensor_method("div_")])
+                 inplace=[operator.itruediv, tensor_method("div_")],
+                 param_grads=lambda ctx, g: product_param_grads(ctx, g), batch_local=_operands_keep_the_batch)
 NEG = declare_op("neg", neg, functions=[operator.neg, torch.neg], methods=[tensor_method("neg")])
 MEAN = declare_op("mean", mean, functions=[torch.mean], methods=[tensor_method("mean")],
                   batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
@@ -169,39 +184,94 @@ for _op in (ADD, SUB):
     register_rule(_op, conditions="I", supports=_one_active, name=f"{_op.name}.inverse")(add_pinv)
 
 
-def _constant_factor(ctx):
-    """The non-active operand of mul/div (a number or a tensor computed without the input)."""
-    if ctx.op_call.spec is DIV:
-        return "divisor" if ctx.is_active("other") else None
-    active = [ctx.is_active("input"), ctx.is_active("other")]
-    return None if active.count(True) == 1 else "product"
+def _from_input(ctx, name) -> bool:
+    """Whether operand ``name`` depends on a model input (a parameter path such as
+    ``gamma.view(-1, 1, 1)`` is active but constant for the input)."""
+    return any(arg == name and info(src).from_input for arg, _, src in ctx.op_call.active)
+
+
+def product_kind(ctx) -> str:
+    """"linearised" when two or more factors of a product depend on the input (the joint map is
+    bilinear: its feedback holds each factor at its forward value), else "exact"."""
+    return "linearised" if sum(info(src).from_input for _, _, src in ctx.op_call.active) > 1 else "exact"
+
+
+def _no_single_factor(ctx):
+    """Why mul/div is not a multiplication by one factor c that is constant for the input (which the
+    P and I rules need): both operands depend on the input, or the divisor does. None when it is."""
+    if _from_input(ctx, "input") and _from_input(ctx, "other"):
+        what = "two activations"
+    elif ctx.op_call.spec is DIV and _from_input(ctx, "other"):
+        what = "a constant by an activation"
+    else:
+        return None
+    return (f"condition P/I of {ctx.op_call.spec.name} of {what} is not defined here (J = [diag(y), diag(x)] "
+            "has no single constant factor); only multiplication or division by a constant or by a tensor "
+            "that does not depend on the input. Use condition T")
+
+
+def _operand(ctx, name):
+    """The forward value of mul/div operand ``name``: a saved activation, a model attribute, or a number."""
+    value = ctx.op_call.args[name]
+    if isinstance(value, AttrRef) or (isinstance(value, fx.Node) and value.op == "get_attr"):
+        return ctx.param(name)
+    return ctx.saved(name) if isinstance(value, fx.Node) else value
 
 
 def _scale_of(ctx):
-    """(value of the constant factor, name of the active operand) for mul/div."""
-    name = "input" if ctx.is_active("input") else "other"
-    other = "other" if name == "input" else "input"
-    value = ctx.op_call.args[other]
-    if isinstance(value, fx.Node):
-        return (ctx.param(other) if value.op == "get_attr" else ctx.saved(other)), name
-    if isinstance(value, AttrRef):
-        return ctx.param(other), name
-    return value, name
+    """(value of the constant factor, name of the operand that depends on the input) for mul/div."""
+    name = "input" if _from_input(ctx, "input") else "other"
+    return _operand(ctx, "other" if name == "input" else "input"), name
 
 
 def _mul_supported(ctx):
-    reason = _constant_factor(ctx)
-    if reason is None:
-        return None
-    return (f"{ctx.op_call.spec.name} of two activations is not supported (only multiplication or division "
-            "by a constant or by a tensor that does not depend on the input)")
+    return _rounding_refused(ctx) or _no_single_factor(ctx)
 
 
-@register_rule(MUL, conditions="T", supports=_mul_supported)
-def mul_transpose(ctx, g):
-    """J = diag(c): G(g) = c g, summed to the active operand's shape."""
-    factor, name = _scale_of(ctx)
-    return {name: ctx.call(sum_to, g * factor, ctx.saved(name).shape)}
+def product_feedback(g, x, y, wrt: str, divide: bool):
+    """Transposed Jacobian of z = x * y (or x / y) applied to g, for operand ``wrt`` ("input" is x,
+    "other" is y), summed to that operand's shape (broadcast dimensions, autograd's sum_to):
+
+        mul: dz/dx^T g = g y,  dz/dy^T g = g x;   div: dz/dx^T g = g / y,  dz/dy^T g = -g x / y^2.
+    """
+    if wrt == "input":
+        term = g / y if divide else g * y
+    else:
+        term = -g * x / (y * y) if divide else g * x
+    return sum_to(term, (x if wrt == "input" else y).shape)
+
+
+def _product_grads(ctx, g, names) -> dict:
+    x, y = _operand(ctx, "input"), _operand(ctx, "other")
+    divide = ctx.op_call.spec is DIV
+    return {name: ctx.call(product_feedback, g, x, y, name, divide) for name in names}
+
+
+def product_param_grads(ctx, g):
+    """A parameter operand of mul/div (a layer scale gamma * x) gets the same per-operand transpose."""
+    return _product_grads(ctx, g, list(ctx.op_call.params))
+
+
+def product_transpose(ctx, g):
+    """J = [diag(y) S_x, diag(x) S_y] (mul) or [diag(1/y) S_x, -diag(x/y^2) S_y] (div), S broadcasting
+    an operand to the output: each active operand gets its row of J^T g (:func:`product_feedback`).
+    With one active operand this is the constant-factor rule G(g) = c g; with two (gating, SwiGLU,
+    squeeze-excitation) it is still exact per operand, each evaluated with the other operand at its
+    forward value. That is also the target map: linear in g, so difference correction reduces to it
+    and DTP's small-beta limit is backpropagation; the joint map (x, y) -> x y is bilinear, so with two
+    operands that depend on the input the rule is declared "linearised" (:func:`product_kind`)."""
+    return _product_grads(ctx, g, [n for n in ("input", "other") if ctx.is_active(n)])
+
+
+def _rounding_refused(ctx):
+    if ctx.op_call.spec is DIV and ctx.const("rounding_mode") is not None:
+        return (f"div with rounding_mode={ctx.const('rounding_mode')!r} is piecewise constant: it has no "
+                "useful feedback (its derivative is zero almost everywhere)")
+    return None
+
+
+register_rule(MUL, conditions="T", kind=product_kind, name="mul.transpose")(product_transpose)
+register_rule(DIV, conditions="T", kind=product_kind, supports=_rounding_refused, name="div.transpose")(product_transpose)
 
 
 def scale_pinv(g, factor, shape, divide: bool):
@@ -217,7 +287,7 @@ def scale_pinv(g, factor, shape, divide: bool):
 
 def _mul_inverse_supported(ctx):
     reason = _mul_supported(ctx)
-    name = "input" if ctx.is_active("input") else "other"
+    name = "input" if _from_input(ctx, "input") else "other"
     if reason is None and not _full_size(ctx, name):
         return f"a broadcast operand ({ctx.shape(name)} -> {ctx.shape()}) is not invertible; use condition P or T"
     return reason
@@ -235,12 +305,6 @@ def mul_inverse(ctx, g):
     """J = diag(c): G(g) = g / c (c must be non-zero)."""
     factor, name = _scale_of(ctx)
     return {name: ctx.call(sum_to, g / factor, ctx.saved(name).shape)}
-
-
-@register_rule(DIV, conditions="T", supports=_mul_supported)
-def div_transpose(ctx, g):
-    """J = diag(1/c): G(g) = g / c."""
-    return {"input": ctx.call(sum_to, g / _scale_of(ctx)[0], ctx.saved("input").shape)}
 
 
 @register_rule(DIV, conditions="P", supports=_mul_supported)

@@ -4,6 +4,15 @@ The tapped forward draws the mask as dropout applied to ones (the same distribut
 convention as the op itself, so dropout1d/2d masks whole channels) and saves it; the feedback
 reuses that mask. T (exact): G(g) = m g. P (exact): G(g) = m^+ g (1/m where m != 0, else 0).
 I: the same map, refused at run time when the mask dropped anything.
+
+Stochastic depth (torchvision.ops.stochastic_depth(input, p, mode, training)): y = x * m with
+m = b / (1 - p), b ~ Bernoulli(1 - p) drawn once per sample (mode "row", shape (N, 1, ..., 1)) or
+once for the batch (mode "batch", shape (1, ..., 1)); m = 0 when p = 1; identity in eval or p = 0.
+The tapped forward draws m exactly so and saves it; the dropout rules above apply unchanged (m
+broadcasts over g). Spellings are declared with :func:`declare_stochastic_depth`: torchvision's
+function and ``StochasticDepth`` module when torchvision imports (the module then is one node and
+its live ``training`` flag is read every step), and any function of the same signature and
+semantics (timm-style helpers, ``torch.fx.wrap``-ed so that fx records a call to it).
 """
 from __future__ import annotations
 
@@ -11,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.errors import ConditionError
-from fbcompile.ops import declare_op
+from fbcompile.errors import ConditionError, RuleError
+from fbcompile.ops import OpSpec, declare_op
 from fbcompile.registry import register_rule
 
 _DROP = {"dropout": F.dropout, "dropout1d": F.dropout1d, "dropout2d": F.dropout2d}
@@ -89,3 +98,75 @@ for _op in DROPOUTS:
     register_rule(_op, conditions="T", name=f"{_op.name}.mask")(dropout_transpose)
     register_rule(_op, conditions="P", name=f"{_op.name}.mask_pinv")(dropout_pinv)
     register_rule(_op, conditions="I", name=f"{_op.name}.mask_inverse")(dropout_inverse)
+
+
+# -- stochastic depth ---------------------------------------------------------------------------
+SD_MODES = ("row", "batch")
+
+
+def stochastic_depth_mask(input, p, mode):
+    """m = Bernoulli(1 - p) / (1 - p), one draw per sample (row) or per batch (batch); the draw is
+    the one torchvision makes (``torch.empty(size).bernoulli_(1 - p)``), so seeded runs agree."""
+    size = [input.shape[0]] + [1] * (input.dim() - 1) if mode == "row" else [1] * input.dim()
+    mask = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(1.0 - p)
+    return mask / (1.0 - p) if p < 1.0 else mask
+
+
+def stochastic_depth_apply(input, p, mode, training=True):
+    return stochastic_depth_tapped(input, p, mode, training)[0]
+
+
+def stochastic_depth_tapped(input, p, mode, training=True):
+    """(y, mask), the mask None when nothing is dropped (eval or p = 0)."""
+    if not _mode(training) or p == 0:
+        return input, None
+    mask = stochastic_depth_mask(input, p, mode)
+    return input * mask, mask
+
+
+def stochastic_depth_replay(extras, input, p, mode, training=True):
+    return input if extras["mask"] is None else input * extras["mask"]
+
+
+def _valid_stochastic_depth(ctx):
+    p, mode = ctx.const("p"), ctx.const("mode")
+    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        return f"stochastic depth needs a drop probability p in [0, 1], got {p!r}"
+    if mode not in SD_MODES:
+        return f"stochastic depth mode must be 'row' or 'batch', got {mode!r}"
+    return None
+
+
+def _sd_module(m):
+    return {"p": m.p, "mode": m.mode, "training": m}
+
+
+def declare_stochastic_depth(function, *, name: str, module: type | None = None) -> OpSpec:
+    """Declare ``function`` (signature ``(input, p, mode, training=True)``, torchvision's semantics)
+    and optionally a ``module`` class with attributes ``p`` and ``mode`` as stochastic depth, op
+    ``name``, with the mask rules. ``function`` must be what fx records: a function wrapped with
+    ``torch.fx.wrap`` (else fx traces through it and sees the random draw as plain values)."""
+    if not callable(function):
+        raise RuleError(f"declare_stochastic_depth({name!r}): {function!r} is not callable")
+    spec = declare_op(name, stochastic_depth_apply, functions=[function],
+                      modules={module: _sd_module} if module is not None else None,
+                      tapped=stochastic_depth_tapped, extras=("mask",), replay=stochastic_depth_replay)
+    register_rule(spec, conditions="T", supports=_valid_stochastic_depth, name=f"{name}.mask")(dropout_transpose)
+    register_rule(spec, conditions="P", supports=_valid_stochastic_depth, name=f"{name}.mask_pinv")(dropout_pinv)
+    register_rule(spec, conditions="I", supports=_valid_stochastic_depth, name=f"{name}.mask_inverse")(dropout_inverse)
+    return spec
+
+
+def _declare_torchvision():
+    """torchvision is optional: its stochastic depth is declared only when it imports."""
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except Exception:  # noqa: BLE001 - a torchvision that does not import is as good as none
+        return None
+    return declare_stochastic_depth(stochastic_depth, name="stochastic_depth", module=StochasticDepth)
+
+
+TORCHVISION_STOCHASTIC_DEPTH = _declare_torchvision()

@@ -19,6 +19,18 @@ y = gamma (x - running_mean) / sqrt(running_var + eps) + beta and T is exact: G(
 In train mode the batch statistics are frozen the same way as LayerNorm's: the centering over
 (batch, spatial) is kept and 1/sigma_B frozen, kind "frozen-statistics". Its "exact-statistics" variant
 is the full transpose over (batch, spatial), as for LayerNorm.
+
+GroupNorm (input (N, C, *), C split into G groups; statistics per sample and group over the group's
+channels and spatial dims): the same two rules over each group, gamma and beta per channel. T (kind
+"frozen-statistics"): G(g) = (1/sigma) C_group (gamma * g); variant "exact-statistics" (kind "exact"):
+the full transpose (1/sigma) (C_group (gamma g) - x_hat mean_group(x_hat gamma g)).
+
+F.normalize with p = 2 over dims D: y = x / max(n, eps), n = ||x|| over D. Where n >= eps (torch's
+clamp_min passes the gradient at n = eps), J = (I - y y^T) / n, else J = I / eps; both symmetric.
+T: J^T g = (g - y <y, g>) / max(n, eps) (the y term only where n >= eps); target map the
+linearisation x + J^T (t - h), kind "linearised" (the norm is lost: no inverse). P: I - y y^T is an
+orthogonal projector (|y| = 1), so J^+ g = max(n, eps) (g - y <y, g>) (again the y term only where
+n >= eps). I is refused where n >= eps (J y = 0). Other p are refused.
 """
 from __future__ import annotations
 
@@ -26,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op
+from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
 
@@ -175,3 +187,130 @@ def batch_norm_exact(ctx, g):
     running_mean, running_var, training, eps = _bn_args(ctx)
     return {"input": ctx.call(batch_norm_exact_feedback, g, ctx.saved("input"), running_mean, running_var,
                               ctx.param("weight"), training, eps)}
+
+
+# -- GroupNorm ------------------------------------------------------------------------------------
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def group_norm_tapped(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """(y, mean, rstd) with the (N, G) statistics, via torch.native_group_norm."""
+    n, c = input.shape[0], input.shape[1]
+    return torch.native_group_norm(input, weight, bias, n, c, input[0, 0].numel(), num_groups, eps)
+
+
+def grouped_statistics(x, mean, rstd):
+    """x viewed as (N, G, channels-per-group * spatial), and x_hat in that view."""
+    grouped = x.reshape(mean.shape[0], mean.shape[1], -1)
+    return grouped, (grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+
+
+def _per_channel(weight, x):
+    return weight.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def group_norm_feedback(g, x, mean, rstd, weight, exact):
+    """(1/sigma) C_group (gamma g), minus x_hat mean_group(x_hat gamma g) when ``exact``."""
+    scaled = g * _per_channel(weight, x) if weight is not None else g
+    grouped, x_hat = grouped_statistics(x, mean, rstd)
+    scaled = scaled.reshape(grouped.shape)
+    if exact:
+        return normalisation_transpose(scaled, x_hat, rstd.unsqueeze(-1), (-1,)).reshape(x.shape)
+    return ((scaled - scaled.mean(-1, keepdim=True)) * rstd.unsqueeze(-1)).reshape(x.shape)
+
+
+def group_norm_weight_grads(g, x, mean, rstd):
+    """(dgamma, dbeta) = (sum g * x_hat, sum g) over batch and spatial dims, per channel."""
+    x_hat = grouped_statistics(x, mean, rstd)[1].reshape(x.shape)
+    dims = (0,) + tuple(range(2, x.dim()))
+    return (g * x_hat).sum(dims), g.sum(dims)
+
+
+def group_norm_param_grads(ctx, g):
+    grads = ctx.call(group_norm_weight_grads, g, ctx.saved("input"), ctx.saved("mean"), ctx.saved("rstd"))
+    return {"weight": grads[0], "bias": grads[1]}
+
+
+GROUP_NORM = declare_op("group_norm", group_norm, functions=[F.group_norm],
+                        modules={nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "weight": m.weight,
+                                                          "bias": m.bias, "eps": m.eps}},
+                        tapped=group_norm_tapped, extras=("mean", "rstd"), param_grads=group_norm_param_grads)
+
+
+def _group_norm_rule(exact):
+    def rule(ctx, g):
+        return {"input": ctx.call(group_norm_feedback, g, ctx.saved("input"), ctx.saved("mean"),
+                                  ctx.saved("rstd"), ctx.param("weight"), exact)}
+    return rule
+
+
+register_rule(GROUP_NORM, conditions="T", kind="frozen-statistics", name="group_norm.frozen")(_group_norm_rule(False))
+register_rule(GROUP_NORM, conditions="T", kind="exact", variant="exact-statistics",
+              name="group_norm.exact")(_group_norm_rule(True))
+
+
+# -- F.normalize ----------------------------------------------------------------------------------
+def normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
+    return F.normalize(input, p, dim, eps)
+
+
+def _normalize_dims(ctx):
+    dim = ctx.const("dim", 1)
+    return tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+
+
+NORMALIZE = declare_op("normalize", normalize, functions=[F.normalize],
+                       batch_local=lambda ctx: all(d % len(ctx.shape()) != 0 for d in _normalize_dims(ctx)))
+
+
+def unit_norm_feedback(g, x, y, dims, eps, pinv):
+    """J^T g = (g - y <y, g>) / max(n, eps), or J^+ g = max(n, eps) (g - y <y, g>) when ``pinv``;
+    the y term only where n >= eps (see the module docstring)."""
+    n = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
+    radial = torch.where(n >= eps, (y * g).sum(dims, keepdim=True), torch.zeros_like(n))
+    tangent = g - y * radial
+    scale = n.clamp_min(eps)
+    return tangent * scale if pinv else tangent / scale
+
+
+def _normalize_map(ctx, g, pinv):
+    return ctx.call(unit_norm_feedback, g, ctx.saved("input"), ctx.saved("output"), _normalize_dims(ctx),
+                    ctx.const("eps", 1e-12), pinv)
+
+
+def _two_norm_only(ctx):
+    p = ctx.const("p", 2.0)
+    if p != 2:
+        return f"F.normalize with p={p!r}: only the Euclidean norm (p=2) has a rule"
+    return None
+
+
+def _linearised_target(pinv):
+    def target(ctx, t):
+        """G(t) = x + J^T (t - h) (or J^+ for condition P): the linearisation at the forward point."""
+        return {"input": ctx.saved("input") + _normalize_map(ctx, t - ctx.saved("output"), pinv)}
+    return target
+
+
+@register_rule(NORMALIZE, conditions="T", kind="linearised", supports=_two_norm_only, affine=True,
+               target=_linearised_target(False))
+def normalize_transpose(ctx, g):
+    """J^T g = (g - y <y, g>) / max(n, eps)."""
+    return {"input": _normalize_map(ctx, g, False)}
+
+
+@register_rule(NORMALIZE, conditions="P", kind="linearised", supports=_two_norm_only, affine=True,
+               target=_linearised_target(True))
+def normalize_pinv(ctx, g):
+    """J^+ g = max(n, eps) (g - y <y, g>)."""
+    return {"input": _normalize_map(ctx, g, True)}
+
+
+def _normalize_singular(ctx):
+    return (_two_norm_only(ctx) or "F.normalize's Jacobian (I - y y^T) / n is singular (scaling x does not "
+            "change y), so condition I has no rule for it; use condition T or P")
+
+
+register_rule(NORMALIZE, conditions="I", kind="exact", supports=_normalize_singular,
+              name="normalize.inverse")(normalize_pinv)

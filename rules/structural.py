@@ -379,10 +379,7 @@ def unbind_back(ctx, g):
 
 
 def _transposing_attribute(ctx):
-    name = ctx.op_call.args.get("name")
-    if name in ("values", "indices") and ctx.op_call.active and info(ctx.op_call.active[0][2]).is_tuple:
-        return (f"attribute {name!r} of a tuple result is not supported; index it instead "
-                f"([0] for values, [1] for indices)")
+    name = ctx.op_call.args.get("name")   # .values / .indices of a named tuple are selects (trace.py)
     if name not in TRANSPOSING_ATTRIBUTES:
         return f"tensor attribute {name!r} has no feedback rule; supported: {', '.join(TRANSPOSING_ATTRIBUTES)}"
     if name.startswith(("H", "mH")) and ctx.dtype() is not None and ctx.dtype().is_complex:

@@ -1,6 +1,8 @@
 """Activation rules (float64): every activation's T rule has J_G = J_F^T at the operating point
-(exact for the invertible ones, linearised for relu, gelu, silu, hardtanh), the adjoint identity
-holds, the target map's Jacobian at t = h is the error map, and every spelling is one op."""
+(exact for the invertible ones, linearised for relu, gelu, silu, hardtanh, relu6, hardswish,
+hardsigmoid, mish and for hyperparameters that make an activation non-monotone), the adjoint
+identity holds, error mode equals autograd at the kinks too, the target map's Jacobian at t = h is
+the error map, and every spelling is one op."""
 import math
 
 import pytest
@@ -19,7 +21,7 @@ from helpers import compare_with_autograd
 
 TOL = 1e-10
 EXACT = {"tanh", "sigmoid", "leaky_relu", "elu", "softplus"}
-LINEARISED = {"relu", "gelu", "silu", "hardtanh"}
+LINEARISED = {"relu", "gelu", "silu", "hardtanh", "relu6", "hardswish", "hardsigmoid", "mish"}
 
 
 def activation_modules(draw):
@@ -32,6 +34,8 @@ def activation_modules(draw):
         "softplus": lambda: nn.Softplus(floats(0.5, 3.0), floats(1.0, 20.0)),
         "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU(),
         "hardtanh": lambda: nn.Hardtanh(-floats(0.2, 1.5), floats(0.2, 1.5)),
+        "relu6": lambda: nn.ReLU6(), "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
+        "mish": lambda: nn.Mish(),
     }[name]()
     return name.replace("gelu_tanh", "gelu"), module
 
@@ -133,13 +137,75 @@ def test_every_relu_spelling_is_one_op_and_inplace_runs_out_of_place():
 @pytest.mark.parametrize("spell", [
     lambda x: torch.tanh(x), lambda x: x.tanh(), lambda x: torch.sigmoid(x), lambda x: x.sigmoid(),
     lambda x: F.leaky_relu(x, 0.3), lambda x: F.elu(x, 0.5), lambda x: F.softplus(x, 2.0, 5.0),
-    lambda x: F.gelu(x, approximate="tanh"), lambda x: F.silu(x), lambda x: F.hardtanh(x, -0.5, 0.7)])
+    lambda x: F.gelu(x, approximate="tanh"), lambda x: F.silu(x), lambda x: F.hardtanh(x, -0.5, 0.7),
+    lambda x: F.relu6(x), lambda x: F.hardswish(x), lambda x: F.hardsigmoid(x), lambda x: F.mish(x)])
 def test_functional_spellings_are_exact(spell):
     class Functional(nn.Module):
         def forward(self, x):
             return spell(x)
 
-    x = 2 * torch.randn(3, 4, dtype=torch.float64)
+    x = 4 * torch.randn(3, 4, dtype=torch.float64)
     program = fbcompile.compile(Functional(), x)
     (tjml_rel, gap), = rule_errors(program, x).values()
     assert tjml_rel < TOL and gap < TOL
+
+
+# the breakpoints of the piecewise activations, where torch's derivative convention decides
+KINKS = {"relu6": [0.0, 6.0], "hardswish": [-3.0, 3.0], "hardsigmoid": [-3.0, 3.0], "hardtanh": [-1.0, 1.0],
+         "relu": [0.0]}
+
+
+@pytest.mark.parametrize("name,act", [("relu6", nn.ReLU6()), ("hardswish", nn.Hardswish()),
+                                      ("hardsigmoid", nn.Hardsigmoid()), ("hardtanh", nn.Hardtanh()),
+                                      ("relu", nn.ReLU())])
+def test_error_mode_equals_autograd_at_the_kinks(name, act):
+    """Inputs exactly at the breakpoints: the feedback takes torch's one-sided derivative there
+    (hardswish' = 0 at -3 and 1 at 3, relu6' = 0 at 0 and 6, hardsigmoid' = 0 at +-3), and so does
+    the sympy-derived sigma' that the Hadamard variant uses."""
+    kinks = torch.tensor(KINKS[name], dtype=torch.float64)
+    x = torch.cat([kinks, 4 * torch.randn(10, dtype=torch.float64)]).repeat(3, 1)
+    model = nn.Sequential(act).double()
+    program = fbcompile.compile(model, x)
+    assert max(compare_with_autograd(model, x, program=program)) < TOL
+    (tjml_rel, gap), = rule_errors(program, x).values()
+    assert tjml_rel < TOL and gap < TOL
+    _, _, ctx = _eager(program, x)
+    xx = x.clone().requires_grad_()
+    sigma_prime, = torch.autograd.grad(model(xx).sum(), xx)
+    from fbcompile.rules.activation import derived
+    assert torch.allclose(derived(ctx).derivative(x), sigma_prime, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("act", [nn.LeakyReLU(-0.5), nn.LeakyReLU(0.0), nn.ELU(-0.7), nn.ELU(0.0),
+                                 nn.Softplus(-1.5)])
+def test_non_monotone_hyperparameters_make_the_rule_linearised(act):
+    """leaky_relu with slope <= 0, elu with alpha <= 0 and softplus with beta < 0 have no inverse
+    on their range (two inputs share an output, or a branch is flat, or the branches swap order):
+    their T rule is declared linearised, condition I refuses them, and error mode stays exact."""
+    model = nn.Sequential(act).double()
+    x = 3 * torch.randn(4, 5, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    node = next(iter(program.rules))
+    assert program.rules[node].kind_for(EagerContext(node, {}, model)) == "linearised"
+    assert max(compare_with_autograd(model, x, program=program)) < TOL
+    with pytest.raises(fbcompile.FBCompileError, match="not invertible"):
+        fbcompile.compile(model, x, condition="I")
+
+
+@pytest.mark.parametrize("module,function", [(nn.ReLU6, F.relu6), (nn.Hardswish, F.hardswish),
+                                             (nn.Hardsigmoid, F.hardsigmoid), (nn.Mish, F.mish)])
+def test_new_activation_spellings_are_one_op(module, function):
+    """Module, in-place module, function and in-place function: one op, run out of place."""
+    class Spelled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act, self.act_inplace = module(), module(inplace=True)
+
+        def forward(self, x):
+            return self.act(x) + self.act_inplace(x + 0.5) + function(2 * x) + function(x - 1, inplace=True)
+
+    model = Spelled().double()
+    x = 4 * torch.randn(3, 5, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    assert len({rule.op for rule in program.rules.values() if rule.op not in ("add", "mul", "sub")}) == 1
+    assert max(compare_with_autograd(model, x, program=program)) < TOL

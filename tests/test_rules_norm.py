@@ -1,11 +1,14 @@
 """Normalisation rules (float64). LayerNorm with frozen statistics leaves exactly the dropped term
 x_hat x_hat^T diag(gamma) / (d sigma) (ALGORITHMS.md check 4), built here from dense torch.func
-Jacobians; BatchNorm in eval mode is exact, in train mode it freezes the batch statistics."""
+Jacobians; BatchNorm in eval mode is exact, in train mode it freezes the batch statistics. LayerNorm
+on channels-last views (ConvNeXt) and GroupNorm with exact statistics equal autograd; GroupNorm's
+frozen rule leaves the same dropped term per group; F.normalize's T and P rules are exact."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 from torch.func import jacrev
 
@@ -13,6 +16,8 @@ import fbcompile
 from fbcompile.context import EagerContext
 from fbcompile.verify.checks import autograd_gradients, relative_error, rule_errors
 from fbcompile.verify.evaluate import forward_values
+
+from helpers import compare_with_autograd
 
 TOL = 1e-10
 
@@ -167,3 +172,156 @@ def test_functional_batch_norm_with_buffers_through_get_attr():
     model.zero_grad(set_to_none=True)
     program.propagate_error(x, error)
     assert relative_error(model.gamma.grad, ref["gamma"]) < TOL and relative_error(model.beta.grad, ref["beta"]) < TOL
+
+
+# -- LayerNorm over channels-last views (ConvNeXt) ------------------------------------------------
+class ChannelsLast(nn.Module):
+    """Permute (N, C, H, W) to channels-last, LayerNorm over the trailing ``dims`` dims, permute back."""
+
+    def __init__(self, shape, dims, functional):
+        super().__init__()
+        self.norm = nn.LayerNorm(shape[-dims:]).double()
+        self.functional = functional
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        if self.functional:
+            y = F.layer_norm(y, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            y = self.norm(y)
+        return y.permute(0, 3, 1, 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.booleans(), st.floats(0.1, 5.0))
+def test_channels_last_layer_norm_exact_statistics_equals_autograd(dims, functional, scale):
+    x = scale * torch.randn(2, 3, 4, 2, dtype=torch.float64)
+    model = ChannelsLast(tuple(x.permute(0, 2, 3, 1).shape), dims, functional)
+    program = fbcompile.compile(model, x, variants=("exact-statistics",))
+    for name, (tjml_rel, gap) in rule_errors(program, x).items():
+        assert tjml_rel < TOL and gap < TOL, name
+    error = torch.randn_like(x)
+    ref_inputs, ref = autograd_gradients(model, x, error)
+    model.zero_grad(set_to_none=True)
+    assert relative_error(program.propagate_error(x, error), ref_inputs[0]) < TOL
+    assert relative_error(model.norm.weight.grad, ref["norm.weight"]) < TOL
+    assert relative_error(model.norm.bias.grad, ref["norm.bias"]) < TOL
+
+
+# -- GroupNorm --------------------------------------------------------------------------------------
+@st.composite
+def group_norm_cases(draw):
+    groups = draw(st.integers(1, 3))
+    channels = groups * draw(st.integers(1, 3))
+    spatial = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(0, 2))))
+    # a group of one or two entries normalises to 0 or +-1 whatever x (torch refuses one): its
+    # Jacobian is O(eps), computed by cancellation on both sides, nothing but rounding to compare
+    assume(channels // groups * math.prod(spatial) >= 3)
+    affine = draw(st.booleans())
+    norm = nn.GroupNorm(groups, channels, eps=draw(st.sampled_from([1e-5, 1e-2])), affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = draw(st.floats(0.1, 10.0)) * torch.randn(draw(st.integers(1, 3)), channels, *spatial, dtype=torch.float64)
+    return norm, x
+
+
+def _functional_group_norm(norm):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = norm.weight, norm.bias
+
+        def forward(self, x):
+            return F.group_norm(x, norm.num_groups, self.weight, self.bias, norm.eps)
+    return Functional()
+
+
+@settings(max_examples=25, deadline=None)
+@given(group_norm_cases(), st.booleans())
+def test_group_norm_exact_statistics_is_exact(case, functional):
+    norm, x = case
+    model = _functional_group_norm(norm) if functional else nn.Sequential(norm)
+    program = fbcompile.compile(model, x, variants=("exact-statistics",))
+    row = fbcompile.verify(program, x).rows[0]
+    assert row["kind"] == "exact" and row["tjml_rel"] < TOL
+    (_, gap), = rule_errors(program, x).values()
+    assert gap < TOL
+    error = torch.randn_like(x)
+    ref_inputs, ref = autograd_gradients(model, x, error)
+    model.zero_grad(set_to_none=True)
+    assert relative_error(program.propagate_error(x, error), ref_inputs[0]) < TOL
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, ref[name]) < TOL, name
+
+
+@settings(max_examples=20, deadline=None)
+@given(group_norm_cases())
+def test_group_norm_frozen_residual_is_exactly_the_dropped_term(case):
+    """Per sample and group (m entries, gamma per channel): J_G - J_F^T = x_hat x_hat^T diag(gamma) / (m sigma)."""
+    norm, x = case
+    program = fbcompile.compile(nn.Sequential(norm), x)
+    j_f = jacrev(lambda v: F.group_norm(v, norm.num_groups, norm.weight, norm.bias, norm.eps))(x)
+    j_f = j_f.reshape(x.numel(), x.numel())
+    residual = rule_jacobian(program, "_0", x) - j_f.t()
+    groups = x.reshape(x.shape[0], norm.num_groups, -1)
+    gamma = norm.weight.detach() if norm.weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
+    per_entry = gamma.reshape(1, -1, *([1] * (x.dim() - 2))).expand_as(x).reshape(groups.shape)
+    sigma = torch.sqrt(groups.var(-1, unbiased=False) + norm.eps)
+    x_hat = (groups - groups.mean(-1, keepdim=True)) / sigma[..., None]
+    m = groups.shape[-1]
+    blocks = [torch.outer(x_hat[n, k], x_hat[n, k]) * per_entry[n, k] / (m * sigma[n, k])
+              for n in range(x.shape[0]) for k in range(norm.num_groups)]
+    expected = torch.block_diag(*blocks)
+    assert torch.allclose(residual, expected, rtol=1e-9, atol=1e-9 * (1 + float(expected.abs().max())))
+    assert fbcompile.verify(program, x).rows[0]["kind"] == "frozen-statistics"
+
+
+# -- F.normalize ------------------------------------------------------------------------------------
+class Normalize(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x):
+        return F.normalize(x, p=2.0, dim=self.dim, eps=self.eps)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(-3, 2), st.sampled_from([1e-12, 0.5, 3.0]), st.floats(0.05, 4.0), st.sampled_from(["T", "P"]),
+       st.integers(1, 2 ** 31))
+def test_normalize_rules_are_exact(dim, eps, scale, condition, seed):
+    """T is J^T and P is J^+ on both sides of the clamp (eps = 3 clamps most rows, 0.5 some).
+    x comes from its own generator: Hypothesis seeds torch's global one with 0, the seed the adjoint
+    check draws its probe u from, and u parallel to x is J's null direction (<J u, v> = 0)."""
+    x = scale * torch.randn(3, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    model = Normalize(dim, eps)
+    program = fbcompile.compile(model, x, condition=condition)
+    row = fbcompile.verify(program, x).rows[0]
+    assert row["kind"] == "linearised"
+    assert row["tjml_rel" if condition == "T" else "pjml_rel"] < 1e-9
+    if condition == "T":
+        (_, gap), = rule_errors(program, x).values()
+        assert gap < TOL
+        assert max(compare_with_autograd(model, x, program=program)) < TOL
+
+
+def test_normalize_at_the_clamp_takes_torchs_side():
+    """||x|| == eps exactly: torch's clamp_min passes the gradient through the norm there."""
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    model = Normalize(1, 1.0)
+    assert max(compare_with_autograd(model, x, program=fbcompile.compile(model, x))) < TOL
+
+
+@pytest.mark.parametrize("p,condition,reason", [(1.0, "T", "only the Euclidean norm"), (2.0, "I", "singular")])
+def test_normalize_refusals_name_the_reason(p, condition, reason):
+    class OtherNorm(nn.Module):
+        def forward(self, x):
+            return F.normalize(x, p=p)
+
+    with pytest.raises(fbcompile.FBCompileError, match=reason):
+        fbcompile.compile(OtherNorm(), torch.randn(2, 3, dtype=torch.float64), condition=condition)

@@ -15,6 +15,8 @@ from torch import nn
 import fbcompile
 from fbcompile.models import build_model
 
+from test_blocks_cnn import BLOCKS as CNN_BLOCKS, _randomised as randomised_bn
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LIMIT_DEG = 0.01
 
@@ -153,3 +155,10 @@ def dag_plans(draw):
 def test_random_dags_meet_the_limit(plan, correction):
     torch.manual_seed(len(plan))
     assert angle_to_bp(RandomDag(plan), torch.randn(5, 5), 3, correction) < LIMIT_DEG
+
+
+@pytest.mark.parametrize("correction", ["op", "unit"])
+@pytest.mark.parametrize("name", sorted(CNN_BLOCKS))
+def test_torchvision_style_blocks_meet_the_limit(name, correction):
+    model = randomised_bn(CNN_BLOCKS[name]())
+    assert angle_to_bp(model, torch.randn(3, 3, 7, 7), 5, correction) < LIMIT_DEG

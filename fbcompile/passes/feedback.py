@@ -406,5 +406,5 @@ def _checked(rule, node, emit, what: str = "rule"):
 
 def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> FeedbackGraph:
     if mode not in MODES + tuple(CUT_MODES) + (UNIT_DIFFERENCE,):
-        raise ValueError(mode)
+        raise RuleError(f"unknown feedback mode {mode!r}; modes: {', '.join(MODES + tuple(CUT_MODES) + (UNIT_DIFFERENCE,))}")
     return FeedbackBuilder(gm, rules, partition, mode).build()
