@@ -37,9 +37,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import fx
 
 from ..errors import FBCompileError, OptionError, choices_text
-from ..trace import describe, info
+from ..trace import describe, info, preserved_state
 
 PROJECTION_INITS = ("he_uniform", "xavier_uniform", "uniform", "normal")
 PROJECTION_FANS = ("features", "signal")
@@ -47,12 +48,14 @@ PROJECTION_FANS = ("features", "signal")
 
 @dataclass(frozen=True)
 class Projection:
-    """One direct projection: output signal (C) -> the value of ``node`` (per-sample shape ``shape``)."""
+    """One direct projection: output signal (C) -> the value of ``node`` (per-sample shape ``shape``,
+    the value's shape without its batch axis ``batch_axis``)."""
     index: int
     unit: int
     node: str
     shape: tuple
     dtype: torch.dtype = torch.float32
+    batch_axis: int = 0
 
     @property
     def features(self) -> int:
@@ -79,7 +82,7 @@ def plan_direct(program) -> DirectPlan:
     for node in program.outputs:
         shape = _per_sample_shape(node)
         sizes.append(math.prod(shape))
-    output_units, hidden_units, projections, params = [], [], [], {}
+    output_units, hidden_units, hidden_outputs, projections, params = [], [], [], [], {}
     for unit in program.units:
         trainable = [q for q in unit.params if program.params[q].requires_grad]
         if not trainable:
@@ -89,21 +92,88 @@ def plan_direct(program) -> DirectPlan:
             output_units.append(unit.index)
             continue
         hidden_units.append(unit.index)
-        for node in unit.outputs:
-            projections.append(Projection(len(projections), unit.index, node.name, _per_sample_shape(node),
-                                          info(node).dtype or torch.float32))
+        hidden_outputs += [(unit.index, node) for node in unit.outputs]
+    axes = batch_axes(program, [node for _, node in hidden_outputs], "direct feedback")
+    for unit, node in hidden_outputs:
+        projections.append(Projection(len(projections), unit, node.name, _per_sample_shape(node, axes[node]),
+                                      info(node).dtype or torch.float32, axes[node]))
     if not output_units:
         raise FBCompileError("direct feedback needs a unit with parameters that produces the model output; "
                              "this program's output is computed by parameter-free ops only")
     return DirectPlan(sum(sizes), tuple(output_units), tuple(hidden_units), tuple(projections), params)
 
 
-def _per_sample_shape(node) -> tuple:
+def _per_sample_shape(node, batch_axis: int = 0) -> tuple:
     record = info(node)
     if record.is_tuple or record.shape is None or len(record.shape) < 1:
         raise FBCompileError(f"direct feedback needs a tensor with a batch dimension at {describe(node)}, "
                              f"got shape {record.shape!r}")
-    return tuple(record.shape[1:])
+    return tuple(size for axis, size in enumerate(record.shape) if axis != batch_axis)
+
+
+def batch_axes(program, nodes: list, purpose: str) -> dict:
+    """{node: the axis of its value that indexes the samples}. Dim 0 of every model input is its
+    batch (as everywhere); a value may carry it elsewhere (a time-first ``(L, N, E)`` sequence). A
+    value with exactly one axis of the example's batch size has it there; the others are found by
+    running the traced model once more, on inputs one sample larger, as the axis that grew. A value
+    without one such axis is refused (``purpose`` says who needs it)."""
+    batch = _example_batch(program)
+    axes, unclear = {}, []
+    for node in nodes:
+        shape = info(node).shape
+        matching = [axis for axis, size in enumerate(shape or ()) if size == batch]
+        if info(node).is_tuple or not shape or len(matching) == 1:
+            axes[node] = matching[0] if len(matching) == 1 else 0    # not a tensor: the caller refuses it
+        else:
+            unclear.append(node)
+    if unclear:
+        grown = _shapes_at_batch(program, batch + 1, unclear)
+        for node in unclear:
+            shape = info(node).shape
+            grew = [axis for axis, (a, b) in enumerate(zip(shape, grown[node])) if a != b]
+            if len(grew) != 1 or len(shape) != len(grown[node]):
+                raise FBCompileError(f"{purpose} needs the batch axis of {describe(node)}, but its shape "
+                                     f"{tuple(shape)} (batch {batch}) became {grown[node]} at batch {batch + 1}")
+            axes[node] = grew[0]
+    return axes
+
+
+def _example_batch(program) -> int:
+    shapes = [info(node).shape for node in program.inputs]
+    if not shapes or not shapes[0]:
+        raise FBCompileError("direct feedback and local heads need a model input with a batch dimension (dim 0)")
+    return shapes[0][0]
+
+
+def _shapes_at_batch(program, batch: int, nodes: list) -> dict:
+    """{node: its value's shape} when the traced model runs on inputs of batch size ``batch``
+    (random values of each input's dtype; buffers and the random state are left as they were)."""
+    generator = torch.Generator().manual_seed(0)
+    device = next((p.device for p in program.params.values()), torch.device("cpu"))
+    inputs = []
+    for node in program.inputs:
+        record = info(node)
+        shape = (batch, *record.shape[1:])
+        if record.dtype is not None and record.dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator, dtype=record.dtype).to(device))
+        else:
+            inputs.append(torch.zeros(shape, dtype=record.dtype or torch.long, device=device))
+    wanted, shapes = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in wanted:
+                shapes[node] = tuple(value.shape)
+            return value
+
+    try:
+        with torch.no_grad(), preserved_state(program.model):
+            Recorder(program.traced).run(*inputs)
+    except Exception as exc:   # noqa: BLE001  (the user's model, on inputs we made up)
+        raise FBCompileError(f"finding the batch axes of {', '.join(n.name for n in nodes)}: the model failed on "
+                             f"inputs of batch {batch}: {type(exc).__name__}: {exc}") from exc
+    return shapes
 
 
 def check_projection_options(init: str, fan: str) -> None:
@@ -145,16 +215,23 @@ def draw_projections(plan: DirectPlan, *, init: str, fan: str, scale: float, see
             for p in plan.projections]
 
 
-def project_dense(signal: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """delta = reshape(s B, (N, *S)) for a dense signal s (N, C) and B stored as (C, *S)."""
+def project_dense(signal: torch.Tensor, projection: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
+    """delta = reshape(s B, (N, *S)) for a dense signal s (N, C) and B stored as (C, *S), with the
+    samples moved to ``batch_axis`` of the value it is the delta of."""
     matrix = projection if projection.dim() == 2 else projection.reshape(projection.shape[0], -1)
     dense = signal if signal.dtype == matrix.dtype else signal.to(matrix.dtype)
     delta = dense @ matrix
-    return delta if projection.dim() == 2 else delta.reshape(signal.shape[0], *projection.shape[1:])
+    delta = delta if projection.dim() == 2 else delta.reshape(signal.shape[0], *projection.shape[1:])
+    return place_batch_axis(delta, batch_axis)
 
 
-def project_labels(labels: torch.Tensor, factor: float, projection: torch.Tensor) -> torch.Tensor:
+def project_labels(labels: torch.Tensor, factor: float, projection: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
     """delta = factor * (the row of B of each sample's label): s B for s = factor * one-hot(labels),
     as a row selection (exact, and it never multiplies an entry of B by zero)."""
     scaled = projection * factor if factor != 1.0 else projection
-    return scaled.index_select(0, labels)
+    return place_batch_axis(scaled.index_select(0, labels), batch_axis)
+
+
+def place_batch_axis(per_sample: torch.Tensor, batch_axis: int) -> torch.Tensor:
+    """A batch-first ``(N, *S)`` tensor laid out like a value whose samples run along ``batch_axis``."""
+    return per_sample if batch_axis == 0 else per_sample.movedim(0, batch_axis)

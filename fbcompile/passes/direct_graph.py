@@ -86,9 +86,10 @@ class UnlockedStep:
     params: tuple
 
 
-def build_unlocked_step(program, plan: DirectPlan, projections: list, *, hidden: bool,
+def build_unlocked_step(program, plan: DirectPlan, projections: list, order: list, *, hidden: bool,
                         labels: bool) -> UnlockedStep:
-    """The units' forwards (``program.unit_forwards(tapped=True)``) in order, each hidden unit's
+    """The units' forwards (``program.unit_forwards(tapped=True)``) in ``order`` (unit indices, each
+    unit after the units whose outputs it reads), each hidden unit's
     forward followed at once by its update when ``hidden``: its deltas from the signal and B_u
     (``projections[p]``) pulled back through its pruned gradient graph. fx frees every value after
     its last use, so a unit's activations die as soon as its update and the next unit's forward have
@@ -98,7 +99,8 @@ def build_unlocked_step(program, plan: DirectPlan, projections: list, *, hidden:
     env = {node: graph.placeholder(node.name) for node in program.inputs}
     signal = tuple(graph.placeholder(name) for name in SIGNAL_INPUTS[labels]) if hidden else ()
     taps, grads, names = {}, [], []
-    for stage in program.unit_forwards(tapped=True):
+    stages = program.unit_forwards(tapped=True)
+    for stage in (stages[index] for index in order):
         index = stage.unit.index
         placeholders = [n for n in stage.module.graph.nodes if n.op == "placeholder"]
         value_map = dict(zip(placeholders, (env[src] for src in stage.inputs)))
@@ -127,7 +129,8 @@ def _emit_deltas(graph: fx.Graph, plan: DirectPlan, unit: int, signal: tuple, pr
     for p in plan.of_unit(unit):
         name = f"projection_{p.index}"
         bound[name] = projections[p.index]
-        deltas[p.node] = graph.call_function(project, (*signal, graph.get_attr(name)), name=f"delta_{p.index}")
+        deltas[p.node] = graph.call_function(project, (*signal, graph.get_attr(name), p.batch_axis),
+                                             name=f"delta_{p.index}")
     return deltas
 
 

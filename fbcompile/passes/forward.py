@@ -167,21 +167,19 @@ def _canonical_arguments(call, transform, get_attr) -> dict:
 def build_unit_forwards(gm: fx.GraphModule, partition, taps: dict | None = None) -> list:
     """One GraphModule per unit, in unit order, for update-unlocked execution: unit ``u``'s module
     takes the values listed in ``stage.inputs`` (forward nodes produced outside the unit: other
-    units' outputs, model inputs, shape values) and returns ``stage.outputs`` (the unit's outputs).
+    units' outputs, model inputs, shape values) and returns ``stage.outputs``: the unit's outputs,
+    then any other value of the unit that another unit reads (only for its metadata, such as
+    ``h.size(0)``, so it is no unit output; the reader still needs the tensor to ask).
     Parameter-free helper nodes outside every unit (sizes, shapes) are recomputed inside the unit
     that reads them. With ``taps`` (unit index -> tap keys ``(node name, extra or None)`` of values
     the unit's forward computes or reads) every module returns ``(outputs, tap values)`` instead,
     the keys listed in ``stage.taps``: what a compiled local backward of the unit needs."""
+    plans = [_stage_plan(gm, unit, partition) for unit in partition.units]
+    read_elsewhere = {src for _, _, inputs in plans for src in inputs}
     stages = []
-    for unit in partition.units:
-        members = _with_helpers(unit.nodes, partition)
-        order = [n for n in gm.graph.nodes if n in members]
-        inputs = []
+    for unit, order, inputs in plans:
+        returned = list(unit.outputs) + [n for n in unit.nodes if n in read_elsewhere and n not in unit.outputs]
         copier = _Copier(gm)
-        for node in order:
-            for src in node.all_input_nodes:
-                if src not in members and src.op != "get_attr" and src not in inputs:
-                    inputs.append(src)
         for src in inputs:
             copier.env[src] = copier.graph.placeholder(src.name)
         for node in gm.graph.nodes:
@@ -189,14 +187,26 @@ def build_unit_forwards(gm: fx.GraphModule, partition, taps: dict | None = None)
                 copier.copy(node)
         for node in order:
             copier.copy(node)
-        outputs = tuple(copier.env[o] for o in unit.outputs)
+        outputs = tuple(copier.env[o] for o in returned)
         keys = None if taps is None else list(taps.get(unit.index, ()))
         if keys is not None:
             by_name = {node.name: value for node, value in copier.env.items()}
             outputs = (outputs, tuple(_tap_value(copier, by_name, unit, key) for key in keys))
         module = copier.finish(outputs, f"Unit{unit.index}")
-        stages.append(UnitStage(unit, module, inputs, list(unit.outputs), keys))
+        stages.append(UnitStage(unit, module, inputs, returned, keys))
     return stages
+
+
+def _stage_plan(gm: fx.GraphModule, unit, partition) -> tuple:
+    """(unit, the nodes its forward runs in graph order, the values it reads from outside)."""
+    members = _with_helpers(unit.nodes, partition)
+    order = [n for n in gm.graph.nodes if n in members]
+    inputs = []
+    for node in order:
+        for src in node.all_input_nodes:
+            if src not in members and src.op != "get_attr" and src not in inputs:
+                inputs.append(src)
+    return unit, order, inputs
 
 
 def _tap_value(copier: _Copier, by_name: dict, unit, key: tuple) -> fx.Node:

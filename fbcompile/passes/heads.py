@@ -17,8 +17,9 @@ where z_l depends on the shape of a_l (batch dim first):
 Attachment (``attach``): ``"pre_pool"`` (default, the paper's choice: after the activation, before
 pooling; the spatial sizes of its Table 4 are the pre-pool ones) walks back from the unit's output
 over trailing pooling and reshaping ops to the input of the earliest pooling op; ``"output"`` uses
-the unit output (the last one in graph order when there are several). Shapes come from the traced
-graph; heads, projections and their seeds are separate per unit.
+the unit output (the last one in graph order when there are several). The walk also passes trailing
+dropout (``conv -> relu -> pool -> flatten -> dropout`` attaches at the relu, as without dropout).
+Shapes come from the traced graph; heads, projections and their seeds are separate per unit.
 
 Initialisation of M (``init``): ``"paper"`` reproduces the reference code (``kaiming_uniform_(a=
 sqrt(5))`` on its layouts): U(+-1/sqrt(n)) for flat heads, U(+-1/sqrt(m)) for projected ones;
@@ -38,6 +39,8 @@ from torch import fx, nn
 
 from ..errors import FBCompileError, OptionError, choices_text
 from ..trace import info
+from .direct import batch_axes
+from .forward import build_unit_forwards
 
 ATTACH_POINTS = ("pre_pool", "output")
 HEAD_INITS = ("paper", "uniform", "zeros")
@@ -45,15 +48,17 @@ OUTPUT_HEADS = ("model", "linear")
 POOLING = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
                      "adaptive_avg_pool2d"})
 RESHAPING = frozenset({"view", "flatten", "unflatten", "squeeze", "unsqueeze", "identity"})
+DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d"})
+WALKED_OVER = POOLING | RESHAPING | DROPOUT
 
 
 class Head(nn.Module):
     """The class head of one unit: ``scores(features(a))``. ``weight`` (M, trainable) is None for a
     unit scored by the model's own output; ``projection`` (A, a fixed buffer) is None for flat heads."""
 
-    def __init__(self, unit, node: fx.Node, shape: tuple, weight, projection):
+    def __init__(self, unit, node: fx.Node, shape: tuple, weight, projection, batch_axis: int = 0):
         super().__init__()
-        self.unit, self.node, self.shape = unit, node, tuple(shape)
+        self.unit, self.node, self.shape, self.batch_axis = unit, node, tuple(shape), batch_axis
         self.weight = weight
         self.register_buffer("projection", projection)
 
@@ -62,7 +67,9 @@ class Head(nn.Module):
         return self.unit.index
 
     def features(self, a: torch.Tensor) -> torch.Tensor:
-        """z: (B, n). Spatial values are projected per channel: z[b, c*d + i] = sum_s A[c, i, s] u[b, c, s]."""
+        """z: (B, n). Spatial values are projected per channel: z[b, c*d + i] = sum_s A[c, i, s] u[b, c, s]
+        (``a`` with its samples moved to dim 0 first when they run along another axis)."""
+        a = a if self.batch_axis == 0 else a.movedim(self.batch_axis, 0)
         if tuple(a.shape[1:]) != self.shape:
             raise FBCompileError(f"the head of unit {self.index} ({self.node.name!r}) was built for values of "
                                  f"shape (batch, {', '.join(map(str, self.shape))}) from the traced example, got "
@@ -116,16 +123,23 @@ def attach_heads(program, classes: int, *, d: int = 16, attach: str = "pre_pool"
     device = next((p.device for p in program.params.values()), torch.device("cpu"))
     trained = {u.index for u in program.units if any(program.params[p].requires_grad for p in u.params)}
     model_outputs = {n for n in program.outputs if _shape(n) is not None and _shape(n)[1:] == (classes,)}
+    attached = {}                     # unit index -> (attachment node, scored by its own model output)
+    for unit in program.units:
+        if unit.index in trained:
+            own = [n for n in unit.outputs if n in model_outputs] if output_head == "model" else []
+            attached[unit.index] = (own[-1], True) if own else (attachment_node(unit, attach), False)
+    axes = batch_axes(program, [node for node, _ in attached.values()], "Mono-Forward's heads")
+    tapped = build_unit_forwards(program.traced, program.partition,
+                                 {index: [(node.name, None)] for index, (node, _) in attached.items()})
     heads, stages = [], []
-    for stage in program.unit_forwards():
+    for stage, with_attachment in zip(program.unit_forwards(), tapped):
         unit = stage.unit
-        if unit.index not in trained:
+        if unit.index not in attached:
             stages.append(HeadStage(stage, stage.module, None, None))
             continue
-        own = [n for n in unit.outputs if n in model_outputs] if output_head == "model" else []
-        node = own[-1] if own else attachment_node(unit, attach)
-        head = _make_head(unit, node, None if own else classes, d, init, seed, device)
-        module, probe = _head_modules(stage, node)
+        node, own = attached[unit.index]
+        head = _make_head(unit, node, axes[node], None if own else classes, d, init, seed, device)
+        module, probe = _head_modules(with_attachment)
         heads.append(head)
         stages.append(HeadStage(stage, module, probe, head))
     if not heads:
@@ -140,7 +154,7 @@ def attachment_node(unit, attach: str) -> fx.Node:
     if attach == "output":
         return node
     found, members = None, set(unit.nodes)
-    while node in members and info(node).call is not None and info(node).call.spec.name in POOLING | RESHAPING:
+    while node in members and info(node).call is not None and info(node).call.spec.name in WALKED_OVER:
         sources = [src for _, _, src in info(node).call.active]
         if len(sources) != 1:
             break
@@ -155,14 +169,14 @@ def _shape(node: fx.Node):
     return tuple(shape) if shape is not None and not info(node).is_tuple else None
 
 
-def _make_head(unit, node, classes, d, init, seed, device) -> Head:
+def _make_head(unit, node, batch_axis, classes, d, init, seed, device) -> Head:
     shape = _shape(node)
     if shape is None or len(shape) < 2:
         raise FBCompileError(f"unit {unit.index}: the head attachment {node.format_node()} is not a tensor with a "
                              f"batch dimension (shape {info(node).shape}); choose another attach point")
-    rest, dtype = shape[1:], info(node).dtype
+    rest, dtype = tuple(size for axis, size in enumerate(shape) if axis != batch_axis), info(node).dtype
     if classes is None:
-        return Head(unit, node, rest, None, None)
+        return Head(unit, node, rest, None, None, batch_axis)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + unit.index)
     projection, spatial = None, math.prod(rest[1:]) if len(rest) > 1 else 1
     if len(rest) > 1 and spatial > d:
@@ -176,20 +190,19 @@ def _make_head(unit, node, classes, d, init, seed, device) -> Head:
         bound = 1.0 / math.sqrt(classes if (init == "paper" and projection is not None) else features)
         weight = (torch.rand(features, classes, generator=generator, dtype=dtype) * 2 - 1) * bound
     projection = projection.to(device) if projection is not None else None
-    return Head(unit, node, rest, nn.Parameter(weight.to(device)), projection)
+    return Head(unit, node, rest, nn.Parameter(weight.to(device)), projection, batch_axis)
 
 
-def _head_modules(stage, node: fx.Node) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(unit outputs + attachment value, attachment value only) as GraphModules over the unit's inputs."""
+def _head_modules(stage) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(unit outputs + attachment value, attachment value only) as GraphModules over the unit's inputs,
+    from the unit's forward that returns ``(outputs, (attachment value,))`` (its one tap). The value
+    is found by the traced node, never by the name of a generated node: a module attribute fetched for
+    a tapped op (Dropout's ``training`` flag) can take the name the op's traced node had."""
     made = []
     for with_outputs in (True, False):
-        graph, values = fx.Graph(), {}
-        outputs = graph.graph_copy(stage.module.graph, values)
-        copied = next((new for old, new in values.items() if old.name == node.name), None)
-        if copied is None:
-            raise FBCompileError(f"unit {stage.unit.index}: the head attachment {node.name!r} is not computed in "
-                                 "the unit's forward")
-        graph.output((*outputs, copied) if with_outputs else copied)
+        graph = fx.Graph()
+        outputs, (attachment,) = graph.graph_copy(stage.module.graph, {})
+        graph.output((*outputs, attachment) if with_outputs else attachment)
         module = fx.GraphModule(stage.module, graph, class_name=f"Unit{stage.unit.index}Head")
         module.graph.eliminate_dead_code()
         module.recompile()

@@ -5,7 +5,8 @@ correction acts per unit, and each unit's parameters learn from their own local 
 ||F_u(h_in) - t_out||^2 / (2 beta). Groupings:
 
 - ``"layer"`` (default): every op declared a leader (``declare_op(..., leader=True)``: Linear,
-  Conv, LayerNorm) starts a unit; every other op joins the unit of its latest-produced input, so
+  Conv, LayerNorm) starts a unit; every other op joins the newest unit among its inputs' units (so
+  a unit only reads units created before it and units run in index order), so
   Linear-tanh, Conv-BN-ReLU-MaxPool and a residual add with its activation form one unit. A
   pre-norm LayerNorm starts its sub-block's unit, so no local loss differentiates through a
   LayerNorm's input (where the feedback freezes its statistics). Ops before the first leader form
@@ -13,7 +14,7 @@ correction acts per unit, and each unit's parameters learn from their own local 
 - ``"op"``: every op is its own unit.
 - ``"module"``: ops inside the same child module of the model (``model.<name>``, one level below the
   root, or ``depth`` levels with ``("module", depth)``) form one unit; ops outside any child module
-  join the unit of their latest-produced input.
+  join the newest unit among their inputs' units.
 - a callable ``node -> key``: nodes with equal keys form one unit.
 """
 from __future__ import annotations
@@ -54,8 +55,7 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
     """Assign every active op node of ``gm`` to a :class:`Unit`."""
     key_of = _key_function(grouping)
     nodes = [n for n in gm.graph.nodes if info(n).role in ("op", "select") and info(n).from_input]
-    position = {n: i for i, n in enumerate(nodes)}
-    unit_of, by_key, units, last = {}, {}, [], {}
+    unit_of, by_key, units = {}, {}, []
 
     def new_unit():
         units.append(Unit(len(units)))
@@ -63,7 +63,7 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
 
     for node in nodes:
         producers = [unit_of[p] for p in node.all_input_nodes if p in unit_of]
-        latest = max(producers, key=lambda u: last[u.index]) if producers else None
+        latest = max(producers, key=lambda u: u.index) if producers else None
         if info(node).role == "select":
             unit = unit_of[node.args[0]]
         else:
@@ -76,7 +76,6 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
                 unit = by_key.get(key) or by_key.setdefault(key, new_unit())
         unit.nodes.append(node)
         unit_of[node] = unit
-        last[unit.index] = position[node]
     _connect(gm, units, unit_of)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and info(n).active]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -57,6 +57,7 @@ from .base import Learner, StepResult
 from .losses import output_error, scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
+from .unit_order import execution_order
 
 PROJECTION_OPTIONS = {
     "projection_init": Option("he_uniform", one_of(*PROJECTION_INITS),
@@ -93,6 +94,10 @@ class DirectLearner(Learner):
         super().__init__(program, **options)
         self.plan = plan_direct(program)
         self._fused = {}
+        self.order = None           # unit indices in execution order, for update-unlocked execution
+        if self.options.get("execution") == "unlocked":
+            stages = execution_order(program, program.unit_forwards(), self.name, "; or use execution='stored'")
+            self.order = [stage.unit.index for stage in stages]
         self.projections, self._stored_forward = None, None
         if "projection_init" in self.OPTIONS:
             _check_projection_scale(self.name, self.options, options)
@@ -183,7 +188,7 @@ class DirectLearner(Learner):
         labels = signal is not None and signal.labels is not None
         key = ("unlocked", signal is not None, labels)
         if key not in self._fused:
-            self._fused[key] = build_unlocked_step(self.program, self.plan, self._projection_list(),
+            self._fused[key] = build_unlocked_step(self.program, self.plan, self._projection_list(), self.order,
                                                    hidden=signal is not None, labels=labels)
         fused = self._fused[key]
         extra = () if signal is None else (signal.labels, signal.factor) if labels else (signal.dense,)
@@ -246,7 +251,7 @@ class DirectLearner(Learner):
         program, plan = self.program, self.plan
         signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
         learning = set(self.trained_units())
-        stages = program.unit_forwards()
+        stages = [program.unit_forwards()[index] for index in self.order]
         needs_graph = [stage.unit.index in learning for stage in stages]
         updates, position = {}, [0]
 
@@ -263,7 +268,7 @@ class DirectLearner(Learner):
         previous = torch.is_grad_enabled()
         try:
             torch.set_grad_enabled(needs_graph[0] if stages else previous)
-            output = program.run_units(inputs, visit)
+            output = program.run_units(inputs, visit, stages=stages)
         finally:
             torch.set_grad_enabled(previous)
         loss, _, output_updates = self._output_update(output, targets, loss_fn)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError
-from ..passes.direct import draw_projection, projection_generator
+from ..passes.direct import draw_projection, place_batch_axis, projection_generator
 from ..program import as_tuple, flat_outputs
 from ..trace import preserved_state
 from . import register_algorithm
@@ -98,8 +98,10 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         super().__init__(program, **options)
         o = self.options
         self.feedback_maps = self.make_feedback()
-        self.feedback_optimizer = feedback_optimizer(o["feedback_optimizer"], self.parameters(), o["feedback_lr"],
-                                                     o["feedback_weight_decay"])
+        # A model without hidden units to project to (its trained units all produce model outputs)
+        # has no feedback to train: its output units learn from e alone, as in every direct learner.
+        self.feedback_optimizer = None if not self.plan.projections else feedback_optimizer(
+            o["feedback_optimizer"], self.parameters(), o["feedback_lr"], o["feedback_weight_decay"])
 
     def make_feedback(self) -> nn.Module:
         raise NotImplementedError
@@ -119,7 +121,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         """With buffers (BatchNorm), DRL's probe forwards restore them in place, which would
         invalidate the saved graph of a forward taken earlier: then train the feedback first, on a
         separate no-grad forward with the same buffers and RNG state (hence the same values)."""
-        if not self.buffers:
+        if not self.buffers or self.feedback_optimizer is None:
             return False
         self._train_feedback(inputs, *self._clean_forward(inputs))
         return True
@@ -139,6 +141,8 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         """Train the feedback maps alone on one batch (``feedback_steps`` DRL iterations), leaving the
         model (parameters, .grad, buffers) untouched; returns {unit index: reconstruction loss}."""
         inputs = as_tuple(inputs)
+        if self.feedback_optimizer is None:
+            return {}
         with self.transaction():
             self._train_feedback(inputs, *self._clean_forward(inputs))
         return dict(self.last["reconstruction"])
@@ -160,9 +164,11 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         self.last["reconstruction"] = record
 
     def _reconstruction(self, inputs, value, projection, signal: Signal, sigma: float) -> torch.Tensor:
-        noise = torch.randn(value.shape, generator=self.generator, dtype=value.dtype).to(value.device) * sigma
+        noise = torch.randn((signal.batch, *projection.shape), generator=self.generator, dtype=value.dtype)
+        noise = noise.to(value.device) * sigma               # per sample, batch first
         with torch.no_grad(), preserved_state(self.model):
-            moved = self.program.resume_forward(projection.node)(*inputs, value + noise)
+            moved = self.program.resume_forward(projection.node)(
+                *inputs, value + place_batch_axis(noise, projection.batch_axis))
         moved = torch.cat([m.reshape(signal.batch, -1) for m in moved], dim=1)
         with torch.enable_grad():
             reconstructed = self.difference(projection.index, moved, signal.output, signal)
@@ -170,12 +176,15 @@ class DirectDifferenceTargetPropagation(DirectLearner):
 
     # -- state ------------------------------------------------------------------------------------
     def extra_state(self):
-        return {"feedback_maps": self.feedback_maps.state_dict(),
-                "feedback_optimizer": self.feedback_optimizer.state_dict()}
+        state = {"feedback_maps": self.feedback_maps.state_dict()}
+        if self.feedback_optimizer is not None:
+            state["feedback_optimizer"] = self.feedback_optimizer.state_dict()
+        return state
 
     def load_extra_state(self, state):
         self.feedback_maps.load_state_dict(state["feedback_maps"])
-        self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
+        if self.feedback_optimizer is not None:
+            self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
 
 
 @register_algorithm
@@ -231,4 +240,5 @@ class DirectDifferenceTargetPropagationRHL(DirectDifferenceTargetPropagation):
                                                   self.feedback_maps.hidden(target)])
             both = self.feedback_maps(projection.index, signal.cache["both"])
             here, there = both[:signal.batch], both[signal.batch:]
-            return ((here - there) / beta).reshape(signal.batch, *projection.shape)
+            return place_batch_axis(((here - there) / beta).reshape(signal.batch, *projection.shape),
+                                    projection.batch_axis)

@@ -36,16 +36,18 @@ class DirectProjections(nn.Module):
         super().__init__()
         tensors = draw_projections(plan, init=init, fan=fan, scale=1.0 if scale is None else scale, seed=seed)
         self.weights = nn.ParameterList([nn.Parameter(t, requires_grad=trainable) for t in tensors])
+        self.batch_axes = [p.batch_axis for p in plan.projections]
 
     def flat(self, index: int) -> torch.Tensor:
         weight = self.weights[index]
         return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
     def project(self, index: int, signal: Signal) -> torch.Tensor:
-        """delta = s B_u shaped (N, *S_u); for label signals a row selection of B_u."""
+        """delta = s B_u shaped like the unit output (N, *S_u, samples along its batch axis); for label
+        signals a row selection of B_u."""
         if signal.labels is not None:
-            return project_labels(signal.labels, signal.factor, self.weights[index])
-        return project_dense(signal.dense, self.weights[index])
+            return project_labels(signal.labels, signal.factor, self.weights[index], self.batch_axes[index])
+        return project_dense(signal.dense, self.weights[index], self.batch_axes[index])
 
 
 def flat_error(errors: tuple) -> torch.Tensor:

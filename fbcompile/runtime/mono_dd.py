@@ -10,7 +10,10 @@ evaluations of the unit alone (:func:`~.mono_directional.directional_gradient`):
 
 Chunks are processed one after another, the whole step runs under ``torch.no_grad()`` (so it works
 inside the user's ``no_grad`` too), and every perturbed pass is followed by restoring the running
-statistics of the unit's BatchNorms, so after a step they equal those of one clean forward.
+statistics of the unit's BatchNorms, so after a step they equal those of one clean forward. Every
+pass of a unit (clean and perturbed) starts from the same random state, so a train-mode dropout
+draws the clean pass's mask in each: the central differences then see the parameters' change alone
+(fresh masks would add a difference of order 1, divided by 2 eps, to each D_p).
 
 Update modes (``update``):
 
@@ -35,7 +38,7 @@ import torch
 from ..errors import NonFiniteError, OptionError
 from ..program import as_tuple
 from .base import check_finite
-from .mono_directional import directional_gradient, read, row_chunks, unit_chunks, write
+from .mono_directional import RandomState, directional_gradient, read, row_chunks, unit_chunks, write
 from .mono_forward import HEAD_OPTIONS, MonoForwardBase
 from .options import Option, one_of, positive, positive_int
 
@@ -112,12 +115,15 @@ class MonoForwardDD(MonoForwardBase):
         if head is None:
             return stage.module(*values)
         params = self.program.params
+        start, end = RandomState(values), None    # every pass of the unit replays the same dropout masks
         if not self.immediate:
             *outputs, a = stage.module(*values)     # the clean pass at the current weights
+            end = RandomState(values)
         buffers = list({id(b): b for _, b in stage.probe.named_buffers()}.values())
         saved = [b.clone() for b in buffers]
 
         def unit_loss():
+            start.restore()
             try:
                 return self.local_loss(head, stage.probe(*values), targets, loss_fn)
             finally:
@@ -134,7 +140,10 @@ class MonoForwardDD(MonoForwardBase):
                 self._check(g, f"unit {stage.unit.index}")
                 chunk.write(params, chunk.read(params) - self.options["lr"] * g)
         if self.immediate:
+            start.restore()
             *outputs, a = stage.module(*values)     # the clean pass with the updated weights
+        else:
+            end.restore()                           # later units draw as after one clean pass
         z = head.features(a)
         losses[stage.unit.index] = float(self.local_loss(head, a, targets, loss_fn))
         if head.weight is not None:

@@ -47,6 +47,22 @@ def directional_gradient(loss_at, w: torch.Tensor, directions: int, eps: float,
     return estimate.mul_(n / directions)
 
 
+class RandomState:
+    """The CPU random state and, for CUDA tensors among ``values``, their device's, captured now;
+    ``restore()`` sets them back, so a pass run after it draws the same random numbers (dropout
+    masks) as the pass run after the capture."""
+
+    def __init__(self, values):
+        device = next((v.device for v in values if torch.is_tensor(v) and v.device.type == "cuda"), None)
+        self.device, self.cpu = device, torch.random.get_rng_state()
+        self.accelerator = torch.cuda.get_rng_state(device) if device is not None else None
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.accelerator, self.device)
+
+
 # -- chunks -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Chunk:

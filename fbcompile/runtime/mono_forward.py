@@ -39,6 +39,7 @@ from ..program import as_tuple
 from ..trace import info, preserved_state
 from .base import Learner, StepResult, all_finite
 from .options import Option, non_negative, one_of, positive, positive_int
+from .unit_order import execution_order
 
 PREDICT_MODES = ("final", "cumulative")
 
@@ -70,8 +71,9 @@ class MonoForwardBase(Learner):
         o = self.options
         classes = o["classes"] if o["classes"] is not None else _infer_classes(program)
         self.classes = classes
-        self.heads, self.stages = attach_heads(program, classes, d=o["d"], attach=o["attach"], init=o["head_init"],
-                                               output_head=o["output_head"], seed=o["seed"])
+        self.heads, stages = attach_heads(program, classes, d=o["d"], attach=o["attach"], init=o["head_init"],
+                                          output_head=o["output_head"], seed=o["seed"])
+        self.stages = execution_order(program, stages, self.name)
         self.head_optimizer = self._make_head_optimizer()
 
     def _make_head_optimizer(self):
