@@ -1,7 +1,13 @@
-"""``compile`` and ``coverage``: from an nn.Module to a :class:`FeedbackProgram`."""
+"""``compile`` and ``coverage``: from an nn.Module to a :class:`FeedbackProgram`.
+
+``compile`` runs :data:`PASSES` in order (``print(*fbcompile.compiler.PASSES, sep="\\n")`` lists
+them); ``coverage`` runs the analysis passes up to rule selection; ``FeedbackProgram.recompile``
+reruns the passes from rule selection on an already captured model.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
@@ -9,10 +15,12 @@ from torch.fx.node import _get_qualified_name
 from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
 from .passes.reach import check_parameter_coverage
-from .passes.units import partition
+from .canonical import canonicalize
+from .capture import capture
+from .passes.units import Partition, partition
 from .program import FeedbackProgram, as_tuple
 from .registry import CONDITIONS, all_rules, find_rule, rules_for
-from .trace import info, trace_model
+from .trace import info, propagate
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,98 @@ class Unsupported:
         return f"{self.node} = {self.op}[{self.target}]{op}: {self.reason}{where}"
 
 
+@dataclass(frozen=True)
+class Compilation:
+    """What the passes have derived so far. Each pass returns a new one (``dataclasses.replace``);
+    passes that annotate the traced graph write only their own ``node.meta["fbcompile"]`` fields."""
+    model: nn.Module
+    example_inputs: tuple
+    condition: str = "T"
+    variants: tuple = ()
+    grouping: object = "layer"
+    constants: dict | None = None
+    traced: fx.GraphModule | None = None
+    rules: dict | None = None
+    problems: tuple = ()
+    partition: Partition | None = None
+    program: FeedbackProgram | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One compiler pass: a function from one :class:`Compilation` to the next."""
+    name: str
+    run: Callable[[Compilation], Compilation]
+
+    def __repr__(self):
+        return f"{self.name}: {(self.run.__doc__ or '').strip().splitlines()[0]}"
+
+
+def _capture(c: Compilation) -> Compilation:
+    """torch.fx symbolic trace; forward arguments after the example inputs bound to constants."""
+    return replace(c, traced=capture(c.model, len(c.example_inputs), c.constants))
+
+
+def _propagate(c: Compilation) -> Compilation:
+    """Run the example inputs: role, shape, dtype and activity (input or parameter path) per node."""
+    propagate(c.traced, c.model, c.example_inputs)
+    return c
+
+
+def _canonicalize(c: Compilation) -> Compilation:
+    """Bind every active node to its canonical op by identity (module, function, method spellings)."""
+    canonicalize(c.traced, c.model)
+    return c
+
+
+def _choose_rules(c: Compilation) -> Compilation:
+    """One feedback rule per active op under the condition and variants; the rest are problems."""
+    rules, problems = select_rules(c.traced, c.condition, c.variants)
+    return replace(c, rules=rules, problems=tuple(problems))
+
+
+def _refuse_unsupported(c: Compilation) -> Compilation:
+    """Refuse the model, listing every node without a rule at once."""
+    if c.problems:
+        listing = "\n  ".join(str(p) for p in c.problems)
+        raise UnsupportedOpError(
+            f"{len(c.problems)} node(s) of {type(c.model).__name__} have no condition-{c.condition} feedback rule:\n  "
+            f"{listing}\nRegister one with @fbcompile.register_rule (see examples/custom_rule.py).", list(c.problems))
+    return c
+
+
+def _group_units(c: Compilation) -> Compilation:
+    """Group active ops into TP units (unit inputs, outputs, parameters)."""
+    return replace(c, partition=partition(c.traced, c.grouping))
+
+
+def _emit_error_feedback(c: Compilation) -> Compilation:
+    """The program with its error-mode feedback graph (other modes are emitted when a learner asks)."""
+    return replace(c, program=FeedbackProgram(c.model, c.traced, c.condition, c.variants, c.rules, c.partition,
+                                              c.grouping))
+
+
+def _check_parameters(c: Compilation) -> Compilation:
+    """The feedback graph writes exactly the parameters autograd reaches, else a loud error."""
+    check_parameter_coverage(c.traced, c.model, c.program.feedback["error"].params)
+    return c
+
+
+PASSES = (Pass("capture", _capture), Pass("propagate", _propagate), Pass("canonicalize", _canonicalize),
+          Pass("rules", _choose_rules), Pass("refuse unsupported", _refuse_unsupported), Pass("units", _group_units),
+          Pass("error feedback", _emit_error_feedback), Pass("parameter coverage", _check_parameters))
+_ANALYSIS = 4        # PASSES[:_ANALYSIS] end with the rules chosen; coverage() stops there
+
+
+def run_passes(passes, compilation: Compilation) -> Compilation:
+    for step in passes:
+        compilation = step.run(compilation)
+    return compilation
+
+
 def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), units="layer",
             kwargs: dict | None = None) -> FeedbackProgram:
-    """Trace ``model`` on ``example_inputs`` and derive its feedback graph.
+    """Trace ``model`` on ``example_inputs`` and derive its feedback graph, running :data:`PASSES`.
 
     ``condition``: "T" (feedback Jacobian = transposed forward Jacobian, the default), "P"
     (pseudo-inverse) or "I" (inverse). ``variants``: alternative rules to prefer, e.g.
@@ -43,32 +140,29 @@ def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=
     keep their defaults).
     Raises :class:`~fbcompile.errors.UnsupportedOpError` listing every unsupported node at once.
     """
-    _check_condition(condition)
-    _check_variants(variants)
-    return compile_traced(model, trace_model(model, as_tuple(example_inputs), kwargs), condition, variants, units)
+    start = _start(model, example_inputs, condition, variants, units, kwargs)
+    return run_passes(PASSES, start).program
 
 
 def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram:
-    """Compile an already traced model (also used to change condition, variants or units cheaply)."""
+    """Compile an already traced model (also used to change condition, variants or units cheaply):
+    the passes after canonicalization."""
     _check_condition(condition)
-    rules, problems = select_rules(traced, condition, variants)
-    if problems:
-        listing = "\n  ".join(str(p) for p in problems)
-        raise UnsupportedOpError(
-            f"{len(problems)} node(s) of {type(model).__name__} have no condition-{condition} feedback rule:\n  "
-            f"{listing}\nRegister one with @fbcompile.register_rule (see examples/custom_rule.py).", problems)
-    program = FeedbackProgram(model, traced, condition, variants, rules, partition(traced, units), units)
-    check_parameter_coverage(traced, model, program.feedback["error"].params)
-    return program
+    start = Compilation(model, (), condition, tuple(variants), units, traced=traced)
+    return run_passes(PASSES[_ANALYSIS - 1:], start).program
 
 
 def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), kwargs: dict | None = None) -> list:
     """Every node of ``model`` that has no feedback rule under ``condition``, found before compiling
     (empty when everything is supported). Raises only if the model cannot be traced at all."""
+    start = _start(model, example_inputs, condition, variants, "layer", kwargs)
+    return list(run_passes(PASSES[:_ANALYSIS], start).problems)
+
+
+def _start(model, example_inputs, condition, variants, units, kwargs) -> Compilation:
     _check_condition(condition)
     _check_variants(variants)
-    traced = trace_model(model, as_tuple(example_inputs), kwargs)
-    return select_rules(traced, condition, variants)[1]
+    return Compilation(model, as_tuple(example_inputs), condition, tuple(variants), units, kwargs)
 
 
 def select_rules(traced: fx.GraphModule, condition: str, variants=()) -> tuple[dict, list]:

@@ -1,30 +1,26 @@
-"""Tracing: torch.fx symbolic trace, value propagation and canonicalisation.
+"""Node metadata and value propagation.
 
-After :func:`trace_model` every node of the returned GraphModule carries one metadata entry,
+After capture (:mod:`fbcompile.capture`), :func:`propagate` and canonicalization
+(:mod:`fbcompile.canonical`), every node of the traced GraphModule carries one metadata entry,
 ``node.meta["fbcompile"]``, a :class:`NodeInfo`: what the node is (input, parameter, op, ...),
-whether it carries an *active* tensor (one that depends on a model input), its shape and dtype from
-running the example inputs, and for ops the canonical :class:`OpCall`. Nothing else is stored on
-nodes.
+whether it is *active* (carries feedback), its shape and dtype from running the example inputs, and
+for ops the canonical :class:`OpCall`. Nothing else is stored on nodes.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-import operator
 import os
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import FBCompileError, UntraceableModelError
-from .ops import OpSpec, lookup_callable, lookup_module, tensor_method
+from .errors import FBCompileError
+from .ops import OpSpec
 
 META = "fbcompile"
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass(frozen=True)
@@ -80,17 +76,6 @@ def info(node: fx.Node) -> NodeInfo:
     return node.meta[META]
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self):
-        super().__init__()
-        self.record_stack_traces = True
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        """torch.nn's own modules, and any module class an op was declared for (a user's custom
-        module with a registered rule is one node, not traced through)."""
-        return lookup_module(m) is not None or super().is_leaf_module(m, qualname)
-
-
 def user_line(node: fx.Node) -> str:
     """The innermost user source line that produced ``node`` (from fx's recorded stack trace),
     skipping frames inside torch itself; ``""`` when fx recorded none."""
@@ -109,88 +94,6 @@ def describe(node: fx.Node) -> str:
     line = user_line(node) if isinstance(node, fx.Node) else ""
     text = node.format_node() if isinstance(node, fx.Node) else str(node)
     return f"{text}" + (f"\n      at {line}" if line else "")
-
-
-def trace_model(model: nn.Module, example_inputs: tuple, constants: dict | None = None) -> fx.GraphModule:
-    """Symbolically trace ``model``, run ``example_inputs`` through it to record shapes, and
-    canonicalise every node. The model's parameters, buffers and RNG state are left unchanged.
-
-    ``forward`` arguments after the example inputs are constants of the program: those named in
-    ``constants`` take that value, the others their defaults (``forward(x, attn_mask=None)`` traced
-    from ``model(x)`` is specialised to ``attn_mask=None``, as the user's call would be)."""
-    tracer = _Tracer()
-    fixed = constant_arguments(model, len(example_inputs), constants or {})
-    try:
-        graph = tracer.trace(model, concrete_args=fixed or None)
-    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        where = _failure_line(exc)
-        raise UntraceableModelError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-            + (f"  at {where}\n" if where else "") +
-            "hint: symbolic tracing cannot follow Python control flow that depends on tensor values "
-            "(if x.sum() > 0, loops over x.shape[0] of a traced value, ...). Move that logic out of "
-            "forward(), make the branch depend on constructor arguments, or wrap the offending "
-            "submodule in a module class that fbcompile has a rule for.") from exc
-    _drop_specialised(graph, len(example_inputs), model)
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
-    _propagate(gm, model, example_inputs)
-    _canonicalise(gm, model)
-    return gm
-
-
-def constant_arguments(model: nn.Module, given: int, constants: dict) -> dict:
-    """{name: value} for the ``forward`` parameters after the first ``given`` positional ones."""
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    later = params[given:]
-    unknown = sorted(set(constants) - {p.name for p in later})
-    if unknown:
-        raise FBCompileError(f"{type(model).__name__}.forward has no argument {', '.join(map(repr, unknown))} "
-                             f"after its {given} example input(s) (its arguments: "
-                             f"{', '.join(p.name for p in params)})")
-    fixed = {}
-    for p in later:
-        value = constants.get(p.name, p.default)
-        if value is p.empty:
-            raise FBCompileError(f"{type(model).__name__}.forward takes {len(params)} input(s) "
-                                 f"({', '.join(q.name for q in params)}) but {given} example input(s) were "
-                                 f"given, and {p.name!r} has no default: pass it as an example input")
-        if isinstance(value, torch.Tensor):
-            raise FBCompileError(f"argument {p.name!r} of {type(model).__name__}.forward is a tensor: pass it "
-                                 "as an example input, not as a constant")
-        fixed[p.name] = value
-    return fixed
-
-
-_GUARDS = (torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq)
-
-
-def _drop_specialised(graph: fx.Graph, given: int, model: nn.Module) -> None:
-    """Remove the placeholders fx keeps for specialised arguments, with the guards that check them:
-    the program takes exactly the example inputs."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"][given:]
-    for node in reversed(placeholders):
-        guards, stack = [], list(node.users)
-        while stack:
-            user = stack.pop()
-            if user.op != "call_function" or user.target not in _GUARDS:
-                raise FBCompileError(f"{type(model).__name__}.forward uses the constant argument {node.target!r} "
-                                     f"as a value at {describe(user)}; pass it as an example input")
-            guards.append(user)
-            stack.extend(user.users)
-        for guard in sorted(set(guards), key=lambda g: -list(graph.nodes).index(g)):
-            graph.erase_node(guard)
-        graph.erase_node(node)
-
-
-def _failure_line(exc: BaseException) -> str:
-    """The innermost user frame of a tracing failure (``File ..., line n, in forward: code``)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if _TORCH_DIR not in f.filename and _PACKAGE_DIR not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f'File "{f.filename}", line {f.lineno}, in {f.name}' + (f": {f.line.strip()}" if f.line else "")
 
 
 @contextlib.contextmanager
@@ -212,7 +115,7 @@ def preserved_state(model: nn.Module):
                 module._buffers[name] = buf
 
 
-def _propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
+def propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
     """Record role, activity, shape and dtype of every node by running the example inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
@@ -285,129 +188,6 @@ def _owns_trainable(node: fx.Node, model: nn.Module) -> bool:
     if node.op != "call_module":
         return False
     return any(p.requires_grad for p in model.get_submodule(node.target).parameters())
-
-
-def _canonicalise(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Attach an :class:`OpCall` to every active op node (or a ``problem`` when there is none)."""
-    names = _qualified_names(model)
-    for node in gm.graph.nodes:
-        record = info(node)
-        if record.role != "op" or not record.active:
-            if record.role == "op":
-                record.role = "value"  # shapes, sizes, constants computed in forward
-            continue
-        if _selects_element(node):
-            record.role = "select"
-            try:
-                record.select_index = _element_index(node.args[1], len(info(node.args[0]).shape))
-            except FBCompileError as exc:
-                record.problem = str(exc)
-            continue
-        try:
-            record.call = _bind(node, gm, names)
-        except FBCompileError as exc:
-            record.problem = str(exc)
-
-
-_NAMED_ELEMENTS = {"values": 0, "indices": 1}   # torch.return_types of max, min, sort, topk, ...
-
-
-def _selects_element(node: fx.Node) -> bool:
-    """``parts[i]`` on a tuple value, or ``result.values`` / ``result.indices`` on a named tuple
-    (rewritten to its position, so both spellings are one select)."""
-    if not (node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node)
-            and info(node.args[0]).is_tuple):
-        return False
-    if node.target is getattr and node.args[1] in _NAMED_ELEMENTS:
-        node.args = (node.args[0], _NAMED_ELEMENTS[node.args[1]])
-        node.target = operator.getitem
-    return node.target is operator.getitem
-
-
-def _element_index(index, length: int):
-    """A getitem index into a tuple of ``length`` elements as a non-negative int, or a tuple of them
-    for a slice (``parts[-1]`` is element ``length - 1``; ``parts[1:]`` is elements 1..length-1)."""
-    if isinstance(index, slice) and all(v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)):
-        return tuple(range(length)[index])
-    if isinstance(index, int) and -length <= index < length:
-        return index % length
-    raise FBCompileError(f"index {index!r} into a tuple of {length} values is not a constant int or slice "
-                         "within range")
-
-
-def _qualified_names(model: nn.Module) -> dict[int, str]:
-    names = {}
-    for kind in (model.named_modules(), model.named_parameters(), model.named_buffers()):
-        for name, obj in kind:
-            names.setdefault(id(obj), name)
-    return names
-
-
-_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-RECURRENT_HINT = (": recurrent modules (nn.RNN, nn.LSTM, nn.GRU and their cells) are not supported; fbcompile "
-                  "has no feedback rule through time")
-
-
-def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
-    module = None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        spec, inplace = lookup_module(module), False
-        if spec is None:
-            raise FBCompileError(f"no op is declared for module class {type(module).__name__}"
-                                 + (RECURRENT_HINT if isinstance(module, _RECURRENT) else ""))
-        extra = spec.modules[_declared_class(spec, module)](module)
-        inplace = bool(extra.pop("inplace", False))
-        try:
-            bound = spec.signature.bind(*node.args, **{**node.kwargs, **extra})
-        except TypeError as exc:
-            raise FBCompileError(f"cannot bind the arguments of {type(module).__name__} to op "
-                                 f"{spec.name!r}: {exc}") from exc
-        args = {k: _attr(v, names) for k, v in bound.arguments.items()}
-    else:
-        target = tensor_method(node.target) if node.op == "call_method" else node.target
-        found = lookup_callable(target)
-        if found is None:
-            shown = f"Tensor.{node.target}" if node.op == "call_method" else getattr(target, "__name__", target)
-            raise FBCompileError(f"no op is declared for {node.op} {shown}")
-        spec, inplace = found
-        try:
-            bound = spec.signature.bind(*node.args, **node.kwargs)
-        except TypeError as exc:
-            raise FBCompileError(f"cannot bind the arguments of {node.format_node()} to op "
-                                 f"{spec.name!r}: {exc}") from exc
-        args = dict(bound.arguments)
-        if args.pop("inplace", False) is True:
-            inplace = True
-    args.pop("inplace", None)
-    params, active = {}, []
-    for name, value in args.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for index, item in enumerate(items):
-            where = index if isinstance(value, (list, tuple)) else None
-            if isinstance(item, fx.Node):
-                record = info(item)
-                if record.role == "param" and where is None:
-                    params[name] = item.target
-                elif record.active:
-                    active.append((name, where, item))
-            elif isinstance(item, AttrRef) and isinstance(item.value, nn.Parameter) and where is None:
-                params[name] = item.qualname
-    return OpCall(spec, args, params, inplace, module, active)
-
-
-def _declared_class(spec: OpSpec, module: nn.Module) -> type:
-    for cls in type(module).__mro__:
-        if cls in spec.modules:
-            return cls
-    raise FBCompileError(f"op {spec.name!r} declares no module class that {type(module).__name__} derives from")
-
-
-def _attr(value, names: dict[int, str]):
-    """Wrap model-held tensors and modules from a module binder as :class:`AttrRef`."""
-    if isinstance(value, (torch.Tensor, nn.Module)) and id(value) in names:
-        return AttrRef(names[id(value)], value)
-    return value
 
 
 def depends_on_parameters(node: fx.Node) -> bool:

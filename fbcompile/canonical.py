@@ -1,0 +1,140 @@
+"""Canonicalization: every active node of a traced graph bound to its canonical op.
+
+``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` become one :class:`~fbcompile.trace.OpCall`
+of op "relu", its arguments bound to the op's canonical signature (module-held parameters and
+hyperparameters included); a getitem on a tuple value (``parts[-1]``, ``result.values``) becomes a
+select of an element. A node that cannot be bound keeps the reason in ``NodeInfo.problem``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from .errors import FBCompileError
+from .ops import OpSpec, lookup_callable, lookup_module, tensor_method
+from .trace import AttrRef, OpCall, info
+
+
+def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Attach an :class:`OpCall` to every active op node (or a ``problem`` when there is none)."""
+    names = _qualified_names(model)
+    for node in gm.graph.nodes:
+        record = info(node)
+        if record.role != "op" or not record.active:
+            if record.role == "op":
+                record.role = "value"  # shapes, sizes, constants computed in forward
+            continue
+        if _selects_element(node):
+            record.role = "select"
+            try:
+                record.select_index = _element_index(node.args[1], len(info(node.args[0]).shape))
+            except FBCompileError as exc:
+                record.problem = str(exc)
+            continue
+        try:
+            record.call = _bind(node, gm, names)
+        except FBCompileError as exc:
+            record.problem = str(exc)
+
+
+_NAMED_ELEMENTS = {"values": 0, "indices": 1}   # torch.return_types of max, min, sort, topk, ...
+
+
+def _selects_element(node: fx.Node) -> bool:
+    """``parts[i]`` on a tuple value, or ``result.values`` / ``result.indices`` on a named tuple
+    (rewritten to its position, so both spellings are one select)."""
+    if not (node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node)
+            and info(node.args[0]).is_tuple):
+        return False
+    if node.target is getattr and node.args[1] in _NAMED_ELEMENTS:
+        node.args = (node.args[0], _NAMED_ELEMENTS[node.args[1]])
+        node.target = operator.getitem
+    return node.target is operator.getitem
+
+
+def _element_index(index, length: int):
+    """A getitem index into a tuple of ``length`` elements as a non-negative int, or a tuple of them
+    for a slice (``parts[-1]`` is element ``length - 1``; ``parts[1:]`` is elements 1..length-1)."""
+    if isinstance(index, slice) and all(v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)):
+        return tuple(range(length)[index])
+    if isinstance(index, int) and -length <= index < length:
+        return index % length
+    raise FBCompileError(f"index {index!r} into a tuple of {length} values is not a constant int or slice "
+                         "within range")
+
+
+def _qualified_names(model: nn.Module) -> dict[int, str]:
+    names = {}
+    for kind in (model.named_modules(), model.named_parameters(), model.named_buffers()):
+        for name, obj in kind:
+            names.setdefault(id(obj), name)
+    return names
+
+
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+RECURRENT_HINT = (": recurrent modules (nn.RNN, nn.LSTM, nn.GRU and their cells) are not supported; fbcompile "
+                  "has no feedback rule through time")
+
+
+def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
+    module = None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        spec, inplace = lookup_module(module), False
+        if spec is None:
+            raise FBCompileError(f"no op is declared for module class {type(module).__name__}"
+                                 + (RECURRENT_HINT if isinstance(module, _RECURRENT) else ""))
+        extra = spec.modules[_declared_class(spec, module)](module)
+        inplace = bool(extra.pop("inplace", False))
+        try:
+            bound = spec.signature.bind(*node.args, **{**node.kwargs, **extra})
+        except TypeError as exc:
+            raise FBCompileError(f"cannot bind the arguments of {type(module).__name__} to op "
+                                 f"{spec.name!r}: {exc}") from exc
+        args = {k: _attr(v, names) for k, v in bound.arguments.items()}
+    else:
+        target = tensor_method(node.target) if node.op == "call_method" else node.target
+        found = lookup_callable(target)
+        if found is None:
+            shown = f"Tensor.{node.target}" if node.op == "call_method" else getattr(target, "__name__", target)
+            raise FBCompileError(f"no op is declared for {node.op} {shown}")
+        spec, inplace = found
+        try:
+            bound = spec.signature.bind(*node.args, **node.kwargs)
+        except TypeError as exc:
+            raise FBCompileError(f"cannot bind the arguments of {node.format_node()} to op "
+                                 f"{spec.name!r}: {exc}") from exc
+        args = dict(bound.arguments)
+        if args.pop("inplace", False) is True:
+            inplace = True
+    args.pop("inplace", None)
+    params, active = {}, []
+    for name, value in args.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for index, item in enumerate(items):
+            where = index if isinstance(value, (list, tuple)) else None
+            if isinstance(item, fx.Node):
+                record = info(item)
+                if record.role == "param" and where is None:
+                    params[name] = item.target
+                elif record.active:
+                    active.append((name, where, item))
+            elif isinstance(item, AttrRef) and isinstance(item.value, nn.Parameter) and where is None:
+                params[name] = item.qualname
+    return OpCall(spec, args, params, inplace, module, active)
+
+
+def _declared_class(spec: OpSpec, module: nn.Module) -> type:
+    for cls in type(module).__mro__:
+        if cls in spec.modules:
+            return cls
+    raise FBCompileError(f"op {spec.name!r} declares no module class that {type(module).__name__} derives from")
+
+
+def _attr(value, names: dict[int, str]):
+    """Wrap model-held tensors and modules from a module binder as :class:`AttrRef`."""
+    if isinstance(value, (torch.Tensor, nn.Module)) and id(value) in names:
+        return AttrRef(names[id(value)], value)
+    return value

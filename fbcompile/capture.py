@@ -1,0 +1,112 @@
+"""Capture: torch.fx symbolic tracing of a model into a GraphModule (the fx front end).
+
+torch.nn's own modules and every module class an op is declared for stay single ``call_module``
+nodes; everything else is traced through. ``forward`` arguments after the example inputs are bound
+to constants (their defaults, or the values the user passes), so the captured program takes exactly
+the example inputs.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+import traceback
+
+import torch
+from torch import fx, nn
+
+from .errors import FBCompileError, UntraceableModelError
+from .ops import lookup_module
+from .trace import describe
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """torch.nn's own modules, and any module class an op was declared for (a user's custom
+        module with a registered rule is one node, not traced through)."""
+        return lookup_module(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model`` called with ``given`` example inputs into a GraphModule.
+
+    ``forward`` arguments after the example inputs are constants of the program: those named in
+    ``constants`` take that value, the others their defaults (``forward(x, attn_mask=None)`` traced
+    from ``model(x)`` is specialised to ``attn_mask=None``, as the user's call would be)."""
+    tracer = _Tracer()
+    fixed = constant_arguments(model, given, constants or {})
+    try:
+        graph = tracer.trace(model, concrete_args=fixed or None)
+    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        where = _failure_line(exc)
+        raise UntraceableModelError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            + (f"  at {where}\n" if where else "") +
+            "hint: symbolic tracing cannot follow Python control flow that depends on tensor values "
+            "(if x.sum() > 0, loops over x.shape[0] of a traced value, ...). Move that logic out of "
+            "forward(), make the branch depend on constructor arguments, or wrap the offending "
+            "submodule in a module class that fbcompile has a rule for.") from exc
+    _drop_specialised(graph, given, model)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def constant_arguments(model: nn.Module, given: int, constants: dict) -> dict:
+    """{name: value} for the ``forward`` parameters after the first ``given`` positional ones."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    later = params[given:]
+    unknown = sorted(set(constants) - {p.name for p in later})
+    if unknown:
+        raise FBCompileError(f"{type(model).__name__}.forward has no argument {', '.join(map(repr, unknown))} "
+                             f"after its {given} example input(s) (its arguments: "
+                             f"{', '.join(p.name for p in params)})")
+    fixed = {}
+    for p in later:
+        value = constants.get(p.name, p.default)
+        if value is p.empty:
+            raise FBCompileError(f"{type(model).__name__}.forward takes {len(params)} input(s) "
+                                 f"({', '.join(q.name for q in params)}) but {given} example input(s) were "
+                                 f"given, and {p.name!r} has no default: pass it as an example input")
+        if isinstance(value, torch.Tensor):
+            raise FBCompileError(f"argument {p.name!r} of {type(model).__name__}.forward is a tensor: pass it "
+                                 "as an example input, not as a constant")
+        fixed[p.name] = value
+    return fixed
+
+
+_GUARDS = (torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq)
+
+
+def _drop_specialised(graph: fx.Graph, given: int, model: nn.Module) -> None:
+    """Remove the placeholders fx keeps for specialised arguments, with the guards that check them:
+    the program takes exactly the example inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][given:]
+    for node in reversed(placeholders):
+        guards, stack = [], list(node.users)
+        while stack:
+            user = stack.pop()
+            if user.op != "call_function" or user.target not in _GUARDS:
+                raise FBCompileError(f"{type(model).__name__}.forward uses the constant argument {node.target!r} "
+                                     f"as a value at {describe(user)}; pass it as an example input")
+            guards.append(user)
+            stack.extend(user.users)
+        for guard in sorted(set(guards), key=lambda g: -list(graph.nodes).index(g)):
+            graph.erase_node(guard)
+        graph.erase_node(node)
+
+
+def _failure_line(exc: BaseException) -> str:
+    """The innermost user frame of a tracing failure (``File ..., line n, in forward: code``)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _TORCH_DIR not in f.filename and _PACKAGE_DIR not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}' + (f": {f.line.strip()}" if f.line else "")
