@@ -255,6 +255,11 @@ class FeedbackProgram:
         inputs and what is computed from them alone) and ``"params"`` all boundary values: the graph
         is pruned, so that work (e.g. the first layer's input gradient) is not done."""
         self.feedback_graph(mode)
+        if len(taps) != len(self.taps):
+            raise FBCompileError(f"feedback mode {mode!r} reads {len(self.taps)} saved forward values but the forward "
+                                 f"that ran saved {len(taps)}: the mode was first asked for after that forward. "
+                                 f"Call program.prepare({mode!r}) before running the forward (learners do this "
+                                 "when they are constructed)")
         plan = self._plans[mode]
         args = []
         for kind, index in plan:

@@ -1,10 +1,12 @@
 """The compiler pipeline: one ordered, printable list of passes; compile, coverage and recompile
 all run (a slice of) it."""
+import pytest
 import torch
 from torch import nn
 
 import fbcompile
 from fbcompile.compiler import PASSES, Compilation, run_passes
+from fbcompile.errors import FBCompileError
 
 
 def test_passes_are_listed_in_order_with_their_purpose():
@@ -28,3 +30,11 @@ def test_compile_is_the_passes_run_in_order():
     compiled = fbcompile.compile(model, x).propagate_error(x, error)
     assert torch.equal(by_hand, compiled)
     assert run_passes(PASSES[:4], Compilation(model, (x,))).program is None
+
+
+def test_a_mode_emitted_after_the_forward_is_a_clear_error():
+    model, x = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(3, 4)
+    program = fbcompile.compile(model, x)
+    output, taps = program.run_forward((x,))
+    with pytest.raises(FBCompileError, match=r"prepare\('target'\)"):
+        program.run_feedback("target", [output], taps)
