@@ -9,7 +9,7 @@ from torch import nn
 import fbcompile
 from fbcompile.errors import OptionError
 
-KEYS = {"level", "node", "op", "rule", "kind", "method", "n_in", "n_out", "tjml", "tjml_rel", "tjml_se", "pjml",
+KEYS = {"level", "node", "path", "op", "rule", "kind", "method", "n_in", "n_out", "tjml", "tjml_rel", "tjml_se", "pjml",
         "pjml_rel", "ijml", "ijml_rel", "matching"}
 
 
@@ -121,3 +121,13 @@ def test_adjoint_check_names_the_valid_nodes():
     assert adjoint_check(program, "_1", x) < 1e-12
     with pytest.raises(OptionError, match="'fc'.*_0, _1"):
         adjoint_check(program, "fc", x)
+
+
+def test_adjoint_check_catches_a_rule_off_by_one_percent(monkeypatch):
+    from fbcompile.verify.checks import adjoint_check
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double(), torch.randn(2, 3, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    rule = program.rules[next(n for n in program.rules if n.name == "_1")]
+    exact = rule.error
+    monkeypatch.setattr(rule, "error", lambda ctx, g: {k: v * 1.01 for k, v in exact(ctx, g).items()})
+    assert adjoint_check(program, "_1", x) > 1e-4      # exact rules: ~1e-16

@@ -1,23 +1,55 @@
-"""The functions verification differentiates: for a node or a unit, the forward map F of its active
-inputs and the feedback map G (the rules' error maps), both at the forward operating point.
+"""The functions verification differentiates: for a node or a unit, the forward map F of its inputs
+and the feedback map G (the rules' error maps), both at the forward operating point.
 
 :func:`forward_values` runs the traced model eagerly and records every value (and every extra a
 tapped op saves), keyed like rules' saved values (:func:`fbcompile.context.tap_name`). A
 :class:`Problem` then packages F and G for one node or unit, over the whole batch or over one sample
 (``sample=b``) when the computation is batch-local: the Jacobian over a batch of independent
 samples is block diagonal, so its Frobenius norms add up over per-sample blocks.
+
+Values of any structure. A Problem's inputs and outputs are flat lists of floating tensors: a tuple
+value (``h.unbind(1)`` read whole by ``torch.stack``, a slice ``parts[1:]`` of a tuple) contributes
+its floating elements in order; its None elements and integer pieces (``max(dim)``'s indices) carry
+no derivative and are held at their forward values (:func:`pieces`, :func:`rebuild`). Integer
+model inputs (token ids) are never active, so they are constants of every Problem.
+
+Two paths per node (:func:`node_paths`):
+
+- ``"activation"``: F maps the node's arguments that depend on a model input (its activations) to
+  its output; the arguments computed from parameters only are held at their forward values. This
+  is the map the JML conditions are about: target modes send targets through it.
+- ``"parameter"``: error mode sends feedback from the node into parameters (a class token
+  ``self.cls.expand(b, -1, -1)``, a weight ``self.w.t()``, an embedding of token ids): F maps the
+  node's arguments computed from parameters only and, when no argument is an activation, the
+  parameters it reads, to its output (a Linear's weight gradient is not part of it: its
+  activation input makes it an activation node); G is what error mode computes there: the
+  rule's error map for those arguments (the op's vjp where the rule has none, as the compiler
+  emits it) and the op's weight-gradient formula ``param_grads`` for the parameters. Those are
+  gradients whatever the program's condition, so they are held to J_G = J_F^T, with J_F^T taken
+  from the vjp of F only (``Problem.vjp_only``): the reference is autograd's gradient, which for
+  ``nn.Embedding(padding_idx=p)`` leaves row p out although the forward reads it, so forward-mode
+  columns of J_F would disagree with it there. The autograd
+  fallbacks (:func:`fbcompile.ops.param_vjp`, ``autograd_param_grads``) are evaluated with
+  ``torch.func.vjp`` of the same ``apply``: identical math, and ``torch.autograd.grad`` cannot run
+  inside verification's functorch transforms.
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.func import vjp
 
 from ..context import EagerContext
-from ..trace import info, preserved_state
+from ..errors import FBCompileError
+from ..ops import autograd_param_grads
+from ..trace import describe, info, preserved_state
+
+ACTIVATION, PARAMETER = "activation", "parameter"
 
 
 def forward_values(program, inputs: tuple) -> dict:
@@ -69,12 +101,16 @@ class SampleValues(Mapping):
 
 @dataclass
 class Problem:
-    """F: active inputs -> outputs and G: output feedback -> input feedback, flattened."""
+    """F: inputs -> outputs and G: output feedback -> input feedback, over flat lists of tensors."""
     label: str
     inputs: list            # input tensors (the operating point)
     output_shapes: list
     forward: object         # f(*inputs) -> tuple of outputs
     feedback: object        # g(*output_feedback) -> tuple of input feedback (zeros where none)
+    vjp_only: bool = False  # J_F^T from vjp of F only (autograd's convention), never from jvp columns
+
+    def __post_init__(self):    # a copy (expand) may alias its elements: forward AD cannot take it as a primal
+        self.inputs = [x if x.is_contiguous() else x.contiguous() for x in self.inputs]
 
     @property
     def n_in(self):
@@ -83,6 +119,63 @@ class Problem:
     @property
     def n_out(self):
         return sum(math.prod(s) for s in self.output_shapes)
+
+
+# -- values of any structure ------------------------------------------------------------------
+def _floating(value) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def pieces(value) -> list:
+    """The tensors ``value`` carries derivatives in, in order: itself, or a tuple's floating elements."""
+    return [v for v in (value if isinstance(value, (tuple, list)) else (value,)) if _floating(v)]
+
+
+def rebuild(value, given):
+    """``value`` with its :func:`pieces` taken, in order, from the iterator ``given``."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(next(given) if _floating(v) else v for v in value)
+    return next(given) if _floating(value) else value
+
+
+def output_feedback(value, given) -> object:
+    """Feedback for forward value ``value`` from the iterator ``given`` (one tensor per piece), in the
+    form rules take: a tensor, or a list with None at a tuple's None elements and integer pieces."""
+    if isinstance(value, (tuple, list)):
+        return [next(given) if _floating(v) else None for v in value]
+    return next(given)
+
+
+def feedback_pieces(value, feedback) -> list:
+    """``feedback`` for ``value`` (a tensor, or one entry per tuple element, None where none came) as
+    tensors matching :func:`pieces` of ``value``, zeros where no feedback arrived."""
+    if isinstance(value, (tuple, list)):
+        parts = feedback if feedback is not None else [None] * len(value)
+        return [torch.zeros_like(v) if f is None else f for v, f in zip(value, parts) if _floating(v)]
+    return [torch.zeros_like(value) if feedback is None else feedback] if _floating(value) else []
+
+
+# -- one node ------------------------------------------------------------------------------------
+def node_paths(node: fx.Node) -> list:
+    """The paths of ``node`` that verification measures: "activation" when an argument depends on a
+    model input, "parameter" when error mode sends feedback from it into parameters: through an
+    argument computed from parameters only, or straight into the parameters it reads when no
+    argument is an activation (a class token's expand, an embedding of token ids, ``self.w.t()``)."""
+    active, params = _sources(node, ACTIVATION), _sources(node, PARAMETER)
+    paths = ([ACTIVATION] if active[0] else []) + ([PARAMETER] if params[0] or params[1] else [])
+    if not paths:
+        raise FBCompileError(f"verify: node {describe(node)} has a rule but no argument or parameter "
+                             "that feedback could reach")
+    return paths
+
+
+def _sources(node: fx.Node, path: str) -> tuple[list, list]:
+    """(active arguments, parameter roles) that are the inputs of ``node``'s ``path``."""
+    call = info(node).call
+    activations = [a for a in call.active if info(a[2]).from_input]
+    if path == ACTIVATION:
+        return activations, []
+    return [a for a in call.active if info(a[2]).param_only], ([] if activations else list(call.params))
 
 
 def _replay(call, node_name, values, args):
@@ -106,17 +199,25 @@ def _with_inputs(args: dict, active: list, xs) -> dict:
     return args
 
 
-def _feedback_list(call, feedback: dict, like: list) -> tuple:
-    out = []
-    for (arg, index, _), x in zip(call.active, like):
-        value = feedback.get(arg)
-        if value is not None and index is not None:
-            value = value[index]
-        out.append(torch.zeros_like(x) if value is None else value)
-    return tuple(out)
+def apply_vjp(call, args: dict, roles, g) -> tuple:
+    """<apply(args), g> differentiated with respect to the arguments ``roles``, by ``torch.func``
+    (the math of :func:`fbcompile.ops.param_vjp`, usable inside functorch transforms)."""
+    spec = call.spec
+    _, pullback = vjp(lambda *xs: spec.run(spec.apply, {**args, **dict(zip(roles, xs))}),
+                      *[args[r] for r in roles])
+    return pullback(g)
 
 
-def node_problem(program, node: fx.Node, values: dict, sample: int | None = None) -> Problem:
+def _param_grads(call, ctx, args, g) -> dict:
+    if call.spec.param_grads is autograd_param_grads:
+        roles = tuple(call.params)
+        return dict(zip(roles, apply_vjp(call, args, roles, g)))
+    return call.spec.param_grads(ctx, g)
+
+
+def node_problem(program, node: fx.Node, values: dict, sample: int | None = None,
+                 path: str = ACTIVATION) -> Problem:
+    """F and G of ``node``'s ``path`` (see the module docstring) at the forward values."""
     call, rule = info(node).call, program.rules[node]
     if sample is not None:
         keys = {(n.name, None) for _, _, n in call.active} | {(node.name, None)}
@@ -124,77 +225,108 @@ def node_problem(program, node: fx.Node, values: dict, sample: int | None = None
         values = SampleValues(values, keys, sample)
     ctx = EagerContext(node, values, program.model)
     args = ctx.forward_args()
-    xs = [values[(src.name, None)] for _, _, src in call.active]
-    is_tuple = info(node).is_tuple
+    active, roles = _sources(node, path)
+    given = [values[(src.name, None)] for _, _, src in active] + [args[r] for r in roles]
     output = values[(node.name, None)]
 
-    # integer pieces of a tuple output (max(dim)'s indices) carry no derivative: F and G skip them
-    pieces = list(output) if is_tuple else [output]
-    keep = [o.is_floating_point() or o.is_complex() for o in pieces]
-
-    def forward(*inputs):
-        result = _replay(call, node.name, values, _with_inputs(args, call.active, inputs))
-        return tuple(r for r, k in zip(result, keep) if k) if is_tuple else (result,)
+    def forward(*flat):
+        new = iter(flat)
+        new = [rebuild(v, new) for v in given]
+        replaced = {**_with_inputs(args, active, new[:len(active)]), **dict(zip(roles, new[len(active):]))}
+        return tuple(pieces(_replay(call, node.name, values, replaced)))
 
     def feedback(*gs):
-        given = iter(gs)
-        full = [next(given) if k else None for k in keep]
-        return _feedback_list(call, rule.error(ctx, full if is_tuple else full[0]), xs)
+        g = output_feedback(output, iter(gs))
+        fb = rule.error(ctx, g)
+        out = []
+        for (arg, index, src), value in zip(active, given):
+            part = fb.get(arg)
+            if arg not in fb and info(src).param_only:    # as the compiler's parameter-path vjp
+                part = apply_vjp(call, args, (arg,), g)[0]
+            out += feedback_pieces(value, part[index] if index is not None and part is not None else part)
+        grads = _param_grads(call, ctx, args, g) if roles else {}
+        for role, value in zip(roles, given[len(active):]):
+            out += feedback_pieces(value, grads.get(role))
+        return tuple(out)
 
-    shapes = [tuple(o.shape) for o, k in zip(pieces, keep) if k]
-    return Problem(node.name, xs, shapes, forward, feedback)
+    suffix = "" if path == ACTIVATION else f" ({path} path)"
+    return Problem(node.name + suffix, [p for v in given for p in pieces(v)],
+                   [tuple(p.shape) for p in pieces(output)], forward, feedback, vjp_only=path == PARAMETER)
+
+
+# -- one unit ------------------------------------------------------------------------------------
+def _select(value, index):
+    return tuple(value[i] for i in index) if isinstance(index, tuple) else value[index]
 
 
 def unit_problem(program, unit, values: dict, sample: int | None = None) -> Problem:
-    """F and G of a whole unit: from its inputs to its outputs, through every node of the unit."""
+    """F and G of a whole unit: from its inputs to its outputs, through every node of the unit.
+    Parameter-path values the unit reads are held at their forward values."""
     members = set(unit.nodes)
     if sample is not None:
         keys = {(n.name, None) for n in list(unit.nodes) + list(unit.inputs)}
+        keys |= {(src.name, None) for n in unit.nodes if info(n).role == "op" for _, _, src in info(n).call.active}
         keys |= {(n.name, e) for n in unit.nodes if info(n).role == "op" for e in info(n).call.spec.extras}
         values = SampleValues(values, keys, sample)
-    xs = [values[(n.name, None)] for n in unit.inputs]
+    given = [values[(n.name, None)] for n in unit.inputs]
+    outputs = [values[(o.name, None)] for o in unit.outputs]
 
-    def forward(*inputs):
-        env = dict(zip(unit.inputs, inputs))
+    def forward(*flat):
+        new = iter(flat)
+        env = {n: rebuild(v, new) for n, v in zip(unit.inputs, given)}
         for node in unit.nodes:
             record = info(node)
             if record.role == "select":
-                env[node] = env[node.args[0]][record.select_index]
+                env[node] = _select(env[node.args[0]], record.select_index)
                 continue
             ctx = EagerContext(node, values, program.model)
             active_values = [env.get(src, values[(src.name, None)]) for _, _, src in record.call.active]
             env[node] = _replay(record.call, node.name, values,
                                 _with_inputs(ctx.forward_args(), record.call.active, active_values))
-        return tuple(env[o] for o in unit.outputs)
+        return tuple(p for o in unit.outputs for p in pieces(env[o]))
 
     def feedback(*gs):
-        contribs = {o: [g] for o, g in zip(unit.outputs, gs)}
-        tuple_parts = {}
+        parts = defaultdict(list)       # (node, tuple element or None) -> feedback contributions
+        new = iter(gs)
+        for o, value in zip(unit.outputs, outputs):
+            _add(parts, o, output_feedback(value, new))
         for node in reversed(unit.nodes):
-            record = info(node)
-            if record.is_tuple:
-                parts = tuple_parts.get(node, {})
-                incoming = [_total(parts.get(i, [])) for i in range(len(record.shape))]
-                if all(p is None for p in incoming):
-                    continue
-            else:
-                incoming = _total(contribs.get(node, []))
-                if incoming is None:
-                    continue
-            if record.role == "select":
-                tuple_parts.setdefault(node.args[0], {}).setdefault(record.select_index, []).append(incoming)
+            record, incoming = info(node), _incoming(parts, node)
+            if incoming is None:
                 continue
-            ctx = EagerContext(node, values, program.model)
-            like = [values[(src.name, None)] for _, _, src in record.call.active]
-            fb = _feedback_list(record.call, program.rules[node].error(ctx, incoming), like)
-            for (_, _, src), value in zip(record.call.active, fb):
-                if src in members or src in unit.inputs:
-                    contribs.setdefault(src, []).append(value)
-        return tuple(_total(contribs.get(i, [])) if contribs.get(i) else torch.zeros_like(x)
-                     for i, x in zip(unit.inputs, xs))
+            if record.role == "select":
+                index = record.select_index
+                for element, part in (zip(index, incoming) if isinstance(index, tuple) else ((index, incoming),)):
+                    if part is not None:
+                        parts[(node.args[0], element)].append(part)
+                continue
+            fb = program.rules[node].error(EagerContext(node, values, program.model), incoming)
+            for arg, index, src in record.call.active:
+                part = fb.get(arg)
+                if (src in members or src in unit.inputs) and part is not None:
+                    _add(parts, src, part[index] if index is not None else part)
+        return tuple(p for n, v in zip(unit.inputs, given) for p in feedback_pieces(v, _incoming(parts, n)))
 
-    shapes = [tuple(values[(o.name, None)].shape) for o in unit.outputs]
-    return Problem(f"unit {unit.index} ({unit.name})", xs, shapes, forward, feedback)
+    shapes = [tuple(p.shape) for value in outputs for p in pieces(value)]
+    return Problem(f"unit {unit.index} ({unit.name})", [p for v in given for p in pieces(v)], shapes,
+                   forward, feedback)
+
+
+def _add(parts, node, value) -> None:
+    if info(node).is_tuple:
+        for i, item in enumerate(value):
+            if item is not None:
+                parts[(node, i)].append(item)
+    else:
+        parts[(node, None)].append(value)
+
+
+def _incoming(parts, node):
+    """The summed feedback at ``node`` (a list for tuple values), or None when none arrived."""
+    if info(node).is_tuple:
+        got = [_total(parts.get((node, i), [])) for i in range(len(info(node).shape))]
+        return got if any(g is not None for g in got) else None
+    return _total(parts.get((node, None), []))
 
 
 def _total(parts: list):
@@ -206,16 +338,23 @@ def _total(parts: list):
     return total
 
 
+def _leading(shape) -> list:
+    """The tensor shapes of a value: its shape, or each tensor element's of a tuple (None skipped)."""
+    if shape and isinstance(shape[0], tuple) or (shape and shape[0] is None):
+        return [s for s in shape if s is not None]
+    return [shape]
+
+
 def batch_local(program, node: fx.Node, batch: int) -> bool:
     """Whether ``node`` maps each sample independently, so its Jacobian is block diagonal over the
-    batch: every active input and every output (each piece of a tuple) has the batch as its leading
-    dim, no other graph tensor it reads does (a per-sample constant could not be cut), and the op
-    does not declare that this call mixes samples (``batch_local(ctx)`` of :func:`declare_op`:
-    reductions, concatenation or transposition over dim 0, BatchNorm with batch statistics).
-    Anything else is measured over the whole batch, which is always correct."""
+    batch: every active input and every output (each tensor of a tuple) has the batch as its
+    leading dim, no other graph tensor it reads does (a per-sample constant could not be cut), and
+    the op does not declare that this call mixes samples (``batch_local(ctx)`` of
+    :func:`declare_op`: reductions, concatenation or transposition over dim 0, BatchNorm with batch
+    statistics). Anything else is measured over the whole batch, which is always correct."""
     record = info(node)
-    shapes = [info(src).shape for _, _, src in record.call.active]
-    shapes += list(record.shape) if record.is_tuple else [record.shape]
+    shapes = [s for _, _, src in record.call.active for s in _leading(info(src).shape)]
+    shapes += _leading(record.shape)
     if any(not s or s[0] != batch for s in shapes):
         return False
     if batch == 1:
