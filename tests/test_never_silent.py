@@ -213,3 +213,21 @@ def test_named_tuple_fields_are_selects_of_their_position():
     model, x = Extremes().double(), torch.randn(5, 4, dtype=torch.float64)
     input_rel, param_rel = compare_with_autograd(model, x)
     assert input_rel < TOL and param_rel < TOL
+
+
+@pytest.mark.parametrize("algorithm", ["dtp", "tp", "bp", "drtp", "mf"])
+def test_a_tuple_read_whole_stays_inside_its_unit(algorithm):
+    class StackSplit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            parts = torch.tanh(self.a(x)).split(2, 1)
+            return self.b(torch.stack(parts, 1).flatten(1))
+
+    model, x = StackSplit(), torch.randn(4, 5)
+    program = fbcompile.compile(model, x, units="op")
+    model.zero_grad(set_to_none=True)
+    fbcompile.learner(program, algorithm).step(x, torch.randint(0, 3, (4,)), F.cross_entropy)
+    assert all(p.grad is not None for p in model.parameters())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx
 
 from ..errors import FBCompileError
@@ -76,6 +77,14 @@ class _Copier:
         return fx.node.map_arg(out_node.args[0], lambda n: self.env[n])
 
 
+def detach_values(value):
+    """``value`` detached: a tensor, or each tensor of a tuple/list (a split's pieces read whole by
+    another unit's ``cat``)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(v.detach() if isinstance(v, torch.Tensor) else v for v in value)
+    return value.detach()
+
+
 def build_forward(gm: fx.GraphModule, taps: list, partition=None, detach_units: bool = False,
                   returned: list | None = None) -> fx.GraphModule:
     """``taps`` are keys ``(node name, extra or None)``; ``returned`` lists forward nodes whose
@@ -89,7 +98,7 @@ def build_forward(gm: fx.GraphModule, taps: list, partition=None, detach_units: 
             return value
         key = (src, unit.index)
         if key not in detached:
-            detached[key] = copier.graph.create_node("call_method", "detach", (value,), {}, name=f"{src.name}_in_u{unit.index}")
+            detached[key] = copier.graph.call_function(detach_values, (value,), name=f"{src.name}_in_u{unit.index}")
         return detached[key]
 
     copier = _Copier(gm, source)

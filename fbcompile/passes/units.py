@@ -4,23 +4,27 @@ A unit is the granularity of target propagation: targets are placed on unit outp
 correction acts per unit, and each unit's parameters learn from their own local loss
 ||F_u(h_in) - t_out||^2 / (2 beta). Groupings:
 
-- ``"layer"`` (default): every op declared a leader (``declare_op(..., leader=True)``: Linear,
-  Conv, LayerNorm) starts a unit; every other op joins the newest unit among its inputs' units (so
-  a unit only reads units created before it and units run in index order), so
-  Linear-tanh, Conv-BN-ReLU-MaxPool and a residual add with its activation form one unit. A
-  pre-norm LayerNorm starts its sub-block's unit, so no local loss differentiates through a
-  LayerNorm's input (where the feedback freezes its statistics). Ops before the first leader form
-  parameter-free units.
+- ``"layer"`` (default): every op that holds weights starts a unit (:func:`starts_unit`, read off
+  the op's traits: Linear, Conv, Embedding, MultiheadAttention, LayerNorm, any user-declared op with
+  a ``weight`` argument); every other op joins the newest unit among its inputs' units (so a unit
+  only reads units created before it and units run in index order), so Linear-tanh,
+  Conv-BN-ReLU-MaxPool and a residual add with its activation form one unit. A pre-norm LayerNorm
+  starts its sub-block's unit, so no local loss differentiates through a LayerNorm's input (where
+  the feedback freezes its statistics). Ops before the first such op form parameter-free units.
 - ``"op"``: every op is its own unit.
 - ``"module"``: ops inside the same child module of the model (``model.<name>``, one level below the
   root, or ``depth`` levels with ``("module", depth)``) form one unit; ops outside any child module
   join the newest unit among their inputs' units.
 - a callable ``node -> key``: nodes with equal keys form one unit.
+
+Whatever the grouping, a tuple value (``split``, ``unbind``, a module's tuple output) stays inside
+its unit: the selects of its elements and the ops that read it whole join the unit that made it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
 from torch import fx
 
 from ..errors import OptionError, choices_text
@@ -64,8 +68,9 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
     for node in nodes:
         producers = [unit_of[p] for p in node.all_input_nodes if p in unit_of]
         latest = max(producers, key=lambda u: u.index) if producers else None
-        if info(node).role == "select":
-            unit = unit_of[node.args[0]]
+        tuples = [p for p in node.all_input_nodes if p in unit_of and info(p).is_tuple]
+        if tuples:          # a tuple value never crosses a unit boundary: selects and whole-tuple
+            unit = unit_of[tuples[-1]]     # consumers (cat(parts), stack(unbind(x))) join its unit
         else:
             key = key_of(node)
             if key is _FOLLOW:
@@ -111,6 +116,18 @@ def _carries_feedback(user: fx.Node) -> bool:
     return user.op != "output" and info(user).from_input and info(user).role in ("op", "select")
 
 
+# Channel normalisations rescale each channel of the layer that feeds them (Conv-BN-ReLU is one
+# layer): they hold weights (their per-channel gain) yet join their producer's unit. Matched by the
+# torch function the op spells, as canonicalisation matches every spelling: by identity.
+CHANNEL_NORMALISATIONS = (F.batch_norm, F.group_norm)
+
+
+def starts_unit(spec) -> bool:
+    """Whether an op starts a unit under the "layer" grouping: it holds weights (``spec.weights``,
+    the ``weight``/``*_weight`` arguments of its signature) and is not a channel normalisation."""
+    return bool(spec.weights) and not any(fn in CHANNEL_NORMALISATIONS for fn in spec.functions)
+
+
 def _key_function(grouping):
     if callable(grouping):
         return grouping
@@ -122,7 +139,7 @@ def _key_function(grouping):
     if grouping == "op":
         return lambda node: _LEAD
     if grouping == "layer":
-        return lambda node: _LEAD if info(node).call.spec.leader else _FOLLOW
+        return lambda node: _LEAD if starts_unit(info(node).call.spec) else _FOLLOW
     if grouping == "module":
         return lambda node: _module_key(node, depth)
     raise OptionError(f"units={grouping!r} is not a grouping; use {choices_text(GROUPINGS)}, "
