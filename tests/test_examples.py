@@ -1,8 +1,9 @@
 """Smoke tests: every example script runs (in its quick mode) and prints what it promises.
 
 Most scripts run in this process with ``runpy`` (as ``__main__``, in a temporary directory), which
-skips a fresh interpreter's imports per script. custom_rule.py registers ops and rules globally, so
-it runs as a real subprocess, which also shows a script runs as it stands.
+skips a fresh interpreter's imports per script. custom_rule.py and custom_algorithm.py register ops,
+rules and algorithms globally, so they run as real subprocesses, which also shows a script runs as
+it stands.
 """
 import os
 import runpy
@@ -20,6 +21,7 @@ EXPECTED = {  # a line each script must print
     "mlp_mixer.py": "frozen-statistics rules (layer_norm)",
     "compare_algorithms.py": "wrote compare.png",
     "custom_rule.py": "propagate_error vs autograd",
+    "custom_algorithm.py": "scaled-fa test accuracy",
 }
 
 
@@ -46,12 +48,24 @@ def test_example_runs(script, capsys):
     assert EXPECTED[script] in capsys.readouterr().out
 
 
-def test_custom_rule_runs_as_a_script(tmp_path):
-    path = EXAMPLES / "custom_rule.py"
+def _run_as_script(script, cwd):
+    path = EXAMPLES / script
     if not path.exists():
-        pytest.skip("examples/custom_rule.py does not exist yet")
+        pytest.skip(f"examples/{script} does not exist yet")
     env = {**os.environ, "FBCOMPILE_EXAMPLE_QUICK": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(path)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert EXPECTED["custom_rule.py"] in done.stdout
+    assert EXPECTED[script] in done.stdout
+    return done.stdout
+
+
+def test_custom_rule_runs_as_a_script(tmp_path):
+    _run_as_script("custom_rule.py", tmp_path)
+
+
+def test_custom_algorithm_runs_as_a_script(tmp_path):
+    """A learner registered from user code trains the digits to better than chance (quick mode)."""
+    out = _run_as_script("custom_algorithm.py", tmp_path)
+    accuracy = float(out.split("scaled-fa test accuracy:")[1].split()[0])
+    assert accuracy > 0.5, out

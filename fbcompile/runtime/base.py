@@ -1,25 +1,36 @@
-"""The learner contract shared by every algorithm.
+"""The learner contract shared by every algorithm: a template method around a transaction.
 
 ``learner.step(inputs, targets, loss_fn)`` computes the parameter updates of one batch and adds
 them to the model parameters' ``.grad`` (on the scale of the gradient of ``loss_fn``), so any
 optimizer, scheduler, clipping or all-reduce applies unchanged. It returns a :class:`StepResult`.
+The steps of ``step`` are fixed here; an algorithm fills in :meth:`Learner.compute`::
 
-A step is a transaction: updates are computed into temporaries, checked to be finite, and only then
-written. If anything fails (non-finite targets or updates, a singular inverse, a bad shape) the step
-raises and leaves the model's parameters, ``.grad``, buffers and all learner state (auxiliary
-weights, their optimizer, random generators) exactly as they were.
+    step:  transaction( compute -> {parameter: update} -> check finite )  ->  add updates to .grad
+
+``compute`` either is the algorithm's own method (a learner with one way to run) or runs the
+learner's :class:`Executor`, a small named execution path ("feedback-graph", "compiled-local",
+"autograd-local", "compiled-stored", "update-unlocked", ...) chosen once by
+:meth:`Learner.choose_executor`; its name is recorded in ``StepResult.details["executor"]``.
+
+A step is a transaction (:mod:`.transaction`): updates are computed into temporaries, checked to
+be finite, and only then written. If anything fails (non-finite targets or updates, a singular
+inverse, a bad shape) the step raises and leaves the model's parameters, ``.grad``, buffers and all
+learner state (what it owns: auxiliary weights, their optimizer, random generators, extra state)
+exactly as they were.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..errors import FBCompileError, NonFiniteError
 from ..program import accumulate_grads, as_tuple
 from .options import Option, integer, parse_options
+from .registry import other_algorithms_with
+from .transaction import Transaction, owned_state
 
 COMMON_OPTIONS = {"seed": Option(0, integer, "seed of the learner's random generators (feedback weights, noise)")}
 
@@ -31,17 +42,28 @@ class StepResult:
     details: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Executor:
+    """One execution path of a learner: ``run(learner, inputs, targets, loss_fn)`` returns
+    ``(StepResult, {parameter name: update})``; ``autograd`` says whether it records an autograd graph.
+    ``run=None`` means the learner's own :meth:`Learner.compute` is the path."""
+    name: str
+    run: Callable | None = None
+    autograd: bool = True
+    doc: str = ""
+
+
+OWN_COMPUTE = Executor("compute", None, doc="the learner's own compute()")
+
+
 class Learner:
-    """Base class. Subclasses set ``name`` and ``OPTIONS`` and implement :meth:`compute`."""
+    """Base class. Subclasses set ``name`` and ``OPTIONS`` and either implement :meth:`compute` or
+    choose an :class:`Executor` in :meth:`choose_executor`."""
 
     name = "learner"
     OPTIONS: dict = {}
-    # False where compute() never writes learner state (its fixed matrices and generator are only
-    # read): a step's transaction then snapshots just the model buffers and the global RNG.
-    step_writes_state = True
 
     def __init__(self, program, **options):
-        from . import other_algorithms_with
         self.options = parse_options(self.name, {**COMMON_OPTIONS, **self.OPTIONS}, options,
                                      elsewhere=other_algorithms_with(self.name))
         self.program = program
@@ -50,6 +72,7 @@ class Learner:
         self.steps = 0
         self.last = {}
         self.buffers = dict(self.model.named_buffers())
+        self._executor = None
 
     # -- the contract ---------------------------------------------------------------------------
     def step(self, inputs, targets, loss_fn) -> StepResult:
@@ -57,17 +80,49 @@ class Learner:
         with self.transaction():
             result, grads = self.compute(inputs, targets, loss_fn)
             check_finite(grads, result)
+        result.details.setdefault("executor", self.executor.name)
         accumulate_grads(self.program.params, list(grads), list(grads.values()))
         self.steps += 1
         return result
 
     def compute(self, inputs: tuple, targets, loss_fn) -> tuple[StepResult, dict]:
-        """(result, {parameter name: update}) without touching ``.grad``; may update auxiliary state."""
-        raise NotImplementedError
+        """(result, {parameter name: update}) without touching ``.grad``; may update auxiliary state.
+        By default the chosen executor's path."""
+        executor = self.executor
+        if executor.run is None:
+            raise FBCompileError(f"learner {type(self).__qualname__} ({self.name!r}) implements neither compute() "
+                                 "nor choose_executor()")
+        result, updates = executor.run(self, inputs, targets, loss_fn)
+        result.details.setdefault("executor", executor.name)
+        return result, updates
 
+    # -- execution paths --------------------------------------------------------------------------
+    def choose_executor(self) -> Executor:
+        """This learner's execution path, chosen once (subclasses with several paths override it and
+        choose at the end of their construction). Default: the learner's own :meth:`compute`."""
+        return OWN_COMPUTE
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            self._executor = self.choose_executor()
+        return self._executor
+
+    @executor.setter
+    def executor(self, executor: Executor) -> None:
+        self._executor = executor
+
+    # -- what the learner owns ------------------------------------------------------------------
     def parameters(self) -> list:
         """The learner's auxiliary trainable parameters (never the model's)."""
         return []
+
+    @property
+    def step_writes_state(self) -> bool:
+        """Whether a step can change this learner's state: it owns trainable tensors or an optimizer,
+        or a module of its own draws random numbers. Derived from what the learner owns (see
+        :func:`.transaction.owned_state`); a failed step's rollback does not depend on it."""
+        return owned_state(self).writable
 
     def predict(self, inputs):
         with torch.no_grad():
@@ -86,6 +141,9 @@ class Learner:
         if state.get("algorithm") != self.name:
             raise FBCompileError(f"state of algorithm {state.get('algorithm')!r} cannot be loaded into a "
                                  f"{self.name!r} learner")
+        missing = [key for key in ("steps", "generator") if key not in state]
+        if missing:
+            raise FBCompileError(f"the learner state lacks {', '.join(missing)}: not a state_dict() of a learner")
         self.steps = state["steps"]
         self.generator.set_state(state["generator"])
         self.load_extra_state(state)
@@ -97,53 +155,10 @@ class Learner:
         pass
 
     # -- transactions ---------------------------------------------------------------------------
-    def transaction(self):
-        return _Transaction(self)
-
-    def unwritten_tensors(self, state: dict) -> list:
-        """Tensors of ``state`` that no step writes, shared rather than copied by snapshots (the
-        generator state is a fresh copy already; subclasses add fixed random matrices)."""
-        return [state["generator"]]
-
-
-class _Transaction:
-    """Snapshot learner state and model buffers; restore them if the block raises."""
-
-    def __init__(self, learner: Learner, always_restore: bool = False):
-        self.learner, self.always_restore = learner, always_restore
-
-    def __enter__(self):
-        self.state = None
-        if self.learner.step_writes_state or self.always_restore:
-            state = self.learner.state_dict()
-            self.state = _snapshot(state, {id(t) for t in self.learner.unwritten_tensors(state)})
-        self.buffers = {n: b.detach().clone() for n, b in self.learner.buffers.items()}
-        self.rng = torch.random.get_rng_state()
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        if kind is not None or self.always_restore:
-            if self.state is not None:
-                self.learner.load_state_dict(self.state)
-            with torch.no_grad():
-                for name, buffer in self.learner.buffers.items():
-                    buffer.copy_(self.buffers[name])
-            torch.random.set_rng_state(self.rng)
-        return False
-
-
-def _snapshot(value, shared: set):
-    """A copy of a state dict: tensors cloned unless their id is in ``shared``, containers rebuilt,
-    anything else deep-copied (``copy.deepcopy`` of a tensor costs several times a clone)."""
-    if torch.is_tensor(value):
-        return value if id(value) in shared else value.detach().clone()
-    if isinstance(value, dict):
-        return type(value)((k, _snapshot(v, shared)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_snapshot(v, shared) for v in value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return copy.deepcopy(value)
+    def transaction(self, always_restore: bool = False) -> Transaction:
+        """Snapshot what this learner owns and the model's buffers; restore them if the block raises
+        (or always, for ``always_restore``)."""
+        return Transaction(self, always_restore)
 
 
 def all_finite(tensors) -> bool:
@@ -183,3 +198,9 @@ def _updates_finite(updates: list) -> bool:
         if bool(found):
             return False
     return all_finite(rest)
+
+
+def detached_output(output):
+    """The model output (a tensor or a tuple of tensors) detached, for :class:`StepResult`."""
+    return output.detach() if torch.is_tensor(output) else tuple(o.detach() if torch.is_tensor(o) else o
+                                                                 for o in output)

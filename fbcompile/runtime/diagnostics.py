@@ -17,9 +17,9 @@ import math
 
 import torch
 
+from ..errors import FBCompileError
 from ..explain import format_table
 from ..trace import preserved_state
-from .base import _Transaction
 
 
 def angle(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
@@ -51,7 +51,7 @@ class Diagnostics:
 
 def diagnose(learner, inputs: tuple, targets, loss_fn, damping: float = 1e-3) -> Diagnostics:
     program = learner.program
-    with _Transaction(learner, always_restore=True):
+    with learner.transaction(always_restore=True):
         _, update = learner.compute(inputs, targets, loss_fn)
         reconstruction = dict(learner.last.get("reconstruction", {}))
     bp = _autograd_gradients(program, inputs, targets, loss_fn)
@@ -92,7 +92,10 @@ def _feedback_angle(program, feedback, unit):
 
 
 def _node(program, name):
-    return next(n for n in program.traced.graph.nodes if n.name == name)
+    for node in program.traced.graph.nodes:
+        if node.name == name:
+            return node
+    raise FBCompileError(f"feedback slot {name!r} names no node of the traced graph")
 
 
 def _autograd_gradients(program, inputs, targets, loss_fn) -> dict:

@@ -32,8 +32,10 @@ backward reads and then one local backward per unit -- the path DFA and sDFA alw
 they need the output error; it never runs a backward chain through the network either. Both give
 the same updates.
 
-Both paths run without autograd (``self.compiled``) when every error map inside the units is exact
-(:attr:`FeedbackProgram.exact_within_units`): the forward runs under no_grad and saves the taps of
+Executors (chosen once, at construction; ``StepResult.details["executor"]``): "compiled-stored"
+and "compiled-unlocked" run without autograd (``self.compiled``) when every error map inside the
+units is exact (:attr:`FeedbackProgram.exact_within_units`) and the output units output only model
+outputs; "stored" and "update-unlocked" are the autograd paths. Compiled, the forward runs under no_grad and saves the taps of
 the compiled "unit_error" graph, and every update after it comes from one generated graph that makes
 each delta and pulls it back through its unit's pruned gradient graph
 (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`); update-unlocked, one generated
@@ -47,16 +49,16 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import OptionError
+from ..errors import FBCompileError, OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
 from ..passes.direct_graph import build_direct_gradients, build_unlocked_step
 from ..passes.forward import build_forward
 from ..program import flat_outputs
-from . import register_algorithm
-from .base import Learner, StepResult
+from .base import Executor, Learner, StepResult, detached_output
 from .losses import output_error, scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
+from .registry import register_algorithm
 from .unit_order import execution_order
 
 PROJECTION_OPTIONS = {
@@ -77,17 +79,16 @@ EXECUTION = {"execution": Option("unlocked", one_of("unlocked", "stored"),
 
 
 class DirectLearner(Learner):
-    """Shared machinery: the direct plan, the stored and the update-unlocked execution paths.
+    """Shared machinery: the direct plan and the four executors (compiled or autograd, stored or
+    update-unlocked).
 
-    Subclasses define :meth:`signal` and, if the hidden signal is not ``s B_u``, :meth:`delta`;
-    those whose signal needs no output offer the ``execution`` option; ``hidden_learn = False`` is
-    shallow learning."""
+    Subclasses define :meth:`signal`; those whose signal needs no output offer the ``execution``
+    option; ``hidden_learn = False`` is shallow learning. A subclass whose hidden delta is not
+    ``s B_u`` with fixed B_u (DDTP) overrides :meth:`delta` AND :meth:`choose_executor` (the compiled
+    executors build s B_u into their generated graphs), and :meth:`make_projections` if its
+    matrices differ."""
 
     hidden_learn = True
-    uses_projections = True          # C x S_u matrices (B_u, or DDTP-linear's Q_u)
-    trainable_projections = False
-    compiled_local = True            # may compute local gradients with the compiled unit_error graph
-    step_writes_state = False        # B_u fixed, nothing drawn (DDTP, which trains Q_u, says True)
     OPTIONS: dict = {}
 
     def __init__(self, program, **options):
@@ -98,27 +99,50 @@ class DirectLearner(Learner):
         if self.options.get("execution") == "unlocked":
             stages = execution_order(program, program.unit_forwards(), self.name, "; or use execution='stored'")
             self.order = [stage.unit.index for stage in stages]
-        self.projections, self._stored_forward = None, None
+        self._stored_forward = None
         if "projection_init" in self.OPTIONS:
             _check_projection_scale(self.name, self.options, options)
-        if "projection_init" in self.OPTIONS and self.uses_projections:
-            o = self.options
-            self.projections = DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
-                                                 scale=o["projection_scale"], seed=o["seed"],
-                                                 trainable=self.trainable_projections)
-        # Both paths run without autograd when every error map inside the units is exact, the
-        # output units output only model outputs (their delta is e) and the hidden deltas are s B_u
-        # (the generated update graphs make them; a subclass with its own delta() is not compiled).
-        self.compiled = (self.compiled_local and program.exact_within_units
-                         and type(self).delta is DirectLearner.delta
-                         and all(set(program.partition.units[u].outputs) <= set(program.outputs)
-                                 for u in self.plan.output_units))
+        self.projections = self.make_projections()
+        self.executor = self.choose_executor()
         if self.compiled:
             program.prepare("unit_error")      # before any forward: it saves what this graph reads
 
+    def make_projections(self, trainable: bool = False) -> DirectProjections | None:
+        """The C x S_u matrices B_u of the plan (None for an algorithm without projection options)."""
+        if "projection_init" not in self.OPTIONS:
+            return None
+        o = self.options
+        return DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
+                                 scale=o["projection_scale"], seed=o["seed"], trainable=trainable)
+
+    # -- executors --------------------------------------------------------------------------------
+    def choose_executor(self, compiled: bool = True) -> Executor:
+        """The compiled executors where every error map inside the units is exact and the output
+        units output only model outputs (their delta is e); else the autograd ones. "unlocked" or
+        "stored" by the ``execution`` option (stored where the algorithm has none)."""
+        unlocked = self.options.get("execution") == "unlocked"
+        program = self.program
+        if compiled and program.exact_within_units and all(
+                set(program.partition.units[u].outputs) <= set(program.outputs) for u in self.plan.output_units):
+            return COMPILED_UNLOCKED if unlocked else COMPILED_STORED
+        return UPDATE_UNLOCKED if unlocked else STORED
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the chosen executor runs without autograd."""
+        return not self.executor.autograd
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        """Tests compare the paths: False switches to the autograd executor of the same kind."""
+        chosen = self.choose_executor(compiled=bool(value))
+        if bool(value) and chosen.autograd:
+            raise FBCompileError(f"algorithm {self.name!r} has no compiled executor for this program")
+        self.executor = chosen
+
     # -- hooks ------------------------------------------------------------------------------------
     def signal(self, errors: tuple | None, output, targets, batch: int) -> Signal | None:
-        raise NotImplementedError
+        raise FBCompileError(f"{type(self).__qualname__} must implement signal()")
 
     def delta(self, projection, signal: Signal) -> torch.Tensor:
         return self.projections.project(projection.index, signal)
@@ -130,16 +154,7 @@ class DirectLearner(Learner):
     def before_update(self, inputs, output, values: dict, signal: Signal) -> None:
         """Runs after the stored forward, before the hidden deltas (DDTP trains its feedback here)."""
 
-    # -- the step ---------------------------------------------------------------------------------
-    def compute(self, inputs, targets, loss_fn):
-        unlocked = self.options.get("execution") == "unlocked"
-        if self.compiled:
-            return (self._compiled_unlocked if unlocked else self._compiled_stored)(inputs, targets, loss_fn)
-        if unlocked:
-            return self._unlocked(inputs, targets, loss_fn)
-        with torch.enable_grad():
-            return self._stored(inputs, targets, loss_fn)
-
+    # -- the executors' paths ---------------------------------------------------------------------
     def _compiled_stored(self, inputs, targets, loss_fn):
         """The stored path without autograd: one forward (no graph) keeping the values the compiled
         "unit_error" graph reads, then every update from one generated graph
@@ -290,14 +305,9 @@ class DirectLearner(Learner):
         return loss.detach(), errors, updates
 
     def _result(self, loss, output) -> StepResult:
-        detached = output.detach() if torch.is_tensor(output) else tuple(o.detach() for o in output)
-        return StepResult(float(loss), detached, {"execution": self.options.get("execution", "stored")})
+        return StepResult(float(loss), detached_output(output), {"execution": self.options.get("execution", "stored")})
 
     # -- state ------------------------------------------------------------------------------------
-    def unwritten_tensors(self, state: dict) -> list:
-        """Tensors of ``state`` that no step writes (fixed projections, the fresh generator state)."""
-        fixed = [] if self.projections is None or self.trainable_projections else list(state["projections"].values())
-        return [*super().unwritten_tensors(state), *fixed]
 
     def extra_state(self) -> dict:
         return {} if self.projections is None else {"projections": self.projections.state_dict()}
@@ -305,6 +315,20 @@ class DirectLearner(Learner):
     def load_extra_state(self, state: dict) -> None:
         if self.projections is not None:
             self.projections.load_state_dict(state["projections"])
+
+
+def _stored_with_graph(learner, inputs, targets, loss_fn):
+    with torch.enable_grad():
+        return learner._stored(inputs, targets, loss_fn)
+
+
+COMPILED_STORED = Executor("compiled-stored", DirectLearner._compiled_stored, autograd=False,
+                           doc="one no-grad forward keeping the taps, then one generated update graph")
+COMPILED_UNLOCKED = Executor("compiled-unlocked", DirectLearner._compiled_unlocked, autograd=False,
+                             doc="one generated module: each unit's forward, then its update")
+STORED = Executor("stored", _stored_with_graph, doc="one forward keeping each unit's graph, one local backward per unit")
+UPDATE_UNLOCKED = Executor("update-unlocked", DirectLearner._unlocked,
+                           doc="units one by one, each hidden unit's local backward right after its forward")
 
 
 def _batch(inputs, output) -> int:
@@ -371,5 +395,3 @@ class ShallowLearning(DirectLearner):
     hidden_learn = False
     OPTIONS = {**EXECUTION}
 
-
-from . import direct_ddtp  # noqa: E402,F401  (registers ddtp-linear and ddtp-rhl)

@@ -34,33 +34,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError
+from ..errors import FBCompileError, NonFiniteError
 from ..passes.direct import draw_projection, place_batch_axis, projection_generator
 from ..program import as_tuple, flat_outputs
 from ..trace import preserved_state
-from . import register_algorithm
 from .base import all_finite
-from .direct import PROJECTION_OPTIONS, DirectLearner
+from .direct import PROJECTION_OPTIONS, STORED, DirectLearner
 from .direct_signals import Signal, flat_error
-from .options import Option, non_negative, one_of, positive, positive_int
+from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
+from .registry import register_algorithm
 
 FEEDBACK_OPTIONS = {
     "sigma": Option(0.1, positive, "noise std of the difference reconstruction loss (DRL)"),
     "feedback_steps": Option(1, positive_int, "DRL iterations per batch, before the forward update"),
     "feedback_lr": Option(1e-3, positive, "learning rate of the feedback optimizer"),
     "feedback_weight_decay": Option(0.0, non_negative, "weight decay of Q (DRL's Tikhonov term)"),
-    "feedback_optimizer": Option("adam", one_of("adam", "sgd"), "optimizer of the feedback parameters"),
+    "feedback_optimizer": optimizer_option("feedback parameters"),
 }
-
-
-def feedback_optimizer(kind: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam or SGD over the feedback parameters, with the fused single-pass kernel where this torch
-    has one (the feedback maps of DDTP-RHL are several times larger than the model)."""
-    cls = torch.optim.Adam if kind == "adam" else torch.optim.SGD
-    try:
-        return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (TypeError, RuntimeError, ValueError):
-        return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 class RandomHiddenLayerFeedback(nn.Module):
@@ -88,11 +78,9 @@ class RandomHiddenLayerFeedback(nn.Module):
 
 
 class DirectDifferenceTargetPropagation(DirectLearner):
-    """Shared by DDTP-linear and DDTP-RHL: the signal, DRL feedback training and its optimizer."""
-
-    trainable_projections = True
-    compiled_local = False           # trains its feedback on the stored unit outputs first
-    step_writes_state = True         # Q_u, its optimizer, the noise generator
+    """Shared by DDTP-linear and DDTP-RHL: the signal, DRL feedback training and its optimizer.
+    Executor "stored" always: the feedback is trained on the stored unit outputs before the hidden
+    deltas, which come from the trained maps (not from fixed B_u, as the compiled executors build)."""
 
     def __init__(self, program, **options):
         super().__init__(program, **options)
@@ -100,15 +88,22 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         self.feedback_maps = self.make_feedback()
         # A model without hidden units to project to (its trained units all produce model outputs)
         # has no feedback to train: its output units learn from e alone, as in every direct learner.
-        self.feedback_optimizer = None if not self.plan.projections else feedback_optimizer(
-            o["feedback_optimizer"], self.parameters(), o["feedback_lr"], o["feedback_weight_decay"])
+        # The fused kernel: the feedback maps of DDTP-RHL are several times larger than the model.
+        self.feedback_optimizer = None if not self.plan.projections else make_optimizer(
+            o["feedback_optimizer"], self.parameters(), o["feedback_lr"], o["feedback_weight_decay"], fused=True)
+
+    def choose_executor(self, compiled: bool = False):
+        return STORED
+
+    def make_projections(self, trainable: bool = True):
+        return super().make_projections(trainable=True)
 
     def make_feedback(self) -> nn.Module:
-        raise NotImplementedError
+        raise FBCompileError(f"{type(self).__qualname__} must implement make_feedback()")
 
     def difference(self, index: int, moved: torch.Tensor, reference: torch.Tensor, signal: Signal) -> torch.Tensor:
         """g_u(moved) - g_u(reference), flattened to (N, prod(S_u))."""
-        raise NotImplementedError
+        raise FBCompileError(f"{type(self).__qualname__} must implement difference()")
 
     def parameters(self):
         return [p for p in self.feedback_maps.parameters() if p.requires_grad]
@@ -208,12 +203,14 @@ class DirectDifferenceTargetPropagationLinear(DirectDifferenceTargetPropagation)
 class DirectDifferenceTargetPropagationRHL(DirectDifferenceTargetPropagation):
     """DDTP-RHL: g_u(y) = tanh(tanh(y R) Q_u + b_u); delta_u = (g_u(h_L) - g_u(h_L - beta e)) / beta."""
     name = "ddtp-rhl"
-    uses_projections = False         # its maps hold R, Q_u, b_u instead of C x S_u matrices
     OPTIONS = {**PROJECTION_OPTIONS, **FEEDBACK_OPTIONS,
                "feedback_weight_decay": Option(1e-3, non_negative, "weight decay of Q_u, b_u (DRL's Tikhonov term)"),
                "beta": Option(0.1, positive, "output target step: t_L = h_L - beta dL/dh_L"),
                "feedback_hidden": Option(1024, positive_int, "width W of the fixed random hidden feedback layer"),
                "feedback_activation": Option("tanh", one_of("tanh", "linear"), "output nonlinearity of g_u")}
+
+    def make_projections(self, trainable: bool = True):
+        return None                  # its maps hold R, Q_u, b_u instead of C x S_u matrices
 
     def make_feedback(self):
         o = self.options

@@ -7,24 +7,42 @@
   (``sign="usf"|"frsf"|"brsf"``). Forward weights still get dW = delta^T x with the propagated
   delta, so learning follows B's alignment with W.
 
-No autograd runs: the forward executes under ``no_grad`` and the feedback graph computes both the
-propagated errors and the weight gradients.
+No autograd runs (executor ``"feedback-graph"``): the forward executes under ``no_grad`` and the
+feedback graph computes both the propagated errors and the weight gradients.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import OptionError
-from .base import Learner, StepResult
+from .base import Executor, Learner, StepResult
 from .losses import output_error
 from .feedback_weights import INITS, SIGNS, FeedbackWeights
 from .options import Option, non_negative, one_of
+from .registry import register_algorithm
 
 
+def _feedback_graph(learner, inputs, targets, loss_fn):
+    """One forward under no_grad keeping the taps, then the "error" feedback graph: errors and
+    weight gradients from the compiled rules."""
+    program = learner.program
+    with torch.no_grad():
+        output, taps = program.run_forward(inputs)
+    loss, errors = output_error(output, targets, loss_fn)
+    with torch.no_grad():
+        _, grads = program.run_feedback("error", errors, taps, learner.weights(), returns="params")
+    names = program.feedback["error"].params
+    return StepResult(float(loss), output), dict(zip(names, grads))
+
+
+FEEDBACK_GRAPH = Executor("feedback-graph", _feedback_graph, autograd=False,
+                          doc="stored taps, then the compiled error feedback graph (no autograd)")
+
+
+@register_algorithm
 class ErrorPropagation(Learner):
     """Backpropagation through the compiled condition-T feedback graph (equals autograd)."""
     name = "bp"
-    step_writes_state = False
 
     def __init__(self, program, **options):
         super().__init__(program, **options)
@@ -32,21 +50,16 @@ class ErrorPropagation(Learner):
             raise OptionError(f"algorithm {self.name!r} propagates errors through transposed Jacobians and needs a "
                               f"program compiled with condition='T' (this one has {program.condition!r})")
         self.feedback = None
+        self.executor = self.choose_executor()
+
+    def choose_executor(self):
+        return FEEDBACK_GRAPH
 
     def weights(self):
         return None if self.feedback is None else self.feedback.mapping()
 
-    def compute(self, inputs, targets, loss_fn):
-        program = self.program
-        with torch.no_grad():
-            output, taps = program.run_forward(inputs)
-        loss, errors = output_error(output, targets, loss_fn)
-        with torch.no_grad():
-            _, grads = program.run_feedback("error", errors, taps, self.weights(), returns="params")
-        names = program.feedback["error"].params
-        return StepResult(float(loss), output), dict(zip(names, grads))
 
-
+@register_algorithm
 class FeedbackAlignment(ErrorPropagation):
     """Feedback alignment: fixed random (or sign-symmetric) matrices replace W^T in the feedback path."""
     name = "fa"
@@ -61,10 +74,6 @@ class FeedbackAlignment(ErrorPropagation):
         o = self.options
         self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"], seed=o["seed"],
                                         trainable=False, sign=o["sign"])
-
-    @property
-    def step_writes_state(self) -> bool:
-        return self.options["sign"] == "brsf"      # B's magnitudes are redrawn every batch
 
     def extra_state(self):
         return {"feedback": self.feedback.state_dict()}

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import FBCompileError, OptionError
 
 INITS = ("kaiming", "xavier", "uniform", "normal", "forward")
 SIGNS = ("none", "usf", "frsf", "brsf")
@@ -65,7 +65,8 @@ class FeedbackWeights(nn.Module):
         self.keys = [s.key for s in (slots if slots is not None else program.slots)]
         self.qualnames = {s.key: s.qualname for s in program.slots}
         self.weights = nn.ParameterList()
-        self.generator = torch.Generator().manual_seed(seed)
+        # only brsf draws during steps; a generator here is state the learner's transactions restore
+        self.generator = torch.Generator().manual_seed(seed) if sign == "brsf" else None
         for index, key in enumerate(self.keys):
             forward = program.params[self.qualnames[key]]
             generator = torch.Generator().manual_seed(seed * 100_003 + index)
@@ -91,10 +92,13 @@ class FeedbackWeights(nn.Module):
         return out
 
     def get_extra_state(self):
-        return {"generator": self.generator.get_state()}
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state):
-        self.generator.set_state(state["generator"])
+        if self.generator is not None:
+            if "generator" not in state:
+                raise FBCompileError("the feedback-weight state lacks the generator of sign='brsf'")
+            self.generator.set_state(state["generator"])
 
     def of_units(self, unit_indices: set) -> list:
         """The feedback tensors of slots whose node belongs to one of ``unit_indices``."""

@@ -37,10 +37,11 @@ import torch
 
 from ..errors import NonFiniteError, OptionError
 from ..program import as_tuple
-from .base import check_finite
+from .base import Executor, check_finite
 from .mono_directional import RandomState, directional_gradient, read, row_chunks, unit_chunks, write
 from .mono_forward import HEAD_OPTIONS, MonoForwardBase
 from .options import Option, one_of, positive, positive_int
+from .registry import register_algorithm
 
 UPDATE_MODES = ("accumulate", "immediate")
 
@@ -54,6 +55,7 @@ DD_OPTIONS = {
 }
 
 
+@register_algorithm
 class MonoForwardDD(MonoForwardBase):
     name = "mf-dd"
     OPTIONS = {**HEAD_OPTIONS, **DD_OPTIONS}
@@ -91,7 +93,10 @@ class MonoForwardDD(MonoForwardBase):
         self.steps += 1
         return result
 
-    def compute(self, inputs, targets, loss_fn):
+    def choose_executor(self):
+        return DIRECTIONAL
+
+    def directional(self, inputs, targets, loss_fn):
         params, self._final = self.program.params, {}
         updates, losses, head_grads = {}, {}, {}
         names = [n for s in self.stages if s.head for n in self.trained_params(s)]
@@ -182,3 +187,7 @@ class MonoForwardDD(MonoForwardBase):
         if not torch.isfinite(g).all():
             raise NonFiniteError(f"non-finite directional estimate at {where}; nothing was changed (lower lr, "
                                  "head_lr or eps, or check the inputs)")
+
+
+DIRECTIONAL = Executor("directional", MonoForwardDD.directional, autograd=False,
+                       doc="units one by one, each chunk's gradient from 2P perturbed forwards (no autograd)")

@@ -37,8 +37,9 @@ from ..errors import FBCompileError, NonFiniteError, OptionError, choices_text
 from ..passes.heads import ATTACH_POINTS, HEAD_INITS, OUTPUT_HEADS, attach_heads
 from ..program import as_tuple
 from ..trace import info, preserved_state
-from .base import Learner, StepResult, all_finite
-from .options import Option, non_negative, one_of, positive, positive_int
+from .base import Executor, Learner, StepResult, all_finite
+from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
+from .registry import register_algorithm
 from .unit_order import execution_order
 
 PREDICT_MODES = ("final", "cumulative")
@@ -55,7 +56,7 @@ HEAD_OPTIONS = {
     "head_init": Option("paper", one_of(*HEAD_INITS), "initialisation of M (paper: the reference code's)"),
     "output_head": Option("model", one_of(*OUTPUT_HEADS),
                           "'model': a unit returning the model's (batch, classes) output is scored by it directly"),
-    "head_optimizer": Option("adam", one_of("adam", "sgd"), "the learner's optimizer of the heads M"),
+    "head_optimizer": optimizer_option("heads M (the learner's own)"),
     "head_lr": Option(1e-3, positive, "learning rate of the heads' optimizer"),
     "head_weight_decay": Option(0.0, non_negative, "weight decay of the heads' optimizer"),
 }
@@ -75,14 +76,14 @@ class MonoForwardBase(Learner):
                                           output_head=o["output_head"], seed=o["seed"])
         self.stages = execution_order(program, stages, self.name)
         self.head_optimizer = self._make_head_optimizer()
+        self.executor = self.choose_executor()
 
     def _make_head_optimizer(self):
         params = list(self.heads.parameters())
         if not params:
             return None
         o = self.options
-        kind = torch.optim.Adam if o["head_optimizer"] == "adam" else torch.optim.SGD
-        return kind(params, lr=o["head_lr"], weight_decay=o["head_weight_decay"])
+        return make_optimizer(o["head_optimizer"], params, o["head_lr"], o["head_weight_decay"])
 
     def parameters(self) -> list:
         return list(self.heads.parameters())
@@ -174,12 +175,16 @@ class MonoForwardBase(Learner):
             self.head_optimizer.load_state_dict(state["head_optimizer"])
 
 
+@register_algorithm
 class MonoForward(MonoForwardBase):
     """``"mf"``: local autograd per unit, update-unlocked (see the module docstring)."""
 
     name = "mf"
 
-    def compute(self, inputs, targets, loss_fn):
+    def choose_executor(self):
+        return LOCAL_AUTOGRAD
+
+    def local_autograd(self, inputs, targets, loss_fn):
         params, grads, head_grads, losses = self.program.params, {}, {}, {}
 
         def visit(stage, values):
@@ -214,8 +219,6 @@ def _infer_classes(program) -> int:
                       "classes) tensor); pass classes=<int>")
 
 
-from .mono_dd import MonoForwardDD  # noqa: E402
-from . import register_algorithm  # noqa: E402
 
-for _cls in (MonoForward, MonoForwardDD):
-    register_algorithm(_cls)
+LOCAL_AUTOGRAD = Executor("update-unlocked", MonoForward.local_autograd,
+                          doc="units one by one, each unit's head loss differentiated by local autograd")

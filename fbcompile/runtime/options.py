@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from ..errors import OptionError, choices_text
 
 
@@ -63,3 +65,23 @@ def parse_options(algorithm: str, spec: dict, given: dict, *, elsewhere: dict | 
         if problem:
             raise OptionError(f"option {name}={value!r} for algorithm {algorithm!r} {problem}")
     return {name: given.get(name, option.default) for name, option in spec.items()}
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def optimizer_option(what: str) -> Option:
+    return Option("adam", one_of(*OPTIMIZERS), f"optimizer of the {what}")
+
+
+def make_optimizer(kind: str, params: list, lr: float, weight_decay: float, *, fused: bool = False):
+    """The learner's own optimizer of its auxiliary parameters (feedback weights, heads): Adam or
+    SGD; ``fused`` asks for the single-pass kernel where this torch has one (it falls back to the
+    default implementation where it has not)."""
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.SGD
+    if fused:
+        try:
+            return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (TypeError, RuntimeError, ValueError):
+            pass
+    return cls(params, lr=lr, weight_decay=weight_decay)

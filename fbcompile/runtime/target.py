@@ -24,11 +24,12 @@ import torch
 from ..errors import NonFiniteError, OptionError, choices_text
 from ..program import flat_outputs
 from ..trace import depends_on_parameters
-from .base import Learner, StepResult, all_finite
+from .base import Executor, Learner, StepResult, all_finite
 from .losses import output_error
 from .feedback_weights import INITS, FeedbackWeights
-from .options import Option, boolean, non_negative, one_of, positive, positive_int
+from .options import Option, boolean, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .reconstruction import cut_reconstruction, difference_reconstruction
+from .registry import register_algorithm
 
 LEARNED = ("lrl", "drl", "ldrl")
 SOURCES = ("analytic", "random") + LEARNED
@@ -38,6 +39,7 @@ _LEARNED_ONLY = ("sigma", "feedback_steps", "feedback_lr", "feedback_weight_deca
 _WEIGHTED_ONLY = ("feedback_init", "feedback_scale")
 
 
+@register_algorithm
 class TargetPropagation(Learner):
     """Target propagation: t_in = G_u(t_out) from t_L = h_L - beta dL/dh_L; local losses per unit."""
     name = "tp"
@@ -56,7 +58,7 @@ class TargetPropagation(Learner):
                                  "feedback training iterations per batch (lrl 1, drl 1, ldrl 20)"),
         "feedback_lr": Option(1e-3, positive, "learning rate of the feedback optimizer"),
         "feedback_weight_decay": Option(0.0, non_negative, "weight decay of feedback weights (Tikhonov term)"),
-        "feedback_optimizer": Option("adam", one_of("adam", "sgd"), "optimizer of the feedback weights"),
+        "feedback_optimizer": optimizer_option("feedback weights"),
         "input_feedback": Option(False, boolean, "also train the feedback into the model inputs"),
     }
 
@@ -76,23 +78,36 @@ class TargetPropagation(Learner):
                                             seed=o["seed"], trainable=source in LEARNED)
         self.feedback_optimizer = None
         if source in LEARNED:
-            params = list(self.feedback.parameters())
-            kind = torch.optim.Adam if o["feedback_optimizer"] == "adam" else torch.optim.SGD
-            self.feedback_optimizer = kind(params, lr=o["feedback_lr"], weight_decay=o["feedback_weight_decay"])
+            self.feedback_optimizer = make_optimizer(o["feedback_optimizer"], list(self.feedback.parameters()),
+                                                     o["feedback_lr"], o["feedback_weight_decay"])
             self.feedback_steps = o["feedback_steps"] or DEFAULT_FEEDBACK_STEPS[source]
         # every feedback graph a step runs, emitted now: the forward saves what all of them read
         modes = [self.difference_mode if self.difference else "target"]
         if source in LEARNED and source != "drl":
             modes.append("unit_target")
         # local gradients without autograd (compiled unit_error graph) where the units' error maps are exact
-        self.compiled_local = self.feedback_optimizer is None and program.exact_within_units
-        if self.compiled_local:
+        self.executor = self.choose_executor()
+        if self.executor is COMPILED_LOCAL:
             modes.append("unit_error")
         program.prepare(*modes)
 
+    def choose_executor(self, compiled: bool = True) -> Executor:
+        """"compiled-local" (each unit's backward from the compiled unit_error graph) where every
+        error map inside the units is exact and the feedback is not trained on the step's forward;
+        else "autograd-local" (one multi-root autograd backward through the unit-local graphs)."""
+        exact = compiled and self.feedback_optimizer is None and self.program.exact_within_units
+        return COMPILED_LOCAL if exact else AUTOGRAD_LOCAL
+
     @property
-    def step_writes_state(self) -> bool:
-        return self.feedback_optimizer is not None      # learned feedback: its weights, optimizer, noise
+    def compiled_local(self) -> bool:
+        return self.executor is COMPILED_LOCAL
+
+    @compiled_local.setter
+    def compiled_local(self, value: bool) -> None:
+        """Tests compare the paths: False switches to the autograd executor (True is the default choice)."""
+        if value and self.choose_executor() is not COMPILED_LOCAL:
+            raise OptionError(f"algorithm {self.name!r} cannot compute local gradients without autograd here")
+        self.executor = self.choose_executor(compiled=bool(value))
 
     def parameters(self):
         return list(self.feedback.parameters()) if self.feedback is not None and self.feedback_optimizer else []
@@ -101,9 +116,9 @@ class TargetPropagation(Learner):
         return None if self.feedback is None else self.feedback.mapping()
 
     # -- one step -------------------------------------------------------------------------------
-    def compute(self, inputs, targets, loss_fn):
+    def local_step(self, inputs, targets, loss_fn, compiled: bool):
+        """Targets from the feedback graph, then every unit's local gradient (see the module docstring)."""
         program, beta = self.program, self.options["beta"]
-        compiled = self.compiled_local
         with torch.set_grad_enabled(torch.is_grad_enabled() and not compiled):
             output, taps, boundary_values = program.local_forward()(*inputs)
         loss, errors = output_error(output, targets, loss_fn)
@@ -209,6 +224,7 @@ class TargetPropagation(Learner):
             self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
 
 
+@register_algorithm
 class DifferenceTargetPropagation(TargetPropagation):
     """Difference target propagation: t_in = G(t_out) + h_in - G(h_out) (TJML-DTP with analytic feedback)."""
     name = "dtp"
@@ -217,6 +233,12 @@ class DifferenceTargetPropagation(TargetPropagation):
     @property
     def difference_mode(self) -> str:
         return "difference" if self.options["correction"] == "op" else "unit_difference"
+
+
+COMPILED_LOCAL = Executor("compiled-local", lambda learner, *args: learner.local_step(*args, compiled=True),
+                          autograd=False, doc="targets, then each unit's backward from the compiled unit_error graph")
+AUTOGRAD_LOCAL = Executor("autograd-local", lambda learner, *args: learner.local_step(*args, compiled=False),
+                          doc="targets, then one multi-root autograd backward through the unit-local graphs")
 
 
 def _refuse_inapplicable(algorithm: str, source: str, given: dict) -> None:

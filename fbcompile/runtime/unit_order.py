@@ -44,8 +44,10 @@ def _cycle_message(program, waiting: list, algorithm: str) -> str:
     by_index = {s.unit.index: s for s in waiting}
     reads_from = {}                                  # unit index -> (value read, producer index)
     for stage in waiting:
-        src = next(src for src in stage.inputs if src in unit_of and unit_of[src].index in by_index
-                   and unit_of[src] is not stage.unit)
+        src = next((src for src in stage.inputs if src in unit_of and unit_of[src].index in by_index
+                    and unit_of[src] is not stage.unit), None)
+        if src is None:
+            raise FBCompileError(f"algorithm {algorithm!r}: unit {stage.unit.index} waits for no other waiting unit")
         reads_from[stage.unit.index] = (src, unit_of[src].index)
     path, index = [], waiting[0].unit.index
     while index not in path:
