@@ -18,11 +18,14 @@
   used by verification to differentiate the very function that ran.
 - ``param_grads``: the weight-gradient formula ``(ctx, g) -> {role: grad}`` given the error ``g``
   at the op's output; ops without one get :func:`autograd_param_grads`, a local autograd vjp.
-- ``leader``: whether the op starts a TP unit (ops with weight matrices do).
 - ``batch_local``: ``ctx -> bool``, whether this call maps each sample (index along dim 0)
   independently; verification then measures per-sample Jacobian blocks. Default: yes, as long as
   inputs and outputs all lead with the batch. Ops that can reduce, concatenate, split or move dim 0,
   or that use batch statistics, declare it.
+
+What an op *is* (its traits, e.g. :attr:`OpSpec.weights`, the weight arguments its signature names)
+is read off the declaration; policies built on traits live with their pass (TP units:
+:func:`fbcompile.passes.units.starts_unit`), not in flags on the op.
 """
 from __future__ import annotations
 
@@ -52,8 +55,6 @@ class OpSpec:
     extras: tuple = ()
     replay: Callable | None = None
     param_grads: Callable | None = None
-    param_args: tuple = ()
-    leader: bool = False
     batch_local: Callable | None = None
     signature: inspect.Signature = field(init=False)
 
@@ -62,6 +63,12 @@ class OpSpec:
 
     def __repr__(self):
         return f"OpSpec({self.name!r})"
+
+    @property
+    def weights(self) -> tuple:
+        """The op's weight arguments: the parameters of ``apply`` named ``weight`` or ``*_weight``
+        (torch's naming: Linear, Conv, Embedding, the norms' gains, attention's projections)."""
+        return tuple(p for p in self.signature.parameters if p == "weight" or p.endswith("_weight"))
 
     def split(self, arguments: dict) -> tuple[tuple, dict]:
         """Positional and keyword parts of canonical ``arguments`` (handles ``*args`` ops)."""
@@ -80,8 +87,8 @@ _BY_MODULE: dict[type, OpSpec] = {}
 
 
 def declare_op(name: str, apply: Callable, *, modules=None, functions=(), methods=(), inplace=(),
-               tapped=None, extras=(), replay=None, param_grads=None, param_args=(),
-               leader=False, batch_local=None, replace=False) -> OpSpec:
+               tapped=None, extras=(), replay=None, param_grads=None, batch_local=None,
+               replace=False) -> OpSpec:
     """Declare a canonical op and all its spellings. Returns the :class:`OpSpec` (rules refer to it).
 
     ``inplace`` lists the in-place spellings among ``functions`` and ``methods`` (they run out of
@@ -90,8 +97,7 @@ def declare_op(name: str, apply: Callable, *, modules=None, functions=(), method
     if name in _OPS and not replace:
         raise RuleError(f"op {name!r} is already declared; pass replace=True to redeclare it")
     spec = OpSpec(name, apply, dict(modules or {}), tuple(functions), tuple(methods), tuple(inplace),
-                  tapped, tuple(extras), replay, param_grads or autograd_param_grads, tuple(param_args), leader,
-                  batch_local)
+                  tapped, tuple(extras), replay, param_grads or autograd_param_grads, batch_local)
     if tapped is not None and not extras:
         raise RuleError(f"op {name!r}: a tapped forward must name its extras")
     for fn in (*functions, *methods, *inplace):

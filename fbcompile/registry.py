@@ -72,6 +72,8 @@ def register_rule(op: OpSpec | str, *, conditions: str = "T", kind="exact", targ
 
     ``supports(ctx)`` may return a reason string when a particular call cannot be handled (e.g. a
     product of two activations); the node is then reported as unsupported with that reason.
+    The rule's name, printed by ``explain()``, is ``"<op>.<def name>"``, so it greps to its ``def``;
+    ``name`` overrides it (the rule library never does: tests/test_rule_library.py).
     Registering the same (op, condition, variant) twice raises unless ``replace=True``.
     """
     op_name = op.name if isinstance(op, OpSpec) else op

@@ -1,8 +1,10 @@
 """Elementwise activations y = sigma(x).
 
-Each activation is given by its branches (:class:`fbcompile.symbolic.Piece`) and, where it is
-invertible, the known inverse of each branch; sympy derives everything else
-(:func:`fbcompile.symbolic.derive`).
+Each activation is one :class:`Activation` record, declared with :func:`declare_activation` right
+where it is written: its forward, its branches (:class:`fbcompile.symbolic.Piece`) with the known
+inverse of each branch where it is invertible, torch's fused kernel for sigma'(x) g, the
+hyperparameters they read, and its spellings. sympy derives everything else
+(:func:`fbcompile.symbolic.derive`); the four rules below serve every activation.
 
 Rules (x = saved input, y = saved output, g = feedback at y):
 
@@ -25,14 +27,18 @@ Rules (x = saved input, y = saved output, g = feedback at y):
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import sympy
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op, tensor_method
+from fbcompile.ops import OpSpec, declare_op, tensor_method
 from fbcompile.registry import register_rule
 from fbcompile.symbolic import Piece, derive, sigmoid, softplus, x, y
+
+from .dense import elementwise_pinv
 
 aten = torch.ops.aten
 slope, alpha, beta, threshold = sympy.symbols("negative_slope alpha beta threshold", real=True)
@@ -40,149 +46,80 @@ lo, hi = sympy.symbols("min_val max_val", real=True)
 SQRT_2_OVER_PI = sympy.sqrt(2 / sympy.pi)
 
 
-def _gelu_pieces(approximate="none"):
-    if approximate == "tanh":
-        return (Piece(x * (1 + sympy.tanh(SQRT_2_OVER_PI * (x + sympy.Rational(44715, 10 ** 6) * x ** 3))) / 2),)
-    return (Piece(x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2),)
+class Activation(NamedTuple):
+    """Everything about one elementwise activation y = sigma(x).
+
+    ``apply``: the canonical forward (its signature is the op's); ``branches(**string constants)``:
+    the :class:`Piece` s of sigma, with each branch's known inverse where sigma is invertible (the
+    rule's kind follows: exact where invertible for the call's hyperparameters, else linearised);
+    ``derivative(g, x, y, constants)``: sigma'(x) g with torch's fused backward kernel;
+    ``constants``: the hyperparameters the branches and the kernel read; ``output_only``: the kernel
+    reads y alone, so the feedback saves y only (the tensor the next op saves anyway), not also x;
+    then the spellings: ``functions``, Tensor ``methods`` (names), ``inplace`` spellings (functions
+    or method names) and ``modules`` (class -> binder)."""
+    apply: Callable
+    branches: Callable
+    derivative: Callable
+    constants: tuple = ()
+    output_only: bool = False
+    functions: tuple = ()
+    methods: tuple = ()
+    inplace: tuple = ()
+    modules: dict | None = None
 
 
-def _kernels():
-    """sigma'(x) * g with torch's fused backward kernel for each activation (x input, y output)."""
-    def tanh_grad(g, x_, y_, c):
-        return aten.tanh_backward(g, y_)
-
-    def sigmoid_grad(g, x_, y_, c):
-        return aten.sigmoid_backward(g, y_)
-
-    def leaky_relu_grad(g, x_, y_, c):
-        return aten.leaky_relu_backward(g, x_, c["negative_slope"], False)
-
-    def elu_grad(g, x_, y_, c):
-        return aten.elu_backward(g, c["alpha"], 1.0, 1.0, False, x_)
-
-    def softplus_grad(g, x_, y_, c):
-        return aten.softplus_backward(g, x_, c["beta"], c["threshold"])
-
-    def relu_grad(g, x_, y_, c):
-        return aten.threshold_backward(g, y_, 0)
-
-    def gelu_grad(g, x_, y_, c):
-        return aten.gelu_backward(g, x_, approximate=c["approximate"])
-
-    def silu_grad(g, x_, y_, c):
-        # sigma'(x) = s (1 + x (1 - s)), s = sigmoid(x); written out because aten.silu_backward has
-        # no derivative, and verification differentiates feedback maps (vjp of G)
-        s = torch.sigmoid(x_)
-        return g * (s * (1 + x_ * (1 - s)))
-
-    def hardtanh_grad(g, x_, y_, c):
-        return aten.hardtanh_backward(g, x_, c["min_val"], c["max_val"])
-
-    def relu6_grad(g, x_, y_, c):
-        return aten.hardtanh_backward(g, x_, 0.0, 6.0)
-
-    def hardswish_grad(g, x_, y_, c):
-        return aten.hardswish_backward(g, x_)
-
-    def hardsigmoid_grad(g, x_, y_, c):
-        # aten.hardsigmoid_backward has no derivative: its slope at g = 1 times g (the very numbers
-        # autograd uses; its 1/6 is a float32 constant even in float64)
-        return g * aten.hardsigmoid_backward(torch.ones_like(x_), x_)
-
-    def mish_grad(g, x_, y_, c):
-        # mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), sp = softplus(x), written out as
-        # aten.mish_backward's kernel computes it (it has no derivative and no vmap batching rule)
-        t = torch.tanh(F.softplus(x_))
-        return g * (t + x_ * torch.sigmoid(x_) * (1 - t * t))
-    return {f.__name__[:-5]: f for f in (tanh_grad, sigmoid_grad, leaky_relu_grad, elu_grad, softplus_grad,
-                                         relu_grad, gelu_grad, silu_grad, hardtanh_grad, relu6_grad,
-                                         hardswish_grad, hardsigmoid_grad, mish_grad)}
+ACTIVATIONS: dict[str, Activation] = {}
+_BY_OP: dict[OpSpec, Activation] = {}
 
 
-KERNELS = _kernels()
-
-# name -> (apply, branches(string constants) -> pieces, constants used)
-ACTIVATIONS = {
-    "tanh": (lambda input: torch.tanh(input),
-             lambda: (Piece(sympy.tanh(x), sympy.true, sympy.atanh(y)),), ()),
-    "sigmoid": (lambda input: torch.sigmoid(input),
-                lambda: (Piece(1 / (1 + sympy.exp(-x)), sympy.true, sympy.log(y / (1 - y))),), ()),
-    "leaky_relu": (lambda input, negative_slope=0.01, inplace=False: F.leaky_relu(input, negative_slope),
-                   lambda: (Piece(x, x > 0, y, 0), Piece(slope * x, sympy.true, y / slope, increasing=slope > 0)),
-                   ("negative_slope",)),
-    "elu": (lambda input, alpha=1.0, inplace=False: F.elu(input, alpha),
-            lambda: (Piece(x, x > 0, y, 0), Piece(alpha * (sympy.exp(x) - 1), sympy.true, sympy.log(1 + y / alpha),
-                                                   increasing=alpha > 0)), ("alpha",)),
-    "softplus": (lambda input, beta=1.0, threshold=20.0: F.softplus(input, beta, threshold),
-                 lambda: (Piece(x, beta * x > threshold, y, threshold / beta, increasing=beta > 0),
-                          Piece(sympy.log(1 + sympy.exp(beta * x)) / beta, sympy.true,
-                                sympy.log(sympy.exp(beta * y) - 1) / beta)), ("beta", "threshold")),
-    "relu": (lambda input, inplace=False: torch.relu(input),
-             lambda: (Piece(x, x > 0), Piece(sympy.Integer(0))), ()),
-    "gelu": (lambda input, approximate="none": F.gelu(input, approximate=approximate), _gelu_pieces, ("approximate",)),
-    "silu": (lambda input, inplace=False: F.silu(input), lambda: (Piece(x * sigmoid(x)),), ()),
-    "hardtanh": (lambda input, min_val=-1.0, max_val=1.0, inplace=False: F.hardtanh(input, min_val, max_val),
-                 lambda: (Piece(lo, x <= lo), Piece(hi, x >= hi), Piece(x)), ("min_val", "max_val")),
-    # torch's derivative conventions at the kinks (hardtanh_backward, hardswish_backward,
-    # hardsigmoid_backward): relu6' = 0 at 0 and 6, hardswish' = 0 at -3 and 1 at 3, hardsigmoid' = 0
-    # at +-3; each branch owns the bound its condition includes, which gives exactly these
-    "relu6": (lambda input, inplace=False: F.relu6(input),
-              lambda: (Piece(sympy.Integer(6), x >= 6), Piece(x, x > 0), Piece(sympy.Integer(0))), ()),
-    "hardswish": (lambda input, inplace=False: F.hardswish(input),
-                  lambda: (Piece(x, x >= 3), Piece(x * (x + 3) / 6, x > -3), Piece(sympy.Integer(0))), ()),
-    "hardsigmoid": (lambda input, inplace=False: F.hardsigmoid(input),
-                    lambda: (Piece(sympy.Integer(1), x >= 3), Piece(x / 6 + sympy.Rational(1, 2), x > -3),
-                             Piece(sympy.Integer(0))), ()),
-    "mish": (lambda input, inplace=False: F.mish(input), lambda: (Piece(x * sympy.tanh(softplus(x))),), ()),
-}
-
-_SPELLINGS = {
-    "tanh": ([torch.tanh], ["tanh"], [torch.tanh_], ["tanh_"], {nn.Tanh: lambda m: {}}),
-    "sigmoid": ([torch.sigmoid], ["sigmoid"], [torch.sigmoid_], ["sigmoid_"], {nn.Sigmoid: lambda m: {}}),
-    "relu": ([torch.relu, F.relu], ["relu"], [torch.relu_, F.relu_], ["relu_"],
-             {nn.ReLU: lambda m: {"inplace": m.inplace}}),
-    "leaky_relu": ([F.leaky_relu], [], [F.leaky_relu_], [],
-                   {nn.LeakyReLU: lambda m: {"negative_slope": m.negative_slope, "inplace": m.inplace}}),
-    "elu": ([F.elu], [], [F.elu_], [], {nn.ELU: lambda m: {"alpha": m.alpha, "inplace": m.inplace}}),
-    "softplus": ([F.softplus], [], [], [], {nn.Softplus: lambda m: {"beta": m.beta, "threshold": m.threshold}}),
-    "gelu": ([F.gelu], [], [], [], {nn.GELU: lambda m: {"approximate": m.approximate}}),
-    "silu": ([F.silu], [], [], [], {nn.SiLU: lambda m: {"inplace": m.inplace}}),
-    "hardtanh": ([F.hardtanh], [], [F.hardtanh_], [],
-                 {nn.Hardtanh: lambda m: {"min_val": m.min_val, "max_val": m.max_val, "inplace": m.inplace}}),
-    "relu6": ([F.relu6], [], [], [], {nn.ReLU6: lambda m: {"inplace": m.inplace}}),
-    "hardswish": ([F.hardswish], [], [], [], {nn.Hardswish: lambda m: {"inplace": m.inplace}}),
-    "hardsigmoid": ([F.hardsigmoid], [], [], [], {nn.Hardsigmoid: lambda m: {"inplace": m.inplace}}),
-    "mish": ([F.mish], [], [], [], {nn.Mish: lambda m: {"inplace": m.inplace}}),
-}
+def _method(spelling):
+    return tensor_method(spelling) if isinstance(spelling, str) else spelling
 
 
+def declare_activation(name: str, record: Activation) -> OpSpec:
+    """Declare the op ``name`` with the record's spellings and register the activation rules."""
+    apply = record.apply
+    apply.__name__ = apply.__qualname__ = name
+    spec = declare_op(name, apply, modules=record.modules or {}, functions=record.functions,
+                      methods=[tensor_method(m) for m in record.methods],
+                      inplace=[_method(s) for s in record.inplace])
+    ACTIVATIONS[name] = _BY_OP[spec] = record
+    affine = any(p.inverse is None for p in record.branches())   # affine target maps
+    register_rule(spec, conditions="T", kind=_kind_T, target=_target, affine=affine)(transpose)
+    register_rule(spec, conditions="T", kind="surrogate", target=_hadamard_target, variant="hadamard")(hadamard)
+    register_rule(spec, conditions="P", kind=_kind_T, target=_inverse_target, affine=affine)(pinv)
+    register_rule(spec, conditions="I", kind="exact", target=_inverse_target, supports=_requires_invertible)(inverse)
+    return spec
+
+
+def _no_arguments(m):
+    return {}
+
+
+def _inplace_only(m):
+    return {"inplace": m.inplace}
+
+
+# -- the rules (x = saved input, y = saved output, g = feedback at y) ----------------------------
 def derived(ctx):
     """The sympy-derived functions for this call's activation and hyperparameters."""
-    _, pieces, names = ACTIVATIONS[ctx.op_call.spec.name]
-    consts = {n: ctx.const(n, _default(ctx, n)) for n in names}
+    record = _BY_OP[ctx.op_call.spec]
+    consts = _consts(ctx)
     numeric = {k: v for k, v in consts.items() if not isinstance(v, str)}
-    branches = pieces(**{k: v for k, v in consts.items() if isinstance(v, str)})
+    branches = record.branches(**{k: v for k, v in consts.items() if isinstance(v, str)})
     return derive(ctx.op_call.spec.name + "".join(f"_{v}" for v in consts.values() if isinstance(v, str)),
                   branches, **numeric)
 
 
-def _default(ctx, name):
-    return ctx.op_call.spec.signature.parameters[name].default
-
-
 def _consts(ctx) -> dict:
-    return {n: ctx.const(n, _default(ctx, n)) for n in ACTIVATIONS[ctx.op_call.spec.name][2]}
-
-
-# Kernels that read only the forward output: their feedback saves y alone (the same tensor the
-# next op already saves), not also x, which would double the activations a program keeps.
-OUTPUT_KERNELS = {"tanh", "sigmoid", "relu"}
+    parameters = ctx.op_call.spec.signature.parameters
+    return {n: ctx.const(n, parameters[n].default) for n in _BY_OP[ctx.op_call.spec].constants}
 
 
 def _fused_error(ctx, g):
-    name = ctx.op_call.spec.name
-    x_ = None if name in OUTPUT_KERNELS else ctx.saved("input")
-    return ctx.call(KERNELS[name], g, x_, ctx.saved("output"), _consts(ctx))
+    record = _BY_OP[ctx.op_call.spec]
+    x_ = None if record.output_only else ctx.saved("input")
+    return ctx.call(record.derivative, g, x_, ctx.saved("output"), _consts(ctx))
 
 
 def _local_slope(ctx):
@@ -194,25 +131,24 @@ def _invertible(ctx) -> bool:
     return derived(ctx).inverse is not None
 
 
-# -- condition T ------------------------------------------------------------------------------
-def _varsigma(ctx, t):
+def _kind_T(ctx):
+    return "exact" if _invertible(ctx) else "linearised"
+
+
+def _target(ctx, t):
+    """Invertible: G(t) = varsigma(t) (sigma's own kernel where varsigma is sigma). Otherwise the
+    linearisation G(t) = x + sigma'(x) (t - y)."""
+    if not _invertible(ctx):
+        return {"input": ctx.saved("input") + _local_slope(ctx) * (t - ctx.saved("output"))}
     functions = derived(ctx)
     if functions.varsigma_is_forward:
-        return {"input": ctx.call(_SPELLINGS[ctx.op_call.spec.name][0][0], t, **_consts(ctx))}
+        return {"input": ctx.call(_BY_OP[ctx.op_call.spec].functions[0], t, **_consts(ctx))}
     return {"input": ctx.call(functions.varsigma, t)}
 
 
-def _linearised_target(ctx, t):
-    return {"input": ctx.saved("input") + _local_slope(ctx) * (t - ctx.saved("output"))}
-
-
-def activation_transpose(ctx, g):
+def transpose(ctx, g):
     """J_G g = sigma'(x) g (diagonal, so the transpose of J_F)."""
     return {"input": _fused_error(ctx, g)}
-
-
-def activation_target(ctx, t):
-    return _varsigma(ctx, t) if _invertible(ctx) else _linearised_target(ctx, t)
 
 
 def _hadamard_target(ctx, t):
@@ -220,27 +156,28 @@ def _hadamard_target(ctx, t):
     return {"input": ctx.call(derived(ctx).forward, _local_slope(ctx) * t)}
 
 
-def activation_hadamard(ctx, g):
+def hadamard(ctx, g):
+    """J_G g = sigma'(sigma'(x) y) sigma'(x) g, the Jacobian of eq. 29's G at t = y."""
     slope_ = _local_slope(ctx)
     outer = ctx.call(derived(ctx).derivative, slope_ * ctx.saved("output"))
     return {"input": outer * slope_ * g}
 
 
-# -- conditions P and I -------------------------------------------------------------------------
-def _elementwise_pinv(d):
-    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-
-
-def activation_inverse(ctx, g):
-    """J_G g = g / sigma'(x) (the elementwise (pseudo-)inverse of the diagonal Jacobian)."""
-    return {"input": g * ctx.call(_elementwise_pinv, _local_slope(ctx))}
-
-
-def activation_inverse_target(ctx, t):
+def _inverse_target(ctx, t):
     if _invertible(ctx):
         return {"input": ctx.call(derived(ctx).inverse, t)}
     x_, y_ = ctx.saved("input"), ctx.saved("output")
-    return {"input": x_ + ctx.call(_elementwise_pinv, _local_slope(ctx)) * (t - y_)}
+    return {"input": x_ + ctx.call(elementwise_pinv, _local_slope(ctx)) * (t - y_)}
+
+
+def pinv(ctx, g):
+    """J_G g = g / sigma'(x) (the elementwise pseudo-inverse of the diagonal Jacobian)."""
+    return {"input": g * ctx.call(elementwise_pinv, _local_slope(ctx))}
+
+
+def inverse(ctx, g):
+    """J_G g = g / sigma'(x), the inverse of the diagonal Jacobian (invertible activations only)."""
+    return pinv(ctx, g)
 
 
 def _requires_invertible(ctx):
@@ -250,27 +187,158 @@ def _requires_invertible(ctx):
     return None
 
 
-def _kind_T(ctx):
-    return "exact" if _invertible(ctx) else "linearised"
+# -- the activations --------------------------------------------------------------------------------
+def tanh_grad(g, x_, y_, c):
+    return aten.tanh_backward(g, y_)
 
 
-def _declare(name):
-    apply = ACTIVATIONS[name][0]
-    functions, methods, inplace_fns, inplace_methods, modules = _SPELLINGS[name]
-    methods = [tensor_method(m) for m in methods]
-    inplace = [*inplace_fns, *(tensor_method(m) for m in inplace_methods)]
-    apply.__name__ = apply.__qualname__ = name
-    return declare_op(name, apply, modules=modules, functions=functions, methods=methods, inplace=inplace)
+TANH = declare_activation("tanh", Activation(
+    lambda input: torch.tanh(input),
+    lambda: (Piece(sympy.tanh(x), sympy.true, sympy.atanh(y)),),
+    tanh_grad, output_only=True, functions=(torch.tanh,), methods=("tanh",), inplace=(torch.tanh_, "tanh_"),
+    modules={nn.Tanh: _no_arguments}))
 
 
-for _name, (_, _pieces, _) in ACTIVATIONS.items():
-    _spec = _declare(_name)
-    _affine = any(p.inverse is None for p in _pieces())   # affine target maps
-    register_rule(_spec, conditions="T", kind=_kind_T, target=activation_target,
-                  affine=_affine, name=f"{_name}.transpose")(activation_transpose)
-    register_rule(_spec, conditions="T", kind="surrogate", target=_hadamard_target, variant="hadamard",
-                  name=f"{_name}.hadamard")(activation_hadamard)
-    register_rule(_spec, conditions="P", kind=_kind_T, target=activation_inverse_target,
-                  affine=_affine, name=f"{_name}.pinv")(activation_inverse)
-    register_rule(_spec, conditions="I", kind="exact", target=activation_inverse_target,
-                  supports=_requires_invertible, name=f"{_name}.inverse")(activation_inverse)
+def sigmoid_grad(g, x_, y_, c):
+    return aten.sigmoid_backward(g, y_)
+
+
+SIGMOID = declare_activation("sigmoid", Activation(
+    lambda input: torch.sigmoid(input),
+    lambda: (Piece(1 / (1 + sympy.exp(-x)), sympy.true, sympy.log(y / (1 - y))),),
+    sigmoid_grad, output_only=True, functions=(torch.sigmoid,), methods=("sigmoid",),
+    inplace=(torch.sigmoid_, "sigmoid_"), modules={nn.Sigmoid: _no_arguments}))
+
+
+def leaky_relu_grad(g, x_, y_, c):
+    return aten.leaky_relu_backward(g, x_, c["negative_slope"], False)
+
+
+LEAKY_RELU = declare_activation("leaky_relu", Activation(
+    lambda input, negative_slope=0.01, inplace=False: F.leaky_relu(input, negative_slope),
+    lambda: (Piece(x, x > 0, y, 0), Piece(slope * x, sympy.true, y / slope, increasing=slope > 0)),
+    leaky_relu_grad, ("negative_slope",), functions=(F.leaky_relu,), inplace=(F.leaky_relu_,),
+    modules={nn.LeakyReLU: lambda m: {"negative_slope": m.negative_slope, "inplace": m.inplace}}))
+
+
+def elu_grad(g, x_, y_, c):
+    return aten.elu_backward(g, c["alpha"], 1.0, 1.0, False, x_)
+
+
+ELU = declare_activation("elu", Activation(
+    lambda input, alpha=1.0, inplace=False: F.elu(input, alpha),
+    lambda: (Piece(x, x > 0, y, 0), Piece(alpha * (sympy.exp(x) - 1), sympy.true, sympy.log(1 + y / alpha),
+                                          increasing=alpha > 0)),
+    elu_grad, ("alpha",), functions=(F.elu,), inplace=(F.elu_,),
+    modules={nn.ELU: lambda m: {"alpha": m.alpha, "inplace": m.inplace}}))
+
+
+def softplus_grad(g, x_, y_, c):
+    return aten.softplus_backward(g, x_, c["beta"], c["threshold"])
+
+
+SOFTPLUS = declare_activation("softplus", Activation(
+    lambda input, beta=1.0, threshold=20.0: F.softplus(input, beta, threshold),
+    lambda: (Piece(x, beta * x > threshold, y, threshold / beta, increasing=beta > 0),
+             Piece(sympy.log(1 + sympy.exp(beta * x)) / beta, sympy.true, sympy.log(sympy.exp(beta * y) - 1) / beta)),
+    softplus_grad, ("beta", "threshold"), functions=(F.softplus,),
+    modules={nn.Softplus: lambda m: {"beta": m.beta, "threshold": m.threshold}}))
+
+
+def relu_grad(g, x_, y_, c):
+    return aten.threshold_backward(g, y_, 0)
+
+
+RELU = declare_activation("relu", Activation(
+    lambda input, inplace=False: torch.relu(input),
+    lambda: (Piece(x, x > 0), Piece(sympy.Integer(0))),
+    relu_grad, output_only=True, functions=(torch.relu, F.relu), methods=("relu",),
+    inplace=(torch.relu_, F.relu_, "relu_"), modules={nn.ReLU: _inplace_only}))
+
+
+def _gelu_pieces(approximate="none"):
+    if approximate == "tanh":
+        return (Piece(x * (1 + sympy.tanh(SQRT_2_OVER_PI * (x + sympy.Rational(44715, 10 ** 6) * x ** 3))) / 2),)
+    return (Piece(x * (1 + sympy.erf(x / sympy.sqrt(2))) / 2),)
+
+
+def gelu_grad(g, x_, y_, c):
+    return aten.gelu_backward(g, x_, approximate=c["approximate"])
+
+
+GELU = declare_activation("gelu", Activation(
+    lambda input, approximate="none": F.gelu(input, approximate=approximate), _gelu_pieces,
+    gelu_grad, ("approximate",), functions=(F.gelu,), modules={nn.GELU: lambda m: {"approximate": m.approximate}}))
+
+
+def silu_grad(g, x_, y_, c):
+    # sigma'(x) = s (1 + x (1 - s)), s = sigmoid(x); written out because aten.silu_backward has
+    # no derivative, and verification differentiates feedback maps (vjp of G)
+    s = torch.sigmoid(x_)
+    return g * (s * (1 + x_ * (1 - s)))
+
+
+SILU = declare_activation("silu", Activation(
+    lambda input, inplace=False: F.silu(input), lambda: (Piece(x * sigmoid(x)),),
+    silu_grad, functions=(F.silu,), modules={nn.SiLU: _inplace_only}))
+
+
+def hardtanh_grad(g, x_, y_, c):
+    return aten.hardtanh_backward(g, x_, c["min_val"], c["max_val"])
+
+
+HARDTANH = declare_activation("hardtanh", Activation(
+    lambda input, min_val=-1.0, max_val=1.0, inplace=False: F.hardtanh(input, min_val, max_val),
+    lambda: (Piece(lo, x <= lo), Piece(hi, x >= hi), Piece(x)),
+    hardtanh_grad, ("min_val", "max_val"), functions=(F.hardtanh,), inplace=(F.hardtanh_,),
+    modules={nn.Hardtanh: lambda m: {"min_val": m.min_val, "max_val": m.max_val, "inplace": m.inplace}}))
+
+
+# torch's derivative conventions at the kinks (hardtanh_backward, hardswish_backward,
+# hardsigmoid_backward): relu6' = 0 at 0 and 6, hardswish' = 0 at -3 and 1 at 3, hardsigmoid' = 0
+# at +-3; each branch owns the bound its condition includes, which gives exactly these
+def relu6_grad(g, x_, y_, c):
+    return aten.hardtanh_backward(g, x_, 0.0, 6.0)
+
+
+RELU6 = declare_activation("relu6", Activation(
+    lambda input, inplace=False: F.relu6(input),
+    lambda: (Piece(sympy.Integer(6), x >= 6), Piece(x, x > 0), Piece(sympy.Integer(0))),
+    relu6_grad, functions=(F.relu6,), modules={nn.ReLU6: _inplace_only}))
+
+
+def hardswish_grad(g, x_, y_, c):
+    return aten.hardswish_backward(g, x_)
+
+
+HARDSWISH = declare_activation("hardswish", Activation(
+    lambda input, inplace=False: F.hardswish(input),
+    lambda: (Piece(x, x >= 3), Piece(x * (x + 3) / 6, x > -3), Piece(sympy.Integer(0))),
+    hardswish_grad, functions=(F.hardswish,), modules={nn.Hardswish: _inplace_only}))
+
+
+def hardsigmoid_grad(g, x_, y_, c):
+    # aten.hardsigmoid_backward has no derivative: its slope at g = 1 times g (the very numbers
+    # autograd uses; its 1/6 is a float32 constant even in float64)
+    return g * aten.hardsigmoid_backward(torch.ones_like(x_), x_)
+
+
+HARDSIGMOID = declare_activation("hardsigmoid", Activation(
+    lambda input, inplace=False: F.hardsigmoid(input),
+    lambda: (Piece(sympy.Integer(1), x >= 3), Piece(x / 6 + sympy.Rational(1, 2), x > -3), Piece(sympy.Integer(0))),
+    hardsigmoid_grad, functions=(F.hardsigmoid,), modules={nn.Hardsigmoid: _inplace_only}))
+
+
+def mish_grad(g, x_, y_, c):
+    # mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), sp = softplus(x), written out as
+    # aten.mish_backward's kernel computes it (it has no derivative and no vmap batching rule)
+    t = torch.tanh(F.softplus(x_))
+    return g * (t + x_ * torch.sigmoid(x_) * (1 - t * t))
+
+
+MISH = declare_activation("mish", Activation(
+    lambda input, inplace=False: F.mish(input), lambda: (Piece(x * sympy.tanh(softplus(x))),),
+    mish_grad, functions=(F.mish,), modules={nn.Mish: _inplace_only}))
+
+
+KERNELS = {name: record.derivative for name, record in ACTIVATIONS.items()}   # name -> sigma'(x) g

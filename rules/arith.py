@@ -121,12 +121,10 @@ def _scaled_to(ctx, g, name, scale):
 
 
 @register_rule(ADD, conditions="T")
+@register_rule(SUB, conditions="T")
 def add_transpose(ctx, g):
     """Each active operand receives g (times its coefficient), summed to its shape."""
     return {name: _scaled_to(ctx, g, name, s) for name, s in _both_scales(ctx).items()}
-
-
-register_rule(SUB, conditions="T", name="sub.add_transpose")(add_transpose)
 
 
 def add_pinv_feedback(g, shape_x, shape_y, c_x, c_y):
@@ -151,14 +149,6 @@ def add_pinv_feedback(g, shape_x, shape_y, c_x, c_y):
     return (fb_f, fb_b) if x_full else (fb_b, fb_f)
 
 
-def add_pinv(ctx, g):
-    """G(g) = J^+ g of J = [S_x, a S_y] (see :func:`add_pinv_feedback`)."""
-    scales = _both_scales(ctx)
-    shapes = {name: ctx.saved(name).shape if ctx.is_active(name) else None for name in scales}
-    fb = ctx.call(add_pinv_feedback, g, shapes["input"], shapes["other"], scales["input"], scales["other"])
-    return {name: fb[i] if shapes[name] is not None else None for i, name in enumerate(scales)}
-
-
 def _full_size(ctx, name):
     return math.prod(ctx.shape(name)) == math.prod(ctx.shape())
 
@@ -179,9 +169,21 @@ def _one_active(ctx):
     return None
 
 
-for _op in (ADD, SUB):
-    register_rule(_op, conditions="P", supports=_pinv_supported, name=f"{_op.name}.pinv")(add_pinv)
-    register_rule(_op, conditions="I", supports=_one_active, name=f"{_op.name}.inverse")(add_pinv)
+@register_rule(ADD, conditions="P", supports=_pinv_supported)
+@register_rule(SUB, conditions="P", supports=_pinv_supported)
+def add_pinv(ctx, g):
+    """G(g) = J^+ g of J = [S_x, a S_y] (see :func:`add_pinv_feedback`)."""
+    scales = _both_scales(ctx)
+    shapes = {name: ctx.saved(name).shape if ctx.is_active(name) else None for name in scales}
+    fb = ctx.call(add_pinv_feedback, g, shapes["input"], shapes["other"], scales["input"], scales["other"])
+    return {name: fb[i] if shapes[name] is not None else None for i, name in enumerate(scales)}
+
+
+@register_rule(ADD, conditions="I", supports=_one_active)
+@register_rule(SUB, conditions="I", supports=_one_active)
+def add_inverse(ctx, g):
+    """G(g) = J^-1 g, the pseudo-inverse of a single full-size operand (:func:`add_pinv`)."""
+    return add_pinv(ctx, g)
 
 
 def _from_input(ctx, name) -> bool:
@@ -252,6 +254,15 @@ def product_param_grads(ctx, g):
     return _product_grads(ctx, g, list(ctx.op_call.params))
 
 
+def _rounding_refused(ctx):
+    if ctx.op_call.spec is DIV and ctx.const("rounding_mode") is not None:
+        return (f"div with rounding_mode={ctx.const('rounding_mode')!r} is piecewise constant: it has no "
+                "useful feedback (its derivative is zero almost everywhere)")
+    return None
+
+
+@register_rule(MUL, conditions="T", kind=product_kind)
+@register_rule(DIV, conditions="T", kind=product_kind, supports=_rounding_refused)
 def product_transpose(ctx, g):
     """J = [diag(y) S_x, diag(x) S_y] (mul) or [diag(1/y) S_x, -diag(x/y^2) S_y] (div), S broadcasting
     an operand to the output: each active operand gets its row of J^T g (:func:`product_feedback`).
@@ -261,17 +272,6 @@ def product_transpose(ctx, g):
     and DTP's small-beta limit is backpropagation; the joint map (x, y) -> x y is bilinear, so with two
     operands that depend on the input the rule is declared "linearised" (:func:`product_kind`)."""
     return _product_grads(ctx, g, [n for n in ("input", "other") if ctx.is_active(n)])
-
-
-def _rounding_refused(ctx):
-    if ctx.op_call.spec is DIV and ctx.const("rounding_mode") is not None:
-        return (f"div with rounding_mode={ctx.const('rounding_mode')!r} is piecewise constant: it has no "
-                "useful feedback (its derivative is zero almost everywhere)")
-    return None
-
-
-register_rule(MUL, conditions="T", kind=product_kind, name="mul.transpose")(product_transpose)
-register_rule(DIV, conditions="T", kind=product_kind, supports=_rounding_refused, name="div.transpose")(product_transpose)
 
 
 def scale_pinv(g, factor, shape, divide: bool):
@@ -384,5 +384,13 @@ def sum_pinv(ctx, g):
     return _reduction_back(ctx, g, 1.0 / _count(ctx))
 
 
-register_rule(MEAN, conditions="I", supports=_single, name="mean.inverse")(mean_pinv)
-register_rule(SUM, conditions="I", supports=_single, name="sum.inverse")(sum_pinv)
+@register_rule(MEAN, conditions="I", supports=_single)
+def mean_inverse(ctx, g):
+    """J = (1/n) 1^T with n = 1: G(g) = g (:func:`mean_pinv`)."""
+    return mean_pinv(ctx, g)
+
+
+@register_rule(SUM, conditions="I", supports=_single)
+def sum_inverse(ctx, g):
+    """J = 1^T with n = 1: G(g) = g (:func:`sum_pinv`)."""
+    return sum_pinv(ctx, g)

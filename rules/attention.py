@@ -355,7 +355,7 @@ def _mha_param_grads(ctx, g):
 
 MULTIHEAD_ATTENTION = declare_op(
     "multihead_attention", multihead_attention, modules={nn.MultiheadAttention: _mha_module},
-    tapped=mha_tapped, extras=("mask",), replay=mha_replay, leader=True, param_grads=_mha_param_grads,
+    tapped=mha_tapped, extras=("mask",), replay=mha_replay, param_grads=_mha_param_grads,
     batch_local=lambda ctx: bool(ctx.const("batch_first")) and len(ctx.shape("query")) == 3)
 
 

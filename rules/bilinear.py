@@ -96,13 +96,12 @@ MM = _declare_product("mm", mm, [torch.mm], [tensor_method("mm")])
 BMM = _declare_product("bmm", bmm, [torch.bmm], [tensor_method("bmm")])
 
 
-def matmul_transpose(ctx, g):
+@register_rule(MATMUL, conditions="T", kind=product_kind)
+@register_rule(MM, conditions="T", kind=product_kind)
+@register_rule(BMM, conditions="T", kind=product_kind)
+def transpose(ctx, g):
     """G(g) = (g B^T, A^T g), each summed to its operand's shape, for the active operands."""
     return _matmul_grads(ctx, g, [arg for arg, _, _ in ctx.op_call.active])
-
-
-for _op in (MATMUL, MM, BMM):
-    register_rule(_op, conditions="T", kind=product_kind, name=f"{_op.name}.transpose")(matmul_transpose)
 
 
 # -- einsum ----------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ P and I: the dense per-sample operator (see :mod:`fbcompile.rules.dense`), for s
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op
+from fbcompile.ops import declare_op, get_op
 from fbcompile.registry import register_rule
 
 from .dense import dense_inverse_apply, dense_size_problem
@@ -99,15 +101,15 @@ def _zeros_padding(ctx):
 
 CONV1D = declare_op("conv1d", lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                     padding_mode="zeros": conv1d(input, weight, bias, stride, padding, dilation, groups),
-                    functions=[F.conv1d], modules={nn.Conv1d: _conv_module}, param_grads=_param_grads,
-                    leader=True)
+                    functions=[F.conv1d], modules={nn.Conv1d: _conv_module}, param_grads=_param_grads)
 CONV2D = declare_op("conv2d", lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                     padding_mode="zeros": conv2d(input, weight, bias, stride, padding, dilation, groups),
-                    functions=[F.conv2d], modules={nn.Conv2d: _conv_module}, param_grads=_param_grads,
-                    leader=True)
+                    functions=[F.conv2d], modules={nn.Conv2d: _conv_module}, param_grads=_param_grads)
 
 
-def conv_transpose_rule(ctx, g):
+@register_rule(CONV1D, conditions="T", supports=_zeros_padding)
+@register_rule(CONV2D, conditions="T", supports=_zeros_padding)
+def transpose(ctx, g):
     """G(g) = ROT(W) * g: the transposed convolution, output size restored exactly."""
     n, stride, dilation, kernel, pads, in_sizes, out_sizes = geometry(ctx)
     output_padding = [h + l + r - ((o - 1) * s + d * (k - 1) + 1)
@@ -116,39 +118,46 @@ def conv_transpose_rule(ctx, g):
                               ctx.const("groups", 1), in_sizes)}
 
 
-def _dense_rule(condition):
-    def rule(ctx, g):
-        """G(g) = J^+ g (P) or J^-1 g (I) with J the dense per-sample convolution operator."""
-        return {"input": _dense(ctx, g, condition)}
-
-    def target(ctx, t):
-        bias = ctx.param("bias")
-        if bias is not None:
-            t = t - bias.reshape((-1,) + (1,) * (len(ctx.shape()) - 2))
-        return {"input": _dense(ctx, t, condition)}
-    return rule, target
-
-
+# -- conditions P and I: the dense per-sample operator ---------------------------------------------
 def _dense(ctx, g, condition):
     spec = ctx.op_call.spec
-    weight = ctx.weight("weight")
     args = {k: ctx.const(k, v.default) for k, v in spec.signature.parameters.items()
-            if k not in ("input", "weight", "bias")}
-    return ctx.call(dense_conv, g, weight, spec.name, args, ctx.shape("input")[1:], condition, ctx.name)
+            if k not in ("input", "weight", "bias", "padding_mode")}
+    return ctx.call(dense_conv, g, ctx.weight("weight"), spec.name, args, ctx.shape("input")[1:], condition,
+                    ctx.name)
 
 
-def dense_conv(g, weight, name, args, sample_shape, condition, node_name):
-    conv = conv1d if name == "conv1d" else conv2d
-    args = {k: v for k, v in args.items() if k != "padding_mode"}
-    key = (name, repr(sorted(args.items())), tuple(weight.shape))
-    return dense_inverse_apply(g, lambda basis: conv(basis, weight, None, **args), sample_shape, key, condition,
+def _dense_target(ctx, t, condition):
+    bias = ctx.param("bias")
+    if bias is not None:
+        t = t - bias.reshape((-1,) + (1,) * (len(ctx.shape()) - 2))
+    return {"input": _dense(ctx, t, condition)}
+
+
+def dense_conv(g, weight, op_name, args, sample_shape, condition, node_name):
+    """J^+ g or J^-1 g with J the dense per-sample operator of convolution ``op_name`` (by name: the
+    feedback graph's arguments are plain values, not functions)."""
+    apply = get_op(op_name).apply
+    key = (op_name, repr(sorted(args.items())), tuple(weight.shape))
+    return dense_inverse_apply(g, lambda basis: apply(basis, weight, None, **args), sample_shape, key, condition,
                                node_name, (weight._version,), owner=weight)
 
 
+def _dense_problem(ctx, condition):
+    return _zeros_padding(ctx) or dense_size_problem(ctx, condition)
+
+
+def dense_pinv(ctx, g):
+    """G(g) = J^+ g with J the dense per-sample convolution operator."""
+    return {"input": _dense(ctx, g, "P")}
+
+
+def dense_inverse(ctx, g):
+    """G(g) = J^-1 g with J the dense per-sample convolution operator (square, non-singular)."""
+    return {"input": _dense(ctx, g, "I")}
+
+
 for _op in (CONV1D, CONV2D):
-    register_rule(_op, conditions="T", supports=_zeros_padding, name=f"{_op.name}.transpose")(conv_transpose_rule)
-    for _condition in "PI":
-        _rule, _target = _dense_rule(_condition)
-        register_rule(_op, conditions=_condition, kind="exact", target=_target, affine=True,
-                      supports=lambda ctx, c=_condition: _zeros_padding(ctx) or dense_size_problem(ctx, c),
-                      name=f"{_op.name}.dense_{_condition}")(_rule)
+    for _condition, _rule in (("P", dense_pinv), ("I", dense_inverse)):
+        register_rule(_op, conditions=_condition, target=partial(_dense_target, condition=_condition), affine=True,
+                      supports=partial(_dense_problem, condition=_condition))(_rule)

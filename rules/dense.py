@@ -21,6 +21,11 @@ DENSE_LIMIT = 1 << 22   # entries of the per-sample dense operator (4,194,304: 3
 _CACHE: dict = {}
 
 
+def elementwise_pinv(d):
+    """The pseudo-inverse of the diagonal operator diag(d): 1/d where d != 0, else 0."""
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
 def set_dense_limit(entries: int) -> None:
     """Change the largest dense operator (n_out * n_in entries) conditions P and I will build."""
     global DENSE_LIMIT

@@ -24,16 +24,13 @@ from fbcompile.errors import ConditionError, RuleError
 from fbcompile.ops import OpSpec, declare_op
 from fbcompile.registry import register_rule
 
-_DROP = {"dropout": F.dropout, "dropout1d": F.dropout1d, "dropout2d": F.dropout2d}
-
+from .dense import elementwise_pinv
 
 def _mode(training) -> bool:
     return training.training if isinstance(training, nn.Module) else bool(training)
 
 
-def _make(name):
-    drop = _DROP[name]
-
+def _make(name, drop):
     def apply(input, p=0.5, training=True, inplace=False):
         return drop(input, p, _mode(training))
 
@@ -58,9 +55,10 @@ def _module(m):
 
 
 DROPOUTS = []
-for _name, _cls in (("dropout", nn.Dropout), ("dropout1d", nn.Dropout1d), ("dropout2d", nn.Dropout2d)):
-    _apply, _tapped, _replay = _make(_name)
-    DROPOUTS.append(declare_op(_name, _apply, functions=[_DROP[_name]], modules={_cls: _module},
+for _name, _drop, _cls in (("dropout", F.dropout, nn.Dropout), ("dropout1d", F.dropout1d, nn.Dropout1d),
+                           ("dropout2d", F.dropout2d, nn.Dropout2d)):
+    _apply, _tapped, _replay = _make(_name, _drop)
+    DROPOUTS.append(declare_op(_name, _apply, functions=[_drop], modules={_cls: _module},
                                tapped=_tapped, extras=("mask",), replay=_replay))
 
 
@@ -75,29 +73,28 @@ def apply_mask_pinv(g, mask, node_name=None):
     if node_name is not None and bool((mask == 0).any()):
         raise ConditionError(f"condition I: dropout node {node_name!r} dropped entries in this pass, "
                              "so it is not invertible; use condition P or T, or eval mode")
-    inverse = torch.where(mask != 0, 1.0 / torch.where(mask != 0, mask, torch.ones_like(mask)), torch.zeros_like(mask))
-    return g * inverse
+    return g * elementwise_pinv(mask)
 
 
-def dropout_transpose(ctx, g):
+def mask(ctx, g):
     """G(g) = m g with the forward's mask m."""
     return {"input": ctx.call(apply_mask, g, ctx.saved("mask"))}
 
 
-def dropout_pinv(ctx, g):
+def mask_pinv(ctx, g):
     """G(g) = m^+ g."""
     return {"input": ctx.call(apply_mask_pinv, g, ctx.saved("mask"))}
 
 
-def dropout_inverse(ctx, g):
+def mask_inverse(ctx, g):
     """G(g) = m^-1 g; fails when the mask dropped anything."""
     return {"input": ctx.call(apply_mask_pinv, g, ctx.saved("mask"), ctx.name)}
 
 
 for _op in DROPOUTS:
-    register_rule(_op, conditions="T", name=f"{_op.name}.mask")(dropout_transpose)
-    register_rule(_op, conditions="P", name=f"{_op.name}.mask_pinv")(dropout_pinv)
-    register_rule(_op, conditions="I", name=f"{_op.name}.mask_inverse")(dropout_inverse)
+    register_rule(_op, conditions="T")(mask)
+    register_rule(_op, conditions="P")(mask_pinv)
+    register_rule(_op, conditions="I")(mask_inverse)
 
 
 # -- stochastic depth ---------------------------------------------------------------------------
@@ -151,9 +148,9 @@ def declare_stochastic_depth(function, *, name: str, module: type | None = None)
     spec = declare_op(name, stochastic_depth_apply, functions=[function],
                       modules={module: _sd_module} if module is not None else None,
                       tapped=stochastic_depth_tapped, extras=("mask",), replay=stochastic_depth_replay)
-    register_rule(spec, conditions="T", supports=_valid_stochastic_depth, name=f"{name}.mask")(dropout_transpose)
-    register_rule(spec, conditions="P", supports=_valid_stochastic_depth, name=f"{name}.mask_pinv")(dropout_pinv)
-    register_rule(spec, conditions="I", supports=_valid_stochastic_depth, name=f"{name}.mask_inverse")(dropout_inverse)
+    register_rule(spec, conditions="T", supports=_valid_stochastic_depth)(mask)
+    register_rule(spec, conditions="P", supports=_valid_stochastic_depth)(mask_pinv)
+    register_rule(spec, conditions="I", supports=_valid_stochastic_depth)(mask_inverse)
     return spec
 
 

@@ -56,7 +56,7 @@ def _module(m: nn.Embedding) -> dict:
 
 
 EMBEDDING = declare_op("embedding", embedding, functions=[F.embedding], modules={nn.Embedding: _module},
-                       param_grads=embedding_param_grads, leader=True)
+                       param_grads=embedding_param_grads)
 
 
 def _supported(ctx):
@@ -76,12 +76,18 @@ def _table_only(ctx):
     return reason
 
 
-def embedding_feedback(ctx, g):
+def _table_feedback(ctx, g):
     """No feedback into the integer ids; a table computed from parameters receives S^T g."""
     return {"weight": _weight_grad(ctx, g)} if ctx.is_active("weight") else {}
 
 
-register_rule(EMBEDDING, conditions="T", kind="exact", supports=_supported, name="embedding.transpose")(
-    embedding_feedback)
-register_rule(EMBEDDING, conditions="PI", kind="exact", supports=_table_only, name="embedding.no_input")(
-    embedding_feedback)
+@register_rule(EMBEDDING, conditions="T", kind="exact", supports=_supported)
+def transpose(ctx, g):
+    """G(g) = S^T g into the table when it is computed from parameters; nothing into the ids."""
+    return _table_feedback(ctx, g)
+
+
+@register_rule(EMBEDDING, conditions="PI", kind="exact", supports=_table_only)
+def no_input(ctx, g):
+    """No feedback into the integer ids (P and I refuse a table computed from parameters)."""
+    return _table_feedback(ctx, g)

@@ -41,7 +41,7 @@ def linear_param_grads(ctx, g):
 
 LINEAR = declare_op("linear", linear, functions=[F.linear],
                     modules={nn.Linear: lambda m: {"weight": m.weight, "bias": m.bias}},
-                    param_grads=linear_param_grads, leader=True)
+                    param_grads=linear_param_grads)
 
 
 @register_rule(LINEAR, conditions="T", kind="exact")

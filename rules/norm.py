@@ -68,8 +68,7 @@ def layer_norm_param_grads(ctx, g):
 LAYER_NORM = declare_op("layer_norm", layer_norm, functions=[F.layer_norm],
                         modules={nn.LayerNorm: lambda m: {"normalized_shape": m.normalized_shape,
                                                           "weight": m.weight, "bias": m.bias, "eps": m.eps}},
-                        tapped=layer_norm_tapped, extras=("mean", "rstd"), param_grads=layer_norm_param_grads,
-                        leader=True)
+                        tapped=layer_norm_tapped, extras=("mean", "rstd"), param_grads=layer_norm_param_grads)
 
 
 @register_rule(LAYER_NORM, conditions="T", kind="frozen-statistics")
@@ -88,7 +87,7 @@ def normalisation_transpose(scaled, x_hat, rstd, dims):
     return (centered - x_hat * (x_hat * scaled).mean(dims, keepdim=True)) * rstd
 
 
-@register_rule(LAYER_NORM, conditions="T", kind="exact", variant="exact-statistics", name="layer_norm.exact")
+@register_rule(LAYER_NORM, conditions="T", kind="exact", variant="exact-statistics")
 def layer_norm_exact(ctx, g):
     """J_F^T g, statistics included (see the module docstring)."""
     weight = ctx.param("weight")
@@ -181,7 +180,7 @@ def batch_norm_exact_feedback(g, x, running_mean, running_var, weight, training,
     return normalisation_transpose(scaled, (x - mean) * rstd, rstd, dims)
 
 
-@register_rule(BATCH_NORM, conditions="T", kind="exact", variant="exact-statistics", name="batch_norm.exact")
+@register_rule(BATCH_NORM, conditions="T", kind="exact", variant="exact-statistics")
 def batch_norm_exact(ctx, g):
     """J_F^T g in both modes (see the module docstring)."""
     running_mean, running_var, training, eps = _bn_args(ctx)
@@ -238,16 +237,21 @@ GROUP_NORM = declare_op("group_norm", group_norm, functions=[F.group_norm],
                         tapped=group_norm_tapped, extras=("mean", "rstd"), param_grads=group_norm_param_grads)
 
 
-def _group_norm_rule(exact):
-    def rule(ctx, g):
-        return {"input": ctx.call(group_norm_feedback, g, ctx.saved("input"), ctx.saved("mean"),
-                                  ctx.saved("rstd"), ctx.param("weight"), exact)}
-    return rule
+def _group_norm_rule(ctx, g, exact):
+    return {"input": ctx.call(group_norm_feedback, g, ctx.saved("input"), ctx.saved("mean"),
+                              ctx.saved("rstd"), ctx.param("weight"), exact)}
 
 
-register_rule(GROUP_NORM, conditions="T", kind="frozen-statistics", name="group_norm.frozen")(_group_norm_rule(False))
-register_rule(GROUP_NORM, conditions="T", kind="exact", variant="exact-statistics",
-              name="group_norm.exact")(_group_norm_rule(True))
+@register_rule(GROUP_NORM, conditions="T", kind="frozen-statistics")
+def group_norm_frozen(ctx, g):
+    """G(g) = (1/sigma) C_group (gamma g), the statistics frozen."""
+    return _group_norm_rule(ctx, g, False)
+
+
+@register_rule(GROUP_NORM, conditions="T", kind="exact", variant="exact-statistics")
+def group_norm_exact(ctx, g):
+    """J_F^T g = (1/sigma) (C_group (gamma g) - x_hat mean_group(x_hat gamma g))."""
+    return _group_norm_rule(ctx, g, True)
 
 
 # -- F.normalize ----------------------------------------------------------------------------------
@@ -312,5 +316,7 @@ def _normalize_singular(ctx):
             "change y), so condition I has no rule for it; use condition T or P")
 
 
-register_rule(NORMALIZE, conditions="I", kind="exact", supports=_normalize_singular,
-              name="normalize.inverse")(normalize_pinv)
+@register_rule(NORMALIZE, conditions="I", kind="exact", supports=_normalize_singular)
+def normalize_inverse(ctx, g):
+    """Refused (J is singular); were it allowed, J^+ g as :func:`normalize_pinv`."""
+    return normalize_pinv(ctx, g)

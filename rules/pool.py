@@ -99,8 +99,12 @@ def unpool_add(g, indices, input, n_spatial: int, normalise: bool):
     return out.reshape(input.shape)
 
 
+# spatial dims of each pooling op (1d pooling runs on 2d kernels over a unit-height plane)
+SPATIAL_DIMS = {MAX_POOL1D: 1, MAX_POOL2D: 2, AVG_POOL1D: 1, AVG_POOL2D: 2, ADAPTIVE1D: 1, ADAPTIVE2D: 2}
+
+
 def _n_spatial(ctx):
-    return 1 if ctx.op_call.spec.name.endswith("1d") else 2
+    return SPATIAL_DIMS[ctx.op_call.spec]
 
 
 def _no_user_indices(ctx):
@@ -109,12 +113,16 @@ def _no_user_indices(ctx):
     return None
 
 
-def max_unpool(ctx, g):
+@register_rule(MAX_POOL1D, conditions="T", supports=_no_user_indices)
+@register_rule(MAX_POOL2D, conditions="T", supports=_no_user_indices)
+def unpool(ctx, g):
     """G(g) = J^T g: MaxUnpool with the forward indices, overlapping windows adding up."""
     return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved("input"), _n_spatial(ctx), False)}
 
 
-def max_unpool_pinv(ctx, g):
+@register_rule(MAX_POOL1D, conditions="P", supports=_no_user_indices)
+@register_rule(MAX_POOL2D, conditions="P", supports=_no_user_indices)
+def unpool_pinv(ctx, g):
     """G(g) = J^+ g = diag(1/c) J^T g, c = number of windows choosing each input."""
     return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved("input"), _n_spatial(ctx), True)}
 
@@ -123,10 +131,11 @@ def _not_invertible(ctx):
     return f"{ctx.op_call.spec.name} is not invertible (it drops entries); use condition P or T"
 
 
-for _op in (MAX_POOL1D, MAX_POOL2D):
-    register_rule(_op, conditions="T", supports=_no_user_indices, name=f"{_op.name}.unpool")(max_unpool)
-    register_rule(_op, conditions="P", supports=_no_user_indices, name=f"{_op.name}.unpool_pinv")(max_unpool_pinv)
-    register_rule(_op, conditions="I", supports=_not_invertible, name=f"{_op.name}.inverse")(max_unpool_pinv)
+@register_rule(MAX_POOL1D, conditions="I", supports=_not_invertible)
+@register_rule(MAX_POOL2D, conditions="I", supports=_not_invertible)
+def inverse(ctx, g):
+    """Refused (max pooling drops entries); were it allowed, J^+ g as :func:`unpool_pinv`."""
+    return unpool_pinv(ctx, g)
 
 
 def _sizes(value, fill, n):
@@ -153,9 +162,9 @@ def adaptive_adjoint(g, input, n):
     return aten._adaptive_avg_pool2d_backward(g, input)
 
 
-@register_rule(AVG_POOL1D, conditions="T", name="avg_pool1d.adjoint")
-@register_rule(AVG_POOL2D, conditions="T", name="avg_pool2d.adjoint")
-def avg_pool_transpose(ctx, g):
+@register_rule(AVG_POOL2D, conditions="T")
+@register_rule(AVG_POOL1D, conditions="T")
+def adjoint(ctx, g):
     """G(g) = J^T g, the adjoint of average pooling."""
     return {"input": ctx.call(avg_pool_adjoint, g, ctx.saved("input"), ctx.const("kernel_size"),
                               ctx.const("stride"), ctx.const("padding", 0),
@@ -163,8 +172,8 @@ def avg_pool_transpose(ctx, g):
                               ctx.const("divisor_override", None), _n_spatial(ctx))}
 
 
-@register_rule(ADAPTIVE1D, conditions="T", name="adaptive_avg_pool1d.adjoint")
-@register_rule(ADAPTIVE2D, conditions="T", name="adaptive_avg_pool2d.adjoint")
+@register_rule(ADAPTIVE2D, conditions="T")
+@register_rule(ADAPTIVE1D, conditions="T")
 def adaptive_transpose(ctx, g):
     """G(g) = J^T g, the adjoint of adaptive average pooling (overlapping bins add)."""
     return {"input": ctx.call(adaptive_adjoint, g, ctx.saved("input"), _n_spatial(ctx))}
@@ -189,21 +198,38 @@ def _is_global(ctx):
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
 
 
-def pool_dense_inverse(ctx, g):
-    """G(g) = J^-1 g with J the dense per-sample pooling operator (square cases only)."""
-    return _dense_pool_rule(ctx, g, "I")
+def _dense_pinv_problem(ctx):
+    return dense_size_problem(ctx, "P")
 
 
-def _pool_pinv(ctx, g):
+def _dense_inverse_problem(ctx):
+    return dense_size_problem(ctx, "I")
+
+
+@register_rule(AVG_POOL1D, conditions="P", supports=_dense_pinv_problem)
+@register_rule(AVG_POOL2D, conditions="P", supports=_dense_pinv_problem)
+def pinv(ctx, g):
+    """G(g) = J^+ g with J the dense per-sample average-pooling operator."""
+    return _dense_pool_rule(ctx, g, "P")
+
+
+def _adaptive_pinv_problem(ctx):
+    return None if _is_global(ctx) else dense_size_problem(ctx, "P")
+
+
+@register_rule(ADAPTIVE1D, conditions="P", supports=_adaptive_pinv_problem)
+@register_rule(ADAPTIVE2D, conditions="P", supports=_adaptive_pinv_problem)
+def adaptive_pinv(ctx, g):
     """Global adaptive pooling is a mean: J^+ = copy. Otherwise the dense per-sample pseudo-inverse."""
-    if ctx.op_call.spec in (ADAPTIVE1D, ADAPTIVE2D) and _is_global(ctx):
+    if _is_global(ctx):
         return {"input": g.expand(ctx.saved("input").shape)}
     return _dense_pool_rule(ctx, g, "P")
 
 
-for _op in (AVG_POOL1D, AVG_POOL2D, ADAPTIVE1D, ADAPTIVE2D):
-    register_rule(_op, conditions="P", name=f"{_op.name}.pinv",
-                  supports=lambda ctx: None if (ctx.op_call.spec in (ADAPTIVE1D, ADAPTIVE2D) and _is_global(ctx))
-                  else dense_size_problem(ctx, "P"))(_pool_pinv)
-    register_rule(_op, conditions="I", name=f"{_op.name}.dense_inverse",
-                  supports=lambda ctx: dense_size_problem(ctx, "I"))(pool_dense_inverse)
+@register_rule(AVG_POOL1D, conditions="I", supports=_dense_inverse_problem)
+@register_rule(AVG_POOL2D, conditions="I", supports=_dense_inverse_problem)
+@register_rule(ADAPTIVE1D, conditions="I", supports=_dense_inverse_problem)
+@register_rule(ADAPTIVE2D, conditions="I", supports=_dense_inverse_problem)
+def dense_inverse(ctx, g):
+    """G(g) = J^-1 g with J the dense per-sample pooling operator (square cases only)."""
+    return _dense_pool_rule(ctx, g, "I")

@@ -28,6 +28,8 @@ dtype (the cast's own transpose). ``dim=None`` resolves as torch's legacy rule d
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,33 +121,33 @@ def _to_input_dtype(ctx, value):
     return value.to(ctx.saved("input").dtype)
 
 
-_MAPS = {("softmax", "T"): softmax_transpose, ("log_softmax", "T"): log_softmax_transpose,
-         ("softmax", "P"): softmax_pinv, ("log_softmax", "P"): log_softmax_pinv}
+_MAPS = {(SOFTMAX, "T"): softmax_transpose, (LOG_SOFTMAX, "T"): log_softmax_transpose,
+         (SOFTMAX, "P"): softmax_pinv, (LOG_SOFTMAX, "P"): log_softmax_pinv}
 
 
 def _map(ctx, condition, g):
-    fn = _MAPS[(ctx.op_call.spec.name, condition)]
+    fn = _MAPS[(ctx.op_call.spec, condition)]
     return _to_input_dtype(ctx, ctx.call(fn, g, _probabilities(ctx), _dim(ctx)))
 
 
-def normalised_transpose(ctx, g):
+def _linearised_target(ctx, t, condition):
+    """G(t) = x + J^T (t - h) (or J^+ for condition P), the linearisation at the forward operating point."""
+    return {"input": ctx.saved("input") + _map(ctx, condition, t - ctx.saved("output"))}
+
+
+def transpose(ctx, g):
     """T: J^T g (softmax: s * (g - <g, s>); log_softmax: g - s sum(g))."""
     return {"input": _map(ctx, "T", g)}
 
 
-def normalised_transpose_target(ctx, t):
-    """G(t) = x + J^T (t - h), the linearisation at the forward operating point."""
-    return {"input": ctx.saved("input") + _map(ctx, "T", t - ctx.saved("output"))}
-
-
-def normalised_pinv(ctx, g):
+def pinv(ctx, g):
     """P: J^+ g (see the module docstring for the derivation)."""
     return {"input": _map(ctx, "P", g)}
 
 
-def normalised_pinv_target(ctx, t):
-    """G(t) = x + J^+ (t - h)."""
-    return {"input": ctx.saved("input") + _map(ctx, "P", t - ctx.saved("output"))}
+def inverse(ctx, g):
+    """Refused (J is singular); were it allowed, J^+ g as :func:`pinv`."""
+    return pinv(ctx, g)
 
 
 def _singular(ctx):
@@ -154,9 +156,8 @@ def _singular(ctx):
 
 
 for _op in (SOFTMAX, LOG_SOFTMAX):
-    register_rule(_op, conditions="T", kind="linearised", target=normalised_transpose_target, affine=True,
-                  name=f"{_op.name}.transpose")(normalised_transpose)
-    register_rule(_op, conditions="P", kind="linearised", target=normalised_pinv_target, affine=True,
-                  name=f"{_op.name}.pinv")(normalised_pinv)
-    register_rule(_op, conditions="I", kind="exact", supports=_singular,
-                  name=f"{_op.name}.inverse")(normalised_pinv)
+    register_rule(_op, conditions="T", kind="linearised", target=partial(_linearised_target, condition="T"),
+                  affine=True)(transpose)
+    register_rule(_op, conditions="P", kind="linearised", target=partial(_linearised_target, condition="P"),
+                  affine=True)(pinv)
+    register_rule(_op, conditions="I", kind="exact", supports=_singular)(inverse)

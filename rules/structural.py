@@ -123,13 +123,13 @@ CHUNK = declare_op("chunk", chunk, functions=[torch.chunk], methods=[tensor_meth
                    batch_local=_off_batch("dim"))
 
 
-def _reshape_back(ctx, g):
+def reshape_back(ctx, g):
     """G(g) = g viewed in the input's shape (J_F is an identity on flattened entries)."""
     return {"input": g.reshape(ctx.saved("input").shape)}
 
 
 for _op in (RESHAPE, FLATTEN, UNFLATTEN, SQUEEZE, UNSQUEEZE):
-    register_rule(_op, conditions="TPI", name=f"{_op.name}.reshape_back")(_reshape_back)
+    register_rule(_op, conditions="TPI")(reshape_back)
 
 
 @register_rule(TRANSPOSE, conditions="TPI")
@@ -165,21 +165,20 @@ def split_sizes(g, sizes, dim):
     return torch.split(g, list(sizes), dim)
 
 
-def _pieces_back(ctx, g):
+@register_rule(SPLIT, conditions="TPI")
+@register_rule(CHUNK, conditions="TPI")
+def pieces_back(ctx, g):
     """G(g_1, ..., g_k) = cat(g_1, ..., g_k) along ``dim``; pieces without feedback count as zeros."""
-    return {"input": ctx.call(cat_or_zeros, g, ctx.saved("input"), ctx.op_call.spec.name,
-                              ctx.const("split_size_or_sections") if ctx.op_call.spec is SPLIT else ctx.const("chunks"),
+    by_size = ctx.op_call.spec is SPLIT
+    return {"input": ctx.call(cat_or_zeros, g, ctx.saved("input"), by_size,
+                              ctx.const("split_size_or_sections") if by_size else ctx.const("chunks"),
                               ctx.const("dim", 0))}
 
 
-def cat_or_zeros(pieces, input, how, size, dim):
-    reference = (torch.split(input, size, dim) if how == "split" else torch.chunk(input, size, dim))
+def cat_or_zeros(pieces, input, by_size, size, dim):
+    reference = (torch.split(input, size, dim) if by_size else torch.chunk(input, size, dim))
     parts = [p if p is not None else torch.zeros_like(r) for p, r in zip(pieces, reference)]
     return torch.cat(parts, dim)
-
-
-for _op in (SPLIT, CHUNK):
-    register_rule(_op, conditions="TPI", name=f"{_op.name}.cat_back")(_pieces_back)
 
 
 # -- shared by every copy/selection rule ---------------------------------------------------------
@@ -193,14 +192,15 @@ def _divide(moved, counts):
     return None if moved is None else moved / counts.clamp(min=1)
 
 
-def pinv_by_counts(transpose):
+_COPY_TRANSPOSES = {}   # op -> the T rule of a copy/selection op (register_copy_rules)
+
+
+def pinv_by_counts(ctx, g):
     """Condition P from the T rule of an op whose J is 0/1 with at most one 1 per row:
-    J^+ = diag(1/c) J^T with c = J^T 1 (the T rule applied to ones), 0 where c = 0."""
-    def pinv(ctx, g):
-        moved, counts = transpose(ctx, g), transpose(ctx, _ones_like(g))
-        return {name: _divide(value, counts[name]) for name, value in moved.items()}
-    pinv.__doc__ = f"G(g) = diag(1 / J^T 1) J^T g, J^T being {transpose.__name__}: {transpose.__doc__}"
-    return pinv
+    G(g) = J^+ g = diag(1/c) J^T g with c = J^T 1 (the T rule applied to ones), 0 where c = 0."""
+    transpose = _COPY_TRANSPOSES[ctx.op_call.spec]
+    moved, counts = transpose(ctx, g), transpose(ctx, _ones_like(g))
+    return {name: _divide(value, counts[name]) for name, value in moved.items()}
 
 
 def register_copy_rules(op, transpose, inverse_problem, supports=None):
@@ -208,9 +208,10 @@ def register_copy_rules(op, transpose, inverse_problem, supports=None):
     returns None (J is then a permutation, J^-1 = J^T), refused with its reason otherwise.
     ``supports(ctx)`` (a reason or None) applies to all three."""
     either = lambda ctx: (supports and supports(ctx)) or inverse_problem(ctx)
-    register_rule(op, conditions="T", name=f"{op.name}.{transpose.__name__}", supports=supports)(transpose)
-    register_rule(op, conditions="P", name=f"{op.name}.pinv_by_counts", supports=supports)(pinv_by_counts(transpose))
-    register_rule(op, conditions="I", name=f"{op.name}.{transpose.__name__}", supports=either)(transpose)
+    _COPY_TRANSPOSES[op] = transpose
+    register_rule(op, conditions="T", supports=supports)(transpose)
+    register_rule(op, conditions="P", supports=supports)(pinv_by_counts)
+    register_rule(op, conditions="I", supports=either)(transpose)
 
 
 def _same_size(ctx):
@@ -349,9 +350,9 @@ def roll_back(ctx, g):
     return {"input": torch.roll(g, back, ctx.const("dims"))}
 
 
-@register_rule(FLIP, conditions="TPI", name="flip.flip_back")
-@register_rule(FLIPLR, conditions="TPI", name="fliplr.flip_back")
-@register_rule(FLIPUD, conditions="TPI", name="flipud.flip_back")
+@register_rule(FLIP, conditions="TPI")
+@register_rule(FLIPLR, conditions="TPI")
+@register_rule(FLIPUD, conditions="TPI")
 def flip_back(ctx, g):
     """G(g) = the same flip of g (a reversal is its own inverse and orthogonal)."""
     spec = ctx.op_call.spec

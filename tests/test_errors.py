@@ -42,7 +42,7 @@ class ManyUnsupported(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.fc(x))
-        c = torch.cumsum(h, dim=1)
+        c = torch.cumprod(h, dim=1)
         p = torch.atan2(h, c)
         s = torch.sort(p, dim=1)[0]
         return s.sum(1)
@@ -53,10 +53,10 @@ def test_unsupported_ops_listed_all_at_once_with_lines():
     with pytest.raises(UnsupportedOpError) as caught:
         fbcompile.compile(model, x)
     error = caught.value
-    assert [p.node for p in error.nodes] == ["cumsum", "atan2", "sort"]
+    assert [p.node for p in error.nodes] == ["cumprod", "atan2", "sort"]
     message = str(error)
     assert "3 node(s) of ManyUnsupported" in message
-    for node, op, code in (("cumsum", "torch.cumsum", "c = torch.cumsum(h, dim=1)"),
+    for node, op, code in (("cumprod", "torch.cumprod", "c = torch.cumprod(h, dim=1)"),
                            ("atan2", "torch.atan2", "p = torch.atan2(h, c)"), ("sort", "torch.sort", "torch.sort(p, dim=1)")):
         line = next(ln for ln in message.splitlines() if ln.strip().startswith(f"{node} = "))
         assert op in line, line

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FBCompileError
+from ..passes.units import starts_unit
 from ..trace import info
 
 
@@ -135,12 +136,12 @@ def row_chunks(name: str, rows: int, row_size: int, chunk_size: int) -> list:
 
 
 def channel_groups(unit, params: dict) -> list:
-    """[[parameter names]] whose dim 0 indexes the output channels of one leader op (Linear, conv,
+    """[[parameter names]] whose dim 0 indexes the output channels of one unit-starting op (Linear, conv,
     LayerNorm): its weight and bias, plus the weight/bias of BatchNorms fed by it within the unit."""
     groups, nodes = [], list(unit.nodes)
     for position, node in enumerate(nodes):
         call = info(node).call
-        if call is None or not call.spec.leader or "weight" not in call.params:
+        if call is None or not starts_unit(call.spec) or "weight" not in call.params:
             continue
         channels = params[call.params["weight"]].shape[0]
         group = [q for q in call.params.values() if params[q].dim() >= 1 and params[q].shape[0] == channels]
