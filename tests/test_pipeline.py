@@ -38,3 +38,13 @@ def test_a_mode_emitted_after_the_forward_is_a_clear_error():
     output, taps = program.run_forward((x,))
     with pytest.raises(FBCompileError, match=r"prepare\('target'\)"):
         program.run_feedback("target", [output], taps)
+
+
+def test_no_compiler_pass_imports_the_runtime():
+    import ast
+    import pathlib
+    passes = pathlib.Path(fbcompile.__file__).parent / "passes"
+    for path in passes.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "runtime" not in (node.module or ""), f"{path.name} imports {node.module}"

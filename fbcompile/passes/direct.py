@@ -40,6 +40,7 @@ import torch
 from torch import fx
 
 from ..errors import FBCompileError, OptionError, choices_text
+from ..initialisation import draw
 from ..trace import describe, info, preserved_state
 
 PROJECTION_INITS = ("he_uniform", "xavier_uniform", "uniform", "normal")
@@ -186,7 +187,6 @@ def check_projection_options(init: str, fan: str) -> None:
 def draw_projection(rows: int, shape: tuple, *, init: str, fan: str, scale: float, generator: torch.Generator,
                     dtype: torch.dtype) -> torch.Tensor:
     """A (rows, *shape) matrix mapping a rows-dim signal onto values of per-sample ``shape``."""
-    from ..runtime.feedback_weights import draw
     check_projection_options(init, fan)
     features = math.prod(shape)
     full = (rows, *shape)

@@ -17,7 +17,8 @@ import torch
 from ..errors import OptionError
 from .base import Executor, Learner, StepResult
 from .losses import output_error
-from .feedback_weights import INITS, SIGNS, FeedbackWeights
+from ..initialisation import INITS
+from .feedback_weights import SIGNS, FeedbackWeights
 from .options import Option, non_negative, one_of
 from .registry import register_algorithm
 

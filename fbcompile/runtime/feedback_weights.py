@@ -2,13 +2,8 @@
 
 One tensor per feedback slot (a ``ctx.weight(...)`` of a rule, e.g. every Linear and Conv weight),
 shaped like the forward weight, drawn from its own seeded generator (so separate per unit and
-reproducible). Initialisations (``init``):
-
-- ``"kaiming"``: U(-b, b), b = sqrt(6 / fan_in) (He uniform; the scale of trained forward weights).
-- ``"xavier"``: U(-b, b), b = sqrt(6 / (fan_in + fan_out)).
-- ``"uniform"``: U(-scale, scale); FWDTP's reference uses scale = 1e-3.
-- ``"normal"``: N(0, scale^2).
-- ``"forward"``: a copy of the forward weight at creation (for learned feedback started at W).
+reproducible), initialised as :mod:`fbcompile.initialisation` describes (FWDTP's reference uses
+``"uniform"`` with scale 1e-3; ``"forward"`` starts learned feedback at W).
 
 Sign-symmetric variants of FA (``sign``), recomputed from the current forward weight W:
 ``"usf"`` B = sign(W); ``"frsf"`` B = |R| sign(W) with R fixed random; ``"brsf"`` B = |R_t| sign(W)
@@ -16,37 +11,14 @@ with R_t redrawn every batch.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
 from ..errors import FBCompileError, OptionError
+from ..initialisation import draw
 
-INITS = ("kaiming", "xavier", "uniform", "normal", "forward")
 SIGNS = ("none", "usf", "frsf", "brsf")
-
-
-def fans(shape: tuple) -> tuple[int, int]:
-    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
-    return shape[1] * receptive, shape[0] * receptive
-
-
-def draw(shape: tuple, init: str, scale: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    fan_in, fan_out = fans(shape)
-    if init == "kaiming":
-        bound = math.sqrt(6.0 / fan_in)
-    elif init == "xavier":
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-    elif init == "uniform":
-        bound = scale
-    elif init == "normal":
-        return torch.randn(shape, generator=generator, dtype=like.dtype).mul_(scale).to(like.device)
-    elif init == "forward":
-        return like.detach().clone()
-    else:
-        raise OptionError(f"feedback_init={init!r} is unknown; use one of {', '.join(INITS)}")
-    return (torch.rand(shape, generator=generator, dtype=like.dtype) * 2 - 1).mul_(bound).to(like.device)
 
 
 class FeedbackWeights(nn.Module):

@@ -26,7 +26,8 @@ from ..program import flat_outputs
 from ..trace import depends_on_parameters
 from .base import Executor, Learner, StepResult, all_finite
 from .losses import output_error
-from .feedback_weights import INITS, FeedbackWeights
+from ..initialisation import INITS
+from .feedback_weights import FeedbackWeights
 from .options import Option, boolean, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .reconstruction import cut_reconstruction, difference_reconstruction
 from .registry import register_algorithm
