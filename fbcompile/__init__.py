@@ -12,7 +12,8 @@ from .program import FeedbackProgram
 from .verify import VerifyReport, verify
 from .runtime import learner, register_algorithm
 from . import rules  # noqa: F401  (registers the rule library)
+from .recommended import recommended
 
 __all__ = ["compile", "coverage", "verify", "VerifyReport", "FeedbackProgram", "FBCompileError", "register_rule",
-           "declare_op", "learner", "register_algorithm"]
+           "declare_op", "learner", "register_algorithm", "recommended"]
 __version__ = "0.1.0"

@@ -98,6 +98,63 @@ def test_algorithms_lists_the_registry(capsys):
     assert_clean_error(*run(capsys, "algorithms", "nope")[::2], "unknown algorithm 'nope'")
 
 
+@pytest.mark.parametrize("algorithm", ["drtp", "ddtp-rhl", "mf-dd"])
+def test_algorithms_prints_recommended_settings_with_sources(capsys, algorithm):
+    from fbcompile.recommended import FAMILIES, recommended
+    code, out, _ = run(capsys, "algorithms", algorithm)
+    assert code == 0 and "Recommended settings" in out
+    assert all(family in out for family in FAMILIES)
+    for family in FAMILIES:
+        for name, setting in recommended(algorithm, family).settings().items():
+            assert name in out and setting.source in out
+
+
+# -- recommended settings: precedence and provenance ----------------------------------------------
+def test_train_uses_recommended_settings_and_records_their_sources(capsys, tmp_path):
+    from fbcompile.recommended import recommended
+    out_dir = tmp_path / "run"
+    code, out, _ = run(capsys, "train", *SMALL_MLP, "--algo", "drtp", "--epochs", "1", "--subset", "64",
+                       "--no-progress", "--no-plot", "--out", str(out_dir))
+    assert code == 0 and "settings:" in out
+    config = json.loads((out_dir / "config.json").read_text())
+    rec = recommended("drtp", "mlp")
+    assert config["family"] == "fc"
+    assert config["lr"] == rec.lr.value and config["provenance"]["lr"] == rec.lr.source
+    assert config["optimizer"] == rec.optimizer.value and config["loss"] == "bce"
+    assert config["provenance"]["loss"].startswith("paper 001")
+    for name, setting in rec.options.items():
+        assert config["options"][name] == setting.value
+        assert config["provenance"][f"option.{name}"] == setting.source
+    assert config["provenance"]["epochs"] == "user"
+
+
+def test_user_values_override_the_recommendation(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(capsys, "train", *SMALL_MLP, "--algo", "drtp", "--epochs", "1", "--subset", "64",
+                       "--lr", "0.05", "--optimizer", "sgd", "--loss", "cross_entropy",
+                       "--option", "batch_scaling=mean", "--no-progress", "--no-plot", "--out", str(out_dir))
+    assert code == 0 and "lr=0.05 [user]" in out
+    config = json.loads((out_dir / "config.json").read_text())
+    assert (config["lr"], config["optimizer"], config["loss"]) == (0.05, "sgd", "cross_entropy")
+    assert config["options"]["batch_scaling"] == "mean"
+    assert config["options"]["projection_init"] == "he_uniform"      # the rest stays recommended
+    for key in ("lr", "optimizer", "loss", "option.batch_scaling"):
+        assert config["provenance"][key] == "user"
+    assert config["provenance"]["option.projection_init"] != "user"
+    # resume keeps the resolved values and their provenance
+    code, _, _ = run(capsys, "train", "--resume", str(out_dir), "--epochs", "2", "--no-progress", "--no-plot")
+    assert code == 0
+    assert json.loads((out_dir / "config.json").read_text())["provenance"] == config["provenance"]
+
+
+def test_plain_tp_with_condition_t_is_warned_about(capsys, tmp_path):
+    code, _, err = run(capsys, "train", *SMALL_MLP, "--algo", "tp", "--condition", "T", "--epochs", "1",
+                       "--subset", "64", "--no-progress", "--no-plot", "--out", str(tmp_path / "tp"))
+    assert "warning" in err and "condition T" in err and "--condition P" in err
+    config = json.loads((tmp_path / "tp" / "config.json").read_text())
+    assert config["condition"] == "T" and config["provenance"]["condition"] == "user"
+
+
 # -- inspect ------------------------------------------------------------------------------------
 def test_inspect_prints_table_code_and_draws(capsys, tmp_path):
     png, dot = tmp_path / "g.png", tmp_path / "g.dot"
@@ -173,7 +230,8 @@ def test_train_writes_metrics_checkpoint_and_plot(capsys, tmp_path):
         assert key in records[0]
     assert all(row["angle_bp"] < 1.0 for row in records[0]["alignment"])    # analytic DTP ~ BP
     assert (out_dir / "checkpoint.pt").exists() and (out_dir / "curves.png").exists()
-    assert json.loads((out_dir / "config.json").read_text())["options"] == {"beta": 0.2}
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["options"]["beta"] == 0.2 and config["provenance"]["option.beta"] == "user"
     # the directory holds a run now: a new run there is refused, --resume is the way on
     code, _, err = run(capsys, "train", *SMALL_MLP, "--out", str(out_dir))
     assert_clean_error(code, err, "--resume")
@@ -260,6 +318,8 @@ def test_compare_table_and_plot(capsys, tmp_path):
     assert code == 0 and "+-" in out and "dtp:beta=0.5" in out
     assert (out_dir / "compare.png").exists() and (out_dir / "curves.png").exists()
     payload = json.loads((out_dir / "compare.json").read_text())
+    assert payload["configs"]["dtp:beta=0.5"]["provenance"]["option.beta"] == "user"
+    assert payload["configs"]["bp"]["provenance"]["lr"].startswith(("paper", "ours"))
     assert len(payload["histories"]["bp"]) == 2
     code, _, err = run(capsys, "compare", *SMALL_MLP, "--algos", "bp,fa", "--beta", "0.5", "--out", str(out_dir))
     assert_clean_error(code, err, "'beta' applies to none")

@@ -1,4 +1,5 @@
-"""``fbcompile algorithms [ALGO]``: the registered algorithms and their options, from the registry."""
+"""``fbcompile algorithms [ALGO]``: the registered algorithms and their options, from the registry,
+and each algorithm's recommended settings per model family with their sources (fbcompile.recommended)."""
 from __future__ import annotations
 
 from ..errors import choices_text
@@ -8,7 +9,8 @@ from ..explain import format_table
 def add_parser(commands):
     parser = commands.add_parser("algorithms", help="list the learning algorithms and their options",
                                  description="List the registered learning algorithms, or one algorithm's "
-                                             "options with their defaults (pass them with --option KEY=VALUE).")
+                                             "options with their defaults (pass them with --option KEY=VALUE) "
+                                             "and its recommended settings per model family with their sources.")
     parser.add_argument("algorithm", nargs="?", metavar="ALGO", help="show this algorithm's options")
     parser.set_defaults(run=run)
     return parser
@@ -45,5 +47,31 @@ def run(args) -> int:
         rows.append({"option": name, "default": repr(option.default),
                      "values": ", ".join(map(repr, choices)) if choices else "-", "meaning": option.doc})
     print(format_table(rows, ["option", "default", "values", "meaning"]))
-    print(f"\ne.g. fbcompile train --algo {args.algorithm} --option KEY=VALUE")
+    print()
+    print(recommended_text(args.algorithm))
+    print(f"\ne.g. fbcompile train --algo {args.algorithm} --option KEY=VALUE (overrides the recommendation)")
     return 0
+
+
+def recommended_text(algorithm: str) -> str:
+    """The recommended settings of ``algorithm`` for each model family, one row per setting with the
+    value per family and the source(s), then the notes."""
+    from ..recommended import FAMILIES, recommended
+    recs = {family: recommended(algorithm, family) for family in FAMILIES}
+    names = list(dict.fromkeys(k for r in recs.values() for k in r.settings()))
+    rows = []
+    for name in names:
+        row = {"setting": name}
+        sources = []
+        for family, rec in recs.items():
+            setting = rec.settings().get(name)
+            row[family] = repr(setting.value) if setting else "-"
+            if setting and setting.source not in sources:
+                sources.append(setting.source)
+        row["source"] = "; ".join(sources)
+        rows.append(row)
+    notes = list(dict.fromkeys(n for r in recs.values() for n in r.notes))
+    text = ("Recommended settings (used by train, compare, bench and demo unless --lr, --optimizer, --loss, "
+            "--condition, --epochs or --option override them; families: fc = fully connected, conv = "
+            "convolutional, token = token-mixing):\n" + format_table(rows, ["setting", *FAMILIES, "source"]))
+    return text + "".join(f"\n  note: {n}" for n in notes)

@@ -8,7 +8,12 @@ from . import resolve
 from .runs import RunConfig, check_positive
 
 
-def add_model(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+RECOMMENDED = "the algorithm's recommended value, see `fbcompile algorithms ALGO`"
+
+
+def add_model(parser: argparse.ArgumentParser, *, positional: bool = False, recommended: bool = False) -> None:
+    """``recommended``: --condition defaults to the algorithm's recommended condition (train,
+    compare, bench, which train with an algorithm) instead of T."""
     group = parser.add_argument_group("model")
     if positional:
         group.add_argument("model", metavar="MODEL", help=f"the model: {resolve.model_help()}")
@@ -19,8 +24,9 @@ def add_model(parser: argparse.ArgumentParser, *, positional: bool = False) -> N
                        "1,28,28 (default: from the data, or the built-in model's usual shape)")
     group.add_argument("--model-option", action="append", metavar="KEY=VALUE",
                        help="keyword argument of the model constructor, e.g. width=128 (repeatable)")
-    group.add_argument("--condition", default="T", choices=["T", "P", "I"],
-                       help="Jacobian matching condition of the feedback rules (default T)")
+    group.add_argument("--condition", default=None if recommended else "T", choices=["T", "P", "I"],
+                       help="Jacobian matching condition of the feedback rules (default "
+                            f"{RECOMMENDED + ': T, P for tp' if recommended else 'T'})")
     group.add_argument("--variant", action="append", default=[], metavar="NAME",
                        help="prefer an alternative rule where one exists (repeatable): exact-statistics "
                             "(LayerNorm / train-mode BatchNorm through their full Jacobian), hadamard "
@@ -46,12 +52,17 @@ def add_learner(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training(parser: argparse.ArgumentParser, *, epochs: int = 10) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=epochs, help=f"number of epochs (default {epochs})")
+    group = parser.add_argument_group("training (values left out: the algorithm's recommended settings, with "
+                                      "their sources in DIR/config.json)")
+    group.add_argument("--epochs", type=int, default=None,
+                       help=f"number of epochs (default {epochs} x the algorithm's recommended epochs multiplier)")
     group.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    group.add_argument("--optimizer", default="adam", choices=sorted(resolve.OPTIMIZERS),
-                       help="optimizer of the model parameters (default adam)")
+    group.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {RECOMMENDED})")
+    group.add_argument("--optimizer", default=None, choices=sorted(resolve.OPTIMIZERS),
+                       help=f"optimizer of the model parameters (default: {RECOMMENDED})")
+    group.add_argument("--loss", default=None, choices=["cross_entropy", "bce"],
+                       help="classification loss: cross_entropy (softmax) or bce (sigmoid outputs + binary "
+                            f"cross-entropy, paper 001) (default: {RECOMMENDED})")
     group.add_argument("--momentum", type=float, default=0.0, help="momentum for sgd and rmsprop (default 0)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
     group.add_argument("--seed", type=int, default=0, help="seed of model, learner and shuffling (default 0)")
@@ -76,6 +87,7 @@ def run_config(args, algorithm: str, *, options: dict | None = None, seed: int |
                      model_options=model_options(args), input_shape=input_shape(args), condition=args.condition,
                      variants=list(args.variant),
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                     loss=getattr(args, "loss", None),
                      momentum=args.momentum, weight_decay=args.weight_decay,
                      seed=args.seed if seed is None else seed, data_seed=args.data_seed, subset=args.subset,
                      diagnostics=getattr(args, "diagnostics", False), predict=predict)

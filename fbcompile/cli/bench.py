@@ -4,7 +4,9 @@ Every configuration trains its own copy of the model (same seed) on the same bat
 medians over --rounds rounds, run interleaved in rotating order in this one process so machine
 noise spreads over all of them; peak memory is the profiler's running sum of tensor allocations
 during one step (fbcompile.bench.peak_tensor_memory), in this process or with --isolate in a fresh
-process per configuration.
+process per configuration. Each algorithm runs with its recommended learner options, loss and
+condition for the model's family (`fbcompile algorithms ALGO`) unless --condition / --option give
+others.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ BASELINE = "autograd"
 def add_parser(commands):
     parser = commands.add_parser("bench", help="step time and peak memory of each algorithm relative to autograd BP",
                                  description=arguments.description(__doc__))
-    arguments.add_model(parser)
+    arguments.add_model(parser, recommended=True)
     parser.add_argument("--data", metavar="DATA", help="take a batch of this dataset (default: random inputs)")
     parser.add_argument("--num-classes", type=int, default=10, help="outputs of a built-in model (default 10)")
     parser.add_argument("--algos", help="comma-separated algorithms (default: every registered one that applies)")
@@ -47,6 +49,7 @@ def setup(args_dict: dict):
     from .. import compile as compile_program
     from .. import learner as make_learner
     from ..bench import autograd_step, learner_step
+    from ..recommended import recommended
     args = argparse.Namespace(**args_dict)
     if args.data:
         from .runs import load_data
@@ -64,10 +67,13 @@ def setup(args_dict: dict):
     for name in args.algos:
         try:
             model = _fresh(args)
-            program = compile_program(model, x[:2], condition=args.condition, variants=tuple(args.variant))
-            learner = make_learner(program, name,
-                                   **{"seed": args.seed, **resolve.options_for(name, shared)})
-            steps[name] = learner_step(learner, x, y, loss_fn)
+            rec = recommended(name, model)
+            program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
+                                      variants=tuple(args.variant))
+            learner = make_learner(program, name, **{"seed": args.seed, **rec.learner_options(),
+                                                     **resolve.options_for(name, shared)})
+            own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
+            steps[name] = learner_step(learner, x, y, own_loss)
             steps[name]()                    # fails here if the algorithm cannot train this model
         except FBCompileError as exc:
             steps.pop(name, None)

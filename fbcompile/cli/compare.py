@@ -2,13 +2,17 @@
 
 ``--algos bp,dtp,fa`` names registered algorithms; an entry may carry its own options after colons,
 e.g. ``dtp:feedback=ldrl:beta=0.5``. Options given with --beta / --option go to every listed
-algorithm that has them. Prints a mean +/- std table (sample std over seeds) and writes
+algorithm that has them. Values left out (--lr, --optimizer, --loss, --condition, --epochs, learner
+options) are each algorithm's recommended settings for the model's family (`fbcompile algorithms
+ALGO`); DIR/compare.json records every algorithm's resolved configuration and provenance. Prints a
+mean +/- std table (sample std over seeds) and writes
 DIR/compare.json, DIR/compare.png (bars) and DIR/curves.png (mean curves per algorithm).
 """
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from ..errors import OptionError
@@ -16,17 +20,19 @@ from ..explain import format_table
 from . import arguments, resolve
 from .runs import build_run, check_positive, load_data, trainer_for
 
+EPOCHS = 5          # default epochs per run, x each algorithm's recommended epochs multiplier
+
 
 def add_parser(commands):
     parser = commands.add_parser("compare", help="several algorithms x seeds: mean +/- std table and plot",
                                  description=arguments.description(__doc__))
-    arguments.add_model(parser)
+    arguments.add_model(parser, recommended=True)
     arguments.add_data(parser)
     parser.add_argument("--algos", default="bp,dtp,fa", metavar="A,B,...",
                         help="algorithms, each optionally with :key=value options (default bp,dtp,fa)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm: --seed, --seed+1, ... (default 3)")
     arguments.add_learner(parser)
-    arguments.add_training(parser, epochs=5)
+    arguments.add_training(parser, epochs=EPOCHS)
     parser.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-MODEL-DATA)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -57,20 +63,30 @@ def run(args) -> int:
     out = Path(args.out or f"runs/compare-{Path(args.model).stem}-{args.data.replace(':', '-').replace('/', '_')}")
     dataset = load_data(args.data, seed=args.data_seed, subset=args.subset)
     print(f"{dataset.describe()}\ncomparing {', '.join(l for l, _, _ in entries)} on {args.model}, "
-          f"{args.seeds} seed(s), {args.epochs} epoch(s); writing to {out}/", flush=True)
+          f"{args.seeds} seed(s), {args.epochs or f'{EPOCHS} x multiplier'} epoch(s), recommended settings unless "
+          f"given; writing to {out}/", flush=True)
     seeds = [args.seed + i for i in range(args.seeds)]
     histories = {label: [] for label, _, _ in entries}
+    configs = {}
+    warned = set()
+
+    def warn(line):
+        if line not in warned:
+            warned.add(line)
+            print(line, file=sys.stderr, flush=True)
     with tqdm(total=len(entries) * len(seeds), desc="runs", disable=args.no_progress, unit="run") as bar:
         for label, name, own in entries:
             for seed in seeds:
                 bar.set_postfix_str(f"{label} seed {seed}")
                 options = {**resolve.options_for(name, shared), **own}
-                run_ = build_run(arguments.run_config(args, name, options=options, seed=seed), dataset)
-                histories[label].append(trainer_for(run_, progress=False, log=None).fit(args.epochs))
+                run_ = build_run(arguments.run_config(args, name, options=options, seed=seed), dataset,
+                                 warn=warn, default_epochs=EPOCHS)
+                configs.setdefault(label, run_.config.to_dict())
+                histories[label].append(trainer_for(run_, progress=False, log=None).fit(run_.config.epochs))
                 bar.update(1)
     summary = summarize(histories, dataset.task)
     print(summary_table(summary, dataset.task, len(seeds)))
-    print(f"\nwrote {', '.join(map(str, write_outputs(out, summary, histories, args, dataset.task)))}")
+    print(f"\nwrote {', '.join(map(str, write_outputs(out, summary, histories, args, dataset.task, configs)))}")
     return 0
 
 
@@ -119,18 +135,19 @@ def mean_history(runs: list) -> list:
     return mean
 
 
-def write_outputs(out: Path, summary: dict, histories: dict, args, task: str) -> list:
+def write_outputs(out: Path, summary: dict, histories: dict, args, task: str, configs: dict | None = None) -> list:
     from ..plots import comparison_bars, training_curves
     out.mkdir(parents=True, exist_ok=True)
     metric = "test_accuracy" if task == "classification" else "test_loss"
     scale = 100 if task == "classification" else 1
     bars = {label: (scale * v[metric][0], scale * v[metric][1]) for label, v in summary.items()}
-    title = f"{args.model} on {args.data}, {args.epochs} epochs, {args.seeds} seeds"
+    epochs = args.epochs or "recommended"
+    title = f"{args.model} on {args.data}, {epochs} epochs, {args.seeds} seeds"
     written = [comparison_bars(bars, out / "compare.png", title=title,
                                ylabel="test accuracy (%)" if task == "classification" else "test loss")]
     written.append(training_curves({label: mean_history(runs) for label, runs in histories.items()},
                                    out / "curves.png", title=title + " (means)"))
-    payload = {"model": args.model, "data": args.data, "epochs": args.epochs, "seeds": args.seeds,
-               "summary": summary, "histories": histories}
+    payload = {"model": args.model, "data": args.data, "epochs": epochs, "seeds": args.seeds,
+               "summary": summary, "histories": histories, "configs": configs or {}}
     (out / "compare.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return written + [out / "compare.json"]

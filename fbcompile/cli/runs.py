@@ -2,6 +2,11 @@
 
 :class:`RunConfig` is what ``fbcompile train`` records; :func:`build_run` turns it into the dataset,
 model, compiled program, learner, optimizer and loss, the same way on a fresh start and on resume.
+
+Values the user leaves out (``None``: optimizer, lr, loss, condition, epochs, and every learner
+option the algorithm has a recommendation for) are filled by :func:`apply_recommended` from
+:func:`fbcompile.recommended`; ``RunConfig.provenance`` records, per value, where it came from
+(``user`` or the recommendation's source), and config.json keeps it.
 """
 from __future__ import annotations
 
@@ -26,12 +31,12 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     model_options: dict = field(default_factory=dict)
     input_shape: list | None = None
-    condition: str = "T"
+    condition: str | None = None        # None: the algorithm's recommended condition
     variants: list = field(default_factory=list)
-    epochs: int = 10
+    epochs: int | None = None           # None: default_epochs x the recommended epochs multiplier
     batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    lr: float | None = None             # None: recommended
+    optimizer: str | None = None        # None: recommended
     momentum: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
@@ -39,6 +44,9 @@ class RunConfig:
     subset: int | None = None
     diagnostics: bool = False
     predict: dict = field(default_factory=dict)
+    loss: str | None = None             # None: recommended ("cross_entropy", or "bce" for DRTP)
+    family: str | None = None           # model family the recommendation was taken for
+    provenance: dict = field(default_factory=dict)    # value -> "user" or its source
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,8 +57,9 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def label(self) -> str:
-        """``dtp(beta=0.5)``: the algorithm with the options given explicitly (seed left out)."""
-        shown = {k: v for k, v in self.options.items() if k != "seed"}
+        """``dtp(beta=0.5)``: the algorithm with the options the user gave (seed left out)."""
+        shown = {k: v for k, v in self.options.items() if k != "seed"
+                 and self.provenance.get(f"option.{k}", "user") == "user"}
         return self.algorithm + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
 
 
@@ -98,11 +107,75 @@ def build_program(spec: str, input_shape, num_classes: int, *, model_options=Non
     return model, compile_program(model, example, condition=condition, variants=tuple(variants))
 
 
-def build_run(config: RunConfig, dataset: Dataset | None = None) -> Run:
-    """Build (or rebuild, for resume) every object of a run from its configuration."""
+TP_CONDITION_T = ("plain TP (no difference correction) with condition T propagates targets through "
+                  "transposes, which are no inverses of the forward ops: it does not learn; use --condition P "
+                  "(pseudo-inverse feedback, the recommended setting) or dtp")
+
+
+def apply_recommended(config: RunConfig, dataset: Dataset | None = None, *, default_epochs: int = 10,
+                      warn=None) -> RunConfig:
+    """Fill the values ``config`` leaves open from :func:`fbcompile.recommended` for its algorithm and
+    model family, and record every value's origin in ``config.provenance`` (in place; returned).
+
+    A value already set counts as the user's. Learner options: the recommendation's, overridden by
+    the user's (``config.options``). A resolved config (one with a provenance: a checkpoint's) is
+    left unchanged. Plain TP under condition T is warned about (``warn(line)``, else a
+    UserWarning): it needs an (approximate) inverse."""
+    from ..recommended import model_family, recommended
+    resolve.check_algorithms([config.algorithm])
+    if config.provenance:
+        return config
+    if config.family is None:
+        if config.model in resolve.BUILTIN_MODELS:
+            config.family = model_family(config.model)
+        else:
+            shape = tuple(config.input_shape or (dataset.input_shape if dataset is not None else ()))
+            classes = dataset.num_classes if dataset is not None else 10
+            config.family = model_family(resolve.build(config.model, shape, classes, config.model_options,
+                                                       seed=config.seed))
+    rec = recommended(config.algorithm, config.family)
+    provenance = dict(config.provenance)
+    if config.loss is None and dataset is not None and dataset.task != "classification":
+        config.loss, provenance["loss"] = "mse", "regression data"
+    for name, setting in (("optimizer", rec.optimizer), ("lr", rec.lr), ("loss", rec.loss),
+                          ("condition", rec.condition)):
+        if getattr(config, name) is None:
+            setattr(config, name, setting.value)
+            provenance.setdefault(name, setting.source)
+        else:
+            provenance.setdefault(name, "user")
+    if config.epochs is None:
+        config.epochs = max(1, round(default_epochs * rec.epochs_multiplier.value))
+        provenance.setdefault("epochs", f"{default_epochs} x epochs_multiplier {rec.epochs_multiplier.value} "
+                                        f"({rec.epochs_multiplier.source})")
+    else:
+        provenance.setdefault("epochs", "user")
+    options = {}
+    for name, setting in rec.options.items():
+        if name not in config.options:
+            options[name] = setting.value
+            provenance.setdefault(f"option.{name}", setting.source)
+    for name, value in config.options.items():
+        options[name] = value
+        provenance.setdefault(f"option.{name}", "user")
+    config.options = options
+    config.provenance = provenance
+    if config.algorithm == "tp" and config.condition == "T":
+        if warn is None:
+            import warnings
+            warnings.warn(TP_CONDITION_T, UserWarning, stacklevel=3)
+        else:
+            warn(f"warning: {TP_CONDITION_T}")
+    return config
+
+
+def build_run(config: RunConfig, dataset: Dataset | None = None, *, warn=None, default_epochs: int = 10) -> Run:
+    """Build (or rebuild, for resume) every object of a run from its configuration (values left
+    open are filled by :func:`apply_recommended` first)."""
     resolve.check_algorithms([config.algorithm])
     if dataset is None:
         dataset = load_data(config.data, seed=config.data_seed, subset=config.subset)
+    apply_recommended(config, dataset, warn=warn, default_epochs=default_epochs)
     shape = input_shape_for(config, dataset)
     model, program = build_program(config.model, shape, dataset.num_classes, model_options=config.model_options,
                                    seed=config.seed, condition=config.condition, variants=config.variants,
@@ -114,7 +187,15 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> Run:
         _check_predict(learner, config.predict, dataset.train_x[:2])
     optimizer = resolve.make_optimizer(config.optimizer, model.parameters(), lr=config.lr,
                                        momentum=config.momentum, weight_decay=config.weight_decay)
-    return Run(config, dataset, model, program, learner, optimizer, resolve.loss_for(dataset.task))
+    return Run(config, dataset, model, program, learner, optimizer, loss_for(config, dataset))
+
+
+def loss_for(config: RunConfig, dataset: Dataset):
+    """The run's loss: MSE for regression; for classification the configured convention."""
+    from ..recommended import loss_function
+    if dataset.task != "classification" or config.loss == "mse":
+        return resolve.loss_for(dataset.task)
+    return loss_function(config.loss or "cross_entropy")
 
 
 def _check_outputs(model, dataset: Dataset, spec: str) -> None:

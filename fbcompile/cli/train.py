@@ -1,13 +1,17 @@
 """``fbcompile train``: train a model with one algorithm, with metrics, checkpoints and plots.
 
 DIR/metrics.jsonl gets one JSON line per epoch, DIR/checkpoint.pt is written atomically after
-every epoch, DIR/config.json records the run and DIR/curves.png plots it. --resume DIR continues
+every epoch, DIR/config.json records the run (with "provenance": where each value came from, the
+user or the algorithm's recommended settings and their paper) and DIR/curves.png plots it. Values
+left out (--lr, --optimizer, --loss, --condition, --epochs, learner options) are the algorithm's
+recommended settings for the model's family (`fbcompile algorithms ALGO`). --resume DIR continues
 a stopped run exactly (bitwise) where its last checkpoint left it; with --epochs N it trains on to
 N epochs.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import OptionError
@@ -19,13 +23,14 @@ from .runs import RunConfig, build_run, trainer_for
 # Flags whose value is part of the saved configuration: --resume refuses them (it would not be
 # the same run any more); only --epochs may change.
 FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "variant", "batch_size", "lr", "optimizer",
+         "loss",
          "momentum", "weight_decay", "seed", "data_seed", "subset", "beta", "option", "predict_mode", "diagnostics")
 
 
 def add_parser(commands):
     parser = commands.add_parser("train", help="train a model with one algorithm (metrics, checkpoints, resume, plots)",
                                  description=arguments.description(__doc__))
-    arguments.add_model(parser)
+    arguments.add_model(parser, recommended=True)
     arguments.add_data(parser)
     parser.add_argument("--algo", default="bp", metavar="ALGO",
                         help="learning algorithm (default bp); list them with `fbcompile algorithms`")
@@ -51,10 +56,11 @@ def run(args) -> int:
             raise OptionError(f"{directory} already holds a run; continue it with --resume {directory} "
                               "or choose another --out")
         state = None
-    run_ = build_run(config)
+    run_ = build_run(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"{run_.dataset.describe()}\nmodel {config.model}: {type(run_.model).__name__}, "
           f"{sum(p.numel() for p in run_.model.parameters()):,} parameters, {len(run_.program.units)} units; "
           f"algorithm {config.label()}; writing to {directory}/", flush=True)
+    print(settings_line(config), flush=True)
     trainer = trainer_for(run_, out_dir=directory, progress=not args.no_progress,
                           log=lambda line: print(line, flush=True))
     if state is not None:
@@ -73,6 +79,17 @@ def run(args) -> int:
     return 0
 
 
+def settings_line(config) -> str:
+    """``settings: optimizer='adam', lr=0.003, beta=0.2 [user], ...``: the resolved values, the user's
+    marked (the sources of the others are in config.json and `fbcompile algorithms ALGO`)."""
+    shown = {"optimizer": config.optimizer, "lr": config.lr, "loss": config.loss, "condition": config.condition,
+             "epochs": config.epochs, **{f"option.{k}": v for k, v in config.options.items() if k != "seed"}}
+    parts = [f"{k.removeprefix('option.')}={v!r}" + (" [user]" if config.provenance.get(k) == "user" else "")
+             for k, v in shown.items()]
+    return ("settings: " + ", ".join(parts) + f"\n  (unmarked: recommended for {config.algorithm} on a "
+            f"{config.family} model; sources in config.json's provenance)")
+
+
 def _resumed(args):
     """(config, directory, checkpoint state) of ``--resume DIR``; only --epochs may change."""
     if args.out and Path(args.out) != Path(args.resume):
@@ -80,6 +97,8 @@ def _resumed(args):
     directory = Path(args.resume)
     state = load_checkpoint(directory)
     config = RunConfig.from_dict(state["config"])
+    if not config.provenance:         # a checkpoint from before recommended settings: its values as saved
+        config.provenance = {"all": "recorded in the checkpoint"}
     _confirm_model_code(args, config, directory)
     given = [name for name in FIXED if given_flag(args, name) and not (name == "model" and args.model == config.model)]
     if given:

@@ -1,0 +1,116 @@
+"""Sweep of learning settings on digits: where the papers give nothing for a model family (or their
+MNIST values do not carry over to a minutes-long digits run), this is how fbcompile's "ours" values
+in fbcompile/recommended.py were chosen.
+
+    python examples/tune.py --algos drtp --models mlp,lenet,mixer --grid lr=1e-3,3e-3,1e-2 --grid loss=bce,cross_entropy
+    python examples/tune.py --algos sdfa --grid lr=3e-4,1e-3,3e-3 --seeds 0,1 --test   # report test accuracy
+
+Protocol (reproducible; the grid and seeds are printed first):
+- data: scikit-learn's digits, fbcompile's fixed split; the sweep trains on the first 80% of the
+  training split and scores the last 20% (validation), never the test set (unless --test);
+- models: the demo's three (fbcompile/cli/demo.py MODELS: MLP 64-3x128-10 tanh, LeNet-5, MLP-Mixer);
+- training: the demo's budget (10 epochs, batch 64) through the same RunConfig path as
+  ``fbcompile train``; every value not swept is the current recommendation (fbcompile.recommended);
+- a grid key that is a RunConfig field (lr, optimizer, loss, condition, epochs) sets that field, any
+  other key is a learner option;
+- result: mean validation accuracy over the seeds per grid point; the best point per (model,
+  algorithm) is printed last. Runs go to --jobs worker processes with one torch thread each.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+FIELDS = ("lr", "optimizer", "loss", "condition", "epochs")
+
+
+def parse_grid(items) -> dict:
+    from fbcompile.cli.resolve import parse_value
+    grid = {}
+    for item in items or []:
+        key, _, values = item.partition("=")
+        grid[key.strip()] = [parse_value(v) for v in values.split(",")]
+    return grid
+
+
+def points(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
+
+
+def run_one(job: dict) -> dict:
+    """Train one (model, algorithm, grid point, seed); return its final validation (or test) accuracy."""
+    import torch
+    torch.set_num_threads(1)
+    from fbcompile.cli.demo import BATCH, MODELS
+    from fbcompile.cli.runs import RunConfig, build_run, load_data, trainer_for
+    from fbcompile.data import Dataset
+    data = load_data("digits")
+    if not job["test"]:
+        cut = int(0.8 * data.num_train)
+        data = Dataset(name=data.name, train_x=data.train_x[:cut], train_y=data.train_y[:cut],
+                       test_x=data.train_x[cut:], test_y=data.train_y[cut:], num_classes=data.num_classes,
+                       input_shape=data.input_shape, task=data.task)
+    _, spec, model_options = MODELS[job["model"]]
+    point = job["point"]
+    config = RunConfig(model=spec, model_options=model_options, data="digits", algorithm=job["algo"],
+                       batch_size=BATCH, seed=job["seed"],
+                       options={k: v for k, v in point.items() if k not in FIELDS},
+                       **{k: v for k, v in point.items() if k in FIELDS})
+    if config.epochs is None:
+        config.epochs = job["epochs"]
+    started = time.perf_counter()
+    try:
+        run = build_run(config, data)
+        history = trainer_for(run, progress=False, log=None).fit(run.config.epochs)
+        accuracy = history[-1]["test_accuracy"]
+    except Exception as exc:        # a failed point is a result too (e.g. a non-finite step)
+        return {**job, "accuracy": None, "error": f"{type(exc).__name__}: {str(exc)[:100]}",
+                "seconds": time.perf_counter() - started}
+    return {**job, "accuracy": accuracy, "error": None, "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algos", required=True, help="comma-separated algorithms")
+    parser.add_argument("--models", default="mlp,lenet,mixer", help="demo models (default mlp,lenet,mixer)")
+    parser.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a swept value (repeatable)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10, the demo's)")
+    parser.add_argument("--test", action="store_true", help="score the test set instead of the validation split")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    grid = parse_grid(args.grid)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    algos, models = args.algos.split(","), args.models.split(",")
+    print(f"tune: algorithms {algos}, models {models}, grid {grid or '{} (the recommendation only)'}, "
+          f"seeds {seeds}, {args.epochs} epochs (x the recommended epochs multiplier where epochs is not swept), "
+          f"batch 64, scored on {'test' if args.test else 'validation (last 20% of the training split)'}",
+          flush=True)
+    jobs = [{"model": m, "algo": a, "point": p, "seed": s, "epochs": args.epochs, "test": args.test}
+            for m in models for a in algos for p in points(grid) for s in seeds]
+    results = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for r in pool.map(run_one, jobs):
+            acc = "failed " + r["error"] if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+            print(f"  {r['model']:6s} {r['algo']:12s} {r['point']} seed {r['seed']}: {acc} ({r['seconds']:.1f} s)",
+                  flush=True)
+            results.append(r)
+    print("\nbest per (model, algorithm), mean over seeds:")
+    for m in models:
+        for a in algos:
+            scored = []
+            for p in points(grid):
+                accs = [r["accuracy"] for r in results if r["model"] == m and r["algo"] == a and r["point"] == p]
+                mean = statistics.fmean(x if x is not None else 0.0 for x in accs)
+                scored.append((mean, min(x or 0.0 for x in accs), p))
+            for mean, worst, p in sorted(scored, key=lambda t: -t[0])[:3]:
+                print(f"  {m:6s} {a:12s} {p}: mean {100 * mean:.1f}% (worst seed {100 * worst:.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
