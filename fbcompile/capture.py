@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FBCompileError, UntraceableModelError
-from .ops import lookup_module
+from .ops import declare_optional_spellings, lookup_module
 from .trace import describe
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -40,6 +40,7 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     ``forward`` arguments after the example inputs are constants of the program: those named in
     ``constants`` take that value, the others their defaults (``forward(x, attn_mask=None)`` traced
     from ``model(x)`` is specialised to ``attn_mask=None``, as the user's call would be)."""
+    declare_optional_spellings()
     tracer = _Tracer()
     fixed = constant_arguments(model, given, constants or {})
     try:

@@ -143,6 +143,22 @@ def tensor_method(name: str):
     return getattr(torch.Tensor, name, None)
 
 
+_OPTIONAL: list = []
+
+
+def optional_spellings(declare: Callable) -> Callable:
+    """Decorator registering ``declare()``, which declares spellings from an optional third-party
+    package (torchvision's stochastic depth) once the user has imported it; run before every capture,
+    so it must check ``sys.modules`` and be idempotent. fbcompile itself never imports the package."""
+    _OPTIONAL.append(declare)
+    return declare
+
+
+def declare_optional_spellings() -> None:
+    for declare in _OPTIONAL:
+        declare()
+
+
 def lookup_callable(target) -> tuple[OpSpec, bool] | None:
     return _BY_CALLABLE.get(target)
 

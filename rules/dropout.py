@@ -10,18 +10,20 @@ m = b / (1 - p), b ~ Bernoulli(1 - p) drawn once per sample (mode "row", shape (
 once for the batch (mode "batch", shape (1, ..., 1)); m = 0 when p = 1; identity in eval or p = 0.
 The tapped forward draws m exactly so and saves it; the dropout rules above apply unchanged (m
 broadcasts over g). Spellings are declared with :func:`declare_stochastic_depth`: torchvision's
-function and ``StochasticDepth`` module when torchvision imports (the module then is one node and
+function and ``StochasticDepth`` module once the user has imported torchvision (the module then is one node and
 its live ``training`` flag is read every step), and any function of the same signature and
 semantics (timm-style helpers, ``torch.fx.wrap``-ed so that fx records a call to it).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fbcompile.errors import ConditionError, RuleError
-from fbcompile.ops import OpSpec, declare_op
+from fbcompile.ops import OpSpec, declare_op, declared_ops, optional_spellings
 from fbcompile.registry import register_rule
 
 from .dense import elementwise_pinv
@@ -154,16 +156,12 @@ def declare_stochastic_depth(function, *, name: str, module: type | None = None)
     return spec
 
 
-def _declare_torchvision():
-    """torchvision is optional: its stochastic depth is declared only when it imports."""
-    import importlib.util
-    if importlib.util.find_spec("torchvision") is None:
-        return None
-    try:
-        from torchvision.ops import StochasticDepth, stochastic_depth
-    except Exception:  # noqa: BLE001 - a torchvision that does not import is as good as none
-        return None
-    return declare_stochastic_depth(stochastic_depth, name="stochastic_depth", module=StochasticDepth)
-
-
-TORCHVISION_STOCHASTIC_DEPTH = _declare_torchvision()
+@optional_spellings
+def declare_torchvision_stochastic_depth() -> None:
+    """torchvision is optional and never imported by fbcompile: once the user's code has imported
+    ``torchvision.ops``, its ``stochastic_depth`` and ``StochasticDepth`` are declared (before the
+    next capture)."""
+    ops = sys.modules.get("torchvision.ops")
+    if ops is None or "stochastic_depth" in declared_ops() or not hasattr(ops, "stochastic_depth"):
+        return
+    declare_stochastic_depth(ops.stochastic_depth, name="stochastic_depth", module=getattr(ops, "StochasticDepth", None))
