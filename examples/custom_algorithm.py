@@ -34,16 +34,17 @@ class ScaledFeedbackAlignment(Learner):
     def __init__(self, program, **options):
         super().__init__(program, **options)
         self.feedback = FeedbackWeights(program, init="kaiming", scale=1.0, seed=self.options["seed"], trainable=False)
+        self.executable = program.executable("error")     # its forward saves what the error graph reads
 
     def compute(self, inputs, targets, loss_fn):
-        program, gain = self.program, self.options["gain"]
+        gain = self.options["gain"]
         with torch.no_grad():
-            output, taps = program.run_forward(inputs)           # forward, keeping what the feedback reads
+            output, taps = self.executable.run_forward(inputs)   # forward, keeping what the feedback reads
         loss, errors = output_error(output, targets, loss_fn)    # e = dL/d output
         weights = {key: gain * r for key, r in self.feedback.mapping().items()}
         with torch.no_grad():                                    # the compiled error graph, B in place of W
-            _, grads = program.run_feedback("error", errors, taps, weights, returns="params")
-        return StepResult(float(loss), output), dict(zip(program.feedback["error"].params, grads))
+            _, grads = self.executable.run_feedback("error", errors, taps, weights, returns="params")
+        return StepResult(float(loss), output), dict(zip(self.program.feedback["error"].params, grads))
 
     def extra_state(self):
         return {"feedback": self.feedback.state_dict()}

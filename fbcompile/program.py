@@ -10,7 +10,8 @@ from .context import RuleContext
 from .errors import FBCompileError
 from .passes.feedback import FeedbackGraph, emit_feedback
 from .passes.prune import GradientSubgraph, gradient_subgraph, prune_outputs
-from .passes.forward import build_cut_forward, build_forward, build_resume_forward, build_unit_forwards
+from .executable import Executable
+from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
 
 
@@ -30,7 +31,8 @@ class Slot:
 class FeedbackProgram:
     """A model compiled for feedback learning. Build it with :func:`fbcompile.compile`.
 
-    - ``forward_module``: the traced model returning ``(output, taps)``.
+    - ``executable(*modes)``: what a learner runs (its forward with exactly its taps, its modes'
+      feedback modules); the program itself is the shared analysis and never changes them.
     - ``feedback[mode]``: a :class:`~fbcompile.passes.feedback.FeedbackGraph` per mode
       ("error", "target", "difference").
     - ``propagate_error(inputs, output_error)``: error mode with the forward weights.
@@ -44,29 +46,24 @@ class FeedbackProgram:
         self.params = dict(model.named_parameters())
         self.outputs = active_outputs(traced)
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
-        self.feedback, self.taps, self.slots, self._plans = {}, [], [], {}
+        self.feedback, self.slots = {}, []
         self._derived = {}
         self.feedback_graph("error")
 
-    def prepare(self, *modes: str) -> None:
-        """Emit the feedback graphs of ``modes`` before a forward runs: a graph emitted later can
-        ask for values ("taps") that forward did not save."""
-        for mode in modes:
-            self.feedback_graph(mode)
+    def executable(self, *modes: str) -> Executable:
+        """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``
+        read, and those graphs (see :mod:`fbcompile.executable`). Built once per set of modes."""
+        key = ("executable", tuple(dict.fromkeys(modes)))
+        if key not in self._derived:
+            self._derived[key] = Executable(self, key[1])
+        return self._derived[key]
 
     def feedback_graph(self, mode: str) -> FeedbackGraph:
-        """The feedback graph of ``mode``, emitted on first use ("error", "target", "difference",
-        "unit_difference", "unit_target", "unit_error"); new taps rebuild the forward programs."""
+        """The feedback graph of ``mode``, emitted once on first use ("error", "target", "difference",
+        "unit_difference", "unit_target", "unit_error") and never changed afterwards."""
         if mode not in self.feedback:
-            graph = emit_feedback(self.traced, self.rules, self.partition, mode)
-            self.feedback[mode] = graph
-            new_taps = [key for kind, key in graph.inputs if kind == "tap" and key not in self.taps]
-            self.taps.extend(new_taps)
+            self.feedback[mode] = emit_feedback(self.traced, self.rules, self.partition, mode)
             self.slots = _slots(self.model, self.feedback)
-            if new_taps or not self._derived:
-                self._derived = {"forward": build_forward(self.traced, self.taps),
-                                 "tap_index": {key: i for i, key in enumerate(self.taps)}}
-            self._plans = {m: self._plan(g) for m, g in self.feedback.items()}
         return self.feedback[mode]
 
     def recompile(self, *, condition=None, variants=None, units=None) -> "FeedbackProgram":
@@ -99,20 +96,6 @@ class FeedbackProgram:
 
     # -- forward programs --------------------------------------------------------------------------
     @property
-    def forward_module(self) -> fx.GraphModule:
-        """The traced model returning ``(output, taps)``."""
-        return self._derived["forward"]
-
-    @property
-    def tap_index(self) -> dict:
-        """{tap key: its position in the taps tuple :meth:`run_forward` returns}."""
-        return self._derived["tap_index"]
-
-    def run_forward(self, inputs: tuple):
-        """Run the forward program: ``(model output, taps tuple)``."""
-        return self.forward_module(*inputs)
-
-    @property
     def parameter_free_boundary(self) -> frozenset:
         """Positions in :attr:`boundary` of values computed without any parameter (the model inputs
         and, e.g., their flattening): their feedback cannot reach a parameter."""
@@ -125,13 +108,6 @@ class FeedbackProgram:
     def boundary(self) -> list:
         """Forward nodes whose feedback the feedback graphs return: model inputs, then unit outputs."""
         return self.partition.boundary
-
-    def local_forward(self) -> fx.GraphModule:
-        """Forward program with each unit's inputs detached, returning the boundary values as a
-        third output (graph-connected), for one multi-root backward over all local losses."""
-        if "local" not in self._derived:
-            self._derived["local"] = build_forward(self.traced, self.taps, self.partition, True, self.boundary)
-        return self._derived["local"]
 
     def cut_forward(self):
         """``(module, input keys, output keys)`` evaluating every unit on its own inputs."""
@@ -190,16 +166,6 @@ class FeedbackProgram:
             self._derived["unit_outputs"] = [o for unit in self.partition.units for o in unit.outputs]
         return self._derived["unit_outputs"]
 
-    def unit_gradients(self, deltas: dict, values: dict, taps: tuple) -> dict:
-        """{parameter: local gradient} given delta_u at the unit outputs (``deltas``: node name ->
-        tensor; a missing one is zero, shaped like ``values[name]``): each unit's own backward with
-        its inputs held fixed, through the compiled "unit_error" graph, without autograd. Equals
-        autograd on the local losses where :attr:`exact_within_units`."""
-        fed = [deltas[o.name] if o.name in deltas else torch.zeros_like(values[o.name]) for o in self.unit_outputs]
-        with torch.no_grad():
-            _, grads = self.run_feedback("unit_error", fed, taps, returns="params")
-        return {n: g for n, g in zip(self.feedback["unit_error"].params, grads) if g is not None}
-
     def unit_gradient_graph(self, unit: int) -> GradientSubgraph:
         """The "unit_error" graph pruned to unit ``unit``'s parameter gradients, reading only that
         unit's deltas and the taps its own backward needs."""
@@ -244,35 +210,7 @@ class FeedbackProgram:
         return self._derived[key]
 
     # -- feedback ---------------------------------------------------------------------------------
-    def run_feedback(self, mode: str, output_feedback, taps: tuple, weights: dict | None = None,
-                     returns: str = "all"):
-        """Run the ``mode`` feedback graph: ``(boundary values, parameter gradients)``.
-
-        ``output_feedback`` holds one tensor per model output (per unit output for
-        "unit_target"). ``weights`` maps slot keys ``(node name, param)`` to tensors used in place
-        of the forward weight (FA, FWDTP, learned feedback); missing slots use the forward weight.
-        ``returns="units"`` skips the feedback into values computed without parameters (the model
-        inputs and what is computed from them alone) and ``"params"`` all boundary values: the graph
-        is pruned, so that work (e.g. the first layer's input gradient) is not done."""
-        self.feedback_graph(mode)
-        if len(taps) != len(self.taps):
-            raise FBCompileError(f"feedback mode {mode!r} reads {len(self.taps)} saved forward values but the forward "
-                                 f"that ran saved {len(taps)}: the mode was first asked for after that forward. "
-                                 f"Call program.prepare({mode!r}) before running the forward (learners do this "
-                                 "when they are constructed)")
-        plan = self._plans[mode]
-        args = []
-        for kind, index in plan:
-            if kind in ("output", "cut"):
-                args.append(output_feedback[index])
-            elif kind == "tap":
-                args.append(taps[index])
-            else:
-                slot = self.slots[index]
-                args.append(weights[slot.key] if weights and slot.key in weights else self.params[slot.qualname])
-        return self._pruned(mode, returns)(*args)
-
-    def _pruned(self, mode: str, returns: str) -> fx.GraphModule:
+    def pruned_feedback(self, mode: str, returns: str) -> fx.GraphModule:
         """The ``mode`` feedback module returning only what ``returns`` asks for (dead code removed)."""
         if returns == "all":
             return self.feedback[mode].module
@@ -281,25 +219,16 @@ class FeedbackProgram:
             self._derived[key] = prune_outputs(self.feedback[mode], returns, self.parameter_free_boundary)
         return self._derived[key]
 
-    def _plan(self, graph: FeedbackGraph) -> list:
-        tap_index = self.tap_index
-        slot_index = {slot.key: i for i, slot in enumerate(self.slots)}
-        plan = []
-        cut_index = {o.name: i for i, o in enumerate(self.unit_outputs)}
-        for kind, key in graph.inputs:
-            index = {"output": lambda k: k, "cut": cut_index.get, "tap": tap_index.get, "slot": slot_index.get}[kind](key)
-            plan.append((kind, index))
-        return plan
-
     def propagate_error(self, inputs, output_error):
         """Error mode: propagate ``output_error`` (dL/d output) through the feedback graph with the
         forward weights, accumulate parameter gradients into ``.grad`` exactly where autograd's
         backward would, and return the error at each model input (a tensor for one input)."""
         inputs, errors = as_tuple(inputs), as_tuple(output_error)
+        run = self.executable("error")
         with torch.no_grad():
-            output, taps = self.run_forward(inputs)
+            output, taps = run.run_forward(inputs)
             check_output_feedback(self, output, errors)
-            values, grads = self.run_feedback("error", errors, taps)
+            values, grads = run.run_feedback("error", errors, taps)
             accumulate_grads(self.params, self.feedback["error"].params, grads)
         by_node = dict(zip(self.boundary, values))
         input_errors = tuple(by_node.get(node) if by_node.get(node) is not None else torch.zeros_like(x)

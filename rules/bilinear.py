@@ -78,12 +78,16 @@ def _matmul_param_grads(ctx, g):
 
 
 def _matmul_batch_local(ctx) -> bool:
-    """Samples stay independent when A's rows are samples (B not active) or the product is batched
-    (every active operand has a leading batch dim of its own, ndim >= 3)."""
+    """Samples stay independent when every active operand's dim 0 is the output's dim 0: it has the
+    output's rank (a lower-rank operand is broadcast, its dim 0 is not the batch) and the same size
+    there (not a size-1 dim broadcast over the batch); with B active the product must be batched
+    (rank >= 3), since a 2-D B's rows are not samples."""
     first, second = ctx.op_call.spec.signature.parameters
-    if ctx.is_active(second):
-        return len(ctx.shape(second)) >= 3 and (not ctx.is_active(first) or len(ctx.shape(first)) >= 3)
-    return len(ctx.shape(first)) >= 2
+    out = ctx.shape()
+    active = [name for name in (first, second) if ctx.is_active(name)]
+    if ctx.is_active(second) and len(out) < 3:
+        return False
+    return len(out) >= 2 and all(len(ctx.shape(n)) == len(out) and ctx.shape(n)[0] == out[0] for n in active)
 
 
 def _declare_product(name, apply, functions, methods):

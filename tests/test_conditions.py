@@ -182,8 +182,9 @@ def test_inverse_target_map_inverts_an_invertible_network(act):
     x = 0.5 * torch.randn(4, 5, dtype=torch.float64)
     program = fbcompile.compile(model, x, condition="I")
     assert torch.allclose(_eager_target_chain(program, x), x, rtol=1e-9, atol=1e-10)
-    output, taps = program.run_forward((x,))
-    values, _ = program.run_feedback("target", (output,), taps)
+    run = program.executable("target")
+    output, taps = run.run_forward((x,))
+    values, _ = run.run_feedback("target", (output,), taps)
     assert torch.allclose(values[0], x, rtol=1e-9, atol=1e-10)
 
 

@@ -32,12 +32,18 @@ def test_compile_is_the_passes_run_in_order():
     assert run_passes(PASSES[:4], Compilation(model, (x,))).program is None
 
 
-def test_a_mode_emitted_after_the_forward_is_a_clear_error():
+def test_each_learner_runs_its_own_executable_and_none_changes_another():
     model, x = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(3, 4)
     program = fbcompile.compile(model, x)
-    output, taps = program.run_forward((x,))
-    with pytest.raises(FBCompileError, match=r"prepare\('target'\)"):
-        program.run_feedback("target", [output], taps)
+    bp = fbcompile.learner(program, "bp")
+    taps_before = bp.executable.taps
+    forward_before = bp.executable.forward_module
+    dtp = fbcompile.learner(program, "dtp")
+    assert bp.executable.taps == taps_before and bp.executable.forward_module is forward_before
+    assert dtp.executable is not bp.executable and "error" not in dtp.executable.modes
+    output, taps = bp.executable.run_forward((x,))
+    with pytest.raises(FBCompileError, match=r"mode 'target' is not among this executable's modes \('error',\)"):
+        bp.executable.run_feedback("target", [output], taps)
 
 
 def test_no_compiler_pass_imports_the_runtime():

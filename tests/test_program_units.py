@@ -15,7 +15,6 @@ def _program():
                           nn.Linear(3 * 16, 7), nn.Tanh(), nn.Linear(7, 4)).double()
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
     program = fbcompile.compile(model, x)
-    program.prepare("unit_error")
     return program, x
 
 
@@ -25,10 +24,11 @@ def _random_deltas(program):
 
 def test_a_unit_gradient_graph_reads_its_own_deltas_and_equals_the_whole_graph():
     program, x = _program()
+    run = program.executable("unit_error")
     with torch.no_grad():
-        _, taps = program.run_forward((x,))
+        _, taps = run.run_forward((x,))
     deltas = _random_deltas(program)
-    every = program.unit_gradients(deltas, {}, taps)
+    every = run.unit_gradients(deltas, {}, taps)
     checked = 0
     for unit in program.units:
         if not unit.params:
@@ -36,7 +36,7 @@ def test_a_unit_gradient_graph_reads_its_own_deltas_and_equals_the_whole_graph()
         subgraph = program.unit_gradient_graph(unit.index)
         read = {key for kind, key in subgraph.inputs if kind == "cut"}
         assert read and read <= {o.name for o in unit.outputs}
-        args = [taps[program.tap_index[key]] if kind == "tap" else deltas[key] for kind, key in subgraph.inputs]
+        args = [taps[run.tap_index[key]] if kind == "tap" else deltas[key] for kind, key in subgraph.inputs]
         with torch.no_grad():
             one = dict(zip(subgraph.params, subgraph.module(*args)))
         assert set(one) == set(unit.params)
@@ -48,8 +48,9 @@ def test_a_unit_gradient_graph_reads_its_own_deltas_and_equals_the_whole_graph()
 
 def test_tapped_unit_stages_return_the_values_the_forward_taps():
     program, x = _program()
+    run = program.executable("unit_error")
     with torch.no_grad():
-        _, taps = program.run_forward((x,))
+        _, taps = run.run_forward((x,))
         seen = {}
 
         def execute(stage, values):
@@ -60,7 +61,7 @@ def test_tapped_unit_stages_return_the_values_the_forward_taps():
         program.run_units((x,), None, stages=program.unit_forwards(tapped=True), execute=execute)
     assert any(key[1] is not None for key in seen)          # the max-pool indices are among them
     for key, value in seen.items():
-        assert torch.equal(value, taps[program.tap_index[key]]), key
+        assert torch.equal(value, taps[run.tap_index[key]]), key
 
 
 def test_gradient_subgraph_names_a_parameter_the_graph_has_no_gradient_for():

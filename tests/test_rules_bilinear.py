@@ -230,11 +230,12 @@ def test_difference_mode_equals_error_mode_through_products():
     difference exactly as the error map does: DTP's small-beta limit is backpropagation."""
     inputs = (_randn((5, 4)), _randn((5, 4)))
     program = fbcompile.compile(BareProducts().double(), inputs)
+    run = program.executable("error", "difference")
     with torch.no_grad():
-        output, taps = program.run_forward(inputs)
+        output, taps = run.run_forward(inputs)
         difference = 1e-3 * torch.randn_like(output)
-        by_error, _ = program.run_feedback("error", (difference,), taps)
-        by_difference, _ = program.run_feedback("difference", (difference,), taps)
+        by_error, _ = run.run_feedback("error", (difference,), taps)
+        by_difference, _ = run.run_feedback("difference", (difference,), taps)
     assert by_error[0] is not None and by_error[1] is not None      # the two inputs, then unit outputs
     for a, b in zip(by_error, by_difference, strict=True):
         assert relative_error(b, a) < TOL

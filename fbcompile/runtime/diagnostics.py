@@ -110,7 +110,7 @@ def _gauss_newton_updates(program, inputs, targets, loss_fn, damping: float) -> 
     """Parameter updates from damped Gauss-Newton targets at every unit output."""
     from .losses import output_error
     with preserved_state(program.model):
-        output, _, values = program.local_forward()(*inputs)
+        output, _, values = program.executable().local_forward()(*inputs)
         _, errors = output_error(output, targets, loss_fn)
         e = torch.cat([err.reshape(-1) for err in errors]).detach()
         roots, deltas = [], []

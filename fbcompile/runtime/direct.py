@@ -103,9 +103,8 @@ class DirectLearner(Learner):
         if "projection_init" in self.OPTIONS:
             _check_projection_scale(self.name, self.options, options)
         self.projections = self.make_projections()
-        self.executor = self.choose_executor()
-        if self.compiled:
-            program.prepare("unit_error")      # before any forward: it saves what this graph reads
+        self.compiled = not self.choose_executor().autograd   # the executor, and the executable it runs
+        # (the stored forward saves what the compiled "unit_error" graph reads)
 
     def make_projections(self, trainable: bool = False) -> DirectProjections | None:
         """The C x S_u matrices B_u of the plan (None for an algorithm without projection options)."""
@@ -139,6 +138,7 @@ class DirectLearner(Learner):
         if bool(value) and chosen.autograd:
             raise FBCompileError(f"algorithm {self.name!r} has no compiled executor for this program")
         self.executor = chosen
+        self.executable = self.program.executable("unit_error") if self.compiled else self.program.executable()
 
     # -- hooks ------------------------------------------------------------------------------------
     def signal(self, errors: tuple | None, output, targets, batch: int) -> Signal | None:
@@ -161,13 +161,12 @@ class DirectLearner(Learner):
         (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`): e for the output units,
         delta_u for the hidden ones, each delta made just before its unit and freed after it, so the
         deltas never all live at once."""
-        program = self.program
         with torch.no_grad():
-            output, taps = program.run_forward(inputs)
+            output, taps = self.executable.run_forward(inputs)
         loss, errors = output_error(output, targets, loss_fn)
         hidden = self.hidden_learn and bool(self.plan.projections)
         signal = self.signal(errors, output, targets, _batch(inputs, output)) if hidden else None
-        index = program.tap_index
+        index = self.executable.tap_index
         updates = {}
         self._fused_update(updates, hidden, errors, signal, lambda key: taps[index[key]])
         return self._result(loss, output), updates
@@ -225,7 +224,7 @@ class DirectLearner(Learner):
 
     def stored_forward(self):
         """The model with every unit's input detached, returning ``(output, (), values of the
-        projected unit outputs)``; unlike ``program.local_forward()`` it keeps no feedback taps alive."""
+        projected unit outputs)``; unlike ``Executable.local_forward()`` it keeps no feedback taps alive."""
         if self._stored_forward is None:
             nodes = {n.name: n for n in self.program.traced.graph.nodes}
             self._stored_forward = build_forward(self.program.traced, [], self.program.partition, True,

@@ -26,13 +26,13 @@ from .registry import register_algorithm
 def _feedback_graph(learner, inputs, targets, loss_fn):
     """One forward under no_grad keeping the taps, then the "error" feedback graph: errors and
     weight gradients from the compiled rules."""
-    program = learner.program
+    run = learner.executable
     with torch.no_grad():
-        output, taps = program.run_forward(inputs)
+        output, taps = run.run_forward(inputs)
     loss, errors = output_error(output, targets, loss_fn)
     with torch.no_grad():
-        _, grads = program.run_feedback("error", errors, taps, learner.weights(), returns="params")
-    names = program.feedback["error"].params
+        _, grads = run.run_feedback("error", errors, taps, learner.weights(), returns="params")
+    names = learner.program.feedback["error"].params
     return StepResult(float(loss), output), dict(zip(names, grads))
 
 
@@ -51,6 +51,7 @@ class ErrorPropagation(Learner):
             raise OptionError(f"algorithm {self.name!r} propagates errors through transposed Jacobians and needs a "
                               f"program compiled with condition='T' (this one has {program.condition!r})")
         self.feedback = None
+        self.executable = program.executable("error")
         self.executor = self.choose_executor()
 
     def choose_executor(self):

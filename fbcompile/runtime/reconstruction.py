@@ -30,15 +30,17 @@ def _per_sample(squares: torch.Tensor) -> torch.Tensor:
     return squares.reshape(squares.shape[0], -1).sum(1).mean() if squares.dim() else squares
 
 
-def cut_reconstruction(program, kind: str, inputs, taps, values: dict, weights: dict, trained: set,
+def cut_reconstruction(executable, kind: str, inputs, taps, values: dict, weights: dict, trained: set,
                        sigma: float, generator) -> dict:
-    """LRL or L-DRL losses {unit index: loss} for the units in ``trained`` (one pass for all)."""
+    """LRL or L-DRL losses {unit index: loss} for the units in ``trained`` (one pass for all);
+    ``taps`` come from ``executable``'s forward, which includes the "unit_target" mode."""
+    program = executable.program
     module, in_keys, out_keys = program.cut_forward()
     clean = [values[src].detach() for _, src in in_keys]
     noise = [_noise(x, sigma, generator) if u in trained else torch.zeros_like(x) for (u, _), x in zip(in_keys, clean)]
     with torch.no_grad(), preserved_state(program.model):
         noisy_out = module(*inputs, *[x + n for x, n in zip(clean, noise)])
-    targets_at = lambda outs: program.run_feedback("unit_target", list(outs), taps, weights)[0]
+    targets_at = lambda outs: executable.run_feedback("unit_target", list(outs), taps, weights)[0]
     moved = targets_at(noisy_out)
     losses = {}
     if kind == "lrl":
@@ -57,14 +59,16 @@ def cut_reconstruction(program, kind: str, inputs, taps, values: dict, weights: 
     return losses
 
 
-def difference_reconstruction(program, inputs, taps, values: dict, weights: dict, source, sigma: float,
+def difference_reconstruction(executable, inputs, taps, values: dict, weights: dict, source, sigma: float,
                               generator, mode: str = "difference") -> torch.Tensor:
-    """DRL loss for the feedback reaching forward value ``source`` (paper 003 eq. 10)."""
+    """DRL loss for the feedback reaching forward value ``source`` (paper 003 eq. 10); ``taps``
+    come from ``executable``'s forward, which includes ``mode``."""
+    program = executable.program
     x = values[source].detach()
     noise = _noise(x, sigma, generator)
     with torch.no_grad(), preserved_state(program.model):
         outputs = program.resume_forward(source.name)(*inputs, x + noise)
     deltas = [o - values[n].detach() for o, n in zip(outputs, program.outputs)]
-    feedback = program.run_feedback(mode, deltas, taps, weights)[0]
+    feedback = executable.run_feedback(mode, deltas, taps, weights)[0]
     reconstructed = feedback[program.boundary.index(source)]
     return _per_sample((reconstructed - noise) ** 2) / sigma ** 2

@@ -90,7 +90,7 @@ class TargetPropagation(Learner):
         self.executor = self.choose_executor()
         if self.executor is COMPILED_LOCAL:
             modes.append("unit_error")
-        program.prepare(*modes)
+        self.executable = program.executable(*modes)
 
     def choose_executor(self, compiled: bool = True) -> Executor:
         """"compiled-local" (each unit's backward from the compiled unit_error graph) where every
@@ -121,17 +121,17 @@ class TargetPropagation(Learner):
         """Targets from the feedback graph, then every unit's local gradient (see the module docstring)."""
         program, beta = self.program, self.options["beta"]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not compiled):
-            output, taps, boundary_values = program.local_forward()(*inputs)
+            output, taps, boundary_values = self.executable.local_forward()(*inputs)
         loss, errors = output_error(output, targets, loss_fn)
         if self.feedback_optimizer is not None:
             self.train_feedback(inputs, taps, dict(zip(program.boundary, boundary_values)))
         with torch.no_grad():
             if self.difference:
                 fed = [-beta * e for e in errors]
-                feedback = program.run_feedback(self.difference_mode, fed, taps, self.weights(), returns="units")[0]
+                feedback = self.executable.run_feedback(self.difference_mode, fed, taps, self.weights(), returns="units")[0]
             else:
                 fed = [o.detach() - beta * e for o, e in zip(flat_outputs(output), errors)]
-                feedback = program.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
+                feedback = self.executable.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
         if not all_finite(feedback):
             bad = [n.name for n, f in zip(program.boundary, feedback) if f is not None and not torch.isfinite(f).all()]
             raise NonFiniteError(f"non-finite targets at {', '.join(bad)} (beta={beta}); nothing was changed")
@@ -141,7 +141,7 @@ class TargetPropagation(Learner):
         trainable = [n for n, p in program.params.items() if p.requires_grad]
         if compiled:            # each unit's local backward through the compiled unit_error graph
             by_name = dict(zip((n.name for n in program.boundary), boundary_values))
-            local = program.unit_gradients(deltas, by_name, taps)
+            local = self.executable.unit_gradients(deltas, by_name, taps)
             updates = {n: local[n] for n in trainable if local.get(n) is not None}
         else:                   # one multi-root autograd backward through the unit-local graphs
             roots = {n.name: h for n, h in zip(program.boundary, boundary_values) if h.requires_grad}
@@ -178,7 +178,7 @@ class TargetPropagation(Learner):
                 if source == "drl":
                     record = self._drl_step(inputs, taps, values, trained, sigma)
                 else:
-                    losses = cut_reconstruction(self.program, source, inputs, taps, values, self.feedback.mapping(),
+                    losses = cut_reconstruction(self.executable, source, inputs, taps, values, self.feedback.mapping(),
                                                 trained, sigma, self.generator)
                     if losses:
                         sum(losses.values()).backward()
@@ -200,7 +200,7 @@ class TargetPropagation(Learner):
             for source in unit.inputs:
                 if not depends_on_parameters(source) and not self.options["input_feedback"]:
                     continue
-                loss = difference_reconstruction(self.program, inputs, taps, values, weights, source, sigma,
+                loss = difference_reconstruction(self.executable, inputs, taps, values, weights, source, sigma,
                                                  self.generator, self.difference_mode)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):

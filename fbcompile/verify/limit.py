@@ -73,16 +73,16 @@ def limit_angles(program, inputs: tuple, *, mode: str = "difference", beta: floa
 
 def _updates(program, inputs, mode, beta, seed, output_error) -> tuple[dict, dict]:
     """(error-side, target-side) parameter updates: see the module docstring."""
-    program.prepare("error", mode)
+    run = program.executable("error", mode)
     with preserved_state(program.model), torch.enable_grad():
-        output, taps, boundary = program.local_forward()(*inputs)
+        output, taps, boundary = run.local_forward()(*inputs)
         generator = torch.Generator().manual_seed(seed)
         errors = ([torch.randn(o.shape, dtype=o.dtype, generator=generator).to(o.device) for o in flat_outputs(output)]
                   if output_error is None else list(flat_outputs(output_error)))
         with torch.no_grad():
-            error_side = program.run_feedback("error", errors, taps, returns="units")[0]
-            plus = program.run_feedback(mode, [-beta * e for e in errors], taps, returns="units")[0]
-            minus = program.run_feedback(mode, [beta * e for e in errors], taps, returns="units")[0]
+            error_side = run.run_feedback("error", errors, taps, returns="units")[0]
+            plus = run.run_feedback(mode, [-beta * e for e in errors], taps, returns="units")[0]
+            minus = run.run_feedback(mode, [beta * e for e in errors], taps, returns="units")[0]
         target_side = [None if p is None or m is None else _map(lambda a, b: (b - a) / (2 * beta), p, m)
                        for p, m in zip(plus, minus)]
         return _local_updates(program, boundary, error_side), _local_updates(program, boundary, target_side)
@@ -96,7 +96,7 @@ def _map(fn, a, b):
 
 def _local_updates(program, boundary: list, signals: list) -> dict:
     """{parameter: update} from ``signals`` (one per boundary value, None where none) at the unit
-    outputs: one autograd backward through the unit-local graphs of ``program.local_forward()``
+    outputs: one autograd backward through the unit-local graphs of ``Executable.local_forward()``
     (each unit's inputs detached), as the DTP learner's fallback computes it."""
     roots, grads = [], []
     for node, value, signal in zip(program.boundary, boundary, signals):
