@@ -241,11 +241,8 @@ def as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-flat_outputs = as_tuple
-
-
 def check_output_feedback(program: FeedbackProgram, output, feedback: tuple) -> None:
-    outs = flat_outputs(output)
+    outs = as_tuple(output)
     if len(feedback) != len(program.outputs):
         raise FBCompileError(f"the model returns {len(program.outputs)} tensor(s) but "
                              f"{len(feedback)} output feedback tensor(s) were given")

@@ -53,7 +53,7 @@ from ..errors import FBCompileError, OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
 from ..passes.direct_graph import build_direct_gradients, build_unlocked_step
 from ..passes.forward import build_forward
-from ..program import flat_outputs
+from ..program import as_tuple
 from .base import Executor, Learner, StepResult, detached_output
 from .losses import output_error, scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
@@ -293,7 +293,7 @@ class DirectLearner(Learner):
     def _output_update(self, output, targets, loss_fn) -> tuple:
         """(loss, e = dL/d outputs, the output units' update), from ONE backward of the loss that
         stops at the output units' detached inputs: the output units learn from their local gradient."""
-        outs = flat_outputs(output)
+        outs = as_tuple(output)
         names = [name for unit in self.plan.output_units for name in self.plan.params[unit]]
         with torch.enable_grad():
             loss = scalar_loss(loss_fn, outs, targets)
@@ -331,7 +331,7 @@ UPDATE_UNLOCKED = Executor("update-unlocked", DirectLearner._unlocked,
 
 
 def _batch(inputs, output) -> int:
-    first = flat_outputs(output)[0] if output is not None else inputs[0]
+    first = as_tuple(output)[0] if output is not None else inputs[0]
     return int(first.shape[0])
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import FBCompileError, NonFiniteError
 from ..passes.direct import draw_projection, place_batch_axis, projection_generator
-from ..program import as_tuple, flat_outputs
+from ..program import as_tuple
 from ..trace import preserved_state
 from .base import all_finite
 from .direct import PROJECTION_OPTIONS, STORED, DirectLearner
@@ -109,7 +109,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         return [p for p in self.feedback_maps.parameters() if p.requires_grad]
 
     def signal(self, errors, output, targets, batch):
-        flat = torch.cat([o.detach().reshape(o.shape[0], -1) for o in flat_outputs(output)], dim=1)
+        flat = torch.cat([o.detach().reshape(o.shape[0], -1) for o in as_tuple(output)], dim=1)
         return Signal(batch, dense=flat_error(errors), output=flat)
 
     def before_forward(self, inputs):
@@ -128,8 +128,8 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         with torch.no_grad(), preserved_state(self.model):
             output, _, projected = self.stored_forward()(*inputs)
         values = dict(zip((p.node for p in self.plan.projections), projected))
-        batch = int(flat_outputs(output)[0].shape[0])
-        return values, Signal(batch, output=torch.cat([o.reshape(batch, -1) for o in flat_outputs(output)], dim=1))
+        batch = int(as_tuple(output)[0].shape[0])
+        return values, Signal(batch, output=torch.cat([o.reshape(batch, -1) for o in as_tuple(output)], dim=1))
 
     # -- DRL --------------------------------------------------------------------------------------
     def train_feedback(self, inputs) -> dict:

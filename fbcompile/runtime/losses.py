@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FBCompileError
-from ..program import flat_outputs
+from ..program import as_tuple
 
 aten = torch.ops.aten
 REDUCTIONS = {"mean": 1, "sum": 2}          # at::Reduction; "none" has no scalar loss
@@ -38,7 +38,7 @@ def output_error(output, targets, loss_fn) -> tuple[torch.Tensor, tuple]:
 
 def autograd_output_error(output, targets, loss_fn) -> tuple[torch.Tensor, tuple]:
     """(loss, dL/d output) for any loss, by autograd on a detached copy of the output only."""
-    outs = tuple(o.detach().requires_grad_(True) for o in flat_outputs(output))
+    outs = tuple(o.detach().requires_grad_(True) for o in as_tuple(output))
     with torch.enable_grad():
         loss = scalar_loss(loss_fn, outs, targets)
         errors = torch.autograd.grad(loss, outs, allow_unused=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NonFiniteError, OptionError, choices_text
-from ..program import flat_outputs
+from ..program import as_tuple
 from ..trace import depends_on_parameters
 from .base import Executor, Learner, StepResult, all_finite
 from .losses import output_error
@@ -130,7 +130,7 @@ class TargetPropagation(Learner):
                 fed = [-beta * e for e in errors]
                 feedback = self.executable.run_feedback(self.difference_mode, fed, taps, self.weights(), returns="units")[0]
             else:
-                fed = [o.detach() - beta * e for o, e in zip(flat_outputs(output), errors)]
+                fed = [o.detach() - beta * e for o, e in zip(as_tuple(output), errors)]
                 feedback = self.executable.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
         if not all_finite(feedback):
             bad = [n.name for n, f in zip(program.boundary, feedback) if f is not None and not torch.isfinite(f).all()]

@@ -33,7 +33,7 @@ import math
 import torch
 
 from ..errors import OptionError, choices_text
-from ..program import as_tuple, flat_outputs
+from ..program import as_tuple
 from ..trace import preserved_state
 
 MODES = ("difference", "unit_difference")
@@ -77,8 +77,8 @@ def _updates(program, inputs, mode, beta, seed, output_error) -> tuple[dict, dic
     with preserved_state(program.model), torch.enable_grad():
         output, taps, boundary = run.local_forward()(*inputs)
         generator = torch.Generator().manual_seed(seed)
-        errors = ([torch.randn(o.shape, dtype=o.dtype, generator=generator).to(o.device) for o in flat_outputs(output)]
-                  if output_error is None else list(flat_outputs(output_error)))
+        errors = ([torch.randn(o.shape, dtype=o.dtype, generator=generator).to(o.device) for o in as_tuple(output)]
+                  if output_error is None else list(as_tuple(output_error)))
         with torch.no_grad():
             error_side = run.run_feedback("error", errors, taps, returns="units")[0]
             plus = run.run_feedback(mode, [-beta * e for e in errors], taps, returns="units")[0]
