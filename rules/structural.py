@@ -110,8 +110,9 @@ UNFLATTEN = declare_op("unflatten", unflatten, functions=[torch.unflatten], meth
 SQUEEZE = declare_op("squeeze", squeeze, functions=[torch.squeeze], methods=[tensor_method("squeeze")],
                      batch_local=lambda ctx: ctx.const("dim") is not None and _off_batch("dim")(ctx))
 UNSQUEEZE = declare_op("unsqueeze", unsqueeze, functions=[torch.unsqueeze], methods=[tensor_method("unsqueeze")])
-TRANSPOSE = declare_op("transpose", transpose, functions=[torch.transpose],
-                       methods=[tensor_method("transpose")], batch_local=_off_batch("dim0", "dim1"))
+TRANSPOSE = declare_op("transpose", transpose, functions=[torch.transpose, torch.swapaxes, torch.swapdims],
+                       methods=[tensor_method(m) for m in ("transpose", "swapaxes", "swapdims")],
+                       batch_local=_off_batch("dim0", "dim1"))
 PERMUTE = declare_op("permute", permute, functions=[torch.permute], methods=[tensor_method("permute")],
                      batch_local=_permute_local)
 IDENTITY = declare_op("identity", identity, methods=[tensor_method("contiguous"), tensor_method("clone")],
