@@ -61,7 +61,11 @@ def _run_as_script(script, cwd):
 
 
 def test_custom_rule_runs_as_a_script(tmp_path):
-    _run_as_script("custom_rule.py", tmp_path)
+    """Run as a user would, the script's two user-declared ops give autograd's gradients."""
+    out = _run_as_script("custom_rule.py", tmp_path)
+    line = next(ln for ln in out.splitlines() if ln.startswith("propagate_error vs autograd"))
+    errors = [float(word.rstrip(",")) for word in line.split() if word[:1].isdigit()]
+    assert len(errors) == 2 and max(errors) < 1e-10, line
 
 
 def test_custom_algorithm_runs_as_a_script(tmp_path):
