@@ -42,8 +42,8 @@ class ScaledFeedbackAlignment(Learner):
             output, taps = self.executable.run_forward(inputs)   # forward, keeping what the feedback reads
         loss, errors = output_error(output, targets, loss_fn)    # e = dL/d output
         weights = {key: gain * r for key, r in self.feedback.mapping().items()}
-        with torch.no_grad():                                    # the compiled error graph, B in place of W
-            _, grads = self.executable.run_feedback("error", errors, taps, weights, returns="params")
+        with torch.no_grad():     # the compiled error graph, B in place of W; keep_for=(): taps handed over, each freed
+            _, grads = self.executable.run_feedback("error", errors, taps, weights, returns="params", keep_for=())
         return StepResult(float(loss), output), dict(zip(self.program.feedback["error"].params, grads))
 
     def extra_state(self):

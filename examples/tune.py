@@ -8,7 +8,9 @@ in fbcompile/recommended.py were chosen.
 Protocol (reproducible; the grid and seeds are printed first):
 - data: scikit-learn's digits, fbcompile's fixed split; the sweep trains on the first 80% of the
   training split and scores the last 20% (validation), never the test set (unless --test);
-- models: the demo's three (fbcompile/cli/demo.py MODELS: MLP 64-3x128-10 tanh, LeNet-5, MLP-Mixer);
+- models: the demo's three (fbcompile/cli/demo.py MODELS: MLP 64-3x128-10 tanh, LeNet-5, MLP-Mixer),
+  and ``mlp-p004``, paper 004's MLP shape (two hidden layers of 50 ReLU units) for the MF / MF-DD
+  comparison (issue 15: MF-DD within 5 points of MF at the same epochs);
 - training: the demo's budget (10 epochs, batch 64) through the same RunConfig path as
   ``fbcompile train``; every value not swept is the current recommendation (fbcompile.recommended);
 - a grid key that is a RunConfig field (lr, optimizer, loss, condition, epochs) sets that field, any
@@ -26,6 +28,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 FIELDS = ("lr", "optimizer", "loss", "condition", "epochs")
+# Models beyond the demo's: name -> (title, MODEL spec, model options).
+EXTRA_MODELS = {"mlp-p004": ("MLP 64-2x50-10 ReLU (paper 004's shape)", "mlp",
+                             {"width": 50, "depth": 2, "act": "relu"})}
+
+
+def model_spec(name: str) -> tuple:
+    """(title, MODEL spec, model options) of a demo model or one of :data:`EXTRA_MODELS`."""
+    from fbcompile.cli.demo import MODELS
+    table = {**MODELS, **EXTRA_MODELS}
+    if name not in table:
+        raise SystemExit(f"tune.py: unknown model {name!r}; use {', '.join(table)}")
+    return table[name]
 
 
 def parse_grid(items) -> dict:
@@ -46,7 +60,7 @@ def run_one(job: dict) -> dict:
     """Train one (model, algorithm, grid point, seed); return its final validation (or test) accuracy."""
     import torch
     torch.set_num_threads(1)
-    from fbcompile.cli.demo import BATCH, MODELS
+    from fbcompile.cli.demo import BATCH
     from fbcompile.cli.runs import RunConfig, build_run, load_data, trainer_for
     from fbcompile.data import Dataset
     data = load_data("digits")
@@ -55,7 +69,7 @@ def run_one(job: dict) -> dict:
         data = Dataset(name=data.name, train_x=data.train_x[:cut], train_y=data.train_y[:cut],
                        test_x=data.train_x[cut:], test_y=data.train_y[cut:], num_classes=data.num_classes,
                        input_shape=data.input_shape, task=data.task)
-    _, spec, model_options = MODELS[job["model"]]
+    _, spec, model_options = model_spec(job["model"])
     point = job["point"]
     config = RunConfig(model=spec, model_options=model_options, data="digits", algorithm=job["algo"],
                        batch_size=BATCH, seed=job["seed"],
@@ -77,7 +91,8 @@ def run_one(job: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algos", required=True, help="comma-separated algorithms")
-    parser.add_argument("--models", default="mlp,lenet,mixer", help="demo models (default mlp,lenet,mixer)")
+    parser.add_argument("--models", default="mlp,lenet,mixer",
+                        help="demo models, or mlp-p004 (paper 004's MLP shape) (default mlp,lenet,mixer)")
     parser.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a swept value (repeatable)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10, the demo's)")
@@ -87,6 +102,8 @@ def main() -> None:
     grid = parse_grid(args.grid)
     seeds = [int(s) for s in args.seeds.split(",")]
     algos, models = args.algos.split(","), args.models.split(",")
+    for m in models:
+        model_spec(m)
     print(f"tune: algorithms {algos}, models {models}, grid {grid or '{} (the recommendation only)'}, "
           f"seeds {seeds}, {args.epochs} epochs (x the recommended epochs multiplier where epochs is not swept), "
           f"batch 64, scored on {'test' if args.test else 'validation (last 20% of the training split)'}",

@@ -24,11 +24,12 @@ from typing import Callable
 
 
 def interleaved_times(configurations: dict[str, Callable], *, rounds: int = 20, warmup: int = 3,
-                      min_sample: float = 0.05) -> dict:
+                      min_sample: float = 0.05, statistic: Callable = statistics.median) -> dict:
     """{name: median seconds per call}, configurations run interleaved in rotating order.
 
     One sample of a configuration times as many consecutive calls as fill ``min_sample`` seconds
-    (counted during warm-up), so millisecond steps are not measured one timer read at a time."""
+    (counted during warm-up), so millisecond steps are not measured one timer read at a time.
+    ``statistic`` summarises the samples (``min``: the least disturbed sample, on a busy machine)."""
     names = list(configurations)
     calls = {name: 1 for name in names}
     samples = {name: [] for name in names}
@@ -43,7 +44,7 @@ def interleaved_times(configurations: dict[str, Callable], *, rounds: int = 20, 
                 calls[name] = max(1, min(1000, int(min_sample / max(elapsed, 1e-9))))
             else:
                 samples[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistic(values) for name, values in samples.items()}
 
 
 def ratios(times: dict, baseline: str) -> dict:
@@ -110,3 +111,48 @@ def format_ratio_table(times: dict, baseline: str, targets: dict | None = None) 
         target = (targets or {}).get(name, "")
         lines.append(f"{name:28s} {seconds * 1e3:9.2f} {seconds / times[baseline]:10.3f}  {target}")
     return "\n".join(lines)
+
+
+# -- real-size models (examples/bench_models.py, ``fbcompile bench``) ------------------------------
+#: learner configurations of the model benchmark: name -> (algorithm, learner options)
+MODEL_CONFIGS = {"bp": ("bp", {}), "dtp": ("dtp", {}), "dfa": ("dfa", {}),
+                 "drtp": ("drtp", {"execution": "unlocked"})}
+
+
+def model_batch(model_name: str, shape=(3, 32, 32), batch: int = 32, num_classes: int = 10, seed: int = 0):
+    """``(model in train mode, x, y)`` for built-in ``model_name``, seeded: every configuration gets
+    an identical copy and the same batch."""
+    import torch
+
+    from .models import build_model
+    torch.manual_seed(seed)
+    model = build_model(model_name, shape, num_classes).train()
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, *shape, generator=generator)
+    y = torch.randint(0, num_classes, (batch,), generator=generator)
+    return model, x, y
+
+
+def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, seed: int = 0) -> Callable:
+    """One training step of ``config`` ("autograd" or a key of :data:`MODEL_CONFIGS`) on a fresh copy
+    of ``model_name`` with cross-entropy."""
+    import torch.nn.functional as F
+
+    from . import compile as compile_program
+    from . import learner as make_learner
+    model, x, y = model_batch(model_name, shape, batch, seed=seed)
+    if config == "autograd":
+        return autograd_step(model, x, y, F.cross_entropy)
+    algorithm, options = MODEL_CONFIGS[config]
+    program = compile_program(model, x[:2])
+    return learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy)
+
+
+def model_memory(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, threads: int = 2) -> list:
+    """``[peak, net]`` tensor bytes of one step of ``config`` after one warm-up step (run it in a fresh
+    process: :func:`in_subprocess`)."""
+    import torch
+    torch.set_num_threads(threads)
+    step = model_step(model_name, config, tuple(shape), batch)
+    step()
+    return list(memory_ledger(step))

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FBCompileError
-from .ops import OpSpec, lookup_callable, lookup_module, tensor_method
+from .ops import OpSpec, get_op, lookup_aten, lookup_callable, lookup_module, tensor_method
 from .trace import AttrRef, OpCall, info
 
 
@@ -94,6 +94,8 @@ def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
             raise FBCompileError(f"cannot bind the arguments of {type(module).__name__} to op "
                                  f"{spec.name!r}: {exc}") from exc
         args = {k: _attr(v, names) for k, v in bound.arguments.items()}
+    elif lookup_aten(node.target) is not None:
+        spec, inplace, args = _bind_aten(node)
     else:
         target = tensor_method(node.target) if node.op == "call_method" else node.target
         found = lookup_callable(target)
@@ -124,6 +126,19 @@ def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
             elif isinstance(item, AttrRef) and isinstance(item.value, nn.Parameter) and where is None:
                 params[name] = item.qualname
     return OpCall(spec, args, params, inplace, module, active)
+
+
+def _bind_aten(node: fx.Node) -> tuple[OpSpec, bool, dict]:
+    """An ATen overload (torch.export front end) bound through its adapter in
+    :mod:`fbcompile.aten_spellings` to the canonical arguments of its op."""
+    spelling = lookup_aten(node.target)
+    spec = get_op(spelling.op)
+    args = spelling.adapter(node, *node.args, **node.kwargs)
+    unknown = sorted(set(args) - set(spec.signature.parameters))
+    if unknown:
+        raise FBCompileError(f"the adapter of {node.target} gave argument(s) {', '.join(unknown)} that op "
+                             f"{spec.name!r} does not take")
+    return spec, spelling.inplace, args
 
 
 def _declared_class(spec: OpSpec, module: nn.Module) -> type:

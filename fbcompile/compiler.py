@@ -16,7 +16,7 @@ from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
 from .passes.reach import check_parameter_coverage
 from .canonical import canonicalize
-from .capture import capture
+from .frontends import capture_model, check_frontend
 from .passes.units import Partition, partition
 from .program import FeedbackProgram, as_tuple
 from .registry import CONDITIONS, all_rules, find_rule, rules_for
@@ -46,10 +46,11 @@ class Compilation:
     model: nn.Module
     example_inputs: tuple
     condition: str = "T"
-    variants: tuple = ()
+    variants: tuple | dict = ()         # {mode family: variants} once normalised (family_variants)
     grouping: object = "layer"
     constants: dict | None = None
     traced: fx.GraphModule | None = None
+    frontend: str = "auto"              # "fx", "export" or "auto" (fbcompile.frontends)
     rules: dict | None = None
     problems: tuple = ()
     partition: Partition | None = None
@@ -67,8 +68,10 @@ class Pass:
 
 
 def _capture(c: Compilation) -> Compilation:
-    """torch.fx symbolic trace; forward arguments after the example inputs bound to constants."""
-    return replace(c, traced=capture(c.model, len(c.example_inputs), c.constants))
+    """torch.fx symbolic trace or torch.export (``frontend``; "auto": fx, else export when fx cannot);
+    forward arguments after the example inputs bound to constants."""
+    analyse = lambda traced: list(run_passes(PASSES[1:_ANALYSIS], replace(c, traced=traced)).problems)
+    return replace(c, traced=capture_model(c.model, c.example_inputs, c.constants, c.frontend, analyse))
 
 
 def _propagate(c: Compilation) -> Compilation:
@@ -84,8 +87,9 @@ def _canonicalize(c: Compilation) -> Compilation:
 
 
 def _choose_rules(c: Compilation) -> Compilation:
-    """One feedback rule per active op under the condition and variants; the rest are problems."""
-    rules, problems = select_rules(c.traced, c.condition, c.variants)
+    """One feedback rule per active op and mode family (error, target) under the condition and each
+    family's variants (:func:`family_variants`); the rest are problems."""
+    rules, problems = select_rule_families(c.traced, c.condition, family_variants(c.variants))
     return replace(c, rules=rules, problems=tuple(problems))
 
 
@@ -129,18 +133,23 @@ def run_passes(passes, compilation: Compilation) -> Compilation:
 
 
 def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), units="layer",
-            kwargs: dict | None = None) -> FeedbackProgram:
+            kwargs: dict | None = None, frontend: str = "auto") -> FeedbackProgram:
     """Trace ``model`` on ``example_inputs`` and derive its feedback graph, running :data:`PASSES`.
 
     ``condition``: "T" (feedback Jacobian = transposed forward Jacobian, the default), "P"
     (pseudo-inverse) or "I" (inverse). ``variants``: alternative rules to prefer, e.g.
-    ``("hadamard",)`` for the activation feedback of paper 002 eq. 29. ``units``: how nodes group
+    ``("hadamard",)`` for the activation feedback of paper 002 eq. 29; rules are chosen separately
+    for error modes and target modes (:data:`DEFAULT_VARIANTS`, :func:`family_variants`): a tuple is
+    added to both families' defaults, a dict ``{"error": (...), "target": (...)}`` replaces the named
+    families' variants (``variants={"error": ()}``: frozen normalisation statistics in error modes
+    too); ``explain()`` shows the rule of each family. ``units``: how nodes group
     into TP units ("layer", "op", "module", ("module", depth) or a callable node -> key).
     ``kwargs``: constant values for ``forward`` arguments after the example inputs (the others
-    keep their defaults).
+    keep their defaults). ``frontend``: "fx" (torch.fx tracing), "export" (torch.export, training IR,
+    the model's current train/eval mode) or "auto" (fx, else export; :mod:`fbcompile.frontends`).
     Raises :class:`~fbcompile.errors.UnsupportedOpError` listing every unsupported node at once.
     """
-    start = _start(model, example_inputs, condition, variants, units, kwargs)
+    start = _start(model, example_inputs, condition, variants, units, kwargs, frontend)
     return run_passes(PASSES, start).program
 
 
@@ -148,24 +157,62 @@ def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram
     """Compile an already traced model (also used to change condition, variants or units cheaply):
     the passes after canonicalization."""
     _check_condition(condition)
-    start = Compilation(model, (), condition, tuple(variants), units, traced=traced)
+    _check_variants(variants)
+    start = Compilation(model, (), condition, family_variants(variants), units, traced=traced)
     return run_passes(PASSES[_ANALYSIS - 1:], start).program
 
 
-def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), kwargs: dict | None = None) -> list:
+def coverage(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), kwargs: dict | None = None,
+             frontend: str = "auto") -> list:
     """Every node of ``model`` that has no feedback rule under ``condition``, found before compiling
     (empty when everything is supported). Raises only if the model cannot be traced at all."""
-    start = _start(model, example_inputs, condition, variants, "layer", kwargs)
+    start = _start(model, example_inputs, condition, variants, "layer", kwargs, frontend)
     return list(run_passes(PASSES[:_ANALYSIS], start).problems)
 
 
-def _start(model, example_inputs, condition, variants, units, kwargs) -> Compilation:
+def _start(model, example_inputs, condition, variants, units, kwargs, frontend="auto") -> Compilation:
     _check_condition(condition)
     _check_variants(variants)
-    return Compilation(model, as_tuple(example_inputs), condition, tuple(variants), units, kwargs)
+    check_frontend(frontend)
+    return replace(Compilation(model, as_tuple(example_inputs), condition, family_variants(variants), units, kwargs),
+                   frontend=frontend)
+
+
+#: Rule variants each mode family prefers unless ``compile(variants={family: ...})`` says otherwise.
+#: Error modes (bp, fa, dfa, sdfa, drtp and every learner's error path) differentiate through the
+#: normalisation statistics (BatchNorm, LayerNorm, GroupNorm), so ``bp`` equals autograd in train
+#: mode; target modes (TP, DTP) keep paper 002's frozen statistics (the rules' default).
+DEFAULT_VARIANTS = {"error": ("exact-statistics",), "target": ()}
+
+
+def family_variants(variants) -> dict:
+    """``{family: variants}`` for the mode families of :data:`DEFAULT_VARIANTS`. A tuple is preferred
+    in every family, before the family's defaults; a dict gives the named families' variants exactly
+    (their defaults dropped), the others keep their defaults. Idempotent."""
+    if isinstance(variants, dict):
+        unknown = [f for f in variants if f not in DEFAULT_VARIANTS]
+        if unknown:
+            raise OptionError(f"variants has mode famil(ies) {', '.join(map(repr, unknown))}; the families are "
+                              f"{choices_text(tuple(DEFAULT_VARIANTS))}")
+        if any(isinstance(v, str) for v in variants.values()):
+            raise OptionError(f"variants={variants!r}: each family takes a tuple of names, e.g. "
+                              "{'error': ('exact-statistics',)}")
+        return {f: tuple(variants.get(f, DEFAULT_VARIANTS[f])) for f in DEFAULT_VARIANTS}
+    return {f: tuple(dict.fromkeys(tuple(variants) + d)) for f, d in DEFAULT_VARIANTS.items()}
+
+
+def select_rule_families(traced: fx.GraphModule, condition: str, families: dict) -> tuple[dict, list]:
+    """``({family: {node: rule}}, problems)``; a node without a rule in any family is a problem once."""
+    rules, problems, seen = {}, [], set()
+    for family, variants in families.items():
+        rules[family], found = select_rules(traced, condition, variants)
+        problems.extend(p for p in found if p.node not in seen)
+        seen.update(p.node for p in found)
+    return rules, problems
 
 
 def select_rules(traced: fx.GraphModule, condition: str, variants=()) -> tuple[dict, list]:
+    """One family's ``({node: rule}, problems)`` with ``variants`` preferred."""
     rules, problems = {}, []
     for node in traced.graph.nodes:
         record = info(node)
@@ -203,7 +250,8 @@ def _check_variants(variants) -> None:
     if isinstance(variants, str):
         raise OptionError(f"variants={variants!r} must be a tuple of names, e.g. ({variants!r},)")
     known = sorted({rule.variant for rule in all_rules() if rule.variant})
-    unknown = [v for v in variants if v not in known]
+    named = [v for family in family_variants(variants).values() for v in family]
+    unknown = list(dict.fromkeys(v for v in named if v not in known))
     if unknown:
         raise OptionError(f"unknown rule variant(s) {', '.join(map(repr, unknown))}; registered variants: "
                           f"{choices_text(known)}")

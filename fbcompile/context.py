@@ -13,6 +13,11 @@ The interface, for a rule handling forward node ``n``:
   take dynamic sizes from them (``ctx.saved("input").shape``) and static sizes from ``ctx.shape``.
 - ``ctx.shape(name="output", index=None)``: the static shape seen at compile time (use it for
   non-batch dimensions only: output_padding, pooling geometry).
+- ``ctx.saved_shape(name, index=None)``: the run-time shape of a forward value *without* saving the
+  value: a value that depends on no model input has its static shape (a tuple), any other is a
+  shape tap (key ``(node name, SHAPE)``: the forward returns ``value.shape``, a ``torch.Size``), so
+  a rule that needs only a size (``sum_to`` after broadcasting, zeros to scatter into) pins no
+  activation until the feedback runs.
 - ``ctx.const(name, default)``: a hyperparameter of the call (stride, dim, p, ...).
 - ``ctx.param(name)``: a model attribute the call uses (LayerNorm weight, BatchNorm buffers, the
   module itself); ``None`` when the argument is ``None``.
@@ -20,6 +25,16 @@ The interface, for a rule handling forward node ``n``:
   weight itself for BP and analytical TP, a fixed random matrix for FA/FWDTP, a trained one for
   learned feedback. Only transposed-weight rules ask for this.
 - ``ctx.call(fn, *args, **kwargs)``: call a helper as one graph node (no tracing into it).
+- ``ctx.call_once(fn, *args)``: the same, but a call of ``fn`` with the same arguments already made
+  at this node in this feedback graph is reused: one fused kernel whose results both the rule and
+  the op's weight-gradient formula read (BatchNorm's ``native_batch_norm_backward``, a
+  convolution's ``convolution_backward``).
+- ``ctx.with_param_grads``: whether the graph being built also emits this node's weight gradients
+  from the same ``g`` (error modes, an op with parameters): only then is a fused kernel computing
+  both worth calling (False in target modes and in the verifier, which evaluate the rule alone).
+- ``ctx.feedback_dropped(name)``: whether the feedback for that argument is usually thrown away (a
+  model input; in the cut modes a value from another unit), where such a fused kernel would only
+  add work that pruning could otherwise remove.
 - ``ctx.is_active(name, index=None)``: whether that argument carries an activation.
 """
 from __future__ import annotations
@@ -33,24 +48,30 @@ from .errors import RuleError
 from .trace import AttrRef, OpCall, info
 
 OUTPUT = "output"
+SHAPE = "#shape"        # tap key extra of a shape tap: (node name, SHAPE) -> the value's torch.Size
 
 
 def tap_name(node: fx.Node, what: str, index: int | None = None) -> tuple:
     """Key of the forward value that ``ctx.saved(what, index)`` refers to: ``(node name, None)`` for
     a graph value (the argument's producer, or the node itself for ``"output"``) and
     ``(node name, extra)`` for an extra the op's tapped forward saves."""
+    if what != OUTPUT and what in info(node).call.spec.extras:
+        return (node.name, what)
+    return (_source(node, what, index).name, None)
+
+
+def _source(node: fx.Node, what: str, index: int | None = None) -> fx.Node:
+    """The forward node whose value argument ``what`` (or ``"output"``) of ``node`` is."""
     call: OpCall = info(node).call
     if what == OUTPUT:
-        return (node.name, None)
-    if what in call.spec.extras:
-        return (node.name, what)
+        return node
     value = call.args.get(what)
     if index is not None:
         value = value[index]
     if not isinstance(value, fx.Node):
         raise RuleError(f"rule for {node.format_node()} asked for saved({what!r}) but that argument is "
                         f"not a graph value (it is {value!r}); use ctx.const or ctx.param")
-    return (value.name, None)
+    return value
 
 
 class RuleContext:
@@ -107,6 +128,34 @@ class RuleContext:
     def saved(self, name: str, index: int | None = None):
         raise NotImplementedError
 
+    def saved_shape(self, name: str, index: int | None = None):
+        """The run-time shape of argument ``name`` (or ``"output"``) without saving its value: the
+        static shape when the value depends on no model input, else a shape tap."""
+        source = _source(self.node, name, index)
+        if info(source).is_tuple:
+            raise RuleError(f"rule for {self.node.format_node()} asked for saved_shape({name!r}), but "
+                            f"{source.name} is a tuple of values, not one tensor")
+        if not info(source).from_input:
+            return tuple(info(source).shape)
+        return self._shape_tap(source)
+
+    def _shape_tap(self, source: fx.Node):
+        raise NotImplementedError
+
+    def call_once(self, fn: Callable, *args):
+        return self.call(fn, *args)
+
+    @property
+    def with_param_grads(self) -> bool:
+        return False
+
+    def feedback_dropped(self, name: str) -> bool:
+        """Whether feedback for argument ``name`` is usually thrown away, so a fused kernel computing
+        it with the weight gradients would waste work and keep dead inputs alive: a model input
+        (learners drop its error), or in a cut mode a value from outside this node's unit."""
+        value = self.op_call.args.get(name)
+        return isinstance(value, fx.Node) and value.op == "placeholder"
+
     def param(self, name: str):
         raise NotImplementedError
 
@@ -149,6 +198,9 @@ class EagerContext(RuleContext):
     def saved(self, name, index=None):
         return self.values[tap_name(self.node, name, index)]
 
+    def _shape_tap(self, source):
+        return self.values[(source.name, None)].shape
+
     def param(self, name):
         qualname = self._attr_name(name)
         return None if qualname is None else _get_attr(self.root, qualname)
@@ -177,6 +229,26 @@ class ProxyContext(RuleContext):
 
     def saved(self, name, index=None):
         return self.builder.tap(tap_name(self.node, name, index))
+
+    def _shape_tap(self, source):
+        return self.builder.tap((source.name, SHAPE))
+
+    @property
+    def with_param_grads(self) -> bool:
+        return self.builder.mode == "error" and bool(self.op_call.params)
+
+    def feedback_dropped(self, name):
+        value = self.op_call.args.get(name)
+        unit_of = self.builder.partition.unit_of
+        crosses = isinstance(value, fx.Node) and unit_of.get(value) is not unit_of.get(self.node)
+        return super().feedback_dropped(name) or (self.builder.cut and crosses)
+
+    def call_once(self, fn, *args):
+        key = (self.node.name, fn, tuple(a.node if isinstance(a, fx.Proxy) else repr(a) for a in args))
+        memo = self.builder.call_memo
+        if key not in memo:
+            memo[key] = self.call(fn, *args)
+        return memo[key]
 
     def param(self, name):
         qualname = self._attr_name(name)

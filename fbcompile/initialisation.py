@@ -34,9 +34,9 @@ def draw(shape: tuple, init: str, scale: float, generator: torch.Generator, like
     elif init == "uniform":
         bound = scale
     elif init == "normal":
-        return torch.randn(shape, generator=generator, dtype=like.dtype).mul_(scale).to(like.device)
+        return torch.randn(shape, device="cpu", generator=generator, dtype=like.dtype).mul_(scale).to(like.device)
     elif init == "forward":
         return like.detach().clone()
     else:
         raise OptionError(f"feedback_init={init!r} is unknown; use one of {', '.join(INITS)}")
-    return (torch.rand(shape, generator=generator, dtype=like.dtype) * 2 - 1).mul_(bound).to(like.device)
+    return (torch.rand(shape, device="cpu", generator=generator, dtype=like.dtype) * 2 - 1).mul_(bound).to(like.device)

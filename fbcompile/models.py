@@ -12,6 +12,8 @@
 - ``resnet-small``: conv-BN-ReLU stem and basic residual blocks (identity skips and strided
   1x1-conv-BN downsample skips), global average pool, head; ``resnet18`` has 8 blocks in 4 stages.
 - ``conv1d``: two conv1d-act-maxpool blocks and a Linear head (for MNIST-1D).
+- ``resnet18-imagenet``, ``mobilenet-v2``: torchvision's ResNet-18 and MobileNetV2 architectures
+  (:mod:`fbcompile.zoo_models`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import OptionError, choices_text
+from .zoo_models import mobilenet_v2, resnet18_imagenet
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "elu": nn.ELU,
                 "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "silu": nn.SiLU}
@@ -174,6 +177,8 @@ BUILTIN_MODELS = {
     "resnet-small": ResNet,
     "resnet18": resnet18,
     "conv1d": Conv1dNet,
+    "resnet18-imagenet": resnet18_imagenet,
+    "mobilenet-v2": mobilenet_v2,
 }
 
 

@@ -163,6 +163,36 @@ def lookup_callable(target) -> tuple[OpSpec, bool] | None:
     return _BY_CALLABLE.get(target)
 
 
+@dataclass(frozen=True)
+class AtenSpelling:
+    """How one ATen overload (``torch.ops.aten.linear.default``) spells a canonical op: ``adapter(node,
+    *args, **kwargs)`` returns the canonical arguments (names of the op's ``apply``) or raises
+    FBCompileError naming the argument it cannot express; ``inplace`` marks ``relu_``-style overloads."""
+    op: str
+    adapter: Callable
+    inplace: bool = False
+
+
+_BY_ATEN: dict[Any, AtenSpelling] = {}
+
+
+def declare_aten(overload, op_name: str, adapter: Callable, inplace: bool = False) -> None:
+    """Bind an ATen OpOverload (matched by identity) to the canonical op ``op_name``. One overload
+    spells one op: declaring it again for another op raises."""
+    owner = _BY_ATEN.get(overload)
+    if owner is not None and owner.op != op_name:
+        raise RuleError(f"{overload} already spells op {owner.op!r}; cannot also spell {op_name!r}")
+    _BY_ATEN[overload] = AtenSpelling(op_name, adapter, inplace)
+
+
+def lookup_aten(target) -> AtenSpelling | None:
+    return _BY_ATEN.get(target) if isinstance(target, torch._ops.OpOverload) else None
+
+
+def aten_spellings() -> dict:
+    return dict(_BY_ATEN)
+
+
 def lookup_module(module: nn.Module) -> OpSpec | None:
     """The op a module spells: its own class, else the nearest registered base class whose forward
     it does not override (a subclass with its own forward is traced through, not matched)."""

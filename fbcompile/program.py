@@ -8,8 +8,9 @@ from torch import fx, nn
 
 from .context import RuleContext
 from .errors import FBCompileError
-from .passes.feedback import FeedbackGraph, emit_feedback
-from .passes.prune import GradientSubgraph, gradient_subgraph, prune_outputs
+from .passes.feedback import FeedbackGraph, emit_feedback, family_of
+from .passes.direct_graph import UnitGradients, unit_gradients
+from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
 from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
@@ -37,12 +38,18 @@ class FeedbackProgram:
       ("error", "target", "difference").
     - ``propagate_error(inputs, output_error)``: error mode with the forward weights.
     - ``explain()``, ``feedback_code``, ``units``, ``slots``.
+    - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
+      unit_error modes; "target": target, difference and the unit target modes), chosen with the
+      family's ``variants[family]``. ``rules`` is the target family's (the Jacobian matching that
+      :func:`~fbcompile.verify` reports), ``error_rules`` the error family's.
     """
 
     def __init__(self, model, traced, condition, variants, rules, partition, units="layer"):
+        from .compiler import family_variants
         self.model, self.traced = model, traced
-        self.condition, self.variants, self.grouping = condition, tuple(variants), units
-        self.rules, self.partition = rules, partition
+        self.condition, self.variants, self.grouping = condition, family_variants(variants), units
+        self.rule_sets, self.partition = rules, partition
+        self.rules, self.error_rules = rules["target"], rules["error"]
         self.params = dict(model.named_parameters())
         self.outputs = active_outputs(traced)
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
@@ -62,7 +69,7 @@ class FeedbackProgram:
         """The feedback graph of ``mode``, emitted once on first use ("error", "target", "difference",
         "unit_difference", "unit_target", "unit_error") and never changed afterwards."""
         if mode not in self.feedback:
-            self.feedback[mode] = emit_feedback(self.traced, self.rules, self.partition, mode)
+            self.feedback[mode] = emit_feedback(self.traced, self.rules_of(mode), self.partition, mode)
             self.slots = _slots(self.model, self.feedback)
         return self.feedback[mode]
 
@@ -91,8 +98,13 @@ class FeedbackProgram:
         from .explain import explain_table
         return explain_table(self)
 
-    def rule_for(self, node_name: str):
-        return next((r for n, r in self.rules.items() if n.name == node_name), None)
+    def rules_of(self, mode: str) -> dict:
+        """``{forward node: rule}`` that feedback mode ``mode`` uses (its family's rule set)."""
+        return self.rule_sets[family_of(mode)]
+
+    def rule_for(self, node_name: str, mode: str = "target"):
+        """The rule feedback mode ``mode`` applies at forward node ``node_name`` (None: no rule)."""
+        return next((r for n, r in self.rules_of(mode).items() if n.name == node_name), None)
 
     # -- forward programs --------------------------------------------------------------------------
     @property
@@ -120,11 +132,8 @@ class FeedbackProgram:
         ``tapped``: each also returns the taps its unit's :meth:`unit_gradient_graph` reads (stage.taps)."""
         key = "tapped units" if tapped else "units"
         if key not in self._derived:
-            taps = None
-            if tapped:
-                taps = {u.index: [k for kind, k in self.unit_gradient_graph(u.index).inputs if kind == "tap"]
-                        for u in self.partition.units if u.params}
-            self._derived[key] = build_unit_forwards(self.traced, self.partition, taps)
+            self._derived[key] = (list(self.unit_gradients().stages) if tapped
+                                  else build_unit_forwards(self.traced, self.partition))
         return self._derived[key]
 
     def run_units(self, inputs: tuple, visit, *, detach: bool = True, stages: list | None = None,
@@ -168,24 +177,24 @@ class FeedbackProgram:
 
     def unit_gradient_graph(self, unit: int) -> GradientSubgraph:
         """The "unit_error" graph pruned to unit ``unit``'s parameter gradients, reading only that
-        unit's deltas and the taps its own backward needs."""
-        key = ("unit_gradients", unit)
-        if key not in self._derived:
-            graph = self.feedback_graph("unit_error")
-            subgraph = gradient_subgraph(graph, [q for q in self.partition.units[unit].params if q in graph.params])
-            other = [source for source in subgraph.inputs if source[0] not in ("cut", "tap")]
-            if other:
-                raise FBCompileError(f"unit {unit}'s gradient graph reads {other}; unit gradients take only "
-                                     "unit-output deltas and taps")
-            self._derived[key] = subgraph
-        return self._derived[key]
+        unit's deltas and the taps its own backward needs (:meth:`unit_gradients`)."""
+        return self.unit_gradients().graph(unit)
+
+    def unit_gradients(self) -> UnitGradients:
+        """Every unit's gradient graph and tapped forward, built once from the "unit_error" graph by
+        the pure :func:`~fbcompile.passes.direct_graph.unit_gradients`; the direct learners' fused
+        update graphs are built from it."""
+        if "unit_gradients" not in self._derived:
+            self._derived["unit_gradients"] = unit_gradients(self.traced, self.partition,
+                                                             self.feedback_graph("unit_error"))
+        return self._derived["unit_gradients"]
 
     @property
     def exact_within_units(self) -> bool:
         """Whether every error map a unit's delta passes through on its way to a parameter is J_F^T:
-        condition T and rules of kind "exact" or "linearised" (whose error map is the exact
-        sigma'(x); only their target map is affine). Ops before a unit's first parametric op do
-        not count."""
+        condition T and error-family rules (those of the "unit_error" graph) of kind "exact" or
+        "linearised" (whose error map is the exact sigma'(x); only their target map is affine). Ops
+        before a unit's first parametric op do not count."""
         if "exact_within_units" not in self._derived:
             exact = self.condition == "T"
             for unit in self.partition.units:
@@ -193,7 +202,7 @@ class FeedbackProgram:
                 for node in unit.nodes:
                     call = info(node).call
                     started = started or bool(call is not None and call.params)
-                    rule = self.rules.get(node)
+                    rule = self.error_rules.get(node)
                     if started and rule is not None and rule.kind_for(RuleContext(node)) not in ("exact", "linearised"):
                         exact = False
             self._derived["exact_within_units"] = exact

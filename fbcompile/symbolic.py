@@ -22,6 +22,8 @@ from typing import Callable
 import sympy
 import torch
 
+from .errors import RuleError
+
 x, y = sympy.symbols("x y", real=True)
 
 
@@ -208,7 +210,7 @@ def _code(node, symbol) -> str:
         return result
     name = _FUNCTIONS.get(type(node))
     if name is None:
-        raise NotImplementedError(f"no torch translation for {type(node).__name__} in {node}")
+        raise RuleError(f"no torch translation for {type(node).__name__} in {node}")
     return f"torch.{name}(" + ", ".join(_as_tensor_code(_code(a, symbol)) for a in node.args) + ")"
 
 

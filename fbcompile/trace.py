@@ -151,7 +151,7 @@ def _value_info(node: fx.Node, value, model: nn.Module, param_ids: set) -> NodeI
     else:
         role = "op"
     upstream = [info(n) for n in node.all_input_nodes if META in n.meta]
-    differentiable = _holds_floating_tensor(value)
+    differentiable = _holds_floating_tensor(value) and not _reads_only_metadata(node)
     reads_param = role == "op" and (any(u.role == "param" or u.param_only for u in upstream) or _owns_trainable(node, model))
     input_dependent = role == "input" or (role == "op" and any(u.input_dependent for u in upstream))
     # an activation: differentiable and computed from an activation, or a parameter looked up by
@@ -168,6 +168,21 @@ def _value_info(node: fx.Node, value, model: nn.Module, param_ids: set) -> NodeI
         record.shape = tuple(None if v is None else tuple(v.shape) for v in value)
         record.dtype = next(v.dtype for v in value if v is not None)
     return record
+
+
+_METADATA_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full"}
+_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                       *(getattr(torch.ops.aten, n).default for n in ("new_zeros", "new_ones", "new_empty", "new_full",
+                                                                      "zeros_like", "ones_like", "empty_like", "full_like"))}
+
+
+def _reads_only_metadata(node: fx.Node) -> bool:
+    """``x.new_zeros(...)``, ``torch.zeros_like(x)`` and their ATen forms read only the shape, dtype
+    and device of ``x``: their value is a constant (zero derivative), whatever ``x`` is (Swin's
+    shifted-window mask is built this way)."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
 
 
 def _holds_floating_tensor(value) -> bool:

@@ -12,6 +12,13 @@
   caller's configuration. :meth:`Trainer.restore` continues exactly where the checkpoint was
   written: a resumed run is bitwise identical to an uninterrupted one.
 
+Data parallel (the learner made with ``process_group=``, e.g. under ``torchrun``): ``batch_size``
+is the global batch; every rank draws the same shuffled global batches (the shuffling generator is
+seeded from the run's seed) and trains on its contiguous shard of each (``torch.tensor_split``, so
+shards differ by at most one sample); the epoch's training loss and accuracy are summed over the
+ranks; rank 0 alone evaluates, logs, writes metrics and checkpoints. A checkpoint does not depend on
+the world size (the ranks are identical), so a run resumes at any number of processes.
+
 A checkpoint holds only tensors, plain containers, numbers and strings, and is read back with
 ``torch.load(weights_only=True)`` (:func:`fbcompile.safe_load.load_torch_data`): loading one never runs
 code, so a colleague's run can be resumed safely; a file that needs any other type is refused.
@@ -66,6 +73,12 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(seed)
         self.epoch, self.history = 0, []
         self.classification = dataset.task == "classification"
+        communicator = getattr(learner, "communicator", None)
+        self.world = 1 if communicator is None else communicator.world
+        self.rank = 0 if communicator is None else communicator.rank
+        self.lead = self.rank == 0            # evaluates, logs and writes files
+        if not self.lead:
+            self.out_dir, self.log, self.progress, self.diagnostics = None, None, False, False
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, epochs: int) -> list[dict]:
@@ -93,6 +106,8 @@ class Trainer:
         label = f"epoch {self.epoch + 1}" + (f"/{epochs}" if epochs else "")
         with tqdm(total=total, desc=label, leave=False, disable=not self.progress, unit="batch") as bar:
             for xb, yb in batches(data.train_x, data.train_y, self.batch_size, shuffle=True, generator=self.shuffle):
+                if self.world > 1:
+                    xb, yb = torch.tensor_split(xb, self.world)[self.rank], torch.tensor_split(yb, self.world)[self.rank]
                 self.optimizer.zero_grad(set_to_none=True)
                 result = self.learner.step(xb, yb, self.loss_fn)
                 self.optimizer.step()
@@ -103,10 +118,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}")
         seconds = time.perf_counter() - start
+        if self.world > 1:      # a step's loss is the ranks' mean: sum_r loss * n_r = loss * N
+            loss_sum, correct, seen = _summed_over_ranks(self.learner.communicator, loss_sum, correct, seen)
         self.epoch += 1
         record = {"epoch": self.epoch, "train_loss": loss_sum / max(seen, 1),
                   "train_accuracy": correct / seen if self.classification and seen else None}
-        test_loss, test_accuracy = self.evaluate(data.test_x, data.test_y)
+        test_loss, test_accuracy = self.evaluate(data.test_x, data.test_y) if self.lead else (None, None)
         record.update(test_loss=test_loss, test_accuracy=test_accuracy, seconds=seconds)
         if self.diagnostics:
             record["alignment"] = self.alignment()
@@ -233,6 +250,16 @@ def summary_line(record: dict, epochs: int | None = None) -> str:
         parts.append(f"angle to BP {sum(angles) / len(angles):.1f} deg (mean of {len(angles)} unit"
                      f"{'s' if len(angles) > 1 else ''})")
     return "  ".join(parts)
+
+
+def _summed_over_ranks(communicator, *values) -> tuple:
+    """The sums over the ranks of ``values`` (one all-reduce)."""
+    import torch.distributed as dist
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    staged = communicator._stage(total)
+    dist.all_reduce(staged, group=communicator.group)
+    values = staged.cpu().tolist()
+    return values[0], int(round(values[1])), int(round(values[2]))
 
 
 def _scores(output, batch: int, classes: int) -> bool:

@@ -12,8 +12,7 @@
   at its forward value (:func:`product_transpose`). P and I are refused unless one factor is
   constant for the input.
 - neg: T = P = I: -g.
-- mean / sum over dims (GAP, the MLP-Mixer token mean): J = (1/n) 1^T (or 1^T).
-  T: g broadcast back times 1/n (or 1). P: J^+ = 1 (mean) or (1/n) 1 (sum); I only when n = 1.
+- mean / sum over dims: :mod:`fbcompile.rules.reduce`.
 
 An operand that is a model parameter (a learned offset like a position embedding) gets its weight
 gradient g summed to its shape.
@@ -49,14 +48,6 @@ def div(input, other, rounding_mode=None):
 
 def neg(input):
     return -input
-
-
-def mean(input, dim=None, keepdim=False, dtype=None):
-    return input.mean() if dim is None else input.mean(dim, keepdim=keepdim)
-
-
-def sum_(input, dim=None, keepdim=False, dtype=None):
-    return input.sum() if dim is None else input.sum(dim, keepdim=keepdim)
 
 
 def sum_to(g, shape):
@@ -99,10 +90,6 @@ DIV = declare_op("div", div, functions=[operator.truediv, torch.div, torch.true_
                  inplace=[operator.itruediv, tensor_method("div_")],
                  param_grads=lambda ctx, g: product_param_grads(ctx, g), batch_local=_operands_keep_the_batch)
 NEG = declare_op("neg", neg, functions=[operator.neg, torch.neg], methods=[tensor_method("neg")])
-MEAN = declare_op("mean", mean, functions=[torch.mean], methods=[tensor_method("mean")],
-                  batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
-SUM = declare_op("sum", sum_, functions=[torch.sum], methods=[tensor_method("sum")],
-                 batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
 
 
 def _other_sign(ctx):
@@ -115,9 +102,16 @@ def _both_scales(ctx):
 
 
 def _scaled_to(ctx, g, name, scale):
+    """g (times ``scale``) summed to operand ``name``'s shape. Only its shape is read: no node at all
+    when the compile-time shapes show there is nothing to sum (equal shapes without a size-1 dim,
+    which alone could broadcast at another batch size), else ``ctx.saved_shape`` (no tap of the value)."""
     if not ctx.is_active(name):
         return None
-    return ctx.call(sum_to, g * scale if scale != 1 else g, ctx.saved(name).shape)
+    g = g * scale if scale != 1 else g
+    shape, out = tuple(ctx.shape(name)), tuple(ctx.shape())
+    if shape == out and 1 not in shape:
+        return g
+    return ctx.call(sum_to, g, ctx.saved_shape(name))
 
 
 @register_rule(ADD, conditions="T")
@@ -174,7 +168,7 @@ def _one_active(ctx):
 def add_pinv(ctx, g):
     """G(g) = J^+ g of J = [S_x, a S_y] (see :func:`add_pinv_feedback`)."""
     scales = _both_scales(ctx)
-    shapes = {name: ctx.saved(name).shape if ctx.is_active(name) else None for name in scales}
+    shapes = {name: ctx.saved_shape(name) if ctx.is_active(name) else None for name in scales}
     fb = ctx.call(add_pinv_feedback, g, shapes["input"], shapes["other"], scales["input"], scales["other"])
     return {name: fb[i] if shapes[name] is not None else None for i, name in enumerate(scales)}
 
@@ -230,23 +224,34 @@ def _mul_supported(ctx):
     return _rounding_refused(ctx) or _no_single_factor(ctx)
 
 
-def product_feedback(g, x, y, wrt: str, divide: bool):
+def product_feedback(g, x, y, wrt: str, divide: bool, shape):
     """Transposed Jacobian of z = x * y (or x / y) applied to g, for operand ``wrt`` ("input" is x,
-    "other" is y), summed to that operand's shape (broadcast dimensions, autograd's sum_to):
+    "other" is y), summed to that operand's ``shape`` (broadcast dimensions, autograd's sum_to):
 
         mul: dz/dx^T g = g y,  dz/dy^T g = g x;   div: dz/dx^T g = g / y,  dz/dy^T g = -g x / y^2.
-    """
+
+    Only the values the formula reads are passed (x is None for mul's and div's dz/dx)."""
     if wrt == "input":
         term = g / y if divide else g * y
     else:
         term = -g * x / (y * y) if divide else g * x
-    return sum_to(term, (x if wrt == "input" else y).shape)
+    return sum_to(term, shape)
+
+
+def _operand_shape(ctx, name):
+    value = ctx.op_call.args[name]
+    return ctx.saved_shape(name) if isinstance(value, fx.Node) and value.op != "get_attr" else ctx.shape(name)
 
 
 def _product_grads(ctx, g, names) -> dict:
-    x, y = _operand(ctx, "input"), _operand(ctx, "other")
+    """Per operand: dz/dx reads y and x's shape, dz/dy reads x (and y for div) and y's shape."""
     divide = ctx.op_call.spec is DIV
-    return {name: ctx.call(product_feedback, g, x, y, name, divide) for name in names}
+    grads = {}
+    for name in names:
+        x = _operand(ctx, "input") if name == "other" else None
+        y = _operand(ctx, "other") if name == "input" or divide else None
+        grads[name] = ctx.call(product_feedback, g, x, y, name, divide, _operand_shape(ctx, name))
+    return grads
 
 
 def product_param_grads(ctx, g):
@@ -297,100 +302,29 @@ def _mul_inverse_supported(ctx):
 def mul_pinv(ctx, g):
     """J = diag(c) S: G(g) = S^T (c g) / S^T (c^2) (= g / c without broadcasting)."""
     factor, name = _scale_of(ctx)
-    return {name: ctx.call(scale_pinv, g, factor, ctx.saved(name).shape, False)}
+    return {name: ctx.call(scale_pinv, g, factor, ctx.saved_shape(name), False)}
 
 
 @register_rule(MUL, conditions="I", supports=_mul_inverse_supported)
 def mul_inverse(ctx, g):
     """J = diag(c): G(g) = g / c (c must be non-zero)."""
     factor, name = _scale_of(ctx)
-    return {name: ctx.call(sum_to, g / factor, ctx.saved(name).shape)}
+    return {name: ctx.call(sum_to, g / factor, ctx.saved_shape(name))}
 
 
 @register_rule(DIV, conditions="P", supports=_mul_supported)
 def div_pinv(ctx, g):
     """J = diag(1/c) S: G(g) = S^T (g / c) / S^T (1 / c^2) (= c g without broadcasting)."""
-    return {"input": ctx.call(scale_pinv, g, _scale_of(ctx)[0], ctx.saved("input").shape, True)}
+    return {"input": ctx.call(scale_pinv, g, _scale_of(ctx)[0], ctx.saved_shape("input"), True)}
 
 
 @register_rule(DIV, conditions="I", supports=_mul_inverse_supported)
 def div_inverse(ctx, g):
     """J = diag(1/c): G(g) = c g."""
-    return {"input": ctx.call(sum_to, g * _scale_of(ctx)[0], ctx.saved("input").shape)}
+    return {"input": ctx.call(sum_to, g * _scale_of(ctx)[0], ctx.saved_shape("input"))}
 
 
 @register_rule(NEG, conditions="TPI")
 def neg_back(ctx, g):
     """J = -I: G(g) = -g."""
     return {"input": -g}
-
-
-def _reduced_dims(ctx):
-    dim = ctx.const("dim")
-    rank = len(ctx.shape("input"))
-    if dim is None or (isinstance(dim, (tuple, list)) and not dim):   # torch: dim=() reduces all dims
-        return tuple(range(rank))
-    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    return tuple(sorted(d % rank for d in dims))
-
-
-def _count(ctx):
-    shape = ctx.shape("input")
-    n = 1
-    for d in _reduced_dims(ctx):
-        n *= shape[d]
-    return n
-
-
-def broadcast_back(g, input, dims, keepdim, scale):
-    """g (reduced over ``dims``) expanded back to ``input``'s shape, times ``scale``."""
-    if not keepdim:
-        for d in dims:
-            g = g.unsqueeze(d)
-    return (g * scale).expand(input.shape)
-
-
-def _reduction_back(ctx, g, scale):
-    return {"input": ctx.call(broadcast_back, g, ctx.saved("input"), _reduced_dims(ctx),
-                              ctx.const("keepdim", False), scale)}
-
-
-@register_rule(MEAN, conditions="T")
-def mean_transpose(ctx, g):
-    """J = (1/n) 1^T: G(g) = g / n broadcast over the reduced dims (paper 002 eq. 37)."""
-    return _reduction_back(ctx, g, 1.0 / _count(ctx))
-
-
-@register_rule(SUM, conditions="T")
-def sum_transpose(ctx, g):
-    """J = 1^T: G(g) = g broadcast over the reduced dims."""
-    return _reduction_back(ctx, g, 1.0)
-
-
-def _single(ctx):
-    return None if _count(ctx) == 1 else (f"a {ctx.op_call.spec.name} over {_count(ctx)} entries is not "
-                                          "invertible (J is 1 x n); use condition P or T")
-
-
-@register_rule(MEAN, conditions="P")
-def mean_pinv(ctx, g):
-    """J = (1/n) 1^T has J^+ = 1: G(g) = g copied over the reduced dims."""
-    return _reduction_back(ctx, g, 1.0)
-
-
-@register_rule(SUM, conditions="P")
-def sum_pinv(ctx, g):
-    """J = 1^T has J^+ = (1/n) 1: G(g) = g / n copied over the reduced dims."""
-    return _reduction_back(ctx, g, 1.0 / _count(ctx))
-
-
-@register_rule(MEAN, conditions="I", supports=_single)
-def mean_inverse(ctx, g):
-    """J = (1/n) 1^T with n = 1: G(g) = g (:func:`mean_pinv`)."""
-    return mean_pinv(ctx, g)
-
-
-@register_rule(SUM, conditions="I", supports=_single)
-def sum_inverse(ctx, g):
-    """J = 1^T with n = 1: G(g) = g (:func:`sum_pinv`)."""
-    return sum_pinv(ctx, g)

@@ -98,20 +98,21 @@ def _index_value(ctx):
     return idx
 
 
-def index_adjoint(g, input, idx):
-    """Zeros shaped like ``input`` with ``g`` written at the basic (never repeating) index ``idx``.
+def index_adjoint(g, shape, idx):
+    """Zeros of the input's ``shape`` with ``g`` written at the basic (never repeating) index ``idx``.
     The zeros come from ``g`` (``new_zeros``), so under torch.func's vmap the write is batched."""
-    out = g.new_zeros(input.shape)
+    out = g.new_zeros(shape)
     out[idx] = g
     return out
 
 
-def advanced_index_adjoint(g, input, idx):
-    """Zeros shaped like ``input`` with every entry of ``g`` added at the input position it was read
-    from: positions = arange(numel).reshape(shape)[idx] (repeated indices add up)."""
-    positions = torch.arange(input.numel(), device=g.device).reshape(input.shape)[idx]
-    flat = g.new_zeros(input.numel()).index_add(0, positions.reshape(-1), g.reshape(-1))
-    return flat.reshape(input.shape)
+def advanced_index_adjoint(g, shape, idx):
+    """Zeros of the input's ``shape`` with every entry of ``g`` added at the input position it was
+    read from: positions = arange(numel).reshape(shape)[idx] (repeated indices add up)."""
+    numel = math.prod(shape)
+    positions = torch.arange(numel, device=g.device).reshape(shape)[idx]
+    flat = g.new_zeros(numel).index_add(0, positions.reshape(-1), g.reshape(-1))
+    return flat.reshape(shape)
 
 
 def index_scatter(ctx, g):
@@ -119,7 +120,7 @@ def index_scatter(ctx, g):
     idx = ctx.op_call.args["idx"]
     basic = all(isinstance(i, BASIC) and not isinstance(i, bool) for i in _items(idx))
     fn = index_adjoint if basic else advanced_index_adjoint
-    return {"input": ctx.call(fn, g, ctx.saved("input"), _index_value(ctx)), "idx": None}
+    return {"input": ctx.call(fn, g, ctx.saved_shape("input"), _index_value(ctx)), "idx": None}
 
 
 # -- select, narrow, gather, index_select -----------------------------------------------------------
@@ -149,30 +150,31 @@ INDEX_SELECT = declare_op("index_select", index_select, functions=[torch.index_s
                           methods=[tensor_method("index_select")], batch_local=_off_batch("dim"))
 
 
-def narrow_adjoint(g, input, dim, start, length):
-    start = start % input.shape[dim]
-    return torch.slice_scatter(g.new_zeros(input.shape), g, dim, start, start + length)
+def narrow_adjoint(g, shape, dim, start, length):
+    start = start % shape[dim]
+    return torch.slice_scatter(g.new_zeros(shape), g, dim, start, start + length)
 
 
 def select_scatter(ctx, g):
     """G(g) = zeros with g written at ``index`` along ``dim`` (select_scatter)."""
-    return {"input": ctx.call(torch.select_scatter, ctx.call(zeros_from, g, ctx.saved("input")), g,
+    return {"input": ctx.call(torch.select_scatter, ctx.call(zeros_from, g, ctx.saved_shape("input")), g,
                               ctx.const("dim"), ctx.const("index"))}
 
 
 def slice_scatter(ctx, g):
     """G(g) = zeros with g written at start .. start + length along ``dim`` (slice_scatter)."""
-    return {"input": ctx.call(narrow_adjoint, g, ctx.saved("input"), ctx.const("dim"), ctx.const("start"),
+    return {"input": ctx.call(narrow_adjoint, g, ctx.saved_shape("input"), ctx.const("dim"), ctx.const("start"),
                               ctx.const("length"))}
 
 
-def zeros_from(g, input):
-    return g.new_zeros(input.shape)
+def zeros_from(g, shape):
+    """Zeros of the input's ``shape`` (only its shape is read: ``ctx.saved_shape``)."""
+    return g.new_zeros(shape)
 
 
 def scatter_add(ctx, g):
     """gather: G(g) = zeros.scatter_add(dim, index, g); index_select: zeros.index_add(dim, index, g)."""
-    zeros, dim = ctx.call(zeros_from, g, ctx.saved("input")), ctx.const("dim")
+    zeros, dim = ctx.call(zeros_from, g, ctx.saved_shape("input")), ctx.const("dim")
     if ctx.op_call.spec is GATHER:
         return {"input": zeros.scatter_add(dim, ctx.saved("index"), g), "index": None}
     return {"input": zeros.index_add(dim, ctx.saved("index"), g), "index": None}
@@ -208,22 +210,24 @@ PAD = declare_op("pad", pad, functions=[F.pad], modules=_PAD_MODULES,
                  batch_local=lambda ctx: len(ctx.const("pad")) // 2 < len(ctx.shape("input")))
 
 
-def padded_positions(input, pad, mode):
-    """For each entry of one padded plane (the last len(pad) // 2 dims), the flat position of the
-    input entry it copies: the forward pad applied to arange (float64 holds these integers exactly)."""
+def padded_positions(shape, pad, mode, device):
+    """For each entry of one padded plane (the last len(pad) // 2 dims of an input of ``shape``), the
+    flat position of the input entry it copies: the forward pad applied to arange (float64 holds
+    these integers exactly)."""
     n = len(pad) // 2
-    plane = tuple(input.shape[-n:])
-    source = torch.arange(math.prod(plane), dtype=torch.float64, device=input.device).reshape((1,) + plane)
+    plane = tuple(shape[-n:])
+    source = torch.arange(math.prod(plane), dtype=torch.float64, device=device).reshape((1,) + plane)
     return F.pad(source, pad, mode).reshape(-1).long()
 
 
-def mode_pad_adjoint(g, input, pad, mode):
+def mode_pad_adjoint(g, shape, pad, mode):
     """Adjoint of reflect / replicate / circular padding: every copy adds to its source entry."""
     n = len(pad) // 2
     flat = g.reshape(tuple(g.shape[:-n]) + (-1,))
-    plane = math.prod(input.shape[-n:])
-    out = flat.new_zeros(tuple(g.shape[:-n]) + (plane,)).index_add(-1, padded_positions(input, pad, mode), flat)
-    return out.reshape(input.shape)
+    plane = math.prod(shape[-n:])
+    positions = padded_positions(shape, pad, mode, g.device)
+    out = flat.new_zeros(tuple(g.shape[:-n]) + (plane,)).index_add(-1, positions, flat)
+    return out.reshape(shape)
 
 
 def pad_back(ctx, g):
@@ -232,7 +236,7 @@ def pad_back(ctx, g):
     pads, mode = tuple(ctx.const("pad")), ctx.const("mode", "constant")
     if mode == "constant":
         return {"input": F.pad(g, tuple(-p for p in pads))}
-    return {"input": ctx.call(mode_pad_adjoint, g, ctx.saved("input"), pads, mode)}
+    return {"input": ctx.call(mode_pad_adjoint, g, ctx.saved_shape("input"), pads, mode)}
 
 
 def _pad_problem(ctx):
@@ -274,7 +278,7 @@ def where_split(ctx, g):
     for name, keep in (("input", True), ("other", False)):
         if ctx.is_active(name):
             chosen = ctx.call(where_part, g, condition, keep)
-            fed[name] = chosen.sum_to_size(ctx.saved(name).shape)
+            fed[name] = chosen.sum_to_size(ctx.saved_shape(name))
     return fed
 
 

@@ -1,4 +1,4 @@
-"""Normalisation: LayerNorm and BatchNorm with frozen statistics.
+"""Normalisation: LayerNorm, BatchNorm, GroupNorm (frozen or exact statistics) and F.normalize.
 
 LayerNorm over the last dims (d entries): y = gamma * x_hat + beta, x_hat = (x - mu) / sigma.
 Paper 002 (eq. 30-35) splits it into mean-centering C = I - (1/d) 1 1^T (linear, symmetric) and the
@@ -10,15 +10,30 @@ The exact Jacobian is J_F = diag(gamma) (1/sigma) (C - x_hat x_hat^T / d), so J_
 dropped term x_hat x_hat^T diag(gamma) / (d sigma): for gamma = 1 and unit-variance rows its Frobenius
 norm is 1/sigma (ALGORITHMS.md check 4). Weight gradients: dgamma = sum g * x_hat, dbeta = sum g.
 
-Variant "exact-statistics" (kind "exact", ``compile(..., variants=("exact-statistics",))``): the
-full transpose J_F^T g = (1/sigma) (C (gamma g) - x_hat mean(x_hat gamma g)), which also
-differentiates through the statistics, so error propagation and DTP with beta -> 0 equal true BP.
+Variant "exact-statistics" (kind "exact"): the full transpose J_F^T g = (1/sigma) (C (gamma g) -
+x_hat mean(x_hat gamma g)), which also differentiates through the statistics, so error propagation
+and DTP with beta -> 0 equal true BP. Which rule a mode uses is chosen per mode family
+(fbcompile.compiler.DEFAULT_VARIANTS): error modes (bp, fa, dfa, sdfa, drtp, every error path)
+prefer "exact-statistics" (autograd's backward); target modes (TP, DTP) keep the frozen statistics
+of paper 002. ``compile(..., variants={"error": ()})`` or ``{"target": ("exact-statistics",)}``
+chooses otherwise; a plain tuple applies to both.
 
-BatchNorm (per channel, statistics over batch and spatial dims). In eval mode it is the affine map
-y = gamma (x - running_mean) / sqrt(running_var + eps) + beta and T is exact: G(g) = gamma g / sigma.
-In train mode the batch statistics are frozen the same way as LayerNorm's: the centering over
-(batch, spatial) is kept and 1/sigma_B frozen, kind "frozen-statistics". Its "exact-statistics" variant
-is the full transpose over (batch, spatial), as for LayerNorm.
+BatchNorm (per channel c, statistics over the N = batch * spatial entries). The tapped forward is
+torch.native_batch_norm, which also returns the batch mean and invstd = 1/sqrt(var_B + eps) (and
+updates the running statistics exactly as the module would); the feedback never recomputes them.
+Exact (both modes, and "exact-statistics" in train mode): ONE aten.native_batch_norm_backward per
+BN gives, with x_hat = (x - mean) invstd,
+
+    dbeta = sum g,   dgamma = sum g x_hat,   dx = gamma invstd (g - dbeta / N - x_hat dgamma / N)
+
+(the rule and the weight-gradient formula share that call; bitwise equal to autograd). In eval mode
+the map is affine, dx = gamma g / sqrt(running_var + eps), and both rules are exact. Frozen statistics
+(train mode, kind "frozen-statistics"): 1/sigma_B is held constant but the centering kept, i.e. the
+exact dx without its x_hat dgamma / N term:
+
+    dx = (g - dbeta / N) gamma invstd,
+
+with dbeta the same kernel's where the weight gradients are emitted too, else one sum of g.
 
 GroupNorm (input (N, C, *), C split into G groups; statistics per sample and group over the group's
 channels and spatial dims): the same two rules over each group, gamma and beta per channel. T (kind
@@ -38,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op, tensor_method
+from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
 
@@ -115,45 +130,77 @@ def _bn_module(m):
             "training": m, "momentum": m.momentum, "eps": m.eps}
 
 
-def batch_norm_statistics(x, running_mean, running_var, training, eps):
-    """(mean, 1/sigma, per-channel view shape, reduced dims, batch statistics?) used by the forward."""
-    dims = (0,) + tuple(range(2, x.dim()))
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    if uses_batch_statistics(training, running_mean):
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
-        return mean.reshape(view), torch.rsqrt(var + eps).reshape(view), dims, True
-    return running_mean.reshape(view), torch.rsqrt(running_var + eps).reshape(view), dims, False
-
-
-def batch_norm_feedback(g, x, running_mean, running_var, weight, training, eps):
-    """G(g) = gamma g / sigma, centred over (batch, spatial) when batch statistics were used."""
-    _, rstd, dims, batch = batch_norm_statistics(x, running_mean, running_var, training, eps)
-    scaled = g * weight.reshape(rstd.shape) if weight is not None else g
-    if batch:
-        scaled = scaled - scaled.mean(dims, keepdim=True)
-    return scaled * rstd
-
-
-def batch_norm_weight_grads(g, x, running_mean, running_var, training, eps):
-    """(dgamma, dbeta) = (sum g * x_hat, sum g) over (batch, spatial)."""
-    mean, rstd, dims, _ = batch_norm_statistics(x, running_mean, running_var, training, eps)
-    return (g * (x - mean) * rstd).sum(dims), g.sum(dims)
+def batch_norm_tapped(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                      eps=1e-5):
+    """The live forward (running statistics updated in place exactly as the module or F.batch_norm
+    call would) that also returns the statistics the backward kernel reads, via
+    torch.native_batch_norm: ``(y, mean, invstd)`` with the batch mean and 1/sqrt(var + eps) when
+    batch statistics are used (empty tensors in eval mode, where the kernel reads the running ones)."""
+    batch = uses_batch_statistics(training, running_mean)
+    factor = 0.0 if momentum is None else momentum
+    if isinstance(training, nn.Module) and training.training and training.track_running_stats:
+        tracked = training.num_batches_tracked
+        if tracked is not None:             # nn.BatchNorm's own bookkeeping, before the kernel runs
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if momentum is None else momentum
+    if batch and input.numel() // input.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
+    return torch.native_batch_norm(input, weight, bias, running_mean, running_var, batch, factor, eps)
 
 
 def _bn_args(ctx):
+    """The kernel's arguments; the mode is the live module (read when the feedback runs, so a program
+    compiled in train mode follows ``.eval()``) or a functional call's constant."""
     training = ctx.param("training") if ctx.module is not None else ctx.const("training", False)
-    return ctx.param("running_mean"), ctx.param("running_var"), training, ctx.const("eps", 1e-5)
+    return (ctx.saved("input"), ctx.param("weight"), ctx.param("running_mean"), ctx.param("running_var"),
+            ctx.saved("mean"), ctx.saved("invstd"), training, ctx.const("eps", 1e-5))
+
+
+def batch_norm_backward(g, x, weight, running_mean, running_var, mean, invstd, training, eps):
+    """``(dx, dgamma, dbeta)``: aten.native_batch_norm_backward, the kernel autograd runs, on the
+    forward's own saved statistics (nothing recomputed). With batch statistics, per channel over its
+    N = batch * spatial entries, x_hat = (x - mean) invstd:
+
+        dbeta = sum g,  dgamma = sum g x_hat,  dx = gamma invstd (g - dbeta / N - x_hat dgamma / N)
+
+    (the full transpose, statistics differentiated); in eval mode dx = gamma g / sqrt(running_var + eps)."""
+    batch = uses_batch_statistics(training, running_mean)
+    return torch.ops.aten.native_batch_norm_backward(g, x, weight, running_mean, running_var, mean, invstd, batch,
+                                                     eps, [True, True, True])
+
+
+def _per_channel(weight, x):
+    return weight.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def frozen_batch_feedback(g, weight, invstd, grads, training, running_mean, running_var, eps):
+    """With batch statistics dx = (g - dbeta / N) gamma invstd: the centering over the N = batch *
+    spatial entries of each channel kept, 1/sigma_B frozen (the exact transpose without its
+    x_hat dgamma / N term); dbeta = sum g is the kernel's when ``grads`` (the weight gradients are
+    emitted too), else one reduction. In eval mode the map is affine: dx = gamma g / sqrt(var + eps)."""
+    if not uses_batch_statistics(training, running_mean):
+        if grads is not None:
+            return grads[0]
+        invstd = torch.rsqrt(running_var + eps)
+        return g * _per_channel(invstd if weight is None else weight * invstd, g)
+    dbeta = grads[2] if grads is not None else g.sum((0,) + tuple(range(2, g.dim())))
+    scale = _per_channel(invstd if weight is None else weight * invstd, g)
+    return (g - _per_channel(dbeta, g) * (g.shape[1] / g.numel())) * scale
+
+
+def _bn_kernel(ctx, g):
+    return ctx.call_once(batch_norm_backward, g, *_bn_args(ctx))
 
 
 def batch_norm_param_grads(ctx, g):
-    running_mean, running_var, training, eps = _bn_args(ctx)
-    grads = ctx.call(batch_norm_weight_grads, g, ctx.saved("input"), running_mean, running_var, training, eps)
-    return {"weight": grads[0], "bias": grads[1]}
+    """dgamma = sum g x_hat, dbeta = sum g: the kernel call the exact rule shares (one per BN)."""
+    grads = _bn_kernel(ctx, g)
+    return {"weight": grads[1], "bias": grads[2]}
 
 
 BATCH_NORM = declare_op("batch_norm", batch_norm, functions=[F.batch_norm],
                         modules={nn.BatchNorm1d: _bn_module, nn.BatchNorm2d: _bn_module},
+                        tapped=batch_norm_tapped, extras=("mean", "invstd"),
                         param_grads=batch_norm_param_grads, batch_local=lambda ctx: _bn_kind(ctx) == "exact")
 
 
@@ -165,27 +212,18 @@ def _bn_kind(ctx):
 
 @register_rule(BATCH_NORM, conditions="T", kind=_bn_kind)
 def batch_norm_transpose(ctx, g):
-    """Eval: G(g) = gamma g / sigma (exact). Train: centred over the batch, 1/sigma_B frozen."""
-    running_mean, running_var, training, eps = _bn_args(ctx)
-    return {"input": ctx.call(batch_norm_feedback, g, ctx.saved("input"), running_mean, running_var,
-                              ctx.param("weight"), training, eps)}
-
-
-def batch_norm_exact_feedback(g, x, running_mean, running_var, weight, training, eps):
-    """J_F^T g with the batch statistics differentiated (train mode); eval mode is already exact."""
-    mean, rstd, dims, batch = batch_norm_statistics(x, running_mean, running_var, training, eps)
-    scaled = g * weight.reshape(rstd.shape) if weight is not None else g
-    if not batch:
-        return scaled * rstd
-    return normalisation_transpose(scaled, (x - mean) * rstd, rstd, dims)
+    """Eval: G(g) = gamma g / sigma (exact, the kernel's dx). Train: dx = (g - dbeta / N) gamma invstd,
+    centred over the batch with 1/sigma_B frozen (:func:`frozen_batch_feedback`)."""
+    training = ctx.param("training") if ctx.module is not None else ctx.const("training", False)
+    grads = _bn_kernel(ctx, g) if ctx.with_param_grads else None      # asks for the taps only if called
+    return {"input": ctx.call(frozen_batch_feedback, g, ctx.param("weight"), ctx.saved("invstd"), grads, training,
+                              ctx.param("running_mean"), ctx.param("running_var"), ctx.const("eps", 1e-5))}
 
 
 @register_rule(BATCH_NORM, conditions="T", kind="exact", variant="exact-statistics")
 def batch_norm_exact(ctx, g):
-    """J_F^T g in both modes (see the module docstring)."""
-    running_mean, running_var, training, eps = _bn_args(ctx)
-    return {"input": ctx.call(batch_norm_exact_feedback, g, ctx.saved("input"), running_mean, running_var,
-                              ctx.param("weight"), training, eps)}
+    """J_F^T g in both modes: the kernel's dx (:func:`batch_norm_backward`)."""
+    return {"input": _bn_kernel(ctx, g)[0]}
 
 
 # -- GroupNorm ------------------------------------------------------------------------------------
@@ -203,10 +241,6 @@ def grouped_statistics(x, mean, rstd):
     """x viewed as (N, G, channels-per-group * spatial), and x_hat in that view."""
     grouped = x.reshape(mean.shape[0], mean.shape[1], -1)
     return grouped, (grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-
-
-def _per_channel(weight, x):
-    return weight.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
 def group_norm_feedback(g, x, mean, rstd, weight, exact):

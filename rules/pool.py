@@ -16,6 +16,8 @@ size 1) is a mean and has J^+ = copy.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,19 +86,19 @@ ADAPTIVE2D = declare_op("adaptive_avg_pool2d", adaptive_avg_pool2d, functions=[F
                         modules={nn.AdaptiveAvgPool2d: lambda m: {"output_size": m.output_size}})
 
 
-def unpool_add(g, indices, input, n_spatial: int, normalise: bool):
-    """Scatter-add g into zeros shaped like ``input`` at the max-pool ``indices`` (flat positions
+def unpool_add(g, indices, shape, n_spatial: int, normalise: bool):
+    """Scatter-add g into zeros of the input's ``shape`` at the max-pool ``indices`` (flat positions
     within each channel plane); with ``normalise`` divide by how many windows chose each position."""
     flat_g = g.flatten(start_dim=-n_spatial)
     flat_idx = indices.flatten(start_dim=-n_spatial)
     plane = 1
-    for size in input.shape[-n_spatial:]:
+    for size in shape[-n_spatial:]:
         plane *= size
-    out = g.new_zeros(tuple(input.shape[:-n_spatial]) + (plane,)).scatter_add(-1, flat_idx, flat_g)
+    out = g.new_zeros(tuple(shape[:-n_spatial]) + (plane,)).scatter_add_(-1, flat_idx, flat_g)   # in place: one buffer
     if normalise:
         counts = torch.zeros_like(out).scatter_add(-1, flat_idx, torch.ones_like(flat_g))
         out = out / counts.clamp(min=1)
-    return out.reshape(input.shape)
+    return out.reshape(shape)
 
 
 # spatial dims of each pooling op (1d pooling runs on 2d kernels over a unit-height plane)
@@ -117,14 +119,14 @@ def _no_user_indices(ctx):
 @register_rule(MAX_POOL2D, conditions="T", supports=_no_user_indices)
 def unpool(ctx, g):
     """G(g) = J^T g: MaxUnpool with the forward indices, overlapping windows adding up."""
-    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved("input"), _n_spatial(ctx), False)}
+    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved_shape("input"), _n_spatial(ctx), False)}
 
 
 @register_rule(MAX_POOL1D, conditions="P", supports=_no_user_indices)
 @register_rule(MAX_POOL2D, conditions="P", supports=_no_user_indices)
 def unpool_pinv(ctx, g):
     """G(g) = J^+ g = diag(1/c) J^T g, c = number of windows choosing each input."""
-    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved("input"), _n_spatial(ctx), True)}
+    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved_shape("input"), _n_spatial(ctx), True)}
 
 
 def _not_invertible(ctx):
@@ -175,8 +177,17 @@ def adjoint(ctx, g):
 @register_rule(ADAPTIVE2D, conditions="T")
 @register_rule(ADAPTIVE1D, conditions="T")
 def adaptive_transpose(ctx, g):
-    """G(g) = J^T g, the adjoint of adaptive average pooling (overlapping bins add)."""
+    """G(g) = J^T g, the adjoint of adaptive average pooling (overlapping bins add). Global pooling
+    (output size 1) is a mean over the m spatial entries: G(g) = g / m broadcast, read from the
+    input's shape alone (:func:`global_pool_adjoint`)."""
+    if _is_global(ctx):
+        return {"input": ctx.call(global_pool_adjoint, g, ctx.saved_shape("input"), _n_spatial(ctx))}
     return {"input": ctx.call(adaptive_adjoint, g, ctx.saved("input"), _n_spatial(ctx))}
+
+
+def global_pool_adjoint(g, shape, n):
+    """J^T g of the mean over the last ``n`` dims of an input of ``shape``: g / m expanded (a view)."""
+    return (g / math.prod(shape[-n:])).expand(shape)
 
 
 def dense_pool(g, op_name, args, sample_shape, condition, node_name):
@@ -222,7 +233,7 @@ def _adaptive_pinv_problem(ctx):
 def adaptive_pinv(ctx, g):
     """Global adaptive pooling is a mean: J^+ = copy. Otherwise the dense per-sample pseudo-inverse."""
     if _is_global(ctx):
-        return {"input": g.expand(ctx.saved("input").shape)}
+        return {"input": g.expand(ctx.saved_shape("input"))}
     return _dense_pool_rule(ctx, g, "P")
 
 

@@ -126,7 +126,7 @@ CHUNK = declare_op("chunk", chunk, functions=[torch.chunk], methods=[tensor_meth
 
 def reshape_back(ctx, g):
     """G(g) = g viewed in the input's shape (J_F is an identity on flattened entries)."""
-    return {"input": g.reshape(ctx.saved("input").shape)}
+    return {"input": g.reshape(ctx.saved_shape("input"))}
 
 
 for _op in (RESHAPE, FLATTEN, UNFLATTEN, SQUEEZE, UNSQUEEZE):
@@ -155,9 +155,9 @@ def identity_back(ctx, g):
 
 @register_rule(CAT, conditions="TPI")
 def cat_back(ctx, g):
-    """G(g) = g sliced along ``dim`` at the inputs' sizes (read from the saved inputs)."""
+    """G(g) = g sliced along ``dim`` at the inputs' sizes (their shapes only: ``ctx.saved_shape``)."""
     tensors = ctx.op_call.args["tensors"]
-    sizes = [ctx.saved("tensors", i).shape[ctx.const("dim", 0)] for i in range(len(tensors))]
+    sizes = [ctx.saved_shape("tensors", i)[ctx.const("dim", 0)] for i in range(len(tensors))]
     parts = ctx.call(split_sizes, g, sizes, ctx.const("dim", 0))
     return {"tensors": [parts[i] for i in range(len(tensors))]}
 
@@ -274,7 +274,7 @@ TILE = declare_op("tile", tile, functions=[torch.tile], methods=[tensor_method("
 
 def sum_copies(ctx, g):
     """G(g) = g summed over the copies broadcasting made (sum_to_size to the input's shape)."""
-    fed = {"input": g.sum_to_size(ctx.saved("input").shape)}
+    fed = {"input": g.sum_to_size(ctx.saved_shape("input"))}
     return {**fed, "other": None} if ctx.op_call.spec is EXPAND_AS else fed
 
 
@@ -290,7 +290,7 @@ def sum_tiles(g, shape, reps):
 def sum_repeats(ctx, g):
     """G(g) = sum over the tiled copies of each entry (repeat and tile)."""
     reps = _as_shape(ctx.const("repeats")) if ctx.op_call.spec is REPEAT else tuple(ctx.const("dims"))
-    return {"input": ctx.call(sum_tiles, g, ctx.saved("input").shape, reps)}
+    return {"input": ctx.call(sum_tiles, g, ctx.saved_shape("input"), reps)}
 
 
 for _op in (EXPAND, EXPAND_AS, BROADCAST_TO):

@@ -28,6 +28,20 @@ class _Residual(nn.Module):
         return self.out(torch.tanh(self.c(g)) + h)
 
 
+class _Attention(nn.Module):
+    """A unit whose error maps read feedback weights inside it (the attention's projections): the
+    fused graphs bind those to the forward weights."""
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(6, 8), nn.LayerNorm(8)
+        self.attention, self.out = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        n = self.norm(h)
+        return self.out((self.attention(n, n, n, need_weights=False)[0] + h).mean(1))
+
+
 @pytest.mark.parametrize("model_name,shape", [("mlp", (20,)), ("lenet", (1, 8, 8))])
 @pytest.mark.parametrize("algorithm", ["drtp", "shallow"])
 def test_update_unlocked_execution_equals_stored_activations(model_name, shape, algorithm):
@@ -46,7 +60,7 @@ def test_update_unlocked_execution_equals_stored_activations(model_name, shape, 
 @pytest.mark.parametrize("algorithm,options", [("dfa", {}), ("sdfa", {}), ("drtp", {"execution": "stored"}),
                                                ("shallow", {"execution": "stored"}), ("drtp", {"execution": "unlocked"}),
                                                ("shallow", {"execution": "unlocked"})])
-@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mlp with a frozen bias", "residual"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "mlp with a frozen bias", "residual", "attention"])
 def test_compiled_paths_equal_autograd(algorithm, options, model_name):
     """Without autograd (one generated graph for every update after the forward; update-unlocked,
     one generated module running the forwards, each hidden unit's update right after its own) the
@@ -55,6 +69,8 @@ def test_compiled_paths_equal_autograd(algorithm, options, model_name):
     torch.manual_seed(0)
     if model_name == "residual":
         model, x = _Residual().double(), torch.randn(6, 12, dtype=torch.float64)
+    elif model_name == "attention":
+        model, x = _Attention().double(), torch.randn(6, 4, 6, dtype=torch.float64)
     elif model_name.startswith("mlp"):
         model, x = tanh_mlp(), torch.randn(6, 12, dtype=torch.float64)
         if "frozen" in model_name:
@@ -92,6 +108,7 @@ def _working_memory(algorithm: str, depth: int, **options) -> int:
 
 
 @pytest.mark.parametrize("algorithm", ["drtp", "shallow"])
+@pytest.mark.cpu_only("working memory from the profiler's CPU ledger")
 def test_update_unlocked_working_memory_does_not_grow_with_depth(algorithm):
     unlocked = {depth: _working_memory(algorithm, depth) for depth in (2, 8)}
     stored = {depth: _working_memory(algorithm, depth, execution="stored") for depth in (2, 8)}

@@ -47,7 +47,9 @@ def test_explain_lists_every_forward_node_with_rule_condition_kind_and_feedback(
     assert rows["conv"]["rule"] == "conv2d.transpose" and rows["conv"]["condition"] == "T"
     assert rows["conv"]["kind"] == "exact" and rows["max_pool2d"]["rule"] == "max_pool2d.unpool"
     graph_names = {n.name for n in prog.feedback["error"].module.graph.nodes}
-    for name in ("conv", "tanh", "max_pool2d", "add", "flatten", "linear"):
+    # the add of two equal-shape values passes the feedback on unchanged: it emits no node
+    assert rows["add"]["rule"] == "add.add_transpose" and rows["add"]["feedback"] == "-"
+    for name in ("conv", "tanh", "max_pool2d", "flatten", "linear"):
         emitted = rows[name]["feedback"].split(", ")
         assert emitted != ["-"] and set(emitted) <= graph_names, name
         assert all(e.startswith(name) for e in emitted if not e.startswith("fb")), (name, emitted)

@@ -46,10 +46,11 @@ DD_IDS = ["mf", "mf-dd-accumulate", "mf-dd-immediate"]
 # -- the estimator ------------------------------------------------------------------------------------
 def _quadratic(n=20, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
-    a = a @ a.T / n + torch.eye(n, dtype=torch.float64)
-    b = torch.randn(n, generator=g, dtype=torch.float64)
-    w = torch.randn(n, generator=g, dtype=torch.float64)
+    a = torch.randn(n, n, device="cpu", generator=g, dtype=torch.float64)
+    a = a @ a.T / n + torch.eye(n, dtype=torch.float64, device="cpu")
+    b = torch.randn(n, device="cpu", generator=g, dtype=torch.float64)
+    w = torch.randn(n, device="cpu", generator=g, dtype=torch.float64)
+    a, b, w = (t.to(torch.get_default_device()) for t in (a, b, w))
     return (lambda v: 0.5 * v @ a @ v + b @ v), w, a @ w + b
 
 
@@ -57,7 +58,7 @@ def test_central_differences_are_exact_on_a_quadratic():
     loss, w, gradient = _quadratic()
     g = torch.Generator().manual_seed(1)
     for _ in range(10):
-        v = torch.randn(w.numel(), generator=g, dtype=torch.float64)
+        v = torch.randn(w.numel(), device="cpu", generator=g, dtype=torch.float64).to(w.device)
         v /= v.norm()
         assert abs(central_difference(loss, w, v, 1e-3) - float(v @ gradient)) < 1e-6
 
@@ -232,6 +233,7 @@ def test_every_unit_loss_falls_on_digits(algorithm, options):
     assert after[1] < 0.85 * before[1] and all(after[u] < 0.97 * before[u] for u in after), (before, after)
 
 
+@pytest.mark.cpu_only("peak memory from the profiler's CPU ledger")
 def test_mf_peak_memory_does_not_grow_with_depth_unlike_bp():
     x, y = torch.randn(2048, 32), torch.randint(0, 10, (2048,))
     peaks = {}

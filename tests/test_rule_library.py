@@ -118,7 +118,7 @@ def test_declare_op_has_no_unit_flag_and_no_unread_keyword():
 def test_the_ops_that_start_units_are_the_weight_layers():
     library = {n: s for n, s in declared_ops().items() if s.apply.__module__.startswith("fbcompile.rules.")}
     leading = {n for n, s in library.items() if starts_unit(s)}
-    assert leading == {"linear", "conv1d", "conv2d", "layer_norm", "embedding", "multihead_attention"}
+    assert leading == {"linear", "conv1d", "conv2d", "layer_norm", "embedding", "multihead_attention", "addmm"}
     assert library["batch_norm"].weights and library["group_norm"].weights   # weights, yet they follow
 
 

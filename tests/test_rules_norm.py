@@ -298,7 +298,7 @@ def test_normalize_rules_are_exact(dim, eps, scale, condition, seed):
     """T is J^T and P is J^+ on both sides of the clamp (eps = 3 clamps most rows, 0.5 some).
     x comes from its own generator: Hypothesis seeds torch's global one with 0, the seed the adjoint
     check draws its probe u from, and u parallel to x is J's null direction (<J u, v> = 0)."""
-    x = scale * torch.randn(3, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x = scale * torch.randn(3, 4, 2, dtype=torch.float64, device="cpu", generator=torch.Generator().manual_seed(seed))
     model = Normalize(dim, eps)
     program = fbcompile.compile(model, x, condition=condition)
     row = fbcompile.verify(program, x).rows[0]

@@ -113,11 +113,14 @@ def test_the_executor_is_chosen_once_and_recorded(algorithm, options, executor):
 
 
 def test_direct_executors_follow_the_program_not_the_class():
-    """Compiled where the units' error maps are exact; the autograd executors otherwise; and a
-    subclass (here one that overrides nothing) gets the same choice as its parent."""
+    """Compiled where the units' error maps are exact; the autograd executors otherwise (here
+    BatchNorm with frozen statistics chosen for the error modes too); and a subclass (here one that
+    overrides nothing) gets the same choice as its parent."""
     x = torch.randn(7, 12, dtype=torch.float64)
     exact = fbcompile.compile(tanh_mlp(depth=2, width=8), x)
-    frozen = fbcompile.compile(nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 5)).double(), x)
+    bn_model = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 5)).double()
+    assert fbcompile.learner(fbcompile.compile(bn_model, x), "drtp").executor.name == "compiled-unlocked"
+    frozen = fbcompile.compile(bn_model, x, variants={"error": ()})
     assert fbcompile.learner(exact, "drtp", execution="stored").executor.name == "compiled-stored"
     assert fbcompile.learner(frozen, "drtp").executor.name == "update-unlocked"
     assert fbcompile.learner(frozen, "dfa").executor.name == "stored"

@@ -31,6 +31,9 @@ def add_model(parser: argparse.ArgumentParser, *, positional: bool = False, reco
                        help="prefer an alternative rule where one exists (repeatable): exact-statistics "
                             "(LayerNorm / train-mode BatchNorm through their full Jacobian), hadamard "
                             "(activation targets of paper 002 eq. 29)")
+    group.add_argument("--frontend", default="auto", choices=["auto", "fx", "export"],
+                       help="how the model is captured: fx (torch.fx tracing), export (torch.export, training "
+                            "IR, in the model's train/eval mode) or auto (fx, else export; default)")
 
 
 def add_data(parser: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
@@ -85,7 +88,7 @@ def run_config(args, algorithm: str, *, options: dict | None = None, seed: int |
     return RunConfig(model=args.model, data=args.data, algorithm=algorithm,
                      options=resolve.learner_options(args) if options is None else options,
                      model_options=model_options(args), input_shape=input_shape(args), condition=args.condition,
-                     variants=list(args.variant),
+                     variants=list(args.variant), frontend=getattr(args, "frontend", "auto"),
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                      loss=getattr(args, "loss", None),
                      momentum=args.momentum, weight_decay=args.weight_decay,
@@ -116,7 +119,7 @@ def model_from_args(args, *, dtype=None, batch: int = 2):
     if shape is None:
         shape = infer_shape(args.model, model_options(args))
     if example is None:
-        example = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+        example = torch.randn(batch, *shape, device="cpu", generator=torch.Generator().manual_seed(seed))
     model = resolve.build(args.model, shape, num_classes, model_options(args), seed=seed).to(dtype)
     example = example.to(dtype)
     resolve.check_forward(model, example, args.model)
@@ -128,7 +131,8 @@ def program_from_args(args, *, dtype=None, batch: int = 2):
     ``--variant``."""
     from .. import compile as compile_program
     model, example = model_from_args(args, dtype=dtype, batch=batch)
-    return model, compile_program(model, example, condition=args.condition, variants=tuple(args.variant)), example
+    return model, compile_program(model, example, condition=args.condition, variants=tuple(args.variant),
+                                  frontend=getattr(args, "frontend", "auto")), example
 
 
 def infer_shape(spec: str, options: dict) -> tuple:

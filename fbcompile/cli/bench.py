@@ -7,6 +7,12 @@ during one step (fbcompile.bench.peak_tensor_memory), in this process or with --
 process per configuration. Each algorithm runs with its recommended learner options, loss and
 condition for the model's family (`fbcompile algorithms ALGO`) unless --condition / --option give
 others.
+
+Progress is printed per configuration as it is set up, with the time of its first step; a
+configuration whose first step takes longer than --max-step-seconds (default 60, e.g. MF-DD on an
+11M-parameter ResNet-18) is skipped with a line saying so, unless --all.
+Real-size models: ``--model resnet18-imagenet --input-shape 3,32,32 --batch-size 32 --algos bp,dtp,dfa,drtp``
+(torchvision's architectures, :mod:`fbcompile.zoo_models`; ``mobilenet-v2`` likewise).
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ def add_parser(commands):
     parser.add_argument("--isolate", action="store_true", help="measure memory in a fresh process per configuration")
     parser.add_argument("--seed", type=int, default=0, help="seed of models, learners and data (default 0)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--max-step-seconds", type=float, default=60.0,
+                        help="skip configurations whose first step takes longer (default 60)")
+    parser.add_argument("--all", action="store_true", help="run every configuration, however slow")
     parser.set_defaults(run=run)
     return parser
 
@@ -58,27 +67,46 @@ def setup(args_dict: dict):
         loss_fn = resolve.loss_for(data.task)
     else:
         generator = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.batch_size, *args.shape_resolved, generator=generator)
-        y = torch.randint(0, args.num_classes_resolved, (len(x),), generator=generator)
+        x = torch.randn(args.batch_size, *args.shape_resolved, device="cpu", generator=generator)
+        y = torch.randint(0, args.num_classes_resolved, (len(x),), device="cpu", generator=generator)
         loss_fn = F.cross_entropy
     steps, skipped = {}, {}
     steps[BASELINE] = autograd_step(_fresh(args), x, y, loss_fn)
+    _first_step(args, BASELINE, steps, skipped)
     shared = resolve.learner_options(args)
     for name in args.algos:
         try:
             model = _fresh(args)
             rec = recommended(name, model)
             program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
-                                      variants=tuple(args.variant))
+                                      variants=tuple(args.variant), frontend=args.frontend)
             learner = make_learner(program, name, **{"seed": args.seed, **rec.learner_options(),
                                                      **resolve.options_for(name, shared)})
             own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
             steps[name] = learner_step(learner, x, y, own_loss)
-            steps[name]()                    # fails here if the algorithm cannot train this model
+            _first_step(args, name, steps, skipped)    # fails here if the algorithm cannot train this model
         except FBCompileError as exc:
             steps.pop(name, None)
             skipped[name] = str(exc)
     return steps, skipped
+
+
+def _first_step(args, name: str, steps: dict, skipped: dict) -> None:
+    """Run configuration ``name``'s first step, print its time (progress) and drop it when it is
+    slower than --max-step-seconds unless --all (the baseline is always kept)."""
+    import time
+    start = time.perf_counter()
+    steps[name]()
+    seconds = time.perf_counter() - start
+    progress = getattr(args, "progress", False)
+    limit = getattr(args, "max_step_seconds", 60.0)
+    if name != BASELINE and seconds > limit and not getattr(args, "all", False):
+        steps.pop(name)
+        skipped[name] = f"skipped: its first step took {seconds:.1f} s > {limit:g} s (--all runs it)"
+        if progress:
+            print(f"  {name}: first step {seconds:.1f} s, over {limit:g} s: skipped (--all runs it)", flush=True)
+    elif progress:
+        print(f"  {name}: set up, first step {seconds:.2f} s", flush=True)
 
 
 def _fresh(args):
@@ -89,7 +117,7 @@ def _fresh(args):
 
 def memory_of(args_dict: dict, name: str) -> int:
     """Peak tensor bytes of one step of configuration ``name`` (after a warm-up step)."""
-    steps, _ = setup(args_dict)
+    steps, _ = setup({**args_dict, "algos": [a for a in args_dict["algos"] if a == name]})
     steps[name]()
     return memory_of_inline(steps[name])
 
@@ -104,7 +132,9 @@ def run(args) -> int:
     args.shape_resolved = list(example.shape[1:])
     args.num_classes_resolved = int(resolve.check_forward(model, example, args.model).shape[-1])
     args_dict = {k: v for k, v in vars(args).items() if k not in ("run", "parser")}
-    steps, skipped = setup(args_dict)
+    if not args.json:
+        print(f"setting up autograd and {', '.join(args.algos)} on {args.model}", flush=True)
+    steps, skipped = setup({**args_dict, "progress": not args.json})
     if not args.json:
         print(f"benchmarking {', '.join(steps)} on {args.model}, batch {args.batch_size}, "
               f"{args.rounds} interleaved rounds", flush=True)
@@ -112,8 +142,10 @@ def run(args) -> int:
     memory = {}
     if not args.no_memory:
         for name in steps:
-            memory[name] = (in_subprocess("fbcompile.cli.bench", "memory_of", args_dict, name) if args.isolate
-                            else memory_of_inline(steps[name]))
+            memory[name] = (in_subprocess("fbcompile.cli.bench", "memory_of", {**args_dict, "all": True}, name)
+                            if args.isolate else memory_of_inline(steps[name]))
+            if not args.json:
+                print(f"  peak memory of {name}: {memory[name] / 2 ** 20:.1f} MB", flush=True)
     rows = []
     for name in steps:
         row = {"configuration": name, "ms/step": times[name] * 1e3, "x autograd": times[name] / times[BASELINE]}
@@ -128,7 +160,7 @@ def run(args) -> int:
     shown = [{k: (f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in row.items()} for row in rows]
     print(format_table(shown, list(rows[0])))
     for name, reason in skipped.items():
-        print(f"not applicable: {name}: {reason}")
+        print(f"{name}: {reason}" if reason.startswith("skipped") else f"not applicable: {name}: {reason}")
     return 0
 
 

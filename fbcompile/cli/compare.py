@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import OptionError
 from ..explain import format_table
 from . import arguments, resolve
-from .runs import build_run, check_positive, load_data, trainer_for
+from .runs import build_run, check_divisible, check_positive, launched, load_data, trainer_for
 
 EPOCHS = 5          # default epochs per run, x each algorithm's recommended epochs multiplier
 
@@ -52,8 +52,15 @@ def parse_algos(text: str) -> list[tuple[str, str, dict]]:
 
 
 def run(args) -> int:
+    """Under torchrun every run is data parallel over the launched processes; rank 0 reports."""
+    with launched() as group:
+        return _run(args, group)
+
+
+def _run(args, group) -> int:
     from tqdm.auto import tqdm
     check_positive("--seeds", args.seeds)
+    check_divisible(args.batch_size, group)
     entries = parse_algos(args.algos)
     shared = resolve.learner_options(args)
     unused = [k for k in shared if not any(k in resolve.options_for(name, shared) for _, name, _ in entries)]
@@ -80,10 +87,12 @@ def run(args) -> int:
                 bar.set_postfix_str(f"{label} seed {seed}")
                 options = {**resolve.options_for(name, shared), **own}
                 run_ = build_run(arguments.run_config(args, name, options=options, seed=seed), dataset,
-                                 warn=warn, default_epochs=EPOCHS)
+                                 warn=warn, default_epochs=EPOCHS, process_group=group)
                 configs.setdefault(label, run_.config.to_dict())
                 histories[label].append(trainer_for(run_, progress=False, log=None).fit(run_.config.epochs))
                 bar.update(1)
+    if group is not None and run_.learner.communicator.rank != 0:
+        return 0                        # rank 0 evaluated, and reports
     summary = summarize(histories, dataset.task)
     print(summary_table(summary, dataset.task, len(seeds)))
     print(f"\nwrote {', '.join(map(str, write_outputs(out, summary, histories, args, dataset.task, configs)))}")

@@ -54,6 +54,14 @@ def add_parser(commands):
 
 
 def run(args) -> int:
+    """Under torchrun the training runs are data parallel over the launched processes (one task
+    at a time, in this process); rank 0 reports and writes."""
+    from .runs import launched
+    with launched() as group:
+        return _run(args, group)
+
+
+def _run(args, group) -> int:
     started = time.perf_counter()
     models = resolve.split_list(args.models, "--models")
     unknown = [m for m in models if m not in MODELS]
@@ -69,7 +77,15 @@ def run(args) -> int:
           f"{args.jobs} worker(s); writing to {out.resolve()}/", flush=True)
     tasks = [("check", m, str(out)) for m in models]
     tasks += [("train", m, a, epochs, subset) for m in models for a in algos]
-    results = _run_all(tasks, args.jobs)
+    if group is None:
+        results = _run_all(tasks, args.jobs)
+    else:                               # the checks (which write files) on rank 0 alone
+        import torch.distributed as dist
+        lead = dist.get_rank() == 0
+        report = _report if lead else (lambda result: result)      # rank 0 alone evaluated
+        results = [report(run_task(task, group)) for task in tasks if lead or task[0] == "train"]
+        if not lead:
+            return 0
     checks = {r["model"]: r for r in results if r["kind"] == "check"}
     runs = {(r["model"], r["algorithm"]): r for r in results if r["kind"] == "train"}
     print()
@@ -124,11 +140,11 @@ def _report(result: dict) -> dict:
     return result
 
 
-def run_task(task: tuple) -> dict:
+def run_task(task: tuple, process_group=None) -> dict:
     """One demo task in a worker: ("check", model, out) or ("train", model, algo, epochs, subset)."""
     if task[0] == "check":
         return _check(task[1], Path(task[2]))
-    return _train(*task[1:])
+    return _train(*task[1:], process_group=process_group)
 
 
 @functools.lru_cache(maxsize=2)
@@ -158,7 +174,7 @@ def _check(model: str, out: Path) -> dict:
             "graph": str(graph)}
 
 
-def _train(model: str, algorithm: str, epochs: int, subset) -> dict:
+def _train(model: str, algorithm: str, epochs: int, subset, process_group=None) -> dict:
     from ..errors import FBCompileError
     from .runs import build_run, trainer_for
     _, spec, options = MODELS[model]
@@ -168,7 +184,7 @@ def _train(model: str, algorithm: str, epochs: int, subset) -> dict:
     result = {"kind": "train", "model": model, "algorithm": algorithm, "history": [], "error": None,
               "config": config.to_dict()}
     try:
-        run_ = build_run(config, _data(subset), default_epochs=EPOCHS)
+        run_ = build_run(config, _data(subset), default_epochs=EPOCHS, process_group=process_group)
     except FBCompileError as exc:          # the algorithm does not apply to this model
         return {**result, "status": "n/a", "error": str(exc), "seconds": time.perf_counter() - started}
     result["config"] = config.to_dict()

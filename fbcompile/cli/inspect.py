@@ -36,7 +36,8 @@ def run(args) -> int:
             print(f"  {problem}")
         print("\nRegister a rule for each with @fbcompile.register_rule (see examples/custom_rule.py).")
         return 1
-    program = compile_program(model, example, condition=args.condition, variants=tuple(args.variant))
+    program = compile_program(model, example, condition=args.condition, variants=tuple(args.variant),
+                              frontend=args.frontend)
     print(program.explain())
     print()
     params = sum(p.numel() for p in model.parameters())
@@ -57,4 +58,5 @@ def run(args) -> int:
 def _unsupported(args) -> tuple:
     """(model, example, nodes without a rule), found before compiling."""
     model, example = arguments.model_from_args(args)
-    return model, example, coverage(model, example, condition=args.condition, variants=tuple(args.variant))
+    return model, example, coverage(model, example, condition=args.condition, variants=tuple(args.variant),
+                                    frontend=args.frontend)

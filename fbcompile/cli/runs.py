@@ -7,9 +7,17 @@ Values the user leaves out (``None``: optimizer, lr, loss, condition, epochs, an
 option the algorithm has a recommendation for) are filled by :func:`apply_recommended` from
 :func:`fbcompile.recommended`; ``RunConfig.provenance`` records, per value, where it came from
 (``user`` or the recommendation's source), and config.json keeps it.
+
+Under ``torchrun`` (:func:`launched`) the command runs data parallel: one process group (gloo: the
+CLI's models live on the CPU), one learner per rank with ``process_group="world"``, the global
+batch sharded by the trainer; ranks other than 0 print nothing (their errors are agreed with rank 0's
+and printed there) and ``RunConfig.world_size`` records the number of processes.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -33,6 +41,7 @@ class RunConfig:
     input_shape: list | None = None
     condition: str | None = None        # None: the algorithm's recommended condition
     variants: list = field(default_factory=list)
+    frontend: str = "auto"              # fx, export or auto (fbcompile.frontends)
     epochs: int | None = None           # None: default_epochs x the recommended epochs multiplier
     batch_size: int = 64
     lr: float | None = None             # None: recommended
@@ -47,6 +56,7 @@ class RunConfig:
     loss: str | None = None             # None: recommended ("cross_entropy", or "bce" for DRTP)
     family: str | None = None           # model family the recommendation was taken for
     provenance: dict = field(default_factory=dict)    # value -> "user" or its source
+    world_size: int = 1                 # processes of the (latest) run; batch_size is the global batch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,14 +107,14 @@ def input_shape_for(config: RunConfig, dataset: Dataset) -> tuple:
 
 def build_program(spec: str, input_shape, num_classes: int, *, model_options=None, seed: int = 0,
                   condition: str = "T", variants=(), example: torch.Tensor | None = None,
-                  dtype=torch.float32):
+                  dtype=torch.float32, frontend: str = "auto"):
     """(model, program): MODEL built, checked on an example batch and compiled."""
     model = resolve.build(spec, input_shape, num_classes, model_options, seed=seed).to(dtype)
     if example is None:
-        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(seed))
+        example = torch.randn(2, *input_shape, device="cpu", generator=torch.Generator().manual_seed(seed))
     example = example.to(dtype)
     resolve.check_forward(model, example, spec)
-    return model, compile_program(model, example, condition=condition, variants=tuple(variants))
+    return model, compile_program(model, example, condition=condition, variants=tuple(variants), frontend=frontend)
 
 
 TP_CONDITION_T = ("plain TP (no difference correction) with condition T propagates targets through "
@@ -169,7 +179,8 @@ def apply_recommended(config: RunConfig, dataset: Dataset | None = None, *, defa
     return config
 
 
-def build_run(config: RunConfig, dataset: Dataset | None = None, *, warn=None, default_epochs: int = 10) -> Run:
+def build_run(config: RunConfig, dataset: Dataset | None = None, *, warn=None, default_epochs: int = 10,
+              process_group=None) -> Run:
     """Build (or rebuild, for resume) every object of a run from its configuration (values left
     open are filled by :func:`apply_recommended` first)."""
     resolve.check_algorithms([config.algorithm])
@@ -179,10 +190,12 @@ def build_run(config: RunConfig, dataset: Dataset | None = None, *, warn=None, d
     shape = input_shape_for(config, dataset)
     model, program = build_program(config.model, shape, dataset.num_classes, model_options=config.model_options,
                                    seed=config.seed, condition=config.condition, variants=config.variants,
+                                   frontend=config.frontend,
                                    example=dataset.train_x[:2])
     _check_outputs(model, dataset, config.model)
     options = {"seed": config.seed, **config.options}
-    learner = make_learner(program, config.algorithm, **options)
+    learner = make_learner(program, config.algorithm, **options,
+                           **({} if process_group is None else {"process_group": process_group}))
     if config.predict:
         _check_predict(learner, config.predict, dataset.train_x[:2])
     optimizer = resolve.make_optimizer(config.optimizer, model.parameters(), lr=config.lr,
@@ -233,3 +246,42 @@ def trainer_for(run: Run, **kwargs):
 def check_positive(name: str, value, minimum=1) -> None:
     if value is not None and value < minimum:
         raise FBCompileError(f"{name} must be >= {minimum}, got {value}")
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting RANK/WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextlib.contextmanager
+def launched():
+    """The process group of a torchrun launch (None when not launched so): initialised on entry
+    (gloo), destroyed on exit. Ranks other than 0 print nothing from here on, errors included: a
+    step's failure is agreed across the ranks and printed by rank 0, once."""
+    if not under_torchrun():
+        yield None
+        return
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.get_rank() != 0:             # for the rest of this process: its error is printed by rank 0
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    try:
+        yield "world"
+    finally:
+        dist.destroy_process_group()
+
+
+def world_size(process_group) -> int:
+    if process_group is None:
+        return 1
+    import torch.distributed as dist
+    return dist.get_world_size()
+
+
+def check_divisible(batch_size: int, process_group) -> None:
+    """The global batch must give every rank at least one sample."""
+    size = world_size(process_group)
+    if batch_size < size:
+        raise FBCompileError(f"--batch-size {batch_size} is the global batch, split across {size} processes; "
+                             f"it must be at least {size}")

@@ -7,6 +7,10 @@ left out (--lr, --optimizer, --loss, --condition, --epochs, learner options) are
 recommended settings for the model's family (`fbcompile algorithms ALGO`). --resume DIR continues
 a stopped run exactly (bitwise) where its last checkpoint left it; with --epochs N it trains on to
 N epochs.
+
+Under torchrun (`torchrun --nproc_per_node=N -m fbcompile train ...`) the run is data parallel:
+--batch-size is the global batch, split across the N processes; rank 0 alone prints and writes
+DIR/; config.json records world_size; --resume continues at any number of processes.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from ..errors import OptionError
 from ..training import CHECKPOINT, METRICS, load_checkpoint, read_metrics
 from . import arguments
 from ..models import BUILTIN_MODELS
-from .runs import RunConfig, build_run, trainer_for
+from .runs import RunConfig, build_run, check_divisible, launched, trainer_for, world_size
 
 # Flags whose value is part of the saved configuration: --resume refuses them (it would not be
 # the same run any more); only --epochs may change.
@@ -47,6 +51,11 @@ def add_parser(commands):
 
 
 def run(args) -> int:
+    with launched() as group:
+        return _run(args, group)
+
+
+def _run(args, group) -> int:
     if args.resume:
         config, directory, state = _resumed(args)
     else:
@@ -56,27 +65,37 @@ def run(args) -> int:
             raise OptionError(f"{directory} already holds a run; continue it with --resume {directory} "
                               "or choose another --out")
         state = None
-    run_ = build_run(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
+    check_divisible(config.batch_size, group)
+    config.world_size = world_size(group)
+    run_ = build_run(config, warn=lambda line: print(line, file=sys.stderr, flush=True), process_group=group)
+    lead = run_.learner.world_size == 1 or trainer_rank(run_) == 0
     print(f"{run_.dataset.describe()}\nmodel {config.model}: {type(run_.model).__name__}, "
           f"{sum(p.numel() for p in run_.model.parameters()):,} parameters, {len(run_.program.units)} units; "
-          f"algorithm {config.label()}; writing to {directory}/", flush=True)
+          f"algorithm {config.label()}; writing to {directory}/"
+          + (f"; {config.world_size} processes, global batch {config.batch_size}" if config.world_size > 1 else ""),
+          flush=True)
     print(settings_line(config), flush=True)
     trainer = trainer_for(run_, out_dir=directory, progress=not args.no_progress,
                           log=lambda line: print(line, flush=True))
     if state is not None:
         trainer.restore(state)
         print(f"resumed after epoch {trainer.epoch}", flush=True)
-    else:
+    elif lead:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / METRICS).write_text("")
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if lead:
+        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     history = trainer.fit(config.epochs)
-    if not args.no_plot and history:
+    if lead and not args.no_plot and history:
         from ..plots import training_curves
         path = training_curves(read_metrics(directory / METRICS), directory / "curves.png",
                                title=f"{config.model} on {config.data}, {config.label()}")
         print(f"wrote {directory / METRICS}, {directory / CHECKPOINT} and {path}")
     return 0
+
+
+def trainer_rank(run_) -> int:
+    return run_.learner.communicator.rank
 
 
 def settings_line(config) -> str:

@@ -22,7 +22,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
         raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
     if len(x) != len(y):
         raise DataError(f"batches(): x has {len(x)} samples but y has {len(y)}")
-    order = torch.randperm(len(x), generator=generator) if shuffle else None
+    order = torch.randperm(len(x), device="cpu", generator=generator) if shuffle else None
     return _iterate(x, y, batch_size, order)
 
 

@@ -25,15 +25,15 @@ CLASSIFICATION_SEP = 4.5
 CLASSIFICATION_TRAIN, CLASSIFICATION_TEST = 25_000, 5_000
 
 
-def regression_phases() -> torch.Tensor:
+def regression_phases(device=None) -> torch.Tensor:
     """``phi_j = -pi/2 + j*pi/9`` for ``j = 0..9`` (float64)."""
-    return -math.pi / 2 + torch.arange(REGRESSION_OUTPUTS, dtype=torch.float64) * (math.pi / 9)
+    return -math.pi / 2 + torch.arange(REGRESSION_OUTPUTS, dtype=torch.float64, device=device) * (math.pi / 9)
 
 
 def regression_targets(x: torch.Tensor) -> torch.Tensor:
     """``y_j = cos(mean(x) + phi_j)``, computed in float64 from ``x`` and returned as float32."""
     xbar = x.to(torch.float64).mean(dim=1, keepdim=True)
-    return torch.cos(xbar + regression_phases()).to(torch.float32)
+    return torch.cos(xbar + regression_phases(x.device)).to(torch.float32)
 
 
 def load_synthetic_regression(seed: int) -> Dataset:

@@ -12,7 +12,8 @@ and learns from delta_u through its own local backward (the unit's input is deta
 ever flows through another unit). The unit's activation derivatives enter through that local
 backward: for Linear+f, dW_u = [delta_u * f'(a_u)]^T h_in.
 
-Which units get what (:func:`plan_direct`):
+Which units get what (:func:`plan_direct`, a function of the traced graph, its units and which
+parameters train; like every function here it never reads the compiled program or the runtime):
 
 - *output units* (a unit producing a model output) learn from the loss's own local gradient;
 - *hidden units* (every other unit with parameters that require grad) get one projection per
@@ -41,7 +42,7 @@ from torch import fx
 
 from ..errors import FBCompileError, OptionError, choices_text
 from ..initialisation import draw
-from ..trace import describe, info, preserved_state
+from ..trace import active_outputs, describe, info, preserved_state
 
 PROJECTION_INITS = ("he_uniform", "xavier_uniform", "uniform", "normal")
 PROJECTION_FANS = ("features", "signal")
@@ -76,32 +77,35 @@ class DirectPlan:
         return [p for p in self.projections if p.unit == unit]
 
 
-def plan_direct(program) -> DirectPlan:
-    """The direct-projection plan of a compiled program."""
-    outputs = set(program.outputs)
+def plan_direct(traced: fx.GraphModule, partition, params) -> DirectPlan:
+    """The direct-projection plan of the model ``traced`` grouped into ``partition``'s units;
+    ``params`` maps each parameter's qualified name to the parameter (only ``requires_grad`` is
+    read: frozen parameters get no update, and a unit with none trainable gets nothing)."""
+    model_outputs = active_outputs(traced)
+    outputs = set(model_outputs)
     sizes = []
-    for node in program.outputs:
+    for node in model_outputs:
         shape = _per_sample_shape(node)
         sizes.append(math.prod(shape))
-    output_units, hidden_units, hidden_outputs, projections, params = [], [], [], [], {}
-    for unit in program.units:
-        trainable = [q for q in unit.params if program.params[q].requires_grad]
+    output_units, hidden_units, hidden_outputs, projections, trained = [], [], [], [], {}
+    for unit in partition.units:
+        trainable = [q for q in unit.params if params[q].requires_grad]
         if not trainable:
             continue
-        params[unit.index] = trainable
+        trained[unit.index] = trainable
         if any(node in outputs for node in unit.nodes):
             output_units.append(unit.index)
             continue
         hidden_units.append(unit.index)
         hidden_outputs += [(unit.index, node) for node in unit.outputs]
-    axes = batch_axes(program, [node for _, node in hidden_outputs], "direct feedback")
+    axes = batch_axes(traced, [node for _, node in hidden_outputs], "direct feedback")
     for unit, node in hidden_outputs:
         projections.append(Projection(len(projections), unit, node.name, _per_sample_shape(node, axes[node]),
                                       info(node).dtype or torch.float32, axes[node]))
     if not output_units:
         raise FBCompileError("direct feedback needs a unit with parameters that produces the model output; "
                              "this program's output is computed by parameter-free ops only")
-    return DirectPlan(sum(sizes), tuple(output_units), tuple(hidden_units), tuple(projections), params)
+    return DirectPlan(sum(sizes), tuple(output_units), tuple(hidden_units), tuple(projections), trained)
 
 
 def _per_sample_shape(node, batch_axis: int = 0) -> tuple:
@@ -112,13 +116,13 @@ def _per_sample_shape(node, batch_axis: int = 0) -> tuple:
     return tuple(size for axis, size in enumerate(record.shape) if axis != batch_axis)
 
 
-def batch_axes(program, nodes: list, purpose: str) -> dict:
+def batch_axes(traced: fx.GraphModule, nodes: list, purpose: str) -> dict:
     """{node: the axis of its value that indexes the samples}. Dim 0 of every model input is its
     batch (as everywhere); a value may carry it elsewhere (a time-first ``(L, N, E)`` sequence). A
     value with exactly one axis of the example's batch size has it there; the others are found by
     running the traced model once more, on inputs one sample larger, as the axis that grew. A value
     without one such axis is refused (``purpose`` says who needs it)."""
-    batch = _example_batch(program)
+    batch = _example_batch(traced)
     axes, unclear = {}, []
     for node in nodes:
         shape = info(node).shape
@@ -128,35 +132,40 @@ def batch_axes(program, nodes: list, purpose: str) -> dict:
         else:
             unclear.append(node)
     if unclear:
-        grown = _shapes_at_batch(program, batch + 1, unclear)
+        grown = _shapes_at_batch(traced, batch + 1, unclear)
         for node in unclear:
             shape = info(node).shape
             grew = [axis for axis, (a, b) in enumerate(zip(shape, grown[node])) if a != b]
-            if len(grew) != 1 or len(shape) != len(grown[node]):
+            if len(grew) != 1 or len(shape) != len(grown[node]) or shape[grew[0]] != batch:   # batch folded in
                 raise FBCompileError(f"{purpose} needs the batch axis of {describe(node)}, but its shape "
                                      f"{tuple(shape)} (batch {batch}) became {grown[node]} at batch {batch + 1}")
             axes[node] = grew[0]
     return axes
 
 
-def _example_batch(program) -> int:
-    shapes = [info(node).shape for node in program.inputs]
+def _placeholders(traced: fx.GraphModule) -> list:
+    return [node for node in traced.graph.nodes if node.op == "placeholder"]
+
+
+def _example_batch(traced: fx.GraphModule) -> int:
+    shapes = [info(node).shape for node in _placeholders(traced)]
     if not shapes or not shapes[0]:
         raise FBCompileError("direct feedback and local heads need a model input with a batch dimension (dim 0)")
     return shapes[0][0]
 
 
-def _shapes_at_batch(program, batch: int, nodes: list) -> dict:
+def _shapes_at_batch(traced: fx.GraphModule, batch: int, nodes: list) -> dict:
     """{node: its value's shape} when the traced model runs on inputs of batch size ``batch``
-    (random values of each input's dtype; buffers and the random state are left as they were)."""
+    (random values of each input's dtype, on the device of its parameters; its buffers and the
+    random state are left as they were)."""
     generator = torch.Generator().manual_seed(0)
-    device = next((p.device for p in program.params.values()), torch.device("cpu"))
+    device = next((p.device for p in traced.parameters()), torch.device("cpu"))
     inputs = []
-    for node in program.inputs:
+    for node in _placeholders(traced):
         record = info(node)
         shape = (batch, *record.shape[1:])
         if record.dtype is not None and record.dtype.is_floating_point:
-            inputs.append(torch.randn(shape, generator=generator, dtype=record.dtype).to(device))
+            inputs.append(torch.randn(shape, device="cpu", generator=generator, dtype=record.dtype).to(device))
         else:
             inputs.append(torch.zeros(shape, dtype=record.dtype or torch.long, device=device))
     wanted, shapes = set(nodes), {}
@@ -169,8 +178,8 @@ def _shapes_at_batch(program, batch: int, nodes: list) -> dict:
             return value
 
     try:
-        with torch.no_grad(), preserved_state(program.model):
-            Recorder(program.traced).run(*inputs)
+        with torch.no_grad(), preserved_state(traced):
+            Recorder(traced).run(*inputs)
     except Exception as exc:   # noqa: BLE001  (the user's model, on inputs we made up)
         raise FBCompileError(f"finding the batch axes of {', '.join(n.name for n in nodes)}: the model failed on "
                              f"inputs of batch {batch}: {type(exc).__name__}: {exc}") from exc

@@ -18,6 +18,8 @@ Three modes share the walk and differ in what flows backwards:
 
 Fan-out (a value used k > 1 times) gets one explicit sum of its incoming feedback. Tuple-valued
 nodes (split, chunk) collect a list with one entry per element, filled through their getitem users.
+The walk and its fan-out sums are :mod:`fbcompile.passes.walk`'s, shared with verification's
+eager per-unit feedback map.
 
 The emitted graph takes, in placeholder order: the feedback at each model output, then the saved
 forward values ("taps") and feedback weights ("slots") the rules asked for. It returns
@@ -40,14 +42,24 @@ from dataclasses import dataclass, field
 from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from ..context import ProxyContext
+from ..context import SHAPE, ProxyContext
 from ..errors import FBCompileError, RuleError
 from ..ops import param_vjp
 from ..trace import META, active_outputs, describe, info
+from .walk import FanIn, left_sum, walk_back
 
 MODES = ("error", "target", "difference")
 CUT_MODES = {"unit_target": "target", "unit_error": "error"}     # cut mode -> the mode its rules run in
 UNIT_DIFFERENCE = "unit_difference"
+ERROR_MODES = ("error", "unit_error")     # the error family: every other mode is a target mode
+
+
+def family_of(mode: str) -> str:
+    """The rule family feedback mode ``mode`` draws its rules from: "error" for error propagation
+    (the "error" and "unit_error" graphs), "target" for TP/DTP targets and differences."""
+    return "error" if mode in ERROR_MODES else "target"
+
+
 _OUTPUT_LABEL = {"error": "grad", "target": "target", "difference": "delta"}
 
 
@@ -93,9 +105,10 @@ class FeedbackBuilder:
         self.graph = fx.Graph()
         self.tracer = _NamingTracer(self.graph)
         self.taps, self.slots, self.attrs, self.slot_params = {}, {}, {}, {}
+        self.call_memo = {}           # ProxyContext.call_once: (node, fn, arguments) -> its one call
         self.computed_weights = []
-        self.contribs, self.origins = defaultdict(list), defaultdict(list)
-        self.incoming_memo, self.base_memo, self.at_base_memo = {}, {}, {}
+        self.fanin = FanIn(self._sum, lambda node: self._label(node, None, "fanout"))
+        self.base_memo, self.at_base_memo = {}, {}
         self.param_parts = defaultdict(list)
         self.emitted = defaultdict(list)
         self._last_placeholder = None
@@ -113,7 +126,8 @@ class FeedbackBuilder:
     def tap(self, key: tuple) -> Proxy:
         if key not in self.taps:
             node_name, extra = key
-            self.taps[key] = self._placeholder(f"{node_name}_{extra}" if extra else f"h_{node_name}", ("tap", key))
+            name = f"{node_name}_shape" if extra == SHAPE else f"{node_name}_{extra}" if extra else f"h_{node_name}"
+            self.taps[key] = self._placeholder(name, ("tap", key))
         return self.taps[key]
 
     def slot(self, node: fx.Node, param: str) -> Proxy:
@@ -134,24 +148,13 @@ class FeedbackBuilder:
         if self.cut:
             for unit in self.partition.units:
                 for out in unit.outputs:
-                    self._add(out, self._placeholder(f"{label[0]}_{out.name}", ("cut", out.name)))
+                    self.fanin.add(out, self._placeholder(f"{label[0]}_{out.name}", ("cut", out.name)))
         else:
             for i, out in enumerate(active_outputs(self.gm)):
-                self._add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
-        for node in reversed(list(self.gm.graph.nodes)):
-            record = info(node)
-            if not record.active or (record.param_only and not self.reaches_params):
-                continue
-            if record.role == "select":
-                g = self.incoming(node)
-                if g is not None:
-                    self._select(node, record.select_index, g)
-            elif record.role == "op":
-                self._emit(node)
-            elif record.role == "param":
-                g = self.incoming(node)
-                if g is not None:
-                    self.param_parts[node.target].append(g)
+                self.fanin.add(out, self._placeholder(f"{label}_{out.name}", ("output", i)))
+        walked = [n for n in self.gm.graph.nodes
+                  if info(n).active and not (info(n).param_only and not self.reaches_params)]
+        walk_back(walked, self.fanin, self._emit, lambda node, g: self.param_parts[node.target].append(g))
         boundary = self.partition.boundary
         self._label(None, None, "output")
         if self.cut:
@@ -168,15 +171,6 @@ class FeedbackBuilder:
         emitted = {name: [n.name for n in nodes] for name, nodes in self.emitted.items()}
         return FeedbackGraph(module, self.emitted_mode, inputs, boundary, params, emitted, dict(self.slot_params),
                              sorted(set(self.computed_weights)))
-
-    def _select(self, node: fx.Node, index, g) -> None:
-        """Feedback of ``tuple[index]`` goes to that element of the tuple (each element of a slice)."""
-        if isinstance(index, tuple):
-            for element, part in zip(index, g):
-                if part is not None:
-                    self._add(node.args[0], part, index=element, origin=node)
-        else:
-            self._add(node.args[0], g, index=index, origin=node)
 
     def _emit(self, node: fx.Node) -> None:
         g = self.incoming(node)
@@ -294,7 +288,7 @@ class FeedbackBuilder:
             if self.cut and self.partition.unit_of.get(src) is not unit and not info(src).param_only:
                 self.cut_parts[(unit.index, src)].append(value)
             else:
-                self._add(src, value, origin=node)
+                self.fanin.add(src, value, origin=node)
 
     def _parameter_path_grad(self, node, arg: str):
         """The error at argument ``arg`` of ``node`` when the rule only maps into activations and
@@ -315,18 +309,7 @@ class FeedbackBuilder:
             if grads.get(role) is not None:
                 self.param_parts[qualname].append(grads[role])
 
-    # -- accumulation -------------------------------------------------------------------------
-    def _add(self, node: fx.Node, value, index=None, origin: fx.Node | None = None) -> None:
-        """Record feedback ``value`` for ``node`` (element ``index`` of a tuple) sent by the consumer
-        ``origin`` (None: the model output)."""
-        if info(node).is_tuple and index is None:
-            for i, item in enumerate(value):
-                if item is not None:
-                    self._add(node, item, index=i, origin=origin)
-            return
-        self.contribs[(node, index)].append(value)
-        self.origins[(node, index)].append(origin)
-
+    # -- accumulation (the fan-out sums of :class:`~fbcompile.passes.walk.FanIn`) -----------------
     def external(self, node: fx.Node):
         """The feedback at ``node`` from consumers outside its unit (and the model output): what a
         unit output's local loss is given. Feedback from consumers inside the unit already reaches
@@ -340,36 +323,23 @@ class FeedbackBuilder:
         return self._external_sum(node, None, unit)
 
     def _external_sum(self, node, index, unit):
-        origins = self.origins.get((node, index), [])
+        origins = self.fanin.origins.get((node, index), [])
         inside = [o is not None and self.partition.unit_of.get(o) is unit for o in origins]
         if unit is None or not any(inside):
             total = self.incoming(node)
             return total[index] if index is not None and total is not None else total
-        parts = [v for v, internal in zip(self.contribs[(node, index)], inside) if not internal]
+        parts = [v for v, internal in zip(self.fanin.parts[(node, index)], inside) if not internal]
         self._label(node, None, "fanout")
         return self._sum(parts, f"{node.name}{'' if index is None else f'_{index}'}_external")
 
     def incoming(self, node: fx.Node):
         """The summed feedback arriving at ``node`` (a list for tuple-valued nodes), or None."""
-        if node in self.incoming_memo:
-            return self.incoming_memo[node]
-        self._label(node, None, "fanout")
-        if info(node).is_tuple:
-            parts = [self._sum(self.contribs.get((node, i), []), f"{node.name}_{i}_sum")
-                     for i in range(len(info(node).shape))]
-            value = parts if any(p is not None for p in parts) else None
-        else:
-            value = self._sum(self.contribs.get((node, None), []), f"{node.name}_sum")
-        self.incoming_memo[node] = value
-        return value
+        return self.fanin.incoming(node)
 
     def _sum(self, parts: list, name: str):
-        if not parts:
-            return None
-        total = parts[0]
-        for part in parts[1:]:
-            total = self.tracer.create_proxy("call_function", operator.add, (total, part), {}, name=name)
-        return total
+        """One graph node per addition, all named ``name`` (fx numbers repeats)."""
+        return left_sum(parts, lambda total, part: self.tracer.create_proxy(
+            "call_function", operator.add, (total, part), {}, name=name))
 
     def _label(self, node, rule, role) -> None:
         self.tracer.prefix = node.name if node is not None else "fb"

@@ -26,6 +26,7 @@ import operator
 import torch
 from torch import fx
 
+from ..context import SHAPE
 from ..errors import FBCompileError
 from ..trace import AttrRef, active_outputs, info
 
@@ -105,8 +106,8 @@ def build_forward(gm: fx.GraphModule, taps: list, partition=None, detach_units: 
     for node in gm.graph.nodes:
         if node.op != "output":
             copier.copy(node)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    tap_values = tuple(copier.extras[key] if key[1] else copier.env[by_name[key[0]]] for key in taps)
+    values = {node.name: value for node, value in copier.env.items()}
+    tap_values = tuple(_tap_value(copier, values, None, key) for key in taps)
     outputs = (copier.model_output(), tap_values)
     if returned is not None:
         outputs += (tuple(copier.env[n] for n in returned),)
@@ -219,10 +220,16 @@ def _stage_plan(gm: fx.GraphModule, unit, partition) -> tuple:
 
 
 def _tap_value(copier: _Copier, by_name: dict, unit, key: tuple) -> fx.Node:
-    value = copier.extras.get(key) if key[1] else by_name.get(key[0])
+    """The forward program's node for tap ``key``: a value, an extra of a tapped forward, or a shape
+    tap ``(node name, SHAPE)`` (the value's ``.shape``, so the value itself is not kept)."""
+    value = copier.extras.get(key) if key[1] not in (None, SHAPE) else by_name.get(key[0])
     if value is None:
-        raise FBCompileError(f"unit {unit.index}'s forward neither computes nor reads the value {key} "
-                             "its local backward needs")
+        where = "the forward" if unit is None else f"unit {unit.index}'s forward"
+        raise FBCompileError(f"{where} neither computes nor reads the value {key} its feedback needs")
+    if key[1] == SHAPE:
+        if key not in copier.extras:
+            copier.extras[key] = copier.graph.call_function(getattr, (value, "shape"), name=f"{key[0]}_shape")
+        return copier.extras[key]
     return value
 
 

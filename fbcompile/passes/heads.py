@@ -25,10 +25,12 @@ Initialisation of M (``init``): ``"paper"`` reproduces the reference code (``kai
 sqrt(5))`` on its layouts): U(+-1/sqrt(n)) for flat heads, U(+-1/sqrt(m)) for projected ones;
 ``"uniform"``: U(+-1/sqrt(n)) always; ``"zeros"``.
 
-:func:`attach_heads` returns :class:`Heads` (an ``nn.Module``: M as parameters, A as buffers, so
-its state_dict holds both) and one :class:`HeadStage` per unit: the unit's own forward returning
-``(*unit outputs, a_l)`` and a ``probe`` returning only a_l (dead code after the attachment point,
-e.g. the pooling, removed) for re-evaluating the local loss with perturbed parameters.
+:func:`attach_heads`, a function of the traced graph, its units, their forwards and the parameters
+(never of the compiled program or the runtime), returns :class:`Heads` (an ``nn.Module``: M as
+parameters, A as buffers, so its state_dict holds both) and one :class:`HeadStage` per unit: the
+unit's own forward returning ``(*unit outputs, a_l)`` and a ``probe`` returning only a_l (dead code
+after the attachment point, e.g. the pooling, removed) for re-evaluating the local loss with
+perturbed parameters.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import FBCompileError, OptionError, choices_text
-from ..trace import info
+from ..trace import active_outputs, info
 from .direct import batch_axes
 from .forward import build_unit_forwards
 
@@ -116,35 +118,40 @@ class HeadStage:
                f"{self.head})"
 
 
-def attach_heads(program, classes: int, *, d: int = 16, attach: str = "pre_pool", init: str = "paper",
-                 output_head: str = "model", seed: int = 0) -> tuple[Heads, list]:
-    """Heads for every unit with trainable parameters and the :class:`HeadStage` of every unit."""
+def attach_heads(traced: fx.GraphModule, partition, stages: list, params: dict, classes: int, *, d: int = 16,
+                 attach: str = "pre_pool", init: str = "paper", output_head: str = "model",
+                 seed: int = 0) -> tuple[Heads, list]:
+    """Heads for every unit of ``partition`` with trainable parameters and the :class:`HeadStage` of
+    every unit. ``stages``: the units' own forwards (:func:`~fbcompile.passes.forward.build_unit_forwards`
+    of ``traced`` without taps), run as they are by units without a head; ``params``: qualified
+    name -> parameter (``requires_grad`` says which units train; the first one's device is the
+    heads')."""
     _check(classes, d, attach, init, output_head)
-    device = next((p.device for p in program.params.values()), torch.device("cpu"))
-    trained = {u.index for u in program.units if any(program.params[p].requires_grad for p in u.params)}
-    model_outputs = {n for n in program.outputs if _shape(n) is not None and _shape(n)[1:] == (classes,)}
+    device = next((p.device for p in params.values()), torch.device("cpu"))
+    trained = {u.index for u in partition.units if any(params[p].requires_grad for p in u.params)}
+    model_outputs = {n for n in active_outputs(traced) if _shape(n) is not None and _shape(n)[1:] == (classes,)}
     attached = {}                     # unit index -> (attachment node, scored by its own model output)
-    for unit in program.units:
+    for unit in partition.units:
         if unit.index in trained:
             own = [n for n in unit.outputs if n in model_outputs] if output_head == "model" else []
             attached[unit.index] = (own[-1], True) if own else (attachment_node(unit, attach), False)
-    axes = batch_axes(program, [node for node, _ in attached.values()], "Mono-Forward's heads")
-    tapped = build_unit_forwards(program.traced, program.partition,
+    axes = batch_axes(traced, [node for node, _ in attached.values()], "Mono-Forward's heads")
+    tapped = build_unit_forwards(traced, partition,
                                  {index: [(node.name, None)] for index, (node, _) in attached.items()})
-    heads, stages = [], []
-    for stage, with_attachment in zip(program.unit_forwards(), tapped):
+    heads, head_stages = [], []
+    for stage, with_attachment in zip(stages, tapped):
         unit = stage.unit
         if unit.index not in attached:
-            stages.append(HeadStage(stage, stage.module, None, None))
+            head_stages.append(HeadStage(stage, stage.module, None, None))
             continue
         node, own = attached[unit.index]
         head = _make_head(unit, node, axes[node], None if own else classes, d, init, seed, device)
         module, probe = _head_modules(with_attachment)
         heads.append(head)
-        stages.append(HeadStage(stage, module, probe, head))
+        head_stages.append(HeadStage(stage, module, probe, head))
     if not heads:
         raise FBCompileError("Mono-Forward needs at least one unit with trainable parameters; this model has none")
-    return Heads(heads), stages
+    return Heads(heads), head_stages
 
 
 def attachment_node(unit, attach: str) -> fx.Node:
@@ -180,7 +187,7 @@ def _make_head(unit, node, batch_axis, classes, d, init, seed, device) -> Head:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + unit.index)
     projection, spatial = None, math.prod(rest[1:]) if len(rest) > 1 else 1
     if len(rest) > 1 and spatial > d:
-        projection = torch.randn(rest[0], d, spatial, generator=generator, dtype=dtype) / math.sqrt(spatial)
+        projection = torch.randn(rest[0], d, spatial, device="cpu", generator=generator, dtype=dtype) / math.sqrt(spatial)
         features = rest[0] * d
     else:
         features = math.prod(rest)
@@ -188,7 +195,7 @@ def _make_head(unit, node, batch_axis, classes, d, init, seed, device) -> Head:
         weight = torch.zeros(features, classes, dtype=dtype)
     else:
         bound = 1.0 / math.sqrt(classes if (init == "paper" and projection is not None) else features)
-        weight = (torch.rand(features, classes, generator=generator, dtype=dtype) * 2 - 1) * bound
+        weight = (torch.rand(features, classes, device="cpu", generator=generator, dtype=dtype) * 2 - 1) * bound
     projection = projection.to(device) if projection is not None else None
     return Head(unit, node, rest, nn.Parameter(weight.to(device)), projection, batch_axis)
 

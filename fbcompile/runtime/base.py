@@ -17,6 +17,10 @@ be finite, and only then written. If anything fails (non-finite targets or updat
 inverse, a bad shape) the step raises and leaves the model's parameters, ``.grad``, buffers and all
 learner state (what it owns: auxiliary weights, their optimizer, random generators, extra state)
 exactly as they were.
+
+Data parallel (``process_group=``, :mod:`.distributed`): each rank computes on its shard, the step's
+failure is agreed across ranks inside the transaction, and the updates written to ``.grad`` are the
+ranks' mean (1/R) sum_r U_r -- the whole batch's update for equal shards.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from ..errors import FBCompileError, NonFiniteError
 from ..program import accumulate_grads, as_tuple
 from .options import Option, integer, parse_options
 from .registry import other_algorithms_with
+from .distributed import resolve_group
 from .transaction import Transaction, owned_state
 
 COMMON_OPTIONS = {"seed": Option(0, integer, "seed of the learner's random generators (feedback weights, noise)")}
@@ -63,7 +68,7 @@ class Learner:
     name = "learner"
     OPTIONS: dict = {}
 
-    def __init__(self, program, **options):
+    def __init__(self, program, process_group=None, **options):
         self.options = parse_options(self.name, {**COMMON_OPTIONS, **self.OPTIONS}, options,
                                      elsewhere=other_algorithms_with(self.name))
         self.program = program
@@ -73,17 +78,58 @@ class Learner:
         self.last = {}
         self.buffers = dict(self.model.named_buffers())
         self._executor = None
+        self.communicator = None
+        group = resolve_group(process_group)
+        if group is not None:
+            from .distributed import Communicator
+            self.communicator = Communicator(self, group)
 
     # -- the contract ---------------------------------------------------------------------------
     def step(self, inputs, targets, loss_fn) -> StepResult:
         inputs = as_tuple(inputs)
         with self.transaction():
-            result, grads = self.compute(inputs, targets, loss_fn)
-            check_finite(grads, result)
+            result, grads = self.checked_compute(inputs, targets, loss_fn)
         result.details.setdefault("executor", self.executor.name)
         accumulate_grads(self.program.params, list(grads), list(grads.values()))
         self.steps += 1
         return result
+
+    def checked_compute(self, inputs: tuple, targets, loss_fn) -> tuple[StepResult, dict]:
+        """:meth:`compute` and the finiteness check; with a process group, on this rank's shard and
+        agreed across the ranks (a failure anywhere raises everywhere), the updates the ranks' mean.
+        Call it inside the step's transaction."""
+        def local(loss):
+            result, grads = self.compute(inputs, targets, loss)
+            check_finite(grads, result)
+            return result, grads
+        if self.communicator is None:
+            return local(loss_fn)
+        return self.communicator.run_step(local, loss_fn, int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+                                          shared_loss=self.targets_from_error)
+
+    @property
+    def targets_from_error(self) -> bool:
+        """Whether the update depends on the output error e beyond linearly: learners that form an
+        output target t_L = h_L - beta e (those with option ``beta``), then propagate it through
+        nonlinear maps. Data parallel, their ranks compute with their share of the global loss."""
+        return "beta" in self.OPTIONS
+
+    def launch_update(self, names, updates: dict) -> None:
+        """Hook for update-unlocked executors: the updates of ``names`` in ``updates`` are final for
+        this step; with a process group their all-reduce starts now and overlaps what follows."""
+        if self.communicator is not None:
+            self.communicator.launch(list(names), updates)
+
+    def average(self, tensors: list) -> list:
+        """The ranks' mean of ``tensors`` during a step (one process: the tensors themselves); for
+        estimates applied before the step ends (MF-DD's immediate updates)."""
+        if self.communicator is None or not self.communicator.active:
+            return list(tensors)
+        return self.communicator.average_checked(list(tensors))
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.communicator is None else self.communicator.world
 
     def compute(self, inputs: tuple, targets, loss_fn) -> tuple[StepResult, dict]:
         """(result, {parameter name: update}) without touching ``.grad``; may update auxiliary state.
@@ -159,6 +205,16 @@ class Learner:
         """Snapshot what this learner owns and the model's buffers; restore them if the block raises
         (or always, for ``always_restore``)."""
         return Transaction(self, always_restore)
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's parameters (or buffers): where a learner's own tensors (random
+    projections, feedback maps) must live. They are drawn on the CPU from seeded generators, so the
+    same seed gives the same matrices on every device."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def all_finite(tensors) -> bool:

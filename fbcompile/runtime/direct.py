@@ -52,9 +52,10 @@ import torch
 from ..errors import FBCompileError, OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
 from ..passes.direct_graph import build_direct_gradients, build_unlocked_step
+from ..passes.boxed import with_boxed_module
 from ..passes.forward import build_forward
 from ..program import as_tuple
-from .base import Executor, Learner, StepResult, detached_output
+from .base import Executor, Learner, StepResult, detached_output, model_device
 from .losses import output_error, scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
@@ -93,7 +94,7 @@ class DirectLearner(Learner):
 
     def __init__(self, program, **options):
         super().__init__(program, **options)
-        self.plan = plan_direct(program)
+        self.plan = plan_direct(program.traced, program.partition, program.params)
         self._fused = {}
         self.order = None           # unit indices in execution order, for update-unlocked execution
         if self.options.get("execution") == "unlocked":
@@ -112,7 +113,8 @@ class DirectLearner(Learner):
             return None
         o = self.options
         return DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
-                                 scale=o["projection_scale"], seed=o["seed"], trainable=trainable)
+                                 scale=o["projection_scale"], seed=o["seed"],
+                                 trainable=trainable).to(model_device(self.model))
 
     # -- executors --------------------------------------------------------------------------------
     def choose_executor(self, compiled: bool = True) -> Executor:
@@ -160,36 +162,37 @@ class DirectLearner(Learner):
         "unit_error" graph reads, then every update from one generated graph
         (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`): e for the output units,
         delta_u for the hidden ones, each delta made just before its unit and freed after it, so the
-        deltas never all live at once."""
+        deltas never all live at once; the taps are handed over, each freed after its last reader."""
         with torch.no_grad():
             output, taps = self.executable.run_forward(inputs)
+        taps = dict(zip(self.executable.taps, taps))
         loss, errors = output_error(output, targets, loss_fn)
         hidden = self.hidden_learn and bool(self.plan.projections)
         signal = self.signal(errors, output, targets, _batch(inputs, output)) if hidden else None
-        index = self.executable.tap_index
         updates = {}
-        self._fused_update(updates, hidden, errors, signal, lambda key: taps[index[key]])
+        self._fused_update(updates, hidden, errors, signal, taps)
         return self._result(loss, output), updates
 
-    def _fused_update(self, updates: dict, hidden: bool, errors: tuple, signal: Signal | None, tap) -> None:
+    def _fused_update(self, updates: dict, hidden: bool, errors: tuple, signal: Signal | None, taps: dict) -> None:
         """Add to ``updates`` what the generated update graph gives: the output units' from
-        ``errors`` and, when ``hidden``, the hidden units' from ``signal``; ``tap(key)`` returns a
-        forward tap."""
+        ``errors`` and, when ``hidden``, the hidden units' from ``signal``; ``taps`` (key -> forward tap)
+        is handed over, emptied, to the boxed graph: each tap is freed after its last reader."""
         labels = signal is not None and signal.labels is not None
         key = (hidden, labels)
         if key not in self._fused:
-            self._fused[key] = build_direct_gradients(self.program, self.plan, self._projection_list(), hidden=hidden,
-                                                      labels=labels)
+            self._fused[key] = with_boxed_module(build_direct_gradients(
+                self.program.unit_gradients(), self.plan, self._projection_list(), hidden=hidden, labels=labels))
         fused, args = self._fused[key], []
         for kind, name in fused.inputs:
             if kind == "tap":
-                args.append(tap(name))
+                args.append(taps[name])
             elif kind == "error":
                 args.append(errors[name])
             else:                                   # "signal", "labels" or "factor"
                 args.append(getattr(signal, "dense" if kind == "signal" else kind))
+        taps.clear()
         with torch.no_grad():
-            grads = fused.module.forward(*args)     # our own module: no hooks to run
+            grads = fused.module.forward(args)      # our own module: no hooks to run; empties ``args``
         _accumulate(updates, fused.params, grads)
 
     def _compiled_unlocked(self, inputs, targets, loss_fn):
@@ -202,17 +205,18 @@ class DirectLearner(Learner):
         labels = signal is not None and signal.labels is not None
         key = ("unlocked", signal is not None, labels)
         if key not in self._fused:
-            self._fused[key] = build_unlocked_step(self.program, self.plan, self._projection_list(), self.order,
-                                                   hidden=signal is not None, labels=labels)
+            self._fused[key] = build_unlocked_step(self.program.unit_gradients(), self.plan, self._projection_list(),
+                                                   self.order, hidden=signal is not None, labels=labels)
         fused = self._fused[key]
         extra = () if signal is None else (signal.labels, signal.factor) if labels else (signal.dense,)
         with torch.no_grad():
             outputs, tap_values, grads = fused.module.forward(*inputs, *extra)     # our own module: no hooks
         updates = {}
         _accumulate(updates, fused.params, grads)
+        self.launch_update(list(updates), updates)     # data parallel: all-reduced while e is made
         output = outputs[0] if len(outputs) == 1 else outputs
         loss, errors = output_error(output, targets, loss_fn)
-        self._fused_update(updates, False, errors, None, dict(zip(fused.taps, tap_values)).__getitem__)
+        self._fused_update(updates, False, errors, None, dict(zip(fused.taps, tap_values)))
         return self._result(loss, output), updates
 
     def _projection_list(self) -> list:
@@ -275,6 +279,7 @@ class DirectLearner(Learner):
                 by_node = dict(zip((n.name for n in stage.outputs), unit_outputs))
                 projections = plan.of_unit(index)
                 self._unit_update(index, [by_node[p.node] for p in projections], projections, signal, updates)
+                self.launch_update(plan.params[index], updates)    # data parallel: overlaps the next units
             position[0] += 1
             if position[0] < len(stages):          # grad mode of the next unit's forward
                 torch.set_grad_enabled(needs_graph[position[0]])

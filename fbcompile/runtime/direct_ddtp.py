@@ -38,7 +38,7 @@ from ..errors import FBCompileError, NonFiniteError
 from ..passes.direct import draw_projection, place_batch_axis, projection_generator
 from ..program import as_tuple
 from ..trace import preserved_state
-from .base import all_finite
+from .base import all_finite, model_device
 from .direct import PROJECTION_OPTIONS, STORED, DirectLearner
 from .direct_signals import Signal, flat_error
 from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
@@ -85,7 +85,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
     def __init__(self, program, **options):
         super().__init__(program, **options)
         o = self.options
-        self.feedback_maps = self.make_feedback()
+        self.feedback_maps = self.make_feedback().to(model_device(self.model))
         # A model without hidden units to project to (its trained units all produce model outputs)
         # has no feedback to train: its output units learn from e alone, as in every direct learner.
         # The fused kernel: the feedback maps of DDTP-RHL are several times larger than the model.
@@ -159,7 +159,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         self.last["reconstruction"] = record
 
     def _reconstruction(self, inputs, value, projection, signal: Signal, sigma: float) -> torch.Tensor:
-        noise = torch.randn((signal.batch, *projection.shape), generator=self.generator, dtype=value.dtype)
+        noise = torch.randn((signal.batch, *projection.shape), device="cpu", generator=self.generator, dtype=value.dtype)
         noise = noise.to(value.device) * sigma               # per sample, batch first
         with torch.no_grad(), preserved_state(self.model):
             moved = self.program.resume_forward(projection.node)(

@@ -25,13 +25,14 @@ from .registry import register_algorithm
 
 def _feedback_graph(learner, inputs, targets, loss_fn):
     """One forward under no_grad keeping the taps, then the "error" feedback graph: errors and
-    weight gradients from the compiled rules."""
+    weight gradients from the compiled rules. The taps are handed over (``keep_for=()``), so each
+    is freed right after its last reader in the graph, as autograd frees its saved tensors."""
     run = learner.executable
     with torch.no_grad():
         output, taps = run.run_forward(inputs)
     loss, errors = output_error(output, targets, loss_fn)
     with torch.no_grad():
-        _, grads = run.run_feedback("error", errors, taps, learner.weights(), returns="params")
+        _, grads = run.run_feedback("error", errors, taps, learner.weights(), returns="params", keep_for=())
     names = learner.program.feedback["error"].params
     return StepResult(float(loss), output), dict(zip(names, grads))
 

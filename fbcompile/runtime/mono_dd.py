@@ -30,6 +30,12 @@ Update modes (``update``):
   model's ``.grad`` is not written, so the user's optimizer must not step these parameters again.
   ``compute`` itself leaves the parameters unchanged (it restores them and returns the summed chunk
   estimates), so failed steps and diagnostics change nothing.
+
+Data parallel (``process_group=``): every rank draws the same directions v_p (the same seeded
+generator) and estimates on its shard; the estimate is linear in the losses, so the ranks' mean of
+g^ is the whole batch's estimate. "accumulate" averages the summed estimates at the end of the step
+(and the heads' gradients before their optimizer steps); "immediate" averages each chunk's estimate
+before applying it, so every rank takes the same step and the ranks stay identical.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import torch
 
 from ..errors import NonFiniteError, OptionError
 from ..program import as_tuple
-from .base import Executor, check_finite
+from .base import Executor
 from .mono_directional import RandomState, directional_gradient, read, row_chunks, unit_chunks, write
 from .mono_forward import HEAD_OPTIONS, MonoForwardBase
 from .options import Option, one_of, positive, positive_int
@@ -84,8 +90,7 @@ class MonoForwardDD(MonoForwardBase):
         if not self.immediate:
             return super().step(inputs, targets, loss_fn)
         with self.transaction():
-            result, updates = self.compute(as_tuple(inputs), targets, loss_fn)
-            check_finite(updates, result)
+            result, updates = self.checked_compute(as_tuple(inputs), targets, loss_fn)
             with torch.no_grad():
                 for name, value in self._final.items():
                     self.program.params[name].copy_(value)
@@ -137,12 +142,14 @@ class MonoForwardDD(MonoForwardBase):
 
         for chunk in self.chunks[stage.unit.index]:
             g = self._estimate(chunk, params, unit_loss)
+            if self.immediate:       # data parallel: every rank applies the ranks' mean estimate
+                self._check(g, f"unit {stage.unit.index}")
+                g, = self.average([g])
             for name, _, _ in chunk.pieces:
                 if name not in updates:
                     updates[name] = torch.zeros_like(params[name])
             chunk.scatter(g, updates)
             if self.immediate:
-                self._check(g, f"unit {stage.unit.index}")
                 chunk.write(params, chunk.read(params) - self.options["lr"] * g)
         if self.immediate:
             start.restore()
@@ -162,9 +169,11 @@ class MonoForwardDD(MonoForwardBase):
         tensors, total = {"weight": head.weight}, {"weight": torch.zeros_like(head.weight)}
         for chunk in self.head_chunks[head.index]:
             g = self._estimate(chunk, tensors, lambda: self.scores_loss(z @ head.weight, targets, loss_fn))
-            chunk.scatter(g, total)
             if self.immediate:
                 self._check(g, f"the head of unit {head.index}")
+                g, = self.average([g])
+            chunk.scatter(g, total)
+            if self.immediate:
                 chunk.write(tensors, chunk.read(tensors) - self.options["head_lr"] * g)
         return total["weight"]
 

@@ -42,7 +42,7 @@ def directional_gradient(loss_at, w: torch.Tensor, directions: int, eps: float,
     n = w.numel()
     estimate = torch.zeros_like(w)
     for _ in range(directions):
-        v = torch.randn(n, generator=generator, dtype=w.dtype).to(w.device)
+        v = torch.randn(n, device="cpu", generator=generator, dtype=w.dtype).to(w.device)
         v /= v.norm()
         estimate.add_(v, alpha=central_difference(loss_at, w, v, eps))
     return estimate.mul_(n / directions)

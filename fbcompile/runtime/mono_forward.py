@@ -72,7 +72,8 @@ class MonoForwardBase(Learner):
         o = self.options
         classes = o["classes"] if o["classes"] is not None else _infer_classes(program)
         self.classes = classes
-        self.heads, stages = attach_heads(program, classes, d=o["d"], attach=o["attach"], init=o["head_init"],
+        self.heads, stages = attach_heads(program.traced, program.partition, program.unit_forwards(), program.params,
+                                          classes, d=o["d"], attach=o["attach"], init=o["head_init"],
                                           output_head=o["output_head"], seed=o["seed"])
         self.stages = execution_order(program, stages, self.name)
         self.head_optimizer = self._make_head_optimizer()
@@ -201,6 +202,7 @@ class MonoForward(MonoForwardBase):
             for name, grad in zip(names, found):      # a parameter shared by units sums their losses' gradients
                 if grad is not None:
                     grads[name] = grads[name] + grad if name in grads else grad
+            self.launch_update(names, grads)         # data parallel: its all-reduce overlaps the next units
             if head.weight is not None and found[-1] is not None:
                 head_grads[head] = found[-1]
             losses[stage.unit.index] = float(loss.detach())

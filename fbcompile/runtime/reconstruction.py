@@ -23,7 +23,7 @@ from ..trace import preserved_state
 
 
 def _noise(like: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device) * sigma
+    return torch.randn(like.shape, device="cpu", generator=generator, dtype=like.dtype).to(like.device) * sigma
 
 
 def _per_sample(squares: torch.Tensor) -> torch.Tensor:

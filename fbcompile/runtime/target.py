@@ -118,30 +118,44 @@ class TargetPropagation(Learner):
 
     # -- one step -------------------------------------------------------------------------------
     def local_step(self, inputs, targets, loss_fn, compiled: bool):
-        """Targets from the feedback graph, then every unit's local gradient (see the module docstring)."""
+        """Targets from the feedback graph, then every unit's local gradient (see the module docstring).
+
+        Memory: the taps are handed to the feedback graph, which frees each after its last reader;
+        only those the compiled local backward reads ("unit_error") stay, and none for the autograd
+        one (autograd keeps its own). Each target is replaced by its delta
+        delta_u = (h_u - t_u) / beta (difference form: -(t_u - h_u) / beta) one at a time, so targets
+        and deltas never all live at once, and the deltas are handed to the local backward.
+        ``last["delta_norms"]`` keeps ||delta_u||_F per unit output (floats), never the tensors."""
         program, beta = self.program, self.options["beta"]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not compiled):
             output, taps, boundary_values = self.executable.local_forward()(*inputs)
+        taps = list(taps)
         loss, errors = output_error(output, targets, loss_fn)
         if self.feedback_optimizer is not None:
             self.train_feedback(inputs, taps, dict(zip(program.boundary, boundary_values)))
+        mode = self.difference_mode if self.difference else "target"
         with torch.no_grad():
-            if self.difference:
-                fed = [-beta * e for e in errors]
-                feedback = self.executable.run_feedback(self.difference_mode, fed, taps, self.weights(), returns="units")[0]
-            else:
-                fed = [o.detach() - beta * e for o, e in zip(as_tuple(output), errors)]
-                feedback = self.executable.run_feedback("target", fed, taps, self.weights(), returns="units")[0]
-        if not all_finite(feedback):
-            bad = [n.name for n, f in zip(program.boundary, feedback) if f is not None and not torch.isfinite(f).all()]
-            raise NonFiniteError(f"non-finite targets at {', '.join(bad)} (beta={beta}); nothing was changed")
-        deltas = {node.name: f * (-1.0 / beta) if self.difference else (h.detach() - f) / beta
-                  for node, h, f in zip(program.boundary, boundary_values, feedback)
-                  if f is not None and node.op != "placeholder"}
+            fed = ([-beta * e for e in errors] if self.difference
+                   else [o.detach() - beta * e for o, e in zip(as_tuple(output), errors)])
+            feedback = list(self.executable.run_feedback(mode, fed, taps, self.weights(), returns="units",
+                                                         keep_for=("unit_error",) if compiled else ())[0])
+            if not all_finite(feedback):
+                bad = [n.name for n, f in zip(program.boundary, feedback)
+                       if f is not None and not torch.isfinite(f).all()]
+                raise NonFiniteError(f"non-finite targets at {', '.join(bad)} (beta={beta}); nothing was changed")
+            deltas = {}
+            for i, (node, h) in enumerate(zip(program.boundary, boundary_values)):
+                f, feedback[i] = feedback[i], None
+                if f is not None and node.op != "placeholder":
+                    deltas[node.name] = f * (-1.0 / beta) if self.difference else (h.detach() - f) / beta
+                f = None
+            norms = [torch.linalg.vector_norm(d) for d in deltas.values()]
+            self.last["delta_norms"] = dict(zip(deltas, torch.stack(norms).tolist() if norms else []))
         trainable = [n for n, p in program.params.items() if p.requires_grad]
         if compiled:            # each unit's local backward through the compiled unit_error graph
-            by_name = dict(zip((n.name for n in program.boundary), boundary_values))
-            local = self.executable.unit_gradients(deltas, by_name, taps)
+            missing = {n.name: h for n, h in zip(program.boundary, boundary_values) if n.name not in deltas}
+            boundary_values = None
+            local = self.executable.unit_gradients(deltas, missing, taps, hand_over=True)
             updates = {n: local[n] for n in trainable if local.get(n) is not None}
         else:                   # one multi-root autograd backward through the unit-local graphs
             roots = {n.name: h for n, h in zip(program.boundary, boundary_values) if h.requires_grad}
@@ -149,7 +163,6 @@ class TargetPropagation(Learner):
             grads = torch.autograd.grad([roots[n] for n in deltas], [program.params[n] for n in trainable],
                                         list(deltas.values()), allow_unused=True)
             updates = {n: g for n, g in zip(trainable, grads) if g is not None}
-        self.last["deltas"] = deltas
         return StepResult(float(loss), output.detach() if torch.is_tensor(output) else output), updates
 
     # -- learned feedback -------------------------------------------------------------------------

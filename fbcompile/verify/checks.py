@@ -50,7 +50,7 @@ def _adjoint_gap(problem, trials: int, generator) -> float:
     worst = 0.0
     for _ in range(trials):
         u = tuple(_randn(x, generator) for x in problem.inputs)
-        v = tuple(torch.randn(s, dtype=u[0].dtype, generator=generator).to(u[0].device)
+        v = tuple(torch.randn(s, dtype=u[0].dtype, device="cpu", generator=generator).to(u[0].device)
                   for s in problem.output_shapes)
         gv = problem.feedback(*v)
         if problem.vjp_only:    # <J_F u, v> as <u, J_F^T v>, J_F^T by autograd's convention
@@ -68,7 +68,7 @@ def _adjoint_gap(problem, trials: int, generator) -> float:
 
 
 def _randn(like: torch.Tensor, generator) -> torch.Tensor:
-    return torch.randn(like.shape, dtype=like.dtype, generator=generator).to(like.device)
+    return torch.randn(like.shape, dtype=like.dtype, device="cpu", generator=generator).to(like.device)
 
 
 def autograd_gradients(model, inputs, output_error) -> tuple[tuple, dict]:

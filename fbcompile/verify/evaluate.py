@@ -36,7 +36,7 @@ Two paths per node (:func:`node_paths`):
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,6 +47,7 @@ from torch.func import vjp
 from ..context import EagerContext
 from ..errors import FBCompileError
 from ..ops import autograd_param_grads
+from ..passes.walk import FanIn, left_sum, walk_back
 from ..trace import describe, info, preserved_state
 
 ACTIVATION, PARAMETER = "activation", "parameter"
@@ -286,56 +287,29 @@ def unit_problem(program, unit, values: dict, sample: int | None = None) -> Prob
         return tuple(p for o in unit.outputs for p in pieces(env[o]))
 
     def feedback(*gs):
-        parts = defaultdict(list)       # (node, tuple element or None) -> feedback contributions
+        """The unit's error maps chained by the shared reverse walk (:mod:`fbcompile.passes.walk`),
+        as the emitted feedback graph chains them: fan-out sums in the same order."""
+        fanin = FanIn(lambda parts, _name: left_sum(parts, operator.add))
         new = iter(gs)
         for o, value in zip(unit.outputs, outputs):
-            _add(parts, o, output_feedback(value, new))
-        for node in reversed(unit.nodes):
-            record, incoming = info(node), _incoming(parts, node)
+            fanin.add(o, output_feedback(value, new))
+
+        def visit(node):
+            incoming = fanin.incoming(node)
             if incoming is None:
-                continue
-            if record.role == "select":
-                index = record.select_index
-                for element, part in (zip(index, incoming) if isinstance(index, tuple) else ((index, incoming),)):
-                    if part is not None:
-                        parts[(node.args[0], element)].append(part)
-                continue
+                return
             fb = program.rules[node].error(EagerContext(node, values, program.model), incoming)
-            for arg, index, src in record.call.active:
+            for arg, index, src in info(node).call.active:
                 part = fb.get(arg)
                 if (src in members or src in unit.inputs) and part is not None:
-                    _add(parts, src, part[index] if index is not None else part)
-        return tuple(p for n, v in zip(unit.inputs, given) for p in feedback_pieces(v, _incoming(parts, n)))
+                    fanin.add(src, part[index] if index is not None else part, origin=node)
+
+        walk_back(unit.nodes, fanin, visit)
+        return tuple(p for n, v in zip(unit.inputs, given) for p in feedback_pieces(v, fanin.incoming(n)))
 
     shapes = [tuple(p.shape) for value in outputs for p in pieces(value)]
     return Problem(f"unit {unit.index} ({unit.name})", [p for v in given for p in pieces(v)], shapes,
                    forward, feedback)
-
-
-def _add(parts, node, value) -> None:
-    if info(node).is_tuple:
-        for i, item in enumerate(value):
-            if item is not None:
-                parts[(node, i)].append(item)
-    else:
-        parts[(node, None)].append(value)
-
-
-def _incoming(parts, node):
-    """The summed feedback at ``node`` (a list for tuple values), or None when none arrived."""
-    if info(node).is_tuple:
-        got = [_total(parts.get((node, i), [])) for i in range(len(info(node).shape))]
-        return got if any(g is not None for g in got) else None
-    return _total(parts.get((node, None), []))
-
-
-def _total(parts: list):
-    if not parts:
-        return None
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
 
 
 def _leading(shape) -> list:

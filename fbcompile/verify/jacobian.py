@@ -104,7 +104,7 @@ def randomized_metrics(problem, *, probes: int = 8, generator: torch.Generator |
     _, vjp_fn = vjp(problem.forward, *problem.inputs)
     errors, norms = [], []
     for _ in range(probes):
-        v = tuple(torch.randn(s, dtype=like.dtype, generator=generator).to(like.device) for s in problem.output_shapes)
+        v = tuple(torch.randn(s, dtype=like.dtype, device="cpu", generator=generator).to(like.device) for s in problem.output_shapes)
         a, b = _flat(problem.feedback(*v)), _flat(vjp_fn(v))
         errors.append(float(((a - b) ** 2).sum()))
         norms.append(float((b ** 2).sum()))

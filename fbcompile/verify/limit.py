@@ -77,7 +77,7 @@ def _updates(program, inputs, mode, beta, seed, output_error) -> tuple[dict, dic
     with preserved_state(program.model), torch.enable_grad():
         output, taps, boundary = run.local_forward()(*inputs)
         generator = torch.Generator().manual_seed(seed)
-        errors = ([torch.randn(o.shape, dtype=o.dtype, generator=generator).to(o.device) for o in as_tuple(output)]
+        errors = ([torch.randn(o.shape, dtype=o.dtype, device="cpu", generator=generator).to(o.device) for o in as_tuple(output)]
                   if output_error is None else list(as_tuple(output_error)))
         with torch.no_grad():
             error_side = run.run_feedback("error", errors, taps, returns="units")[0]

@@ -1,0 +1,233 @@
+"""ATen spellings of the canonical ops: the table the torch.export front end binds through.
+
+``torch.export`` (training IR) writes ``nn.Linear``, ``F.linear`` and ``x @ W.T + b`` as ATen
+overloads such as ``torch.ops.aten.linear.default``. Each overload here is bound, by identity, to
+the canonical op declared in ``rules/`` with an *argument adapter*: a function of the node and its
+ATen arguments returning the canonical arguments (the parameter names of the op's ``apply``). The
+rules of ``rules/`` then serve both front ends unchanged; no rule is written twice.
+
+Most overloads take torch's own argument names with ``self`` for the first tensor, so
+:func:`renamed` binds them by the overload's schema and renames ``self`` to ``input``. Ops that exist
+only at ATen level (``addmm``, ``pow.Tensor_Scalar``, ``slice.Tensor``, ``index.Tensor``) are
+declared as canonical ops of their own in ``rules/aten_*.py`` or adapted to the equivalent Python
+spelling (a slice is ``input[(:, ..., start:end:step)]``, the canonical ``index`` op).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import FBCompileError
+from .ops import declare_aten
+from .trace import info
+
+aten = torch.ops.aten
+
+
+def schema_arguments(overload, args, kwargs) -> dict:
+    """The ATen call's arguments by schema name (only those given; defaults stay the op's own)."""
+    names = [a.name for a in overload._schema.arguments]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def renamed(rename: dict | None = None, drop=(), star: tuple = (), check: dict | None = None):
+    """Adapter: schema names, ``self`` -> ``input``, ``rename`` applied, ``drop`` removed; names in
+    ``star`` are var-positional in the canonical signature (``view(input, *shape)``) and become a
+    tuple; ``check`` = {name: required value}: any other value is refused."""
+    rename = {"self": "input", **(rename or {})}
+
+    def adapt(node, *args, **kwargs):
+        bound = schema_arguments(node.target, args, kwargs)
+        for name, required in (check or {}).items():
+            if name in bound and bound[name] != required:
+                raise FBCompileError(f"{node.target}: argument {name}={bound[name]!r} has no canonical spelling "
+                                     f"(only {required!r})")
+        out = {}
+        for name, value in bound.items():
+            if name in drop:
+                continue
+            name = rename.get(name, name)
+            out[name] = tuple(value) if name in star else value
+        return out
+
+    return adapt
+
+
+def _rank(node) -> int:
+    return len(info(node).shape)
+
+
+def _slice(node, *args, **kwargs):
+    """``aten.slice.Tensor(x, dim, start, end, step)`` is ``x[(:,) * dim + (start:end:step,)]``."""
+    a = schema_arguments(node.target, args, kwargs)
+    dim = a.get("dim", 0) % _rank(a["self"])
+    part = slice(a.get("start"), a.get("end"), a.get("step", 1))
+    return {"input": a["self"], "idx": (slice(None),) * dim + (part,)}
+
+
+def _index(node, *args, **kwargs):
+    """``aten.index.Tensor(x, [None, i])`` is ``x[:, i]`` (None entries keep their dim whole)."""
+    a = schema_arguments(node.target, args, kwargs)
+    items = tuple(slice(None) if i is None else i for i in a["indices"])
+    return {"input": a["self"], "idx": items[0] if len(items) == 1 else items}
+
+
+def _embedding(node, *args, **kwargs):
+    """ATen puts the weight first and writes "no padding index" as -1."""
+    a = schema_arguments(node.target, args, kwargs)
+    padding = a.get("padding_idx", -1)
+    return {"input": a["indices"], "weight": a["weight"], "padding_idx": None if padding < 0 else padding,
+            "scale_grad_by_freq": a.get("scale_grad_by_freq", False), "sparse": a.get("sparse", False)}
+
+
+def _transpose_2d(node, *args, **kwargs):
+    """``aten.t``: transpose(0, -1) (a 2-D transpose; a 1-D ``t`` is the identity)."""
+    return {"input": args[0], "dim0": 0, "dim1": -1}
+
+
+def _same_dtype(node, *args, **kwargs):
+    """``x.to(dtype)`` / ``contiguous`` / ``clone``: the identity as long as the dtype is unchanged."""
+    source, record = args[0], info(node)
+    if record.dtype is not None and info(source).dtype != record.dtype:
+        raise FBCompileError(f"{node.target} converts {info(source).dtype} to {record.dtype}: a dtype "
+                             "conversion inside the model has no feedback rule (compile the model in one dtype)")
+    return {"input": source}
+
+
+def _max_pool(node, *args, **kwargs):
+    out = renamed()(node, *args, **kwargs)
+    if out.get("stride") in ([], ()):
+        out["stride"] = None        # ATen's [] means "the kernel size", F.max_pool2d's None
+    return out
+
+
+def _constant_pad(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"input": a["self"], "pad": a["pad"], "mode": "constant", "value": a.get("value", 0)}
+
+
+def _einsum(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"equation": a["equation"], "operands": tuple(a["tensors"])}
+
+
+def _softmax(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"input": a["self"], "dim": a["dim"], **({"dtype": a["dtype"]} if a.get("dtype") is not None else {})}
+
+
+def _where(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"condition": a["condition"], "input": a["self"], "other": a["other"]}
+
+
+def _rsub(node, *args, **kwargs):
+    """``aten.rsub(x, c, alpha)`` = c - alpha x."""
+    a = schema_arguments(node.target, args, kwargs)
+    return {"input": a["other"], "other": a["self"], "alpha": a.get("alpha", 1)}
+
+
+PLAIN = renamed()
+NO_CUDNN = renamed(drop=("cudnn_enable", "cudnn_enabled"))
+DROPOUT = renamed(rename={"train": "training"})
+
+# canonical op -> [(ATen overload name, adapter, in place)]
+TABLE = {
+    "linear": [("linear.default", PLAIN, False)],
+    "conv1d": [("conv1d.default", PLAIN, False), ("conv1d.padding", PLAIN, False)],
+    "conv2d": [("conv2d.default", PLAIN, False), ("conv2d.padding", PLAIN, False)],
+    "batch_norm": [("batch_norm.default", NO_CUDNN, False)],
+    "layer_norm": [("layer_norm.default", NO_CUDNN, False)],
+    "group_norm": [("group_norm.default", NO_CUDNN, False)],
+    "embedding": [("embedding.default", _embedding, False)],
+    "dropout": [("dropout.default", DROPOUT, False)],
+    "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
+    "softmax": [("softmax.int", _softmax, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
+    "log_softmax": [("log_softmax.int", _softmax, False)],
+    "add": [("add.Tensor", PLAIN, False), ("add.Scalar", PLAIN, False), ("add_.Tensor", PLAIN, True)],
+    "sub": [("sub.Tensor", PLAIN, False), ("sub.Scalar", PLAIN, False), ("sub_.Tensor", PLAIN, True),
+            ("rsub.Scalar", _rsub, False), ("rsub.Tensor", _rsub, False)],
+    "mul": [("mul.Tensor", PLAIN, False), ("mul.Scalar", PLAIN, False), ("mul_.Tensor", PLAIN, True)],
+    "div": [("div.Tensor", PLAIN, False), ("div.Scalar", PLAIN, False), ("div.Tensor_mode", PLAIN, False),
+            ("div_.Tensor", PLAIN, True)],
+    "neg": [("neg.default", PLAIN, False)],
+    "mean": [("mean.dim", PLAIN, False), ("mean.default", PLAIN, False)],
+    "sum": [("sum.dim_IntList", PLAIN, False), ("sum.default", PLAIN, False)],
+    "matmul": [("matmul.default", PLAIN, False)],
+    "mm": [("mm.default", PLAIN, False)],
+    "bmm": [("bmm.default", PLAIN, False)],
+    "einsum": [("einsum.default", _einsum, False)],
+    "view": [("view.default", renamed(rename={"size": "shape"}, star=("shape",)), False),
+             ("reshape.default", renamed(star=("shape",)), False),
+             ("_unsafe_view.default", renamed(rename={"size": "shape"}, star=("shape",)), False)],
+    "flatten": [("flatten.using_ints", PLAIN, False)],
+    "unflatten": [("unflatten.int", PLAIN, False)],
+    "squeeze": [("squeeze.default", PLAIN, False), ("squeeze.dim", PLAIN, False), ("squeeze.dims", PLAIN, False)],
+    "unsqueeze": [("unsqueeze.default", PLAIN, False)],
+    "transpose": [("transpose.int", PLAIN, False), ("t.default", _transpose_2d, False),
+                  ("swapaxes.default", renamed(rename={"axis0": "dim0", "axis1": "dim1"}), False),
+                  ("swapdims.default", PLAIN, False)],
+    "permute": [("permute.default", renamed(star=("dims",)), False)],
+    "identity": [("contiguous.default", _same_dtype, False), ("clone.default", _same_dtype, False),
+                 ("alias.default", _same_dtype, False), ("to.dtype", _same_dtype, False),
+                 ("to.dtype_layout", _same_dtype, False), ("_to_copy.default", _same_dtype, False)],
+    "cat": [("cat.default", PLAIN, False)],
+    "stack": [("stack.default", PLAIN, False)],
+    "split": [("split.Tensor", renamed(rename={"split_size": "split_size_or_sections"}), False),
+              ("split_with_sizes.default", renamed(rename={"split_sizes": "split_size_or_sections"}), False)],
+    "chunk": [("chunk.default", PLAIN, False)],
+    "unbind": [("unbind.int", PLAIN, False)],
+    "expand": [("expand.default", renamed(rename={"size": "sizes"}, drop=("implicit",), star=("sizes",)), False)],
+    "expand_as": [("expand_as.default", PLAIN, False)],
+    "repeat": [("repeat.default", renamed(star=("repeats",)), False)],
+    "roll": [("roll.default", PLAIN, False)],
+    "flip": [("flip.default", renamed(star=("dims",)), False)],
+    "select": [("select.int", PLAIN, False)],
+    "narrow": [("narrow.default", PLAIN, False)],
+    "index": [("slice.Tensor", _slice, False), ("index.Tensor", _index, False)],
+    "gather": [("gather.default", PLAIN, False)],
+    "index_select": [("index_select.default", PLAIN, False)],
+    "where": [("where.self", _where, False)],
+    "masked_fill": [("masked_fill.Scalar", PLAIN, False), ("masked_fill.Tensor", PLAIN, False)],
+    "pad": [("pad.default", PLAIN, False), ("constant_pad_nd.default", _constant_pad, False)],
+    "max": [("max.dim", PLAIN, False)],
+    "amax": [("amax.default", PLAIN, False)],
+    "amin": [("amin.default", PLAIN, False)],
+    "max_pool1d": [("max_pool1d.default", _max_pool, False)],
+    "max_pool2d": [("max_pool2d.default", _max_pool, False)],
+    "avg_pool1d": [("avg_pool1d.default", _max_pool, False)],
+    "avg_pool2d": [("avg_pool2d.default", _max_pool, False)],
+    "adaptive_avg_pool1d": [("adaptive_avg_pool1d.default", PLAIN, False)],
+    "adaptive_avg_pool2d": [("adaptive_avg_pool2d.default", PLAIN, False)],
+    "relu": [("relu.default", PLAIN, False), ("relu_.default", PLAIN, True)],
+    "relu6": [("relu6.default", PLAIN, False), ("relu6_.default", PLAIN, True)],
+    "gelu": [("gelu.default", PLAIN, False), ("gelu_.default", PLAIN, True)],
+    "silu": [("silu.default", PLAIN, False), ("silu_.default", PLAIN, True)],
+    "mish": [("mish.default", PLAIN, False), ("mish_.default", PLAIN, True)],
+    "sigmoid": [("sigmoid.default", PLAIN, False), ("sigmoid_.default", PLAIN, True)],
+    "tanh": [("tanh.default", PLAIN, False), ("tanh_.default", PLAIN, True)],
+    "hardswish": [("hardswish.default", PLAIN, False), ("hardswish_.default", PLAIN, True)],
+    "hardsigmoid": [("hardsigmoid.default", PLAIN, False), ("hardsigmoid_.default", PLAIN, True)],
+    "hardtanh": [("hardtanh.default", PLAIN, False), ("hardtanh_.default", PLAIN, True)],
+    "leaky_relu": [("leaky_relu.default", PLAIN, False), ("leaky_relu_.default", PLAIN, True)],
+    "elu": [("elu.default", renamed(drop=("scale", "input_scale"), check={"scale": 1, "input_scale": 1}), False),
+            ("elu_.default", renamed(drop=("scale", "input_scale"), check={"scale": 1, "input_scale": 1}), True)],
+    "softplus": [("softplus.default", PLAIN, False)],
+    "addmm": [("addmm.default", renamed(rename={"self": "bias", "mat1": "input", "mat2": "weight"}), False)],
+    "pow": [("pow.Tensor_Scalar", PLAIN, False), ("pow_.Scalar", PLAIN, True)],
+}
+
+
+def _overload(dotted: str):
+    packet, name = dotted.split(".")
+    return getattr(getattr(aten, packet), name)
+
+
+def declare_all() -> None:
+    for op_name, spellings in TABLE.items():
+        for dotted, adapter, inplace in spellings:
+            declare_aten(_overload(dotted), op_name, adapter, inplace)
+
+
+declare_all()

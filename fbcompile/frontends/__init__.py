@@ -1,0 +1,96 @@
+"""Front ends: how a model becomes the traced GraphModule the compiler passes work on.
+
+- ``"fx"``: ``torch.fx`` symbolic tracing (:mod:`fbcompile.capture`); nn modules with a declared op
+  stay ``call_module`` nodes, functions and methods are matched by identity.
+- ``"export"``: ``torch.export.export(..., strict=False)`` in training IR, in the model's current
+  train/eval mode (:mod:`fbcompile.frontends.export`); ATen overloads are matched by identity through
+  :mod:`fbcompile.aten_spellings`. The mode is part of the captured program: dropout and BatchNorm
+  keep the mode they were exported in (BatchNorm modules stay the user's modules).
+- ``"auto"`` (default): fx when it captures the model with every active node bound to a known op
+  (a rule may still refuse one call: that refusal is the answer, as with ``frontend="fx"``);
+  otherwise (fx fails, or keeps calls opaque such as fx-wrapped helpers) export when it captures
+  the model with every node supported; otherwise the fx result (its unsupported nodes are what the
+  user reads). A model neither can capture raises one FBCompileError with both reasons.
+
+The choice and the reason are recorded in ``traced.meta["fbcompile_frontend"]`` as
+``(frontend, note)``; ``explain()`` prints them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import fx, nn
+
+from .. import aten_spellings  # noqa: F401  (binds the ATen overloads)
+from ..capture import capture, constant_arguments
+from ..errors import FBCompileError, OptionError, UntraceableModelError, choices_text
+from .export import export_program, from_exported
+
+FRONTENDS = ("auto", "fx", "export")
+META = "fbcompile_frontend"
+
+
+def check_frontend(frontend: str) -> None:
+    if frontend not in FRONTENDS:
+        raise OptionError(f"frontend={frontend!r} is not a front end; use {choices_text(FRONTENDS)}")
+
+
+def frontend_of(traced: fx.GraphModule) -> tuple[str, str]:
+    """(front end used, note) of a traced model; ``("fx", "")`` for one traced before front ends."""
+    return getattr(traced, "meta", {}).get(META, ("fx", ""))
+
+
+def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | None, frontend: str,
+                  analyse: Callable[[fx.GraphModule], list]) -> fx.GraphModule:
+    """The traced GraphModule of ``model`` by ``frontend``. ``analyse(traced)`` runs propagation,
+    canonicalization and rule selection and returns the unsupported nodes ("auto" uses it to choose)."""
+    check_frontend(frontend)
+    given = len(example_inputs)
+    if frontend == "fx":
+        return _mark(capture(model, given, constants), "fx", "")
+    if frontend == "export":
+        return _mark(capture_export(model, example_inputs, constants), "export", "requested")
+    fx_traced, fx_reason = None, ""
+    try:
+        fx_traced = capture(model, given, constants)
+        problems = analyse(fx_traced)
+    except FBCompileError as exc:
+        fx_traced, fx_reason = None, str(exc)
+    else:
+        unknown = [p for p in problems if not p.canonical]
+        if not unknown:     # captured, and every node is a known op (a rule may still refuse a call)
+            return _mark(fx_traced, "fx", "")
+        fx_reason = f"{len(unknown)} call(s) fx keeps opaque, first {unknown[0]}"
+    try:
+        exported = capture_export(model, example_inputs, constants)
+        problems = analyse(exported)
+    except FBCompileError as exc:
+        if fx_traced is not None:
+            return _mark(fx_traced, "fx", f"torch.export did not help: {_first_line(exc)}")
+        raise UntraceableModelError(
+            f"neither torch.fx nor torch.export could capture {type(model).__name__}:\n"
+            f"- torch.fx: {fx_reason}\n- torch.export: {exc}") from exc
+    if problems and fx_traced is not None:
+        return _mark(fx_traced, "fx", f"torch.export leaves {len(problems)} node(s) without a rule as well")
+    return _mark(exported, "export", f"torch.fx: {_first_line(fx_reason)}")
+
+
+def capture_export(model: nn.Module, example_inputs: tuple, constants: dict | None) -> fx.GraphModule:
+    """torch.export capture, mapped back onto the model's parameters and buffers."""
+    constant_arguments(model, len(example_inputs), constants or {})   # the same checks as fx
+    try:
+        exported = export_program(model, example_inputs, constants or {})
+    except Exception as exc:   # noqa: BLE001  (export raises many types: UserError, GuardOnDataDependent, ...)
+        text = "\n".join(str(exc).strip().splitlines()[:12])
+        raise UntraceableModelError(f"torch.export could not capture {type(model).__name__}: "
+                                    f"{type(exc).__name__}: {text}") from exc
+    return from_exported(model, exported, len(example_inputs))
+
+
+def _first_line(exc) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _mark(traced: fx.GraphModule, frontend: str, note: str) -> fx.GraphModule:
+    traced.meta[META] = (frontend, note)
+    return traced

@@ -1,0 +1,189 @@
+"""The torch.export front end: ``torch.export.export(model, args, strict=False)`` (training IR, the
+model's current train/eval mode) rewritten into the form the fx front end produces.
+
+The exported program lifts parameters, buffers and tensor constants to placeholders. They are
+mapped back to the model's own objects: a parameter placeholder becomes ``get_attr`` of its
+qualified name in ``model.named_parameters()`` (the very ``nn.Parameter``, so ``.grad`` lands on the
+user's parameters and ``state_dict()`` round trips), a buffer ``get_attr`` of its name in
+``named_buffers()``. The program's placeholders are then exactly the example inputs, its nodes ATen
+overloads that :mod:`fbcompile.aten_spellings` binds to canonical ops.
+
+Dropout modules become ``call_module`` nodes of the user's ``nn.Dropout`` the same way, so that
+``train()`` / ``eval()`` switch them as in the fx front end.
+
+BatchNorm: training IR writes ``nn.BatchNorm2d`` as ``aten.batch_norm`` updating the running
+statistics in place, plus ``aten.add_`` on ``num_batches_tracked``. Both are replaced by one
+``call_module`` node of the user's BatchNorm module, which then updates its own buffers exactly as
+the model's forward would (and verification can run it on copies of them). Any other in-place
+write to a buffer is refused: the compiled programs could not keep it away from the user's state.
+
+Every node keeps export's ``stack_trace`` metadata, so ``explain()``, ``coverage()`` and errors
+show the user's source line.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx, nn
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import FBCompileError
+from ..ops import lookup_module
+
+aten = torch.ops.aten
+_DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+_BATCH_NORM = aten.batch_norm.default
+
+
+def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, example_inputs, kwargs, strict=False)`` with the batch dimension
+    (dim 0 of every example input) exported as ``Dim.AUTO``: sizes computed from it stay graph values,
+    so the program runs on other batch sizes (as fx programs do), unless the model specialises it.
+    Its failure is raised as it is (the caller words the error). Model state is left as it was."""
+    batch = {0: torch.export.Dim.AUTO}
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if tensors and all(x.shape[0] == 1 for x in tensors):
+        # torch.export specialises a size-1 dim: trace on the sample repeated twice, so the batch stays
+        # a graph value (the captured program is the model's path for batches of 2 or more)
+        example_inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                               for x in example_inputs)
+    dynamic = tuple(batch if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
+    if kwargs:
+        names = [p for p in inspect.signature(model.forward).parameters][:len(example_inputs)]
+        dynamic = {**dict(zip(names, dynamic)), **{k: None for k in kwargs}}
+    return torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
+                               dynamic_shapes=dynamic)
+
+
+def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int) -> fx.GraphModule:
+    """The exported program as a GraphModule over the model's own parameters and buffers."""
+    sig = ep.graph_signature
+    kinds = {spec.arg.name: spec for spec in sig.input_specs}
+    source = ep.graph_module.graph
+    batch_norms = _module_batch_norms(model, source, kinds)
+    counters = {f"{q}.num_batches_tracked" for q in batch_norms.values()}
+    graph, env, attrs = fx.Graph(), {}, {}
+    user_inputs = 0
+    for node in source.nodes:
+        if node.op == "placeholder":
+            spec = kinds[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                env[node] = graph.placeholder(node.name)
+                user_inputs += 1
+                continue
+            if spec.kind == InputKind.PARAMETER:
+                value = model.get_parameter(spec.target)
+            elif spec.kind == InputKind.BUFFER:
+                value = model.get_buffer(spec.target)
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                value = ep.constants[spec.target]
+            else:
+                raise FBCompileError(f"torch.export lifted {node.name} as a {spec.kind.name}, which fbcompile "
+                                     "cannot map back to the model")
+            qualname = spec.target if spec.kind != InputKind.CONSTANT_TENSOR else f"_export_constant_{len(attrs)}"
+            attrs[qualname] = value
+            env[node] = graph.get_attr(qualname)
+            env[node].meta.update(node.meta)
+        elif node.op == "output":
+            outputs = [env[o] if isinstance(o, fx.Node) else o
+                       for o, spec in zip(node.args[0], sig.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+            graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        elif node.op == "call_function":
+            if node.target in _DROPPED and not node.users:
+                continue
+            module_call = batch_norms.get(node) or _dropout_module(model, node)
+            if module_call is not None:
+                env[node] = graph.call_module(module_call, (env[node.args[0]],))
+                env[node].meta.update(node.meta)
+                continue
+            written = _buffer_written(node, kinds)
+            if written is not None:
+                if written in counters and not node.users:
+                    continue   # num_batches_tracked += 1: the BatchNorm module does it
+                raise FBCompileError(f"{node.format_node()} writes buffer {written!r} in place; the export front "
+                                     f"end supports in-place buffer updates only inside nn.BatchNorm modules"
+                                     + _line(node))
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        else:
+            raise FBCompileError(f"the exported program of {type(model).__name__} holds {node.op} node "
+                                 f"{node.format_node()} (control flow or a submodule call kept by torch.export); "
+                                 "fbcompile supports straight-line exported programs only" + _line(node))
+    if user_inputs != given:
+        raise FBCompileError(f"the exported program of {type(model).__name__} takes {user_inputs} tensor input(s) "
+                             f"but {given} example input(s) were given (non-tensor inputs are specialised)")
+    for node in reversed(list(graph.nodes)):   # unused lifted values, and size arithmetic of dropped guards
+        if not node.users and (node.op == "get_attr" or (node.op == "call_function" and _symbolic(node))):
+            graph.erase_node(node)
+    root = {n.target: (attrs[n.target] if n.op == "get_attr" else model.get_submodule(n.target))
+            for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name=type(model).__name__)
+
+
+def _symbolic(node: fx.Node) -> bool:
+    """A size computation (SymInt / SymBool / plain number value): no side effects."""
+    value = node.meta.get("val")
+    return value is not None and not isinstance(value, (torch.Tensor, tuple, list))
+
+
+def _line(node: fx.Node) -> str:
+    from ..trace import user_line
+    line = user_line(node)
+    return f"\n  at {line}" if line else ""
+
+
+def _buffer_written(node: fx.Node, kinds: dict) -> str | None:
+    """The qualified name of a buffer an in-place ATen overload writes, else None."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None
+    for argument, value in zip(schema.arguments, node.args):
+        if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, fx.Node):
+            spec = kinds.get(value.name)
+            if value.op == "placeholder" and spec is not None and spec.kind == InputKind.BUFFER:
+                return spec.target
+    return None
+
+
+def _dropout_module(model: nn.Module, node: fx.Node) -> str | None:
+    """The qualified name of the user's ``nn.Dropout`` an ``aten.dropout`` node is (innermost module
+    of its ``nn_module_stack``, same p and mode), so that ``model.eval()`` / ``.train()`` switch it as
+    in the fx front end; None for functional dropout (its mode is the captured one)."""
+    if node.target is not aten.dropout.default or len(node.args) != 3:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    module = model.get_submodule(path) if path else None
+    if type(module) is nn.Dropout and lookup_module(module) is not None and not module.inplace \
+            and node.args[1] == module.p and node.args[2] == module.training:
+        return path
+    return None
+
+
+def _module_batch_norms(model: nn.Module, graph: fx.Graph, kinds: dict) -> dict:
+    """{aten.batch_norm node: qualified name of the nn BatchNorm module it is}: every argument is
+    that module's own parameter, buffer or hyperparameter (training flag included)."""
+    found = {}
+    for node in graph.nodes:
+        if node.target is not _BATCH_NORM:
+            continue
+        names = [kinds[a.name].target if isinstance(a, fx.Node) and a.name in kinds and a.op == "placeholder"
+                 else a for a in node.args[1:5]]
+        owners = {n.rpartition(".")[0] for n in names if isinstance(n, str)}
+        if len(owners) != 1:
+            continue
+        qualname = owners.pop()
+        module = model.get_submodule(qualname) if qualname else None
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or lookup_module(module) is None \
+                or module.momentum is None:
+            continue
+        prefix = f"{qualname}." if qualname else ""
+        expected = [prefix + "weight" if module.affine else None, prefix + "bias" if module.affine else None,
+                    prefix + "running_mean" if module.track_running_stats else None,
+                    prefix + "running_var" if module.track_running_stats else None]
+        training = module.training or not module.track_running_stats
+        if names == expected and node.args[5] == training and node.args[7] == module.eps and \
+                (not training or node.args[6] == module.momentum):
+            found[node] = qualname
+    return found

@@ -1,0 +1,119 @@
+"""Data parallel on torch.distributed (gloo, 2 ranks on the CPU, spawned here).
+
+The rank-side checks live in tests/test_distributed_worker.py; one launch of it (module fixture)
+answers every learner test below, so the file stays around half a minute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("test_distributed_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from test_distributed_worker import EQUAL, IDENTICAL  # noqa: E402
+
+WORLD = 2
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("distributed")
+    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(WORLD), str(directory / "init"),
+                               str(directory)], cwd=directory, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
+    logs = [process.communicate(timeout=300)[0] for process in ranks]
+    assert all(p.returncode == 0 for p in ranks), "\n".join(log[-3000:] for log in logs)
+    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def _key(algo, options) -> str:
+    return f"{algo}{options}"
+
+
+@pytest.mark.parametrize("algo,options", EQUAL, ids=[_key(*case) for case in EQUAL])
+def test_two_ranks_equal_one_process_on_the_whole_batch(report, algo, options):
+    for rank in range(WORLD):
+        found = report[rank]["equal"][_key(algo, options)]
+        assert found["worst"] < 1e-5, (rank, found)
+        if options.get("update") != "immediate":      # immediate applies its own steps (compared as params)
+            assert found["compared"] > 0
+
+
+@pytest.mark.parametrize("algo,options", IDENTICAL, ids=[_key(*case) for case in IDENTICAL])
+def test_ranks_stay_bitwise_identical(report, algo, options):
+    assert report[0]["identical"][_key(algo, options)] is True
+
+
+def test_a_step_failing_on_one_rank_raises_on_both_and_changes_nothing(report):
+    cases = report[0]["failure"]
+    assert len(cases) == 7
+    for case, found in cases.items():
+        for rank in range(WORLD):
+            mine = report[rank]["failure"][case]
+            assert mine["message"] is not None and "rank 1" in mine["message"], (case, rank, mine)
+            assert "nothing was changed on any rank" in mine["message"]
+            assert mine["unchanged"] and mine["after"], (case, rank, mine)
+    assert "NonFiniteError" in cases["bp{}-nan"]["message"]
+    assert "shapes cannot be multiplied" in cases["drtp{}-shape"]["message"]
+
+
+def test_ranks_that_built_different_learners_are_refused_naming_the_difference(report):
+    for rank in range(WORLD):
+        message = report[rank]["fingerprint"]
+        assert message is not None and "option projection_init" in message and "xavier_uniform" in message
+
+
+@pytest.mark.parametrize("algo", ["bp", "dfa", "dtp"])
+def test_sync_batchnorm_uses_global_statistics(report, algo):
+    for rank in range(WORLD):
+        found = report[rank]["sync_batchnorm"][algo]
+        assert found["worst"] < 1e-10 and found["running_stats"] < 1e-10, (rank, found)
+
+
+def test_checkpoint_from_two_ranks_resumes_at_two_and_at_one(report):
+    zero, one = report[0]["resume"], report[1]["resume"]
+    assert zero["identical"] and one["identical"] and zero["epochs"] == one["epochs"] == 2
+    assert zero["history"] == [2, 2]
+    assert zero["moved"] > 1e-3                      # the resumed epoch trained
+    assert zero["worst"] < 1e-5                      # and both continuations agree
+
+
+def test_torchrun_train_two_ranks_then_resume_at_one(tmp_path):
+    from fbcompile.cli import main
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "fbcompile", "train", "--data", "digits", "--subset", "128", "--epochs", "1",
+               "--batch-size", "32", "--out", str(out), "--no-progress", "--no-plot", "--threads", "1"]
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 1/1") == 1 and done.stdout.count("digits: 128 train") == 1, done.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress", "--no-plot"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
+
+
+def test_process_group_needs_an_initialised_torch_distributed():
+    import torch
+    import torch.distributed as dist
+
+    import fbcompile
+    from fbcompile.errors import OptionError
+    assert not dist.is_initialized()
+    program = fbcompile.compile(torch.nn.Linear(3, 2), torch.zeros(2, 3))
+    with pytest.raises(OptionError, match="initialised first"):
+        fbcompile.learner(program, "bp", process_group="world")
+    assert fbcompile.learner(program, "bp", process_group=None).world_size == 1

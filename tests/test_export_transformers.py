@@ -1,0 +1,79 @@
+"""Hugging Face models from tiny configurations (no weights downloaded) through the torch.export
+front end: BERT, GPT-2 and ViT compile with the default frontend="auto", error mode equals autograd
+in float64 for every parameter autograd reaches, and bp and dtp step in train mode. transformers is
+not a dependency: the test is skipped when it does not import."""
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fbcompile
+from fbcompile.frontends import frontend_of
+from fbcompile.verify.checks import relative_error
+
+# a CUDA torchvision wheel beside CPU torch fails in its meta registrations; transformers imports it
+if "torchvision" not in sys.modules:
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+transformers = pytest.importorskip("transformers")
+
+
+def _build(name):
+    if name == "bert":
+        config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=32, num_labels=3)
+        return transformers.BertForSequenceClassification(config), torch.randint(1, 50, (2, 7))
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=3,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=1, use_cache=False)
+        return transformers.GPT2ForSequenceClassification(config), torch.randint(1, 50, (2, 7))
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    return transformers.ViTForImageClassification(config), torch.randn(2, 3, 8, 8)
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])
+def test_error_mode_equals_autograd_in_float64(name):
+    torch.manual_seed(0)
+    model, x = _build(name)
+    model = model.double().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0 if n.endswith("bias") else 1.0, 0.3)
+    x = x.double() if x.is_floating_point() else x
+    program = fbcompile.compile(model, x)
+    assert frontend_of(program.traced)[0] == "export"
+    error = torch.randn(2, 3, dtype=torch.float64)
+    named = [(n, p) for n, p in model.named_parameters()]
+    reference = torch.autograd.grad((_logits(model(x)) * error).sum(), [p for _, p in named], allow_unused=True)
+    model.zero_grad(set_to_none=True)
+    program.propagate_error(x, error)
+    scale = max(float(g.norm()) for g in reference if g is not None)
+    for (n, p), g in zip(named, reference):
+        if g is None:
+            continue
+        assert p.grad is not None, n
+        if float(g.norm()) < 1e-12 * scale:     # zero up to rounding (a key bias under softmax): ours too
+            assert float(p.grad.norm()) < 1e-10 * scale, n
+        else:
+            assert relative_error(p.grad, g) < 1e-8, n
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])
+def test_bp_and_dtp_step_in_train_mode(name):
+    torch.manual_seed(1)
+    model, x = _build(name)
+    model.train()
+    program = fbcompile.compile(model, x)
+    for algorithm in ("bp", "dtp"):
+        learner = fbcompile.learner(program, algorithm, seed=0)
+        model.zero_grad(set_to_none=True)
+        learner.step(x, torch.tensor([0, 2]), lambda out, y: F.cross_entropy(_logits(out), y))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
