@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Callable
 
+from .errors import BenchmarkError
+
 
 def interleaved_times(configurations: dict[str, Callable], *, rounds: int = 20, warmup: int = 3,
                       min_sample: float = 0.05, statistic: Callable = statistics.median) -> dict:
@@ -100,7 +102,7 @@ def in_subprocess(module: str, function: str, *args) -> object:
     done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True,
                           check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{module}.{function}{args} failed:\n{done.stderr[-2000:]}")
+        raise BenchmarkError(f"{module}.{function}{args} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

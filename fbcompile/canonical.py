@@ -3,7 +3,8 @@
 ``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` become one :class:`~fbcompile.trace.OpCall`
 of op "relu", its arguments bound to the op's canonical signature (module-held parameters and
 hyperparameters included); a getitem on a tuple value (``parts[-1]``, ``result.values``) becomes a
-select of an element. A node that cannot be bound keeps the reason in ``NodeInfo.problem``.
+select of an element, and a tuple value passed whole to an op (``torch.cat(parts[::-1], 1)``) the
+list of its element selects. A node that cannot be bound keeps the reason in ``NodeInfo.problem``.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from torch import fx, nn
 
 from .errors import FBCompileError
 from .ops import OpSpec, get_op, lookup_aten, lookup_callable, lookup_module, tensor_method
-from .trace import AttrRef, OpCall, info
+from .trace import META, AttrRef, NodeInfo, OpCall, info
 
 
 def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
     """Attach an :class:`OpCall` to every active op node (or a ``problem`` when there is none)."""
-    names = _qualified_names(model)
+    names, spread = _qualified_names(model), False
     for node in gm.graph.nodes:
         record = info(node)
         if record.role != "op" or not record.active:
@@ -33,10 +34,13 @@ def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
             except FBCompileError as exc:
                 record.problem = str(exc)
             continue
+        spread = _spread_tuple_arguments(gm, node) or spread
         try:
             record.call = _bind(node, gm, names)
         except FBCompileError as exc:
             record.problem = str(exc)
+    if spread:
+        gm.recompile()      # the graph gained element selects
 
 
 _NAMED_ELEMENTS = {"values": 0, "indices": 1}   # torch.return_types of max, min, sort, topk, ...
@@ -63,6 +67,31 @@ def _element_index(index, length: int):
         return index % length
     raise FBCompileError(f"index {index!r} into a tuple of {length} values is not a constant int or slice "
                          "within range")
+
+
+def _spread_tuple_arguments(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A tuple value passed whole as an argument (``torch.cat(parts, 1)``, ``torch.cat(parts[::-1], 1)``)
+    becomes the list of its element selects, so the op binds one graph value per tensor, as for
+    ``torch.cat([parts[0], parts[1]], 1)``. Whether there was one."""
+    if not any(isinstance(a, fx.Node) and info(a).is_tuple for a in (*node.args, *node.kwargs.values())):
+        return False
+
+    def spread(arg):
+        if not (isinstance(arg, fx.Node) and info(arg).is_tuple):
+            return arg
+        whole, elements = info(arg), []
+        for index, shape in enumerate(whole.shape):
+            with gm.graph.inserting_before(node):
+                element = gm.graph.call_function(operator.getitem, (arg, index))
+            element.meta[META] = NodeInfo(role="select", active=whole.active and shape is not None, shape=shape,
+                                          dtype=whole.dtype, select_index=index, source=whole.source,
+                                          from_input=whole.from_input, input_dependent=whole.input_dependent)
+            elements.append(element)
+        return elements
+
+    node.args = tuple(spread(a) for a in node.args)
+    node.kwargs = {k: spread(v) for k, v in node.kwargs.items()}
+    return True
 
 
 def _qualified_names(model: nn.Module) -> dict[int, str]:

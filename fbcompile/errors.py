@@ -48,6 +48,10 @@ class DataError(FBCompileError):
     """A dataset specification, path or file is missing or malformed."""
 
 
+class BenchmarkError(FBCompileError):
+    """A benchmark measurement failed (its subprocess exited with an error)."""
+
+
 class UnsafeFileError(DataError):
     """A data file (checkpoint, dataset batch) asks to construct something its format never holds,
     such as a pickled object that would run code; it is refused before anything is built."""

@@ -23,6 +23,11 @@
   inputs and outputs all lead with the batch. Ops that can reduce, concatenate, split or move dim 0,
   or that use batch statistics, declare it.
 
+These come in three groups, each a small frozen record that ``declare_op`` takes whole or as the
+flat keywords above: :class:`Spellings` (modules, functions, methods, inplace: how code writes the
+op), :class:`TappedForward` (tapped, extras, replay: what feedback and verification read) and
+:class:`Training` (param_grads, batch_local).
+
 What an op *is* (its traits, e.g. :attr:`OpSpec.weights`, the weight arguments its signature names)
 is read off the declaration; policies built on traits live with their pass (TP units:
 :func:`fbcompile.passes.units.starts_unit`), not in flags on the op.
@@ -86,29 +91,86 @@ _BY_CALLABLE: dict[Any, tuple[OpSpec, bool]] = {}
 _BY_MODULE: dict[type, OpSpec] = {}
 
 
-def declare_op(name: str, apply: Callable, *, modules=None, functions=(), methods=(), inplace=(),
-               tapped=None, extras=(), replay=None, param_grads=None, batch_local=None,
-               replace=False) -> OpSpec:
+@dataclass(frozen=True)
+class Spellings:
+    """How user code writes an op (tracing): ``modules`` maps nn.Module classes to their binders,
+    ``functions`` and ``methods`` are callables and Tensor methods; ``inplace`` lists the in-place
+    ones among them (they run out of place in the compiled forward, so saved activations are never
+    overwritten)."""
+    modules: dict = field(default_factory=dict)
+    functions: tuple = ()
+    methods: tuple = ()
+    inplace: tuple = ()
+
+
+@dataclass(frozen=True)
+class TappedForward:
+    """A forward returning ``(out, *extras)`` for an op whose feedback needs what the plain forward
+    does not return, and (random ops) ``replay``, the forward re-evaluated with saved extras
+    (verification)."""
+    forward: Callable
+    extras: tuple
+    replay: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the op's parameters learn and how verification measures it: ``param_grads`` and
+    ``batch_local`` (see the module docstring)."""
+    param_grads: Callable | None = None
+    batch_local: Callable | None = None
+
+
+_FLAT_KEYWORDS = {"modules": "spellings", "functions": "spellings", "methods": "spellings",
+                  "inplace": "spellings", "extras": "tapped", "replay": "tapped", "param_grads": "training",
+                  "batch_local": "training"}
+
+
+def declare_op(name: str, apply: Callable, spellings: Spellings | None = None, *,
+               tapped: TappedForward | Callable | None = None, training: Training | None = None,
+               replace: bool = False, **flat) -> OpSpec:
     """Declare a canonical op and all its spellings. Returns the :class:`OpSpec` (rules refer to it).
 
-    ``inplace`` lists the in-place spellings among ``functions`` and ``methods`` (they run out of
-    place in the compiled forward, so saved activations are never overwritten).
+    The groups' fields may also be given as keywords, as before the groups existed: ``modules``,
+    ``functions``, ``methods``, ``inplace`` (:class:`Spellings`); ``tapped=forward`` with ``extras``
+    and ``replay`` (:class:`TappedForward`); ``param_grads``, ``batch_local`` (:class:`Training`).
     """
     if name in _OPS and not replace:
         raise RuleError(f"op {name!r} is already declared; pass replace=True to redeclare it")
-    spec = OpSpec(name, apply, dict(modules or {}), tuple(functions), tuple(methods), tuple(inplace),
-                  tapped, tuple(extras), replay, param_grads or autograd_param_grads, batch_local)
-    if tapped is not None and not extras:
-        raise RuleError(f"op {name!r}: a tapped forward must name its extras")
-    for fn in (*functions, *methods, *inplace):
+    spellings, tapped, training = _groups(name, spellings, tapped, training, flat)
+    spec = OpSpec(name, apply, dict(spellings.modules), tuple(spellings.functions), tuple(spellings.methods),
+                  tuple(spellings.inplace), tapped and tapped.forward, tapped.extras if tapped else (),
+                  tapped and tapped.replay, training.param_grads or autograd_param_grads, training.batch_local)
+    for fn in (*spec.functions, *spec.methods, *spec.inplace):
         owner = _BY_CALLABLE.get(fn)
         if owner is not None and owner[0].name != name and not replace:
             raise RuleError(f"{fn!r} already spells op {owner[0].name!r}; cannot also spell {name!r}")
-        _BY_CALLABLE[fn] = (spec, fn in inplace)
+        _BY_CALLABLE[fn] = (spec, fn in spec.inplace)
     for cls in spec.modules:
         _BY_MODULE[cls] = spec
     _OPS[name] = spec
     return spec
+
+
+def _groups(name: str, spellings, tapped, training, flat: dict) -> tuple:
+    """(Spellings, TappedForward or None, Training) from the groups and the flat keywords."""
+    unknown = sorted(set(flat) - set(_FLAT_KEYWORDS))
+    if unknown:
+        raise RuleError(f"declare_op({name!r}): unknown keyword(s) {', '.join(unknown)}; valid: spellings, tapped, "
+                        f"training, replace, {', '.join(_FLAT_KEYWORDS)}")
+    given = {"spellings": spellings, "tapped": None if callable(tapped) else tapped, "training": training}
+    for key, group in _FLAT_KEYWORDS.items():
+        if key in flat and given[group] is not None:
+            raise RuleError(f"declare_op({name!r}): give {key!r} inside {group}= or as a keyword, not both")
+    pick = lambda group: {k: v for k, v in flat.items() if _FLAT_KEYWORDS[k] == group}
+    spellings = spellings or Spellings(**{**pick("spellings"), "modules": flat.get("modules") or {}})
+    if callable(tapped):
+        tapped = TappedForward(tapped, **{"extras": (), **pick("tapped")})
+    elif pick("tapped"):
+        raise RuleError(f"op {name!r}: extras and replay belong to a tapped forward (tapped=...)")
+    if tapped is not None and not tapped.extras:
+        raise RuleError(f"op {name!r}: a tapped forward must name its extras")
+    return spellings, tapped, training or Training(**pick("training"))
 
 
 def autograd_param_grads(ctx, g) -> dict:

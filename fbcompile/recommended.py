@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OptionError
+from .runtime.options import make_optimizer
 
 FAMILIES = ("fc", "conv", "token")
 BUILTIN_FAMILIES = {"mlp": "fc", "lenet": "conv", "vgg-simple": "conv", "resnet-small": "conv",
@@ -85,9 +86,7 @@ class Recommendation:
 
     def make_optimizer(self, parameters, lr: float | None = None):
         """The recommended optimizer over ``parameters`` (the recommended lr unless given)."""
-        import torch
-        kind = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.optimizer.value]
-        return kind(list(parameters), lr=self.lr.value if lr is None else lr)
+        return make_optimizer(self.optimizer.value, parameters, self.lr.value if lr is None else lr)
 
     @property
     def optimizer_factory(self):

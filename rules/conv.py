@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op, get_op
+from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
 from .dense import dense_inverse_apply, dense_size_problem
@@ -164,8 +164,7 @@ def _dense(ctx, g, condition):
     spec = ctx.op_call.spec
     args = {k: ctx.const(k, v.default) for k, v in spec.signature.parameters.items()
             if k not in ("input", "weight", "bias", "padding_mode")}
-    return ctx.call(dense_conv, g, ctx.weight("weight"), spec.name, args, ctx.shape("input")[1:], condition,
-                    ctx.name)
+    return ctx.call(DENSE_CONV[spec], g, ctx.weight("weight"), args, ctx.shape("input")[1:], condition, ctx.name)
 
 
 def _dense_target(ctx, t, condition):
@@ -175,30 +174,44 @@ def _dense_target(ctx, t, condition):
     return {"input": _dense(ctx, t, condition)}
 
 
-def dense_conv(g, weight, op_name, args, sample_shape, condition, node_name):
-    """J^+ g or J^-1 g with J the dense per-sample operator of convolution ``op_name`` (by name: the
-    feedback graph's arguments are plain values, not functions)."""
-    apply = get_op(op_name).apply
-    key = (op_name, repr(sorted(args.items())), tuple(weight.shape))
-    return dense_inverse_apply(g, lambda basis: apply(basis, weight, None, **args), sample_shape, key, condition,
+def dense_conv(conv, g, weight, args, sample_shape, condition, node_name):
+    """J^+ g or J^-1 g with J the dense per-sample operator of ``conv`` (:func:`conv1d`, :func:`conv2d`)."""
+    key = (conv.__name__, repr(sorted(args.items())), tuple(weight.shape))
+    return dense_inverse_apply(g, lambda basis: conv(basis, weight, None, **args), sample_shape, key, condition,
                                node_name, (weight._version,), owner=weight)
+
+
+# the feedback graph calls these by reference (its arguments are plain values, not functions)
+def dense_conv1d(g, weight, args, sample_shape, condition, node_name):
+    return dense_conv(conv1d, g, weight, args, sample_shape, condition, node_name)
+
+
+def dense_conv2d(g, weight, args, sample_shape, condition, node_name):
+    return dense_conv(conv2d, g, weight, args, sample_shape, condition, node_name)
+
+
+DENSE_CONV = {CONV1D: dense_conv1d, CONV2D: dense_conv2d}
 
 
 def _dense_problem(ctx, condition):
     return _zeros_padding(ctx) or dense_size_problem(ctx, condition)
 
 
+_DENSE_P = dict(conditions="P", target=partial(_dense_target, condition="P"), affine=True,
+                supports=partial(_dense_problem, condition="P"))
+_DENSE_I = dict(conditions="I", target=partial(_dense_target, condition="I"), affine=True,
+                supports=partial(_dense_problem, condition="I"))
+
+
+@register_rule(CONV2D, **_DENSE_P)
+@register_rule(CONV1D, **_DENSE_P)
 def dense_pinv(ctx, g):
     """G(g) = J^+ g with J the dense per-sample convolution operator."""
     return {"input": _dense(ctx, g, "P")}
 
 
+@register_rule(CONV2D, **_DENSE_I)
+@register_rule(CONV1D, **_DENSE_I)
 def dense_inverse(ctx, g):
     """G(g) = J^-1 g with J the dense per-sample convolution operator (square, non-singular)."""
     return {"input": _dense(ctx, g, "I")}
-
-
-for _op in (CONV1D, CONV2D):
-    for _condition, _rule in (("P", dense_pinv), ("I", dense_inverse)):
-        register_rule(_op, conditions=_condition, target=partial(_dense_target, condition=_condition), affine=True,
-                      supports=partial(_dense_problem, condition=_condition))(_rule)

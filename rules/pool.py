@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op, get_op
+from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
 from .dense import dense_inverse_apply, dense_size_problem
@@ -190,18 +190,37 @@ def global_pool_adjoint(g, shape, n):
     return (g / math.prod(shape[-n:])).expand(shape)
 
 
-def dense_pool(g, op_name, args, sample_shape, condition, node_name):
-    """J^+ g or J^-1 g with J the dense per-sample operator of pooling op ``op_name`` (by name: the
-    feedback graph's arguments are plain values, not functions)."""
-    apply = get_op(op_name).apply
-    key = (op_name, repr(sorted(args.items())))
-    return dense_inverse_apply(g, lambda basis: apply(basis, **args), sample_shape, key, condition, node_name)
+def dense_pool(pool, g, args, sample_shape, condition, node_name):
+    """J^+ g or J^-1 g with J the dense per-sample operator of the average pooling ``pool``."""
+    key = (pool.__name__, repr(sorted(args.items())))
+    return dense_inverse_apply(g, lambda basis: pool(basis, **args), sample_shape, key, condition, node_name)
+
+
+# the feedback graph calls these by reference (its arguments are plain values, not functions)
+def dense_avg_pool1d(g, args, sample_shape, condition, node_name):
+    return dense_pool(avg_pool1d, g, args, sample_shape, condition, node_name)
+
+
+def dense_avg_pool2d(g, args, sample_shape, condition, node_name):
+    return dense_pool(avg_pool2d, g, args, sample_shape, condition, node_name)
+
+
+def dense_adaptive_avg_pool1d(g, args, sample_shape, condition, node_name):
+    return dense_pool(adaptive_avg_pool1d, g, args, sample_shape, condition, node_name)
+
+
+def dense_adaptive_avg_pool2d(g, args, sample_shape, condition, node_name):
+    return dense_pool(adaptive_avg_pool2d, g, args, sample_shape, condition, node_name)
+
+
+DENSE_POOL = {AVG_POOL1D: dense_avg_pool1d, AVG_POOL2D: dense_avg_pool2d, ADAPTIVE1D: dense_adaptive_avg_pool1d,
+              ADAPTIVE2D: dense_adaptive_avg_pool2d}
 
 
 def _dense_pool_rule(ctx, g, condition):
     spec = ctx.op_call.spec
     args = {k: ctx.const(k, v.default) for k, v in spec.signature.parameters.items() if k != "input"}
-    return {"input": ctx.call(dense_pool, g, spec.name, args, ctx.shape("input")[1:], condition, ctx.name)}
+    return {"input": ctx.call(DENSE_POOL[spec], g, args, ctx.shape("input")[1:], condition, ctx.name)}
 
 
 def _is_global(ctx):

@@ -23,11 +23,10 @@ import builtins
 import math
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
-from fbcompile.trace import info
 
 
 def _as_shape(shape):
@@ -374,10 +373,8 @@ def stack_or_zeros(pieces, dim):
 @register_rule(STACK, conditions="TPI")
 def unbind_back(ctx, g):
     """G(g) = unbind(g, dim): entry i goes back to the i-th stacked tensor."""
-    tensors = ctx.op_call.args["tensors"]
-    count = len(info(tensors).shape) if isinstance(tensors, fx.Node) else len(tensors)   # a tuple value
     parts = ctx.call(torch.unbind, g, ctx.const("dim", 0))
-    return {"tensors": [parts[i] for i in range(count)]}
+    return {"tensors": [parts[i] for i in range(len(ctx.op_call.args["tensors"]))]}
 
 
 def _transposing_attribute(ctx):

@@ -279,6 +279,8 @@ def test_train_regression_and_generic_options(capsys, tmp_path):
     (["--algo", "bp", "--beta", "0.1"], ["'beta' does not apply to algorithm 'bp'"]),
     (["--option", "beta"], ["key=value"]),
     (["--input-shape", "a,b"], ["not a shape"]),
+    (["--optimizer", "adam", "--momentum", "0.9"], ["momentum applies to sgd and rmsprop, not 'adam'"]),
+    (["--lr", "0"], ["lr must be > 0, got 0"]),
 ])
 def test_train_bad_input_is_one_clean_message(capsys, tmp_path, argv, fragments):
     code, _, err = run(capsys, "train", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "x"), *argv)

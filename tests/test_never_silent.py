@@ -60,6 +60,26 @@ def test_slices_of_a_tuple_keep_their_element_positions():
     assert input_rel < TOL and param_rel < TOL
 
 
+class WholeTuple(nn.Module):
+    """A tuple value (or a slice of one, any step) passed whole to ``torch.cat``."""
+
+    def __init__(self, select, kept):
+        super().__init__()
+        self.select, self.a, self.b = select, nn.Linear(5, 6), nn.Linear(2 * kept, 3)
+
+    def forward(self, x):
+        return self.b(torch.cat(self.select(torch.tanh(self.a(x)).chunk(3, 1)), 1))
+
+
+@pytest.mark.parametrize("select, kept", [(lambda parts: parts, 3), (lambda parts: parts[::-1], 3),
+                                          (lambda parts: parts[-1::-2], 2), (lambda parts: parts[2:0:-1], 2)],
+                         ids=["whole", "reversed", "step_minus_2", "tail_reversed"])
+def test_a_tuple_or_slice_of_one_passed_whole_to_cat_gets_exact_feedback(select, kept):
+    model, x = WholeTuple(select, kept).double(), torch.randn(4, 5, dtype=torch.float64)
+    input_rel, param_rel = compare_with_autograd(model, x)
+    assert input_rel < TOL and param_rel < TOL
+
+
 @pytest.mark.parametrize("cell", [nn.LSTM(6, 5, batch_first=True, bidirectional=True), nn.GRU(6, 5, batch_first=True),
                                   nn.RNN(6, 5, batch_first=True)])
 @pytest.mark.parametrize("residual", [False, True])

@@ -5,11 +5,13 @@ import inspect
 import pathlib
 import sys
 
+import pytest
 import torch
 from torch import nn
 
 import fbcompile
-from fbcompile.ops import declare_op, declared_ops
+from fbcompile.errors import RuleError
+from fbcompile.ops import Spellings, TappedForward, Training, declare_op, declared_ops
 from fbcompile.passes.units import starts_unit
 from fbcompile.registry import all_rules, register_rule
 
@@ -113,6 +115,44 @@ def test_no_rule_module_dispatches_on_op_name_strings():
 def test_declare_op_has_no_unit_flag_and_no_unread_keyword():
     parameters = inspect.signature(declare_op).parameters
     assert "leader" not in parameters and "param_args" not in parameters
+    with pytest.raises(RuleError, match="unknown keyword.*leader"):
+        declare_op("test_unit_flag", lambda input: input, leader=True)
+
+
+def test_grouped_declaration_gives_the_op_the_flat_keywords_give():
+    def double(input):
+        return 2 * input
+
+    def double_tapped(input):
+        return 2 * input, input
+
+    def replay(extras, input):
+        return 2 * input
+
+    def param_grads(ctx, g):
+        return {}
+
+    def batch_local(ctx):
+        return False
+
+    class Doubler(nn.Module):
+        pass
+
+    spelling, binder = (lambda input: 2 * input), (lambda module: {})
+    fields = ("modules", "functions", "methods", "inplace", "tapped", "extras", "replay", "param_grads", "batch_local")
+    flat = declare_op("test_grouped", double, modules={Doubler: binder}, functions=[spelling], inplace=[spelling],
+                      tapped=double_tapped, extras=("input",), replay=replay, param_grads=param_grads,
+                      batch_local=batch_local, replace=True)
+    flat = {f: getattr(flat, f) for f in fields}
+    grouped = declare_op("test_grouped", double, Spellings({Doubler: binder}, (spelling,), inplace=(spelling,)),
+                         tapped=TappedForward(double_tapped, ("input",), replay),
+                         training=Training(param_grads, batch_local), replace=True)
+    assert {f: getattr(grouped, f) for f in fields} == flat
+    assert flat["tapped"] is double_tapped and flat["param_grads"] is param_grads and flat["extras"] == ("input",)
+    with pytest.raises(RuleError, match="not both"):
+        declare_op("test_grouped", double, Spellings(functions=(spelling,)), methods=[spelling], replace=True)
+    with pytest.raises(RuleError, match="must name its extras"):
+        declare_op("test_grouped", double, tapped=TappedForward(double_tapped, ()), replace=True)
 
 
 def test_the_ops_that_start_units_are_the_weight_layers():

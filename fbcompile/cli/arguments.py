@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import spec_help
+from ..runtime.options import OPTIMIZER_CLASSES
 from . import resolve
 from .runs import RunConfig, check_positive
 
@@ -61,7 +62,7 @@ def add_training(parser: argparse.ArgumentParser, *, epochs: int = 10) -> None:
                        help=f"number of epochs (default {epochs} x the algorithm's recommended epochs multiplier)")
     group.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
     group.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {RECOMMENDED})")
-    group.add_argument("--optimizer", default=None, choices=sorted(resolve.OPTIMIZERS),
+    group.add_argument("--optimizer", default=None, choices=sorted(OPTIMIZER_CLASSES),
                        help=f"optimizer of the model parameters (default: {RECOMMENDED})")
     group.add_argument("--loss", default=None, choices=["cross_entropy", "bce"],
                        help="classification loss: cross_entropy (softmax) or bce (sigmoid outputs + binary "

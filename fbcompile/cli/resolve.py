@@ -27,8 +27,6 @@ from ..models import BUILTIN_MODELS, build_model
 # Input shapes of the built-in models when neither a dataset nor --input-shape says otherwise.
 DEFAULT_SHAPES = {"mlp": (784,), "lenet": (1, 32, 32), "vgg-simple": (3, 32, 32), "mixer": (3, 32, 32),
                   "resnet-small": (3, 32, 32), "resnet18": (3, 32, 32), "conv1d": (1, 40)}
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-              "rmsprop": torch.optim.RMSprop}
 
 
 def model_help() -> str:
@@ -203,19 +201,6 @@ def _first_line(exc: BaseException) -> str:
 def loss_for(task: str):
     """Cross-entropy for classification, mean squared error for regression."""
     return F.cross_entropy if task == "classification" else F.mse_loss
-
-
-def make_optimizer(name: str, parameters, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-    if name not in OPTIMIZERS:
-        raise OptionError(f"unknown optimizer {name!r}; use {choices_text(OPTIMIZERS)}")
-    if not lr > 0:
-        raise OptionError(f"--lr must be > 0, got {lr}")
-    kwargs = {"lr": lr, "weight_decay": weight_decay}
-    if name in ("sgd", "rmsprop"):
-        kwargs["momentum"] = momentum
-    elif momentum:
-        raise OptionError(f"--momentum applies to sgd and rmsprop, not {name!r}")
-    return OPTIMIZERS[name](list(parameters), **kwargs)
 
 
 def algorithm_names() -> list[str]:

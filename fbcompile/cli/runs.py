@@ -27,6 +27,7 @@ from .. import compile as compile_program
 from .. import learner as make_learner
 from ..data import Dataset, load_dataset
 from ..errors import FBCompileError, OptionError
+from ..runtime.options import make_optimizer
 from . import resolve
 
 
@@ -198,8 +199,8 @@ def build_run(config: RunConfig, dataset: Dataset | None = None, *, warn=None, d
                            **({} if process_group is None else {"process_group": process_group}))
     if config.predict:
         _check_predict(learner, config.predict, dataset.train_x[:2])
-    optimizer = resolve.make_optimizer(config.optimizer, model.parameters(), lr=config.lr,
-                                       momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay,
+                               momentum=config.momentum)
     return Run(config, dataset, model, program, learner, optimizer, loss_for(config, dataset))
 
 

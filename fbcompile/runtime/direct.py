@@ -35,9 +35,10 @@ the same updates.
 Executors (chosen once, at construction; ``StepResult.details["executor"]``): "compiled-stored"
 and "compiled-unlocked" run without autograd (``self.compiled``) when every error map inside the
 units is exact (:attr:`FeedbackProgram.exact_within_units`) and the output units output only model
-outputs; "stored" and "update-unlocked" are the autograd paths. Compiled, the forward runs under no_grad and saves the taps of
-the compiled "unit_error" graph, and every update after it comes from one generated graph that makes
-each delta and pulls it back through its unit's pruned gradient graph
+outputs; "stored" and "update-unlocked" are the autograd paths. Compiled (:mod:`.direct_compiled`),
+the forward runs under no_grad and saves the taps of the compiled "unit_error" graph, and every
+update after it comes from one generated graph that makes each delta and pulls it back through its
+unit's pruned gradient graph
 (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`); update-unlocked, one generated
 module runs the units' forwards with each hidden unit's update right after its own forward
 (:func:`~fbcompile.passes.direct_graph.build_unlocked_step`) and the output units' updates, once e
@@ -51,12 +52,11 @@ import torch
 
 from ..errors import FBCompileError, OptionError
 from ..passes.direct import PROJECTION_FANS, PROJECTION_INITS, plan_direct
-from ..passes.direct_graph import build_direct_gradients, build_unlocked_step
-from ..passes.boxed import with_boxed_module
 from ..passes.forward import build_forward
 from ..program import as_tuple
 from .base import Executor, Learner, StepResult, detached_output, model_device
-from .losses import output_error, scalar_loss
+from .direct_compiled import COMPILED_STORED, COMPILED_UNLOCKED, accumulate, batch_size
+from .losses import scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
 from .registry import register_algorithm
@@ -156,69 +156,7 @@ class DirectLearner(Learner):
     def before_update(self, inputs, output, values: dict, signal: Signal) -> None:
         """Runs after the stored forward, before the hidden deltas (DDTP trains its feedback here)."""
 
-    # -- the executors' paths ---------------------------------------------------------------------
-    def _compiled_stored(self, inputs, targets, loss_fn):
-        """The stored path without autograd: one forward (no graph) keeping the values the compiled
-        "unit_error" graph reads, then every update from one generated graph
-        (:func:`~fbcompile.passes.direct_graph.build_direct_gradients`): e for the output units,
-        delta_u for the hidden ones, each delta made just before its unit and freed after it, so the
-        deltas never all live at once; the taps are handed over, each freed after its last reader."""
-        with torch.no_grad():
-            output, taps = self.executable.run_forward(inputs)
-        taps = dict(zip(self.executable.taps, taps))
-        loss, errors = output_error(output, targets, loss_fn)
-        hidden = self.hidden_learn and bool(self.plan.projections)
-        signal = self.signal(errors, output, targets, _batch(inputs, output)) if hidden else None
-        updates = {}
-        self._fused_update(updates, hidden, errors, signal, taps)
-        return self._result(loss, output), updates
-
-    def _fused_update(self, updates: dict, hidden: bool, errors: tuple, signal: Signal | None, taps: dict) -> None:
-        """Add to ``updates`` what the generated update graph gives: the output units' from
-        ``errors`` and, when ``hidden``, the hidden units' from ``signal``; ``taps`` (key -> forward tap)
-        is handed over, emptied, to the boxed graph: each tap is freed after its last reader."""
-        labels = signal is not None and signal.labels is not None
-        key = (hidden, labels)
-        if key not in self._fused:
-            self._fused[key] = with_boxed_module(build_direct_gradients(
-                self.program.unit_gradients(), self.plan, self._projection_list(), hidden=hidden, labels=labels))
-        fused, args = self._fused[key], []
-        for kind, name in fused.inputs:
-            if kind == "tap":
-                args.append(taps[name])
-            elif kind == "error":
-                args.append(errors[name])
-            else:                                   # "signal", "labels" or "factor"
-                args.append(getattr(signal, "dense" if kind == "signal" else kind))
-        taps.clear()
-        with torch.no_grad():
-            grads = fused.module.forward(args)      # our own module: no hooks to run; empties ``args``
-        _accumulate(updates, fused.params, grads)
-
-    def _compiled_unlocked(self, inputs, targets, loss_fn):
-        """The update-unlocked path without autograd: one generated module runs the units'
-        forwards, each hidden unit's update right after its own forward
-        (:func:`~fbcompile.passes.direct_graph.build_unlocked_step`), so a unit's activations are
-        freed as soon as the next unit has read them; it returns the taps the output units' update
-        needs, which wait for e."""
-        signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
-        labels = signal is not None and signal.labels is not None
-        key = ("unlocked", signal is not None, labels)
-        if key not in self._fused:
-            self._fused[key] = build_unlocked_step(self.program.unit_gradients(), self.plan, self._projection_list(),
-                                                   self.order, hidden=signal is not None, labels=labels)
-        fused = self._fused[key]
-        extra = () if signal is None else (signal.labels, signal.factor) if labels else (signal.dense,)
-        with torch.no_grad():
-            outputs, tap_values, grads = fused.module.forward(*inputs, *extra)     # our own module: no hooks
-        updates = {}
-        _accumulate(updates, fused.params, grads)
-        self.launch_update(list(updates), updates)     # data parallel: all-reduced while e is made
-        output = outputs[0] if len(outputs) == 1 else outputs
-        loss, errors = output_error(output, targets, loss_fn)
-        self._fused_update(updates, False, errors, None, dict(zip(fused.taps, tap_values)))
-        return self._result(loss, output), updates
-
+    # -- the autograd executors' paths -------------------------------------------------------------
     def _projection_list(self) -> list:
         """The B_u parameter objects (bound into the generated update graphs)."""
         return [] if self.projections is None else list(self.projections.weights)
@@ -248,7 +186,7 @@ class DirectLearner(Learner):
         if self.hidden_learn and plan.projections:
             values = dict(zip((p.node for p in plan.projections), projected))
             del projected
-            signal = self.signal(errors, output, targets, _batch(inputs, output))
+            signal = self.signal(errors, output, targets, batch_size(inputs, output))
             if not prepared:
                 self.before_update(inputs, output, {n: v.detach() for n, v in values.items()}, signal)
             for unit in reversed(plan.hidden_units):
@@ -261,13 +199,13 @@ class DirectLearner(Learner):
         names = self.plan.params[unit]
         grads = torch.autograd.grad(outputs, [self.program.params[n] for n in names],
                                     [self.delta(p, signal) for p in projections], allow_unused=True)
-        _accumulate(updates, names, grads)
+        accumulate(updates, names, grads)
 
     def _unlocked(self, inputs, targets, loss_fn):
         """Units one after another; a hidden unit's update is computed inside ``visit``, right after
         its forward, and its graph and input are released before the next unit runs."""
         program, plan = self.program, self.plan
-        signal = self.signal(None, None, targets, _batch(inputs, None)) if self.hidden_learn else None
+        signal = self.signal(None, None, targets, batch_size(inputs, None)) if self.hidden_learn else None
         learning = set(self.trained_units())
         stages = [program.unit_forwards()[index] for index in self.order]
         needs_graph = [stage.unit.index in learning for stage in stages]
@@ -292,7 +230,7 @@ class DirectLearner(Learner):
             torch.set_grad_enabled(previous)
         loss, _, output_updates = self._output_update(output, targets, loss_fn)
         for name, update in output_updates.items():
-            _accumulate(updates, [name], [update])
+            accumulate(updates, [name], [update])
         return self._result(loss, output), updates
 
     def _output_update(self, output, targets, loss_fn) -> tuple:
@@ -305,7 +243,7 @@ class DirectLearner(Learner):
             grads = torch.autograd.grad(loss, [*outs, *(self.program.params[n] for n in names)], allow_unused=True)
         errors = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(grads, outs))
         updates = {}
-        _accumulate(updates, names, grads[len(outs):])
+        accumulate(updates, names, grads[len(outs):])
         return loss.detach(), errors, updates
 
     def _result(self, loss, output) -> StepResult:
@@ -326,24 +264,9 @@ def _stored_with_graph(learner, inputs, targets, loss_fn):
         return learner._stored(inputs, targets, loss_fn)
 
 
-COMPILED_STORED = Executor("compiled-stored", DirectLearner._compiled_stored, autograd=False,
-                           doc="one no-grad forward keeping the taps, then one generated update graph")
-COMPILED_UNLOCKED = Executor("compiled-unlocked", DirectLearner._compiled_unlocked, autograd=False,
-                             doc="one generated module: each unit's forward, then its update")
 STORED = Executor("stored", _stored_with_graph, doc="one forward keeping each unit's graph, one local backward per unit")
 UPDATE_UNLOCKED = Executor("update-unlocked", DirectLearner._unlocked,
                            doc="units one by one, each hidden unit's local backward right after its forward")
-
-
-def _batch(inputs, output) -> int:
-    first = as_tuple(output)[0] if output is not None else inputs[0]
-    return int(first.shape[0])
-
-
-def _accumulate(updates: dict, names, grads) -> None:
-    for name, grad in zip(names, grads):
-        if grad is not None:
-            updates[name] = grad if name not in updates else updates[name] + grad
 
 
 def _check_projection_scale(algorithm: str, options: dict, given: dict) -> None:

@@ -67,21 +67,35 @@ def parse_options(algorithm: str, spec: dict, given: dict, *, elsewhere: dict | 
     return {name: given.get(name, option.default) for name, option in spec.items()}
 
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd")     # a learner's own optimizers (optimizer_option)
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                     "rmsprop": torch.optim.RMSprop}
+WITH_MOMENTUM = ("sgd", "rmsprop")
 
 
 def optimizer_option(what: str) -> Option:
     return Option("adam", one_of(*OPTIMIZERS), f"optimizer of the {what}")
 
 
-def make_optimizer(kind: str, params: list, lr: float, weight_decay: float, *, fused: bool = False):
-    """The learner's own optimizer of its auxiliary parameters (feedback weights, heads): Adam or
-    SGD; ``fused`` asks for the single-pass kernel where this torch has one (it falls back to the
-    default implementation where it has not)."""
-    cls = torch.optim.Adam if kind == "adam" else torch.optim.SGD
+def make_optimizer(kind: str, params, lr: float, weight_decay: float = 0.0, *, momentum: float = 0.0,
+                   fused: bool = False):
+    """The one optimizer factory: the model's (command line, recommended settings) and a learner's own
+    (feedback weights, heads). ``kind`` is a key of :data:`OPTIMIZER_CLASSES`; ``momentum`` applies
+    to sgd and rmsprop only; ``fused`` asks for the single-pass kernel where this torch has one (it
+    falls back to the default implementation where it has not)."""
+    if kind not in OPTIMIZER_CLASSES:
+        raise OptionError(f"unknown optimizer {kind!r}; use {choices_text(OPTIMIZER_CLASSES)}")
+    if not lr > 0:
+        raise OptionError(f"lr must be > 0, got {lr}")
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
+    if kind in WITH_MOMENTUM:
+        kwargs["momentum"] = momentum
+    elif momentum:
+        raise OptionError(f"momentum applies to {' and '.join(WITH_MOMENTUM)}, not {kind!r}")
+    cls, params = OPTIMIZER_CLASSES[kind], list(params)
     if fused:
         try:
-            return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
+            return cls(params, **kwargs, fused=True)
         except (TypeError, RuntimeError, ValueError):
             pass
-    return cls(params, lr=lr, weight_decay=weight_decay)
+    return cls(params, **kwargs)
