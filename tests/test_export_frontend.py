@@ -335,3 +335,36 @@ def test_a_one_sample_example_still_gives_a_program_for_any_batch():
     model.zero_grad(set_to_none=True)
     learner.step(x, torch.tensor([0, 1, 2, 0]), F.cross_entropy)
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+class TiedHead(nn.Module):
+    """An output layer sharing the input layer's weight (GPT-2's lm_head / wte), behind a shape check
+    fx cannot trace: torch.export may lift the shared parameter under either name."""
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden = nn.Linear(6, 6, bias=False), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        if x.shape[1] != 6:
+            raise ValueError("expected 6 features")
+        return self.head(torch.tanh(self.hidden(torch.tanh(self.embed(x)))))
+
+
+def test_a_tied_parameter_gets_the_sum_of_both_uses_on_the_users_parameter():
+    torch.manual_seed(0)
+    model, x = TiedHead().double(), torch.randn(BATCH, 6, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend="auto")
+    assert frontend_of(program.traced)[0] == "export"
+    assert sorted(program.params) == sorted(n for n, _ in model.named_parameters())
+    error = torch.randn(BATCH, 6, dtype=torch.float64)
+    reference = _autograd(model, x, [error])
+    model.zero_grad(set_to_none=True)
+    program.propagate_error(x, error)
+    for (name, p), g in zip(model.named_parameters(), reference[1:]):
+        assert relative_error(p.grad, g) < TOL, name
+    learner = fbcompile.learner(program, "bp")
+    model.zero_grad(set_to_none=True)
+    learner.step(x.float().double(), torch.randint(0, 6, (BATCH,)), F.cross_entropy)
+    assert model.embed.weight.grad is not None and model.head.weight is model.embed.weight

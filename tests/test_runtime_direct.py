@@ -321,3 +321,21 @@ def test_diagnostics_run_and_change_nothing(algorithm):
         assert 0 < report.rows[0]["angle_bp"] < 180
     if algorithm == "ddtp-linear":
         assert report.rows[0]["reconstruction"] > 0
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+@pytest.mark.parametrize("algorithm", ["dfa", "sdfa", "drtp", "shallow", "ddtp-linear"])
+def test_a_parameter_shared_by_two_units_is_refused_at_construction_naming_it(algorithm):
+    model, x = _CalledTwice(), torch.randn(5, 6)
+    program = fbcompile.compile(model, x)
+    with pytest.raises(FBCompileError, match=r"parameter 'a\.weight' is used by units 0, 2"):
+        fbcompile.learner(program, algorithm)
+    fbcompile.learner(program, "mf").step(x, torch.randint(0, 3, (5,)), F.cross_entropy)   # per-unit heads: fine

@@ -64,6 +64,9 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
     batch_norms = _module_batch_norms(model, source, kinds)
     counters = {f"{q}.num_batches_tracked" for q in batch_norms.values()}
     graph, env, attrs = fx.Graph(), {}, {}
+    # a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight) may be lifted under any
+    # of its names: use the one named_parameters() / named_buffers() gives, as everything else does
+    canonical = {id(v): name for name, v in [*model.named_parameters(), *model.named_buffers()]}
     user_inputs = 0
     for node in source.nodes:
         if node.op == "placeholder":
@@ -81,7 +84,8 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
             else:
                 raise FBCompileError(f"torch.export lifted {node.name} as a {spec.kind.name}, which fbcompile "
                                      "cannot map back to the model")
-            qualname = spec.target if spec.kind != InputKind.CONSTANT_TENSOR else f"_export_constant_{len(attrs)}"
+            qualname = (canonical.get(id(value), spec.target) if spec.kind != InputKind.CONSTANT_TENSOR
+                        else f"_export_constant_{len(attrs)}")
             attrs[qualname] = value
             env[node] = graph.get_attr(qualname)
             env[node].meta.update(node.meta)

@@ -21,6 +21,12 @@ parameters train; like every function here it never reads the compiled program o
   whose values leave it twice has two);
 - parameter-free units (a leading Flatten) get nothing.
 
+S_u is the value's *per-sample* shape (:mod:`.batch_layout`). Where the model folds the batch into
+dim 0 together with tokens or windows (a value of shape (N*k, *rest) whose sample i is exactly rows
+[i*k, (i+1)*k), verified by running the model), S_u = (k, *rest): B_u is (C, k, *rest) and the
+delta s B_u of shape (N, k, *rest) is reshaped to (N*k, *rest), so row i*k + j carries sample i's
+signal to its j-th token or window. Folds in another order are refused.
+
 Initialisation of B (:func:`draw_projection`), with n chosen by ``fan``:
 
 - ``"he_uniform"`` (default): U(-sqrt(6/n), sqrt(6/n));
@@ -42,7 +48,8 @@ from torch import fx
 
 from ..errors import FBCompileError, OptionError, choices_text
 from ..initialisation import draw
-from ..trace import active_outputs, describe, info, preserved_state
+from ..trace import active_outputs, describe, info
+from .batch_layout import batch_axes, per_sample_shape, place_batch_axis
 
 PROJECTION_INITS = ("he_uniform", "xavier_uniform", "uniform", "normal")
 PROJECTION_FANS = ("features", "signal")
@@ -50,14 +57,15 @@ PROJECTION_FANS = ("features", "signal")
 
 @dataclass(frozen=True)
 class Projection:
-    """One direct projection: output signal (C) -> the value of ``node`` (per-sample shape ``shape``,
-    the value's shape without its batch axis ``batch_axis``)."""
+    """One direct projection: output signal (C) -> the value of ``node`` (per-sample shape ``shape``).
+    ``batch_axis`` is the value's batch layout (:mod:`.batch_layout`): an axis, whose removal gives
+    ``shape``, or a batch-major fold ``(axis, k)``, whose axis of size k*N becomes k in ``shape``."""
     index: int
     unit: int
     node: str
     shape: tuple
     dtype: torch.dtype = torch.float32
-    batch_axis: int = 0
+    batch_axis: int | tuple = 0
 
     @property
     def features(self) -> int:
@@ -98,6 +106,7 @@ def plan_direct(traced: fx.GraphModule, partition, params) -> DirectPlan:
             continue
         hidden_units.append(unit.index)
         hidden_outputs += [(unit.index, node) for node in unit.outputs]
+    _refuse_shared_parameters(trained)
     axes = batch_axes(traced, [node for _, node in hidden_outputs], "direct feedback")
     for unit, node in hidden_outputs:
         projections.append(Projection(len(projections), unit, node.name, _per_sample_shape(node, axes[node]),
@@ -108,82 +117,29 @@ def plan_direct(traced: fx.GraphModule, partition, params) -> DirectPlan:
     return DirectPlan(sum(sizes), tuple(output_units), tuple(hidden_units), tuple(projections), trained)
 
 
-def _per_sample_shape(node, batch_axis: int = 0) -> tuple:
+def _refuse_shared_parameters(trained: dict) -> None:
+    """A direct update is made per unit from that unit's own error maps; a parameter used by several
+    units (a module called twice, tied input/output weights) would need each unit's share of its
+    gradient, which the per-unit graphs do not separate yet: refuse, naming it."""
+    owners = {}
+    for unit, names in trained.items():
+        for name in names:
+            owners.setdefault(name, []).append(unit)
+    shared = {name: units for name, units in owners.items() if len(units) > 1}
+    if shared:
+        name, units = next(iter(shared.items()))
+        raise FBCompileError(f"direct feedback updates each unit separately, but parameter {name!r} is used by "
+                             f"units {', '.join(map(str, units))} (a module called twice, or tied weights)"
+                             f"{f' and {len(shared) - 1} more shared parameter(s)' if len(shared) > 1 else ''}; "
+                             "per-unit updates of a shared parameter are not supported: use bp, fa, dtp or mf")
+
+
+def _per_sample_shape(node, batch_axis=0) -> tuple:
     record = info(node)
     if record.is_tuple or record.shape is None or len(record.shape) < 1:
         raise FBCompileError(f"direct feedback needs a tensor with a batch dimension at {describe(node)}, "
                              f"got shape {record.shape!r}")
-    return tuple(size for axis, size in enumerate(record.shape) if axis != batch_axis)
-
-
-def batch_axes(traced: fx.GraphModule, nodes: list, purpose: str) -> dict:
-    """{node: the axis of its value that indexes the samples}. Dim 0 of every model input is its
-    batch (as everywhere); a value may carry it elsewhere (a time-first ``(L, N, E)`` sequence). A
-    value with exactly one axis of the example's batch size has it there; the others are found by
-    running the traced model once more, on inputs one sample larger, as the axis that grew. A value
-    without one such axis is refused (``purpose`` says who needs it)."""
-    batch = _example_batch(traced)
-    axes, unclear = {}, []
-    for node in nodes:
-        shape = info(node).shape
-        matching = [axis for axis, size in enumerate(shape or ()) if size == batch]
-        if info(node).is_tuple or not shape or len(matching) == 1:
-            axes[node] = matching[0] if len(matching) == 1 else 0    # not a tensor: the caller refuses it
-        else:
-            unclear.append(node)
-    if unclear:
-        grown = _shapes_at_batch(traced, batch + 1, unclear)
-        for node in unclear:
-            shape = info(node).shape
-            grew = [axis for axis, (a, b) in enumerate(zip(shape, grown[node])) if a != b]
-            if len(grew) != 1 or len(shape) != len(grown[node]) or shape[grew[0]] != batch:   # batch folded in
-                raise FBCompileError(f"{purpose} needs the batch axis of {describe(node)}, but its shape "
-                                     f"{tuple(shape)} (batch {batch}) became {grown[node]} at batch {batch + 1}")
-            axes[node] = grew[0]
-    return axes
-
-
-def _placeholders(traced: fx.GraphModule) -> list:
-    return [node for node in traced.graph.nodes if node.op == "placeholder"]
-
-
-def _example_batch(traced: fx.GraphModule) -> int:
-    shapes = [info(node).shape for node in _placeholders(traced)]
-    if not shapes or not shapes[0]:
-        raise FBCompileError("direct feedback and local heads need a model input with a batch dimension (dim 0)")
-    return shapes[0][0]
-
-
-def _shapes_at_batch(traced: fx.GraphModule, batch: int, nodes: list) -> dict:
-    """{node: its value's shape} when the traced model runs on inputs of batch size ``batch``
-    (random values of each input's dtype, on the device of its parameters; its buffers and the
-    random state are left as they were)."""
-    generator = torch.Generator().manual_seed(0)
-    device = next((p.device for p in traced.parameters()), torch.device("cpu"))
-    inputs = []
-    for node in _placeholders(traced):
-        record = info(node)
-        shape = (batch, *record.shape[1:])
-        if record.dtype is not None and record.dtype.is_floating_point:
-            inputs.append(torch.randn(shape, device="cpu", generator=generator, dtype=record.dtype).to(device))
-        else:
-            inputs.append(torch.zeros(shape, dtype=record.dtype or torch.long, device=device))
-    wanted, shapes = set(nodes), {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            if node in wanted:
-                shapes[node] = tuple(value.shape)
-            return value
-
-    try:
-        with torch.no_grad(), preserved_state(traced):
-            Recorder(traced).run(*inputs)
-    except Exception as exc:   # noqa: BLE001  (the user's model, on inputs we made up)
-        raise FBCompileError(f"finding the batch axes of {', '.join(n.name for n in nodes)}: the model failed on "
-                             f"inputs of batch {batch}: {type(exc).__name__}: {exc}") from exc
-    return shapes
+    return per_sample_shape(tuple(record.shape), batch_axis)
 
 
 def check_projection_options(init: str, fan: str) -> None:
@@ -224,9 +180,10 @@ def draw_projections(plan: DirectPlan, *, init: str, fan: str, scale: float, see
             for p in plan.projections]
 
 
-def project_dense(signal: torch.Tensor, projection: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
-    """delta = reshape(s B, (N, *S)) for a dense signal s (N, C) and B stored as (C, *S), with the
-    samples moved to ``batch_axis`` of the value it is the delta of."""
+def project_dense(signal: torch.Tensor, projection: torch.Tensor, batch_axis=0) -> torch.Tensor:
+    """delta = reshape(s B, (N, *S)) for a dense signal s (N, C) and B stored as (C, *S), laid out
+    like the value it is the delta of (batch layout ``batch_axis``: for a batch-major fold
+    ``(0, k)``, S = (k, *rest) and the delta is reshaped to (N*k, *rest))."""
     matrix = projection if projection.dim() == 2 else projection.reshape(projection.shape[0], -1)
     dense = signal if signal.dtype == matrix.dtype else signal.to(matrix.dtype)
     delta = dense @ matrix
@@ -234,13 +191,8 @@ def project_dense(signal: torch.Tensor, projection: torch.Tensor, batch_axis: in
     return place_batch_axis(delta, batch_axis)
 
 
-def project_labels(labels: torch.Tensor, factor: float, projection: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
+def project_labels(labels: torch.Tensor, factor: float, projection: torch.Tensor, batch_axis=0) -> torch.Tensor:
     """delta = factor * (the row of B of each sample's label): s B for s = factor * one-hot(labels),
     as a row selection (exact, and it never multiplies an entry of B by zero)."""
     scaled = projection * factor if factor != 1.0 else projection
     return place_batch_axis(scaled.index_select(0, labels), batch_axis)
-
-
-def place_batch_axis(per_sample: torch.Tensor, batch_axis: int) -> torch.Tensor:
-    """A batch-first ``(N, *S)`` tensor laid out like a value whose samples run along ``batch_axis``."""
-    return per_sample if batch_axis == 0 else per_sample.movedim(0, batch_axis)

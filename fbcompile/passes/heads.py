@@ -11,6 +11,9 @@ where z_l depends on the shape of a_l (batch dim first):
   (HW = prod(S)) with entries N(0, 1/HW), z_l = concat_c(A_c u_c) in R^{C d}. The variance 1/HW keeps
   Var(z_i) = E[u_j^2] independent of the resolution (paper 004, App. B). Channels with HW <= d are
   flattened instead (a projection could only lift them into a rank-HW subspace of R^d);
+- a value that folds the batch into dim 0 with tokens or windows, (B*k, *rest) with sample b in rows
+  [b*k, (b+1)*k) (verified by running the model, :mod:`.batch_layout`), is read per sample as
+  (B, k, *rest): flat when rest is small, else each of its k rows projected as a channel;
 - ``output_head="model"``: a unit returning the model's output of shape (B, classes) is scored by
   that output itself (no M): the model's own classifier is its head.
 
@@ -41,7 +44,7 @@ from torch import fx, nn
 
 from ..errors import FBCompileError, OptionError, choices_text
 from ..trace import active_outputs, info
-from .direct import batch_axes
+from .batch_layout import batch_axes, gather_samples, per_sample_shape
 from .forward import build_unit_forwards
 
 ATTACH_POINTS = ("pre_pool", "output")
@@ -58,7 +61,7 @@ class Head(nn.Module):
     """The class head of one unit: ``scores(features(a))``. ``weight`` (M, trainable) is None for a
     unit scored by the model's own output; ``projection`` (A, a fixed buffer) is None for flat heads."""
 
-    def __init__(self, unit, node: fx.Node, shape: tuple, weight, projection, batch_axis: int = 0):
+    def __init__(self, unit, node: fx.Node, shape: tuple, weight, projection, batch_axis=0):
         super().__init__()
         self.unit, self.node, self.shape, self.batch_axis = unit, node, tuple(shape), batch_axis
         self.weight = weight
@@ -70,8 +73,10 @@ class Head(nn.Module):
 
     def features(self, a: torch.Tensor) -> torch.Tensor:
         """z: (B, n). Spatial values are projected per channel: z[b, c*d + i] = sum_s A[c, i, s] u[b, c, s]
-        (``a`` with its samples moved to dim 0 first when they run along another axis)."""
-        a = a if self.batch_axis == 0 else a.movedim(self.batch_axis, 0)
+        (``a`` gathered into (B, *shape) first when its samples run along another axis or are folded
+        into dim 0 with tokens or windows: a (B*k, *rest) value becomes (B, k, *rest))."""
+        axis, fold = self.batch_axis if isinstance(self.batch_axis, tuple) else (self.batch_axis, 1)
+        a = gather_samples(a, self.batch_axis) if a.dim() > axis and a.shape[axis] % fold == 0 else a
         if tuple(a.shape[1:]) != self.shape:
             raise FBCompileError(f"the head of unit {self.index} ({self.node.name!r}) was built for values of "
                                  f"shape (batch, {', '.join(map(str, self.shape))}) from the traced example, got "
@@ -181,7 +186,7 @@ def _make_head(unit, node, batch_axis, classes, d, init, seed, device) -> Head:
     if shape is None or len(shape) < 2:
         raise FBCompileError(f"unit {unit.index}: the head attachment {node.format_node()} is not a tensor with a "
                              f"batch dimension (shape {info(node).shape}); choose another attach point")
-    rest, dtype = tuple(size for axis, size in enumerate(shape) if axis != batch_axis), info(node).dtype
+    rest, dtype = per_sample_shape(shape, batch_axis), info(node).dtype
     if classes is None:
         return Head(unit, node, rest, None, None, batch_axis)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + unit.index)

@@ -43,8 +43,9 @@ class DirectProjections(nn.Module):
         return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
     def project(self, index: int, signal: Signal) -> torch.Tensor:
-        """delta = s B_u shaped like the unit output (N, *S_u, samples along its batch axis); for label
-        signals a row selection of B_u."""
+        """delta = s B_u shaped like the unit output: (N, *S_u) with the samples along its batch axis,
+        or, for a value folding the batch into dim 0 (batch layout ``(0, k)``, S_u = (k, *rest)),
+        reshaped to (N*k, *rest); for label signals a row selection of B_u."""
         if signal.labels is not None:
             return project_labels(signal.labels, signal.factor, self.weights[index], self.batch_axes[index])
         return project_dense(signal.dense, self.weights[index], self.batch_axes[index])

@@ -1,0 +1,239 @@
+"""Where a value keeps its samples: the batch layout of a traced value, found by running the model.
+
+Direct feedback and Mono-Forward's heads give every sample of a value its own signal, so they need
+to know which entries of the value belong to which sample. Dim 0 of every model input is its batch
+(N samples). A value's *batch layout* is one of
+
+- an int ``a``: the samples run along axis ``a`` (sample i is ``value.select(a, i)``); the
+  per-sample shape is the value's shape without axis ``a`` (``a = 1`` for a time-first ``(L, N, E)``
+  sequence);
+- a pair ``(a, k)``, a *batch-major fold*: axis ``a`` has size k*N and sample i's entries are exactly
+  the k rows ``[i*k, (i+1)*k)`` of it. Hugging Face GPT-2's Conv1D computes ``x.view(-1, C)`` of a
+  ``(N, T, C)`` input (a fold with k = T), torchvision swin_t's window partition reshapes
+  ``(N, H, W, C)`` into ``(N*nW, ws*ws, C)`` (k = nW windows). The per-sample shape is the value's
+  shape with axis ``a`` of size k: ``(k, *rest)`` for ``a = 0``.
+
+:func:`place_batch_axis` lays a batch-first per-sample tensor ``P`` of shape ``(N, *S)`` out like the
+value, :func:`gather_samples` is its inverse. For a fold, ``P`` is moved to ``(.., N, k, ..)`` and axes
+a, a+1 are merged: row ``i*k + j`` of the value gets ``P[i, .., j, ..]``.
+
+:func:`batch_axes` finds the layout of traced values by running the model once more, on random
+inputs of another batch size M (2, or N + 1 for N <= 2): the layout's axis is the one axis whose
+size changed, from N to M (axis ``a``) or from k*N to k*M, k > 1 (a fold ``(a, k)``); anything else
+is refused. Only when that run fails (a model that cannot take made-up inputs) is a value with
+exactly one axis of size N taken to keep its samples there.
+
+Every fold is then *verified*, not assumed: on a float64 copy of the model, with a batch of three
+random samples, each sample i in turn is replaced by a random other one, and the value must change
+only in that sample's rows ``[i*k, (i+1)*k)`` (every other row within 1e-10 of the value's largest
+entry). A permuted fold (``x.transpose(0, 1).reshape(-1, C)``: sample i's entries are the rows
+``t*N + i``) or samples mixed with each other (a functional batch norm on batch statistics) fail, and
+the value is refused with an error naming its node. BatchNorm modules run on their running
+statistics in these runs: in train mode their batch statistics couple all samples, which says
+nothing about where each sample's rows are (the layout is the same in both modes). The model's
+parameters, buffers and random state are left as they were: the checks run on copies, with the CPU
+RNG (and the model device's) forked for every run, so each starts from the same random state and
+train-mode dropout draws the same masks in all.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..errors import FBCompileError
+from ..trace import describe, info, preserved_state
+
+FOLD_CHECK_BATCH = 3                # samples in the fold check's runs
+FOLD_CHECK_TOLERANCE = 1e-10        # allowed change outside a sample's rows, relative to the value's size
+
+
+def per_sample_shape(shape: tuple, layout) -> tuple:
+    """The shape of one sample's part of a value of ``shape`` with batch layout ``layout``."""
+    if isinstance(layout, tuple):
+        axis, k = layout
+        return tuple(k if i == axis else size for i, size in enumerate(shape))
+    return tuple(size for i, size in enumerate(shape) if i != layout)
+
+
+def place_batch_axis(per_sample: torch.Tensor, batch_axis) -> torch.Tensor:
+    """A batch-first ``(N, *S)`` tensor laid out like a value of batch layout ``batch_axis``."""
+    if isinstance(batch_axis, tuple):
+        axis, _ = batch_axis
+        return per_sample.movedim(0, axis).flatten(axis, axis + 1)
+    return per_sample if batch_axis == 0 else per_sample.movedim(0, batch_axis)
+
+
+def gather_samples(value: torch.Tensor, batch_axis) -> torch.Tensor:
+    """The inverse of :func:`place_batch_axis`: a value of batch layout ``batch_axis`` as ``(N, *S)``."""
+    if isinstance(batch_axis, tuple):
+        axis, k = batch_axis
+        return value.unflatten(axis, (-1, k)).movedim(axis, 0)
+    return value if batch_axis == 0 else value.movedim(batch_axis, 0)
+
+
+def probe_batch(batch: int) -> int:
+    """The second batch size the layouts are read at: 2 (cheap), or batch + 1 for batches 1 and 2."""
+    return 2 if batch > 2 else batch + 1
+
+
+def batch_axes(traced: fx.GraphModule, nodes: list, purpose: str) -> dict:
+    """{node: its batch layout} (see the module docstring); ``purpose`` says who needs it in errors.
+    Non-tensor values get 0 (the caller refuses them). At the example's batch N and the probe's M,
+    axis a with sizes (N, M) keeps the samples; sizes (k*N, k*M), k > 1, a fold ``(a, k)``."""
+    batch = example_batch(traced)
+    tensors = [node for node in nodes if not info(node).is_tuple and info(node).shape]
+    axes = {node: 0 for node in nodes if node not in tensors}
+    if not tensors:
+        return axes
+    other = probe_batch(batch)
+    try:
+        grown = shapes_at_batch(traced, other, tensors)
+    except FBCompileError:
+        unique = {node: [a for a, size in enumerate(info(node).shape) if size == batch] for node in tensors}
+        if any(len(found) != 1 for found in unique.values()):
+            raise
+        return {**axes, **{node: found[0] for node, found in unique.items()}}   # the probe cannot decide
+    folds = {}
+    for node in tensors:
+        shape, bigger = tuple(info(node).shape), grown[node]
+        grew = [a for a, (m, n) in enumerate(zip(shape, bigger)) if m != n] if len(shape) == len(bigger) else []
+        k = shape[grew[0]] // batch if len(grew) == 1 else 0
+        if len(grew) != 1 or k < 1 or (shape[grew[0]], bigger[grew[0]]) != (k * batch, k * other):
+            raise FBCompileError(f"{purpose} needs the batch axis of {describe(node)}, but its shape {shape} "
+                                 f"(batch {batch}) became {bigger} at batch {other}: no single axis has the "
+                                 "batch's size N or a multiple k*N at both batch sizes")
+        axes[node] = grew[0] if k == 1 else (grew[0], k)
+        if k > 1:
+            folds[node] = axes[node]
+    if folds:
+        check_batch_major(traced, folds, purpose)
+    return axes
+
+
+def check_batch_major(traced: fx.GraphModule, folds: dict, purpose: str) -> None:
+    """Refuse every value of ``folds`` ({node: (axis, k)}) whose samples are not the batch-major
+    blocks ``[i*k, (i+1)*k)`` of its axis (the check of the module docstring)."""
+    n = FOLD_CHECK_BATCH
+    try:
+        model = copy.deepcopy(traced).to(torch.float64)
+    except Exception as exc:   # noqa: BLE001  (a module that cannot be copied)
+        raise FBCompileError(f"{purpose}: checking how {', '.join(node.name for node in folds)} fold the batch needs a "
+                             f"float64 copy of the model, which failed: {type(exc).__name__}: {exc}") from exc
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()       # batch statistics couple all samples; the check asks where each one's rows are
+    by_name = {node.name: node for node in folds}
+    generator = torch.Generator().manual_seed(12345)
+    base = _inputs(model, n, generator, torch.float64)
+    reference = _values(model, base, by_name, purpose)
+    for sample in range(n):
+        changed = [x.clone() for x in base]
+        for x, other in zip(changed, _inputs(model, n, generator, torch.float64)):
+            x[sample] = other[sample] if x.is_floating_point() else (x[sample] == 0).to(x.dtype)
+        values = _values(model, changed, by_name, purpose)
+        for name, node in by_name.items():
+            axis, k = folds[node]
+            before, after = reference[name], values[name]
+            if before.shape[axis] != k * n:
+                raise FBCompileError(f"{purpose}: {node.name!r} folds the batch into axis {axis} as {k} rows per "
+                                     f"sample, but at batch {n} that axis has size {before.shape[axis]}; the node: "
+                                     f"{describe(node)}")
+            change = (after - before).abs().movedim(axis, 0).reshape(k * n, -1).amax(1)
+            outside = torch.cat([change[:sample * k], change[(sample + 1) * k:]])
+            limit = FOLD_CHECK_TOLERANCE * max(float(before.abs().max()), float(after.abs().max()), 1e-300)
+            if not bool((outside <= limit).all()):          # NaN counts as a change
+                rows = [r for r in range(k * n) if not sample * k <= r < (sample + 1) * k
+                        and not float(change[r]) <= limit]
+                raise FBCompileError(
+                    f"{purpose} needs each sample's part of {node.name!r}, whose axis {axis} grows as {k}*batch, but "
+                    f"it is not a batch-major fold: changing sample {sample} of a batch of {n} changed its rows "
+                    f"{rows[:8]}{' ...' if len(rows) > 8 else ''} outside that sample's rows [{sample * k}, "
+                    f"{(sample + 1) * k}) (samples folded in another order, or mixed with each other as by "
+                    f"batch statistics outside an nn.BatchNorm module); the node: {describe(node)}")
+
+
+def _values(model: fx.GraphModule, inputs: list, by_name: dict, purpose: str) -> dict:
+    """{name: value of that node} for one float64 run (from the same random state as every other)."""
+    found = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node.name in by_name:
+                found[node.name] = value.detach().clone()
+            return value
+
+    try:
+        with torch.no_grad(), preserved_state(model), _same_random_state(inputs[0].device if inputs else None):
+            Recorder(model).run(*inputs)
+    except Exception as exc:   # noqa: BLE001  (the user's model, on inputs we made up)
+        raise FBCompileError(f"{purpose}: checking how {', '.join(by_name)} fold the batch, the model failed in "
+                             f"float64 on random inputs of batch {FOLD_CHECK_BATCH}: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    return found
+
+
+@contextlib.contextmanager
+def _same_random_state(device):
+    """One run starting from the same random state as every other: the CPU RNG (forked by
+    ``preserved_state``) and the RNG of the model's ``device`` (forked here) are put back after it,
+    so all runs draw the same dropout masks and the caller's random state is left as it was."""
+    if device is None or device.type == "cpu":
+        yield
+        return
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        yield
+
+
+def _placeholders(traced: fx.GraphModule) -> list:
+    return [node for node in traced.graph.nodes if node.op == "placeholder"]
+
+
+def example_batch(traced: fx.GraphModule) -> int:
+    shapes = [info(node).shape for node in _placeholders(traced)]
+    if not shapes or not shapes[0]:
+        raise FBCompileError("direct feedback and local heads need a model input with a batch dimension (dim 0)")
+    return shapes[0][0]
+
+
+def _inputs(traced: fx.GraphModule, batch: int, generator: torch.Generator, floats=None) -> list:
+    """Random inputs of batch size ``batch`` shaped like the example's: floating inputs N(0, 1) (in
+    ``floats`` when given, else their own dtype), integer and bool inputs 0 or 1 (valid indices of
+    any embedding); on the device of the model's parameters."""
+    device = next((p.device for p in traced.parameters()), torch.device("cpu"))
+    inputs = []
+    for node in _placeholders(traced):
+        record = info(node)
+        shape, dtype = (batch, *record.shape[1:]), record.dtype or torch.long
+        if dtype.is_floating_point:
+            value = torch.randn(shape, generator=generator, dtype=floats or dtype)
+        else:
+            value = torch.randint(0, 2, shape, generator=generator).to(dtype)
+        inputs.append(value.to(device))
+    return inputs
+
+
+def shapes_at_batch(traced: fx.GraphModule, batch: int, nodes: list) -> dict:
+    """{node: its value's shape} when the traced model runs on random inputs of batch size ``batch``
+    (its buffers and the random state are left as they were)."""
+    inputs = _inputs(traced, batch, torch.Generator().manual_seed(0))
+    wanted, shapes = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in wanted:
+                shapes[node] = tuple(value.shape)
+            return value
+
+    try:
+        with torch.no_grad(), preserved_state(traced):
+            Recorder(traced).run(*inputs)
+    except Exception as exc:   # noqa: BLE001  (the user's model, on inputs we made up)
+        raise FBCompileError(f"finding the batch axes of {', '.join(n.name for n in nodes)}: the model failed on "
+                             f"inputs of batch {batch}: {type(exc).__name__}: {exc}") from exc
+    return shapes
