@@ -66,12 +66,12 @@ def test_error_mode_equals_autograd_in_float64(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])
-def test_bp_and_dtp_step_in_train_mode(name):
+def test_bp_dtp_dfa_and_mf_step_in_train_mode(name):
     torch.manual_seed(1)
     model, x = _build(name)
     model.train()
     program = fbcompile.compile(model, x)
-    for algorithm in ("bp", "dtp"):
+    for algorithm in ("bp", "dtp", "dfa", "mf"):
         learner = fbcompile.learner(program, algorithm, seed=0)
         model.zero_grad(set_to_none=True)
         learner.step(x, torch.tensor([0, 2]), lambda out, y: F.cross_entropy(_logits(out), y))
