@@ -20,6 +20,7 @@ It prints a markdown table and writes the details as JSON::
     python examples/zoo.py                                   # every family
     python examples/zoo.py --models resnet18,mobilenet_v2 --size 64 --out zoo.json
     python examples/zoo.py --skip-learners --timeout 900     # each model in its own process
+    python examples/zoo.py --models maxvit_t --learners fa,dtp   # only these learners in check 4
 
 torchvision is not a dependency of fbcompile; this script uses it when it is installed
 (``pip install --no-deps torchvision==0.28.0`` beside torch 2.13.0) and otherwise prints a message
@@ -41,7 +42,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from zoo_checks import CLASSES, Result, _crash, _tail, check_model, table  # noqa: E402
+from zoo_checks import CLASSES, LEARNERS, Result, _crash, _tail, check_model, table  # noqa: E402
 
 
 
@@ -124,13 +125,15 @@ def _zoo_input(spec, size, batch, seed=0):
     return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-def run_zoo_model(models, name, size, batch, skip_learners, learner_budget, step_timeout=0.0, log=print) -> Result:
+def run_zoo_model(models, name, size, batch, skip_learners, learner_budget, step_timeout=0.0, log=print,
+                  learners=LEARNERS) -> Result:
     spec = ZOO[name]
     x = _zoo_input(spec, size, batch)
     note = ", ".join(filter(None, [spec.note, f"{CLASSES} classes"]))
     try:
         return check_model(name, lambda: spec.build(models, x.shape[-1], CLASSES), x, skip_learners=skip_learners,
-                           learner_budget=learner_budget, step_timeout=step_timeout, note=note, log=log)
+                           learner_budget=learner_budget, step_timeout=step_timeout, note=note, log=log,
+                           learners=learners)
     except Exception as exc:  # noqa: BLE001  (building the model itself failed)
         res = Result(name, tuple(x.shape), note, compiled=f"build failed: {_crash(exc)}")
         res.tracebacks["build"] = _tail(exc)
@@ -156,7 +159,8 @@ def _run_isolated(name, args, log) -> Result:
         out = os.path.join(tmp, "one.json")
         command = [sys.executable, os.path.abspath(__file__), "--models", name, "--size", str(args.size),
                    "--batch", str(args.batch), "--learner-budget", str(args.learner_budget),
-                   "--step-timeout", str(args.step_timeout), "--threads", str(args.threads), "--out", out, "--child"]
+                   "--step-timeout", str(args.step_timeout), "--threads", str(args.threads), "--out", out, "--child",
+                   "--learners", ",".join(_learners(args))]
         if args.skip_learners:
             command.append("--skip-learners")
         start = time.perf_counter()
@@ -175,6 +179,10 @@ def _run_isolated(name, args, log) -> Result:
         return res
 
 
+def _learners(args) -> tuple:
+    return tuple(a.strip() for a in args.learners.split(",") if a.strip())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64, help="input height and width (raised to a model's minimum)")
     parser.add_argument("--batch", type=int, default=2, help="images per batch (train-mode BatchNorm needs 2)")
     parser.add_argument("--skip-learners", action="store_true", help="only checks 1-3")
+    parser.add_argument("--learners", default=",".join(LEARNERS),
+                        help="comma-separated learners of check 4 (default: all %(default)s)")
     parser.add_argument("--learner-budget", type=float, default=600.0,
                         help="seconds of learner steps per model after which the remaining learners are skipped")
     parser.add_argument("--step-timeout", type=float, default=300.0,
@@ -197,6 +207,9 @@ def main(argv=None) -> int:
     if args.table:
         print(table(load_results(args.table)))
         return 0
+    unknown = [a for a in _learners(args) if a not in LEARNERS]
+    if unknown or not _learners(args):
+        parser.error(f"unknown learner(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(LEARNERS)}")
 
     models = import_torchvision()
     if models is None:
@@ -222,7 +235,7 @@ def main(argv=None) -> int:
             res = _run_isolated(name, args, print)
         else:
             res = run_zoo_model(models, name, args.size, args.batch, args.skip_learners, args.learner_budget,
-                                args.step_timeout, log=lambda s: print(s, flush=True))
+                                args.step_timeout, log=lambda s: print(s, flush=True), learners=_learners(args))
         if not args.child:
             print(f"  [{name}] {res.seconds.get('total', '-')} s", flush=True)
         results.append(res)

@@ -11,7 +11,8 @@ Rules (x = saved input, y = saved output, g = feedback at y):
 - T, invertible (tanh, sigmoid, leaky_relu, elu, softplus; torch's softplus jumps by
   log(1 + e^-threshold) / beta where it turns linear, so with a small threshold it is not
   injective and gets the linearised rules), kind "exact":
-  target G(t) = varsigma(t) = integral of sigma'(sigma^-1(t)) dt (paper 002, eq. 27);
+  target G(t) = varsigma(t) = integral of sigma'(sigma^-1(t)) dt (paper 002, eq. 27) on sigma's
+  range, constant beyond a finite end of it (t clamped to the range, see :func:`_target`);
   error J_G g = varsigma'(y) g = sigma'(x) g, computed with torch's fused backward kernel.
 - T, variant "hadamard" (eq. 29), kind "surrogate": G(t) = sigma(sigma'(x) * t);
   error = sigma'(sigma'(x) y) sigma'(x) g, its Jacobian at t = y.
@@ -27,6 +28,7 @@ Rules (x = saved input, y = saved output, g = feedback at y):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import sympy
@@ -135,14 +137,45 @@ def _kind_T(ctx):
     return "exact" if _invertible(ctx) else "linearised"
 
 
+def output_range(ctx) -> tuple:
+    """(sigma(-inf), sigma(+inf)) of an increasing activation for this call's hyperparameters: the
+    closure of its range, each end None where it is infinite (sigmoid (0, 1), tanh (-1, 1),
+    elu (-alpha, None), softplus (0, None), leaky_relu (None, None))."""
+    record = _BY_OP[ctx.op_call.spec]
+    consts = {k: v for k, v in _consts(ctx).items() if not isinstance(v, str)}
+    key = (ctx.op_call.spec.name, tuple(sorted(consts.items())))
+    if key not in _RANGES:
+        ends = record.apply(torch.tensor([-math.inf, math.inf], dtype=torch.float64), **consts).tolist()
+        _RANGES[key] = tuple(None if math.isinf(e) else e for e in ends)
+    return _RANGES[key]
+
+
+_RANGES: dict = {}
+
+
+def clamp_to_range(t, lo, hi):
+    """t clamped to [lo, hi] (None: that side unbounded); the identity, with slope 1, inside."""
+    return torch.clamp(t, lo, hi)
+
+
 def _target(ctx, t):
-    """Invertible: G(t) = varsigma(t) (sigma's own kernel where varsigma is sigma). Otherwise the
-    linearisation G(t) = x + sigma'(x) (t - y)."""
+    """Invertible: G(t) = varsigma(clamp(t, sigma(-inf), sigma(+inf))) (sigma's own kernel where
+    varsigma is sigma). varsigma' = sigma'(sigma^-1) exists only on sigma's range and tends to 0 at
+    a finite end of it (sigmoid, tanh, elu, softplus), so varsigma continues as a constant outside:
+    G stays continuous and non-decreasing, and its Jacobian at the operating point t = y (inside the
+    range) is unchanged. varsigma's own formula outside the range is not a target map: sigmoid's
+    y^2/2 - y^3/3 and tanh's y - y^3/3 turn cubic and decreasing, elu's and softplus's decrease, so
+    one target delta of 10 at a sigmoid gate becomes ~300 and chained gates overflow (issue 11:
+    efficientnet_b0's squeeze-excitation gates). Otherwise the linearisation
+    G(t) = x + sigma'(x) (t - y)."""
     if not _invertible(ctx):
         return {"input": ctx.saved("input") + _local_slope(ctx) * (t - ctx.saved("output"))}
     functions = derived(ctx)
     if functions.varsigma_is_forward:
         return {"input": ctx.call(_BY_OP[ctx.op_call.spec].functions[0], t, **_consts(ctx))}
+    lo, hi = output_range(ctx)
+    if lo is not None or hi is not None:
+        t = ctx.call(clamp_to_range, t, lo, hi)
     return {"input": ctx.call(functions.varsigma, t)}
 
 

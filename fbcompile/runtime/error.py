@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import OptionError
+from ..errors import NonFiniteError, OptionError
 from .base import Executor, Learner, StepResult
 from .losses import output_error
 from ..initialisation import INITS
@@ -77,6 +77,22 @@ class FeedbackAlignment(ErrorPropagation):
         o = self.options
         self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"], seed=o["seed"],
                                         trainable=False, sign=o["sign"])
+
+    def checked_compute(self, inputs, targets, loss_fn):
+        """The step, with a non-finite update explained: a normalisation after a weight (conv ->
+        BatchNorm) makes BP's error independent of W's scale but not FA's, which is multiplied by
+        rms(B)/rms(W) at every such pair; feedback far larger than the weights overflows."""
+        try:
+            return super().checked_compute(inputs, targets, loss_fn)
+        except NonFiniteError as exc:
+            ratios = sorted(r for r in self.feedback.scale_ratios().values() if r == r)
+            if not ratios:
+                raise
+            median = ratios[len(ratios) // 2]
+            raise NonFiniteError(f"{exc}. The fixed random feedback is {median:.1f}x the forward weights' scale "
+                                 f"(median rms(B)/rms(W) over {len(ratios)} matrices); BP's error does not depend on "
+                                 "that scale behind a normalisation, FA's grows by it at every such layer: "
+                                 "feedback_init='forward-scale' draws B at the forward weights' scale") from exc
 
     def extra_state(self):
         return {"feedback": self.feedback.state_dict()}
