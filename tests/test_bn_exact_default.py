@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbcompile
-from fbcompile.verify.checks import autograd_gradients, relative_error
+from fbcompile.verify.checks import adjoint_check, autograd_gradients, relative_error
 from fbcompile.zoo_models import BasicBlock, InvertedResidual
 from fbcompile.rules.norm import batch_norm_backward
 
@@ -172,3 +172,31 @@ def test_batch_norm_feedback_reads_the_saved_statistics_only():
     taps = program.executable("error").taps
     bn_nodes = [n.name for n in program.rules if program.rules[n].op == "batch_norm"]
     assert {(name, "mean") for name in bn_nodes} | {(name, "invstd") for name in bn_nodes} <= set(taps)
+
+
+def test_sync_batch_norm_in_one_process_equals_autograd_and_its_target_rule_is_adjoint():
+    """Without a process group SyncBatchNorm's global statistics are the local ones: bp equals
+    autograd in train mode (float64); the target-mode default is frozen statistics (not J^T, and
+    the verifier says so), and the exact-statistics rule meets the adjoint identity
+    <J u, v> = <u, J^T v>."""
+    def net():
+        return nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 36, 4)))
+    torch.manual_seed(0)
+    model = net().double().train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name == "1.weight" else 0.1))
+    reference = net().double().train()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    F.cross_entropy(reference(x), y).backward()
+    program = fbcompile.compile(model, x)
+    assert isinstance(program.model[1], nn.SyncBatchNorm)
+    fbcompile.learner(program, "bp").step(x, y, F.cross_entropy)
+    _grads_close(model, {n: p.grad for n, p in reference.named_parameters()})
+    rows = {row["node"]: row for row in fbcompile.verify(program, x).rows if row.get("op") == "sync_batch_norm"}
+    assert rows["_1"]["kind"] == "frozen-statistics" and rows["_1"]["tjml_rel"] > 1e-3    # not J^T: frozen
+    exact = fbcompile.compile(model, x, variants=("exact-statistics",))
+    assert exact.rule_for("_1", "target").kind == "exact"
+    assert adjoint_check(exact, "_1", x) < 1e-10
