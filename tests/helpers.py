@@ -14,6 +14,16 @@ from fbcompile.errors import NonFiniteError
 from fbcompile.verify.checks import autograd_gradients, relative_error
 
 
+def randomise_vectors(model):
+    """No vector parameter at its exact default (zero biases, unit norm scales make comparisons
+    vacuous or special): biases ~ N(0, 0.3), other 1-d parameters ~ N(1, 0.3). Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.3)
+    return model
+
+
 def grads_of(model):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 

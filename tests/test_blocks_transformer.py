@@ -16,7 +16,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.verify.checks import relative_error
 
-from helpers import compare_with_autograd, grads_of
+from helpers import compare_with_autograd, grads_of, randomise_vectors
 
 TOL = 1e-8
 LEARNERS = ("bp", "fa", "dtp", "dfa", "drtp", "mf")
@@ -164,13 +164,6 @@ def _input(model, dtype=torch.float64):
     return torch.randn(BATCH, TOKENS, 6, dtype=dtype)
 
 
-def _randomise(model):
-    """No parameter at an exact default: biases and norms' affine parameters drawn at random."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.3)
-    return model
 
 
 def _parameter_errors(model, program, x):
@@ -188,7 +181,7 @@ def _parameter_errors(model, program, x):
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_block_error_mode_equals_autograd(name):
     torch.manual_seed(0)
-    model = _randomise(BLOCKS[name]().double()).eval()
+    model = randomise_vectors(BLOCKS[name]().double()).eval()
     x = _input(model)
     program = fbcompile.compile(model, x, variants=("exact-statistics",))
     if x.is_floating_point():
@@ -207,7 +200,7 @@ def _train_mode_program(name):
     """(model, input, program) in train mode, float32, compiled once per block (a step without an
     optimizer leaves the parameters as they are)."""
     torch.manual_seed(1)
-    model = _randomise(BLOCKS[name]()).train()
+    model = randomise_vectors(BLOCKS[name]()).train()
     x = _input(model, torch.float32)
     return model, x, fbcompile.compile(model, x)
 

@@ -14,7 +14,7 @@ import fbcompile
 from fbcompile.rules.dropout import declare_stochastic_depth
 from fbcompile.verify.checks import autograd_gradients, relative_error
 
-from helpers import compare_with_autograd, grads_of
+from helpers import compare_with_autograd, grads_of, randomise_vectors
 
 TOL = 1e-8
 LEARNERS = ("bp", "fa", "dtp", "dfa", "drtp", "mf")
@@ -40,10 +40,8 @@ STOCHASTIC_DEPTH = declare_stochastic_depth(stochastic_depth, name="tests.stocha
 def _randomise(model):
     """No parameter or statistic at its exact default: biases, norms' affine parameters, layer
     scales and BatchNorm running statistics drawn at random."""
+    randomise_vectors(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.3)
         for name, b in model.named_buffers():
             if name.endswith("running_mean"):
                 b.normal_(0.0, 0.3)

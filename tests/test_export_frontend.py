@@ -23,7 +23,7 @@ from fbcompile.models import build_model
 from fbcompile.runtime import ALGORITHMS
 from fbcompile.verify.checks import relative_error
 
-from helpers import compare_with_autograd, grads_of
+from helpers import compare_with_autograd, grads_of, randomise_vectors
 
 TOL = 1e-8
 BATCH, CLASSES = 4, 3
@@ -102,14 +102,6 @@ def _input(name, dtype=torch.float64):
     return torch.randn(BATCH, 2, 6, 6, dtype=dtype) if name == "shape_dtype_branch" else torch.randn(BATCH, 6, dtype=dtype)
 
 
-def _randomise(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.3)
-    return model
-
-
 def _leaves(out):
     """The model's output tensors in pytree order (what the exported program returns, flattened)."""
     return [v for v in torch.utils._pytree.tree_leaves(out) if isinstance(v, torch.Tensor)]
@@ -125,7 +117,7 @@ def _autograd(model, x, errors):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_auto_falls_back_to_export_and_error_mode_equals_autograd(name):
     torch.manual_seed(0)
-    model = _randomise(MODELS[name]().double()).eval()
+    model = randomise_vectors(MODELS[name]().double()).eval()
     x = _input(name)
     program = fbcompile.compile(model, x, frontend="auto")
     used, note = frontend_of(program.traced)
@@ -144,7 +136,7 @@ def test_auto_falls_back_to_export_and_error_mode_equals_autograd(name):
 
 def _train_program(name):
     torch.manual_seed(1)
-    model = _randomise(MODELS[name]()).train()
+    model = randomise_vectors(MODELS[name]()).train()
     x = _input(name, torch.float32)
     return model, x, fbcompile.compile(model, x)
 
@@ -174,7 +166,7 @@ def test_every_learner_steps_on_the_exported_program(name):
 
 def test_batch_norm_statistics_update_in_the_users_buffers_as_the_forward_would():
     torch.manual_seed(2)
-    model = _randomise(ShapeDtypeBranch().double()).train()
+    model = randomise_vectors(ShapeDtypeBranch().double()).train()
     model.drop.p = 0.0
     x = _input("shape_dtype_branch")
     before = {n: b.clone() for n, b in model.named_buffers()}
@@ -195,7 +187,7 @@ def test_batch_norm_statistics_update_in_the_users_buffers_as_the_forward_would(
 
 def test_parameters_are_the_models_own_and_state_dict_round_trips():
     torch.manual_seed(3)
-    model = _randomise(WrappedHelper().double())
+    model = randomise_vectors(WrappedHelper().double())
     x = _input("wrapped_helper")
     program = fbcompile.compile(model, x, frontend="export")
     assert all(program.params[n] is p for n, p in model.named_parameters())
@@ -211,7 +203,7 @@ def test_parameters_are_the_models_own_and_state_dict_round_trips():
 def test_both_front_ends_give_the_same_feedback_grads_and_verify_report(name, shape):
     torch.manual_seed(4)
     options = {"mlp": {"width": 16, "depth": 2}, "mixer": {"dim": 8, "hidden": 16, "blocks": 1}}.get(name, {})
-    model = _randomise(build_model(name, shape, 5, **options).double()).eval()
+    model = randomise_vectors(build_model(name, shape, 5, **options).double()).eval()
     x = torch.randn(2, *shape, dtype=torch.float64)
     error = torch.randn(2, 5, dtype=torch.float64)
     results = {}
@@ -308,7 +300,7 @@ def test_transformer_example_runs_through_export_with_every_algorithm(tmp_path):
 
 def test_dropout_and_batch_norm_modules_follow_train_and_eval_after_capture():
     torch.manual_seed(6)
-    model = _randomise(ShapeDtypeBranch().double()).train()
+    model = randomise_vectors(ShapeDtypeBranch().double()).train()
     x = _input("shape_dtype_branch")
     program = fbcompile.compile(model, x, frontend="export")
     modules = {n.target for n in program.traced.graph.nodes if n.op == "call_module"}
@@ -326,7 +318,7 @@ class Reshaping(WrappedHelper):
 
 def test_a_one_sample_example_still_gives_a_program_for_any_batch():
     torch.manual_seed(7)
-    model = _randomise(Reshaping().double())
+    model = randomise_vectors(Reshaping().double())
     program = fbcompile.compile(model, _input("wrapped_helper")[:1], frontend="export")
     x = _input("wrapped_helper")
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fbcompile
 from fbcompile.frontends import frontend_of
 from fbcompile.verify.checks import relative_error
+from helpers import randomise_vectors
 
 # a CUDA torchvision wheel beside CPU torch fails in its meta registrations; transformers imports it
 if "torchvision" not in sys.modules:
@@ -41,11 +42,7 @@ def _logits(out):
 def test_error_mode_equals_autograd_in_float64(name):
     torch.manual_seed(0)
     model, x = _build(name)
-    model = model.double().eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.0 if n.endswith("bias") else 1.0, 0.3)
+    model = randomise_vectors(model.double().eval())
     x = x.double() if x.is_floating_point() else x
     program = fbcompile.compile(model, x)
     assert frontend_of(program.traced)[0] == "export"
