@@ -231,6 +231,7 @@ def main() -> None:
     finally:
         with open(f"{out}/rank{rank}.json", "w") as stream:
             json.dump(report, stream)
+        dist.barrier()                   # no rank tears gloo down while the other is still in a collective
         dist.destroy_process_group()
 
 
