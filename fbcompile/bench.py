@@ -130,9 +130,10 @@ def model_batch(model_name: str, shape=(3, 32, 32), batch: int = 32, num_classes
     torch.manual_seed(seed)
     model = build_model(model_name, shape, num_classes).train()
     generator = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, *shape, generator=generator)
-    y = torch.randint(0, num_classes, (batch,), generator=generator)
-    return model, x, y
+    x = torch.randn(batch, *shape, device="cpu", generator=generator)
+    y = torch.randint(0, num_classes, (batch,), device="cpu", generator=generator)
+    device = next(model.parameters()).device                # torch's default device
+    return model, x.to(device), y.to(device)
 
 
 def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, seed: int = 0) -> Callable:

@@ -44,6 +44,11 @@ class NonFiniteError(FBCompileError):
     """A training step produced non-finite targets or updates; nothing was changed."""
 
 
+class TrainingModeError(FBCompileError):
+    """A program whose captured graph depends on the train/eval mode (functional dropout, ``if
+    self.training:``) runs with training flags other than those it was compiled with."""
+
+
 class DataError(FBCompileError):
     """A dataset specification, path or file is missing or malformed."""
 

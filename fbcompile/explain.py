@@ -48,6 +48,8 @@ def explain_table(program) -> str:
     frontend, note = frontend_of(program.traced)
     if frontend != "fx" or note:
         header = header.rstrip("\n") + f"; captured with {_FRONTEND_NAMES[frontend]}" + (f" ({note})" if note else "") + "\n"
+    if program.mode_guard is not None:
+        header = header.rstrip("\n") + f"; {program.mode_guard.summary}\n"
     sources = [f"  {row['node']}: {row['source']}" for row in rows if row["source"] and row["rule"] != "-"]
     return header + format_table(rows, columns) + ("\n\nsource lines:\n" + "\n".join(sources) if sources else "")
 

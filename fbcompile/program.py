@@ -12,6 +12,7 @@ from .passes.feedback import FeedbackGraph, emit_feedback, family_of
 from .passes.direct_graph import UnitGradients, unit_gradients
 from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
+from .mode_guard import mode_guard_of
 from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
 
@@ -38,6 +39,8 @@ class FeedbackProgram:
       ("error", "target", "difference").
     - ``propagate_error(inputs, output_error)``: error mode with the forward weights.
     - ``explain()``, ``feedback_code``, ``units``, ``slots``.
+    - ``mode_guard``: None, or the training flags a mode-dependent graph was captured with
+      (:mod:`fbcompile.mode_guard`); :meth:`check_mode` refuses to run in other flags.
     - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
       unit_error modes; "target": target, difference and the unit target modes), chosen with the
       family's ``variants[family]``. ``rules`` is the target family's (the Jacobian matching that
@@ -53,9 +56,23 @@ class FeedbackProgram:
         self.params = dict(model.named_parameters())
         self.outputs = active_outputs(traced)
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        self.mode_guard = mode_guard_of(traced)
         self.feedback, self.slots = {}, []
         self._derived = {}
         self.feedback_graph("error")
+
+    def __repr__(self):
+        mode = f", {self.mode_guard.summary}" if self.mode_guard is not None else ""
+        return (f"FeedbackProgram({type(self.model).__name__}, condition {self.condition}, "
+                f"{len(self.partition.units)} units{mode})")
+
+    def check_mode(self) -> None:
+        """Raise :class:`~fbcompile.errors.TrainingModeError` if the captured graph depends on the
+        training mode and the model's modules now have other training flags than at capture. Every
+        run of the captured forward on the model checks this first: :meth:`propagate_error`, and a
+        learner when it opens a step's transaction (before anything changes)."""
+        if self.mode_guard is not None:
+            self.mode_guard.check()
 
     def executable(self, *modes: str) -> Executable:
         """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``
@@ -232,6 +249,7 @@ class FeedbackProgram:
         """Error mode: propagate ``output_error`` (dL/d output) through the feedback graph with the
         forward weights, accumulate parameter gradients into ``.grad`` exactly where autograd's
         backward would, and return the error at each model input (a tensor for one input)."""
+        self.check_mode()
         inputs, errors = as_tuple(inputs), as_tuple(output_error)
         run = self.executable("error")
         with torch.no_grad():

@@ -47,6 +47,12 @@ def _randomise(model):
                 b.normal_(0.0, 0.3)
             elif name.endswith("running_var"):
                 b.uniform_(0.5, 2.0)
+        for module in model.modules():
+            if isinstance(module, SqueezeExcitation):
+                # keep the gate's ReLU and hard sigmoid in their active range, else some draws leave
+                # the SE branch with an exactly zero gradient and the comparison vacuous
+                module.fc1.bias.uniform_(0.5, 1.0)
+                module.fc2.bias.uniform_(-0.5, 0.5)
     return model
 
 

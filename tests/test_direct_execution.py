@@ -115,3 +115,30 @@ def test_update_unlocked_working_memory_does_not_grow_with_depth(algorithm):
     activation = 1024 * 128 * 4
     assert unlocked[8] <= unlocked[2] + activation // 2, (unlocked, stored)
     assert stored[8] >= stored[2] + 4 * activation, (unlocked, stored)     # the measure sees growth
+
+
+class _ChunkedParameter(nn.Module):
+    """Two units whose weights are the halves of one parameter (a tuple select of ``chunk``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(8, 6)), nn.Linear(4, 3)
+
+    def forward(self, x):
+        w1, w2 = self.w.chunk(2)
+        h = torch.tanh(x @ w1.t())
+        return self.head(torch.tanh(h @ w2[:, :4].t()))
+
+
+def test_unit_forwards_recompute_a_parameter_path_through_a_tuple_select():
+    """Each unit's own forward recomputes ``self.w.chunk(2)[i]`` (update-unlocked drtp and mf's
+    per-unit forwards raised KeyError: getitem)."""
+    model, x, y = _ChunkedParameter().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    program = fbcompile.compile(model, x)
+    unlocked = step_grads(fbcompile.learner(program, "drtp", seed=2), model, x, y)
+    stored = step_grads(fbcompile.learner(program, "drtp", seed=2, execution="stored"), model, x, y)
+    assert unlocked["w"] is not None and unlocked["w"].abs().sum() > 0
+    for name in unlocked:
+        torch.testing.assert_close(unlocked[name], stored[name], rtol=1e-13, atol=1e-15)
+    mono = step_grads(fbcompile.learner(program, "mf", seed=2), model, x, y)
+    assert mono["w"] is not None and bool(torch.isfinite(mono["w"]).all()) and mono["w"].abs().sum() > 0

@@ -103,6 +103,7 @@ def check_identical(rank: int) -> dict:
             learner.step(x[:SHARD], y[:SHARD], F.cross_entropy)
             optimizer.step()
         found[f"{algo}{options}"] = same_on_all_ranks(state_tensors(model, learner))
+        found[f"{algo}{options} overlapped"] = learner.communicator.overlapped
     return found
 
 

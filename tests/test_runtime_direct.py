@@ -332,10 +332,19 @@ class _CalledTwice(nn.Module):
         return self.out(torch.tanh(self.a(torch.tanh(self.b(torch.tanh(self.a(x)))))))
 
 
-@pytest.mark.parametrize("algorithm", ["dfa", "sdfa", "drtp", "shallow", "ddtp-linear"])
-def test_a_parameter_shared_by_two_units_is_refused_at_construction_naming_it(algorithm):
+@pytest.mark.parametrize("algorithm", DIRECT)
+def test_a_parameter_shared_by_two_units_is_listed_under_both_and_trains(algorithm):
+    """Each unit's term of a shared parameter's update, exactly, in every executor:
+    tests/test_shared_parameters.py."""
+    model, x, y = _CalledTwice().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm)
+    assert learner.plan.shared == {"a.weight": (0, 2), "a.bias": (0, 2)}
+    grads = step_grads(learner, model, x, y)
+    assert (grads["a.weight"] is None) == (algorithm == "shallow")
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+
+
+def test_mono_forward_heads_train_a_module_called_twice():
     model, x = _CalledTwice(), torch.randn(5, 6)
-    program = fbcompile.compile(model, x)
-    with pytest.raises(FBCompileError, match=r"parameter 'a\.weight' is used by units 0, 2"):
-        fbcompile.learner(program, algorithm)
-    fbcompile.learner(program, "mf").step(x, torch.randint(0, 3, (5,)), F.cross_entropy)   # per-unit heads: fine
+    learner = fbcompile.learner(fbcompile.compile(model, x), "mf")
+    assert torch.isfinite(step_grads(learner, model, x, torch.randint(0, 3, (5,)))["a.weight"]).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import spec_help
+from ..runtime.base import model_device
 from ..runtime.options import OPTIMIZER_CLASSES
 from . import resolve
 from .runs import RunConfig, check_positive
@@ -122,7 +123,7 @@ def model_from_args(args, *, dtype=None, batch: int = 2):
     if example is None:
         example = torch.randn(batch, *shape, device="cpu", generator=torch.Generator().manual_seed(seed))
     model = resolve.build(args.model, shape, num_classes, model_options(args), seed=seed).to(dtype)
-    example = example.to(dtype)
+    example = example.to(model_device(model), dtype)     # the model's device (torch's default)
     resolve.check_forward(model, example, args.model)
     return model, example
 

@@ -58,6 +58,7 @@ def setup(args_dict: dict):
     from .. import compile as compile_program
     from .. import learner as make_learner
     from ..bench import autograd_step, learner_step
+    from ..runtime.base import model_device
     from ..recommended import recommended
     args = argparse.Namespace(**args_dict)
     if args.data:
@@ -71,7 +72,9 @@ def setup(args_dict: dict):
         y = torch.randint(0, args.num_classes_resolved, (len(x),), device="cpu", generator=generator)
         loss_fn = F.cross_entropy
     steps, skipped = {}, {}
-    steps[BASELINE] = autograd_step(_fresh(args), x, y, loss_fn)
+    baseline = _fresh(args)
+    x, y = x.to(model_device(baseline)), y.to(model_device(baseline))     # torch's default device
+    steps[BASELINE] = autograd_step(baseline, x, y, loss_fn)
     _first_step(args, BASELINE, steps, skipped)
     shared = resolve.learner_options(args)
     for name in args.algos:

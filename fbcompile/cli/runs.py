@@ -27,6 +27,7 @@ from .. import compile as compile_program
 from .. import learner as make_learner
 from ..data import Dataset, load_dataset
 from ..errors import FBCompileError, OptionError
+from ..runtime.base import model_device
 from ..runtime.options import make_optimizer
 from . import resolve
 
@@ -113,7 +114,7 @@ def build_program(spec: str, input_shape, num_classes: int, *, model_options=Non
     model = resolve.build(spec, input_shape, num_classes, model_options, seed=seed).to(dtype)
     if example is None:
         example = torch.randn(2, *input_shape, device="cpu", generator=torch.Generator().manual_seed(seed))
-    example = example.to(dtype)
+    example = example.to(model_device(model), dtype)     # the model's device (torch's default)
     resolve.check_forward(model, example, spec)
     return model, compile_program(model, example, condition=condition, variants=tuple(variants), frontend=frontend)
 

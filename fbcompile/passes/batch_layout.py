@@ -210,9 +210,9 @@ def _inputs(traced: fx.GraphModule, batch: int, generator: torch.Generator, floa
         record = info(node)
         shape, dtype = (batch, *record.shape[1:]), record.dtype or torch.long
         if dtype.is_floating_point:
-            value = torch.randn(shape, generator=generator, dtype=floats or dtype)
+            value = torch.randn(shape, device="cpu", generator=generator, dtype=floats or dtype)
         else:
-            value = torch.randint(0, 2, shape, generator=generator).to(dtype)
+            value = torch.randint(0, 2, shape, device="cpu", generator=generator).to(dtype)
         inputs.append(value.to(device))
     return inputs
 

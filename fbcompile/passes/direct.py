@@ -21,6 +21,12 @@ parameters train; like every function here it never reads the compiled program o
   whose values leave it twice has two);
 - parameter-free units (a leading Flatten) get nothing.
 
+A parameter used by several units (a module called twice, tied weights) is listed under each of
+them (``DirectPlan.params``, :attr:`DirectPlan.shared`); its update is the sum of the units' local
+gradients, each through its own unit only: with L_u the local loss of unit u (whose input is
+detached), dtheta = sum over the units u using theta of dL_u/dtheta, exactly as the units' own
+parameters get dL_u/dtheta (see :mod:`fbcompile.runtime.direct`).
+
 S_u is the value's *per-sample* shape (:mod:`.batch_layout`). Where the model folds the batch into
 dim 0 together with tokens or windows (a value of shape (N*k, *rest) whose sample i is exactly rows
 [i*k, (i+1)*k), verified by running the model), S_u = (k, *rest): B_u is (C, k, *rest) and the
@@ -84,6 +90,15 @@ class DirectPlan:
     def of_unit(self, unit: int) -> list:
         return [p for p in self.projections if p.unit == unit]
 
+    @property
+    def shared(self) -> dict:
+        """{parameter: the trained units using it} for every parameter more than one unit uses."""
+        users = {}
+        for unit, names in self.params.items():
+            for name in names:
+                users.setdefault(name, []).append(unit)
+        return {name: tuple(units) for name, units in users.items() if len(units) > 1}
+
 
 def plan_direct(traced: fx.GraphModule, partition, params) -> DirectPlan:
     """The direct-projection plan of the model ``traced`` grouped into ``partition``'s units;
@@ -106,7 +121,6 @@ def plan_direct(traced: fx.GraphModule, partition, params) -> DirectPlan:
             continue
         hidden_units.append(unit.index)
         hidden_outputs += [(unit.index, node) for node in unit.outputs]
-    _refuse_shared_parameters(trained)
     axes = batch_axes(traced, [node for _, node in hidden_outputs], "direct feedback")
     for unit, node in hidden_outputs:
         projections.append(Projection(len(projections), unit, node.name, _per_sample_shape(node, axes[node]),
@@ -115,23 +129,6 @@ def plan_direct(traced: fx.GraphModule, partition, params) -> DirectPlan:
         raise FBCompileError("direct feedback needs a unit with parameters that produces the model output; "
                              "this program's output is computed by parameter-free ops only")
     return DirectPlan(sum(sizes), tuple(output_units), tuple(hidden_units), tuple(projections), trained)
-
-
-def _refuse_shared_parameters(trained: dict) -> None:
-    """A direct update is made per unit from that unit's own error maps; a parameter used by several
-    units (a module called twice, tied input/output weights) would need each unit's share of its
-    gradient, which the per-unit graphs do not separate yet: refuse, naming it."""
-    owners = {}
-    for unit, names in trained.items():
-        for name in names:
-            owners.setdefault(name, []).append(unit)
-    shared = {name: units for name, units in owners.items() if len(units) > 1}
-    if shared:
-        name, units = next(iter(shared.items()))
-        raise FBCompileError(f"direct feedback updates each unit separately, but parameter {name!r} is used by "
-                             f"units {', '.join(map(str, units))} (a module called twice, or tied weights)"
-                             f"{f' and {len(shared) - 1} more shared parameter(s)' if len(shared) > 1 else ''}; "
-                             "per-unit updates of a shared parameter are not supported: use bp, fa, dtp or mf")
 
 
 def _per_sample_shape(node, batch_axis=0) -> tuple:

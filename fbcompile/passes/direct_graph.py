@@ -29,7 +29,7 @@ only caches :func:`unit_gradients` (``FeedbackProgram.unit_gradients()``) for th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx, nn
 
@@ -39,6 +39,7 @@ from .direct import DirectPlan, project_dense, project_labels
 from .feedback import FeedbackGraph
 from .forward import build_unit_forwards
 from .prune import GradientSubgraph, gradient_subgraph
+from .unit_share import InseparableShare, own_share
 
 SIGNAL_INPUTS = {False: ("signal",), True: ("labels", "factor")}     # labels? -> placeholder names
 
@@ -54,7 +55,10 @@ class UnitGradients:
     model's input placeholders and output nodes; ``traced`` and ``feedback`` (the "unit_error"
     module): where the attributes the graphs read live; ``slot_params``: slot key -> qualified name
     of the forward weight a rule's ``ctx.weight`` stands for (a unit's own gradient is the true
-    local gradient, so inside a unit every feedback weight is the forward weight)."""
+    local gradient, so inside a unit every feedback weight is the forward weight). A parameter
+    used by several units gets in ``pruned[u]`` unit u's share of its gradient only
+    (:func:`~fbcompile.passes.unit_share.own_share`); ``refused`` maps a unit whose share cannot
+    be separated to the reason (its graph is then refused when asked for)."""
     inputs: tuple
     outputs: tuple
     pruned: dict
@@ -62,6 +66,7 @@ class UnitGradients:
     traced: fx.GraphModule
     feedback: fx.GraphModule
     slot_params: dict
+    refused: dict = field(default_factory=dict)
 
     def graph(self, unit: int) -> GradientSubgraph:
         """Unit ``unit``'s gradient graph: given delta_u at the unit's outputs, dL_u/dtheta =
@@ -69,6 +74,8 @@ class UnitGradients:
         deltas ("cut" inputs), taps and weights ("slot", bound to the forward weight); anything
         else cannot be bound into a fused update graph, so such a unit is an
         :class:`FBCompileError` when asked for (a frozen unit nobody asks for is no error)."""
+        if unit in self.refused:
+            raise FBCompileError(self.refused[unit])
         subgraph = self.pruned[unit]
         other = [source for source in subgraph.inputs if source[0] not in ("cut", "tap", "slot")]
         if other:
@@ -80,19 +87,32 @@ class UnitGradients:
 def unit_gradients(traced: fx.GraphModule, partition, unit_error: FeedbackGraph) -> UnitGradients:
     """:class:`UnitGradients` of ``traced`` grouped into ``partition``, from its emitted "unit_error"
     graph (a unit without parameters gets an empty gradient graph)."""
-    pruned = {unit.index: _unit_subgraph(unit_error, unit) for unit in partition.units}
+    pruned, refused = {}, {}
+    for unit in partition.units:
+        try:
+            pruned[unit.index] = _unit_subgraph(unit_error, unit)
+        except InseparableShare as exc:
+            pruned[unit.index] = _empty_subgraph(unit)
+            refused[unit.index] = (f"unit {unit.index} ({unit.name}) shares parameters with other units and its "
+                                   f"share of their gradients cannot be separated in the compiled graph: {exc}")
     taps = {unit.index: [key for kind, key in pruned[unit.index].inputs if kind == "tap"]
             for unit in partition.units if unit.params}
     stages = build_unit_forwards(traced, partition, taps)
     inputs = tuple(n for n in traced.graph.nodes if n.op == "placeholder")
     return UnitGradients(inputs, tuple(active_outputs(traced)), pruned, tuple(stages), traced, unit_error.module,
-                         dict(unit_error.slot_params))
+                         dict(unit_error.slot_params), refused)
 
 
 def _unit_subgraph(unit_error: FeedbackGraph, unit) -> GradientSubgraph:
+    """The "unit_error" graph pruned to ``unit``'s parameters and restricted to its own deltas: a
+    parameter other units use too gets this unit's term of its gradient only."""
     wanted = [q for q in unit.params if q in unit_error.params]
-    if wanted:
-        return gradient_subgraph(unit_error, wanted)
+    if not wanted:
+        return _empty_subgraph(unit)
+    return own_share(gradient_subgraph(unit_error, wanted), {node.name for node in unit.outputs})
+
+
+def _empty_subgraph(unit) -> GradientSubgraph:
     graph = fx.Graph()
     graph.output(())
     return GradientSubgraph(fx.GraphModule(nn.Module(), graph, class_name=f"Unit{unit.index}Gradients"), (), ())
@@ -101,7 +121,8 @@ def _unit_subgraph(unit_error: FeedbackGraph, unit) -> GradientSubgraph:
 @dataclass(frozen=True)
 class DirectGradientGraph:
     """``module(*args)`` returns one gradient per entry of ``params`` (a name repeats when two units
-    share a parameter; the learner sums them); ``inputs`` says what each argument is."""
+    share a parameter, each entry that unit's share; the learner sums them; None where a unit's
+    share is zero); ``inputs`` says what each argument is."""
     module: fx.GraphModule
     inputs: tuple
     params: tuple

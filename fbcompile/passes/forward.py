@@ -252,7 +252,7 @@ def _with_helpers(nodes: list, partition) -> set:
         node = stack.pop()
         for src in node.all_input_nodes:
             record = info(src)
-            helper = record.role == "value" or (record.role == "op" and record.param_only)
+            helper = record.role == "value" or (record.role in ("op", "select") and record.param_only)
             if src not in members and src not in partition.unit_of and helper:
                 members.add(src)
                 stack.append(src)

@@ -15,7 +15,9 @@ where z_l depends on the shape of a_l (batch dim first):
   [b*k, (b+1)*k) (verified by running the model, :mod:`.batch_layout`), is read per sample as
   (B, k, *rest): flat when rest is small, else each of its k rows projected as a channel;
 - ``output_head="model"``: a unit returning the model's output of shape (B, classes) is scored by
-  that output itself (no M): the model's own classifier is its head.
+  that output itself (no M): the model's own classifier is its head. An output of shape
+  (B, ..., classes), class scores per position (per-token logits), is refused: every head
+  classifies whole samples.
 
 Attachment (``attach``): ``"pre_pool"`` (default, the paper's choice: after the activation, before
 pooling; the spatial sizes of its Table 4 are the pre-pool ones) walks back from the unit's output
@@ -132,6 +134,8 @@ def attach_heads(traced: fx.GraphModule, partition, stages: list, params: dict, 
     name -> parameter (``requires_grad`` says which units train; the first one's device is the
     heads')."""
     _check(classes, d, attach, init, output_head)
+    if output_head == "model":
+        _refuse_per_position_scores(traced, classes)
     device = next((p.device for p in params.values()), torch.device("cpu"))
     trained = {u.index for u in partition.units if any(params[p].requires_grad for p in u.params)}
     model_outputs = {n for n in active_outputs(traced) if _shape(n) is not None and _shape(n)[1:] == (classes,)}
@@ -157,6 +161,23 @@ def attach_heads(traced: fx.GraphModule, partition, stages: list, params: dict, 
     if not heads:
         raise FBCompileError("Mono-Forward needs at least one unit with trainable parameters; this model has none")
     return Heads(heads), head_stages
+
+
+def _refuse_per_position_scores(traced: fx.GraphModule, classes: int) -> None:
+    """A model output (B, ..., classes) with dims besides the batch and the classes holds class
+    scores per position (a language model's per-token logits): as its own head (``output_head=
+    "model"``) it would classify positions, while every head classifies whole samples (one target
+    per sample, paper 004). Refused, naming the shape."""
+    for node in active_outputs(traced):
+        shape = _shape(node)
+        if shape is not None and len(shape) > 2 and shape[-1] == classes:
+            raise FBCompileError(
+                f"Mono-Forward's heads classify whole samples (one target per sample: shape (batch,) or (batch, "
+                f"classes)), but the model output {node.name!r} has shape {shape}: class scores per position "
+                f"(classes={classes} with {len(shape) - 2} dim(s) besides the batch), as a language model's "
+                "per-token logits. Reduce the output to (batch, classes) (e.g. pool over the positions) or train "
+                "with another learner (bp, fa, dfa, drtp, dtp); if the output holds features for a head to "
+                "classify whole samples, pass output_head='linear'")
 
 
 def attachment_node(unit, attach: str) -> fx.Node:

@@ -32,10 +32,25 @@ backward reads and then one local backward per unit -- the path DFA and sDFA alw
 they need the output error; it never runs a backward chain through the network either. Both give
 the same updates.
 
+Parameters shared across units (a module called twice, tied weights): with L_u the local loss of
+unit u, whose gradient at the unit's output is delta_u (L_u = <h_u, delta_u> with delta_u held
+constant; DDTP's ||h_u - t_u||^2 / (2 beta)), and the unit's input detached, a parameter theta gets
+
+    dtheta = sum over the units u that use theta of dL_u/dtheta = sum_u J_{F_u, theta}^T delta_u,
+
+each term through unit u's own forward F_u only (no credit through another unit), exactly as an
+unshared parameter gets its unit's term. The autograd executors get each term from the unit's own
+backward (its graph starts at the detached unit input, so it reaches theta only through the unit's
+own uses) and add them; the compiled ones read each unit's term off its own gradient graph
+(:func:`~fbcompile.passes.unit_share.own_share`) and add them; where a unit's term cannot be
+separated there, the autograd executor of the same kind runs instead. An update-unlocked step
+hands a shared parameter's update to data-parallel communication only after its last unit.
+
 Executors (chosen once, at construction; ``StepResult.details["executor"]``): "compiled-stored"
 and "compiled-unlocked" run without autograd (``self.compiled``) when every error map inside the
 units is exact (:attr:`FeedbackProgram.exact_within_units`) and the output units output only model
-outputs; "stored" and "update-unlocked" are the autograd paths. Compiled (:mod:`.direct_compiled`),
+outputs (and every shared parameter's terms separate per unit); "stored" and "update-unlocked"
+are the autograd paths. Compiled (:mod:`.direct_compiled`),
 the forward runs under no_grad and saves the taps of the compiled "unit_error" graph, and every
 update after it comes from one generated graph that makes each delta and pulls it back through its
 unit's pruned gradient graph
@@ -124,9 +139,15 @@ class DirectLearner(Learner):
         unlocked = self.options.get("execution") == "unlocked"
         program = self.program
         if compiled and program.exact_within_units and all(
-                set(program.partition.units[u].outputs) <= set(program.outputs) for u in self.plan.output_units):
+                set(program.partition.units[u].outputs) <= set(program.outputs) for u in self.plan.output_units) \
+                and self._shares_separate():
             return COMPILED_UNLOCKED if unlocked else COMPILED_STORED
         return UPDATE_UNLOCKED if unlocked else STORED
+
+    def _shares_separate(self) -> bool:
+        """Whether every trained unit's compiled gradient graph reads only its own deltas (always
+        true without shared parameters, where nothing is built to find out)."""
+        return not self.plan.shared or not set(self.program.unit_gradients().refused) & set(self.trained_units())
 
     @property
     def compiled(self) -> bool:
@@ -138,7 +159,9 @@ class DirectLearner(Learner):
         """Tests compare the paths: False switches to the autograd executor of the same kind."""
         chosen = self.choose_executor(compiled=bool(value))
         if bool(value) and chosen.autograd:
-            raise FBCompileError(f"algorithm {self.name!r} has no compiled executor for this program")
+            refused = self.program.unit_gradients().refused if self.plan.shared else {}
+            why = [f"; {refused[unit]}" for unit in self.trained_units() if unit in refused]
+            raise FBCompileError(f"algorithm {self.name!r} has no compiled executor for this program{''.join(why[:1])}")
         self.executor = chosen
         self.executable = self.program.executable("unit_error") if self.compiled else self.program.executable()
 
@@ -191,15 +214,26 @@ class DirectLearner(Learner):
                 self.before_update(inputs, output, {n: v.detach() for n, v in values.items()}, signal)
             for unit in reversed(plan.hidden_units):
                 projections = plan.of_unit(unit)
-                self._unit_update(unit, [values.pop(p.node) for p in projections], projections, signal, updates)
+                self._unit_update(unit, [values.pop(p.node) for p in projections], projections, signal, updates,
+                                  retain=self._shares_graph(plan.params[unit]))
         return self._result(loss, output), updates
 
-    def _unit_update(self, unit: int, outputs: list, projections: list, signal: Signal, updates: dict) -> None:
-        """Add unit ``unit``'s update: its projected signals pulled back through its own graph."""
+    def _unit_update(self, unit: int, outputs: list, projections: list, signal: Signal, updates: dict,
+                     retain: bool = False) -> None:
+        """Add unit ``unit``'s update: its projected signals pulled back through its own graph
+        (``retain``: keep the graph's saved tensors, see :meth:`_shares_graph`)."""
         names = self.plan.params[unit]
         grads = torch.autograd.grad(outputs, [self.program.params[n] for n in names],
-                                    [self.delta(p, signal) for p in projections], allow_unused=True)
+                                    [self.delta(p, signal) for p in projections], allow_unused=True,
+                                    retain_graph=retain)
         accumulate(updates, names, grads)
+
+    def _shares_graph(self, names) -> bool:
+        """Whether, in the stored forward, a unit with parameters ``names`` may share graph nodes
+        with another unit's backward (a parameter path such as ``w.t()`` computed once and read by
+        both): then a backward through them must not free their saved tensors (each unit's graph
+        is still freed with its outputs). Update-unlocked stages recompute such paths per unit."""
+        return any(name in self.plan.shared for name in names)
 
     def _unlocked(self, inputs, targets, loss_fn):
         """Units one after another; a hidden unit's update is computed inside ``visit``, right after
@@ -209,6 +243,7 @@ class DirectLearner(Learner):
         learning = set(self.trained_units())
         stages = [program.unit_forwards()[index] for index in self.order]
         needs_graph = [stage.unit.index in learning for stage in stages]
+        final = self.final_updates()
         updates, position = {}, [0]
 
         def visit(stage, unit_inputs, unit_outputs):
@@ -217,7 +252,7 @@ class DirectLearner(Learner):
                 by_node = dict(zip((n.name for n in stage.outputs), unit_outputs))
                 projections = plan.of_unit(index)
                 self._unit_update(index, [by_node[p.node] for p in projections], projections, signal, updates)
-                self.launch_update(plan.params[index], updates)    # data parallel: overlaps the next units
+                self.launch_update(final[index], updates)    # data parallel: overlaps the next units
             position[0] += 1
             if position[0] < len(stages):          # grad mode of the next unit's forward
                 torch.set_grad_enabled(needs_graph[position[0]])
@@ -233,6 +268,18 @@ class DirectLearner(Learner):
             accumulate(updates, [name], [update])
         return self._result(loss, output), updates
 
+    def final_updates(self) -> dict:
+        """{hidden unit: its parameters whose update is complete once it has run} in update-unlocked
+        execution (``self.order``, the output units' updates last): a shared parameter is complete
+        after the last unit using it, and never before the output units when one of them uses it."""
+        last = {}
+        for index in self.order:
+            if index in self.plan.hidden_units:
+                last.update(dict.fromkeys(self.plan.params[index], index))
+        for index in self.plan.output_units:
+            last.update(dict.fromkeys(self.plan.params[index], None))
+        return {index: [n for n in self.plan.params[index] if last[n] == index] for index in self.plan.hidden_units}
+
     def _output_update(self, output, targets, loss_fn) -> tuple:
         """(loss, e = dL/d outputs, the output units' update), from ONE backward of the loss that
         stops at the output units' detached inputs: the output units learn from their local gradient."""
@@ -240,7 +287,8 @@ class DirectLearner(Learner):
         names = [name for unit in self.plan.output_units for name in self.plan.params[unit]]
         with torch.enable_grad():
             loss = scalar_loss(loss_fn, outs, targets)
-            grads = torch.autograd.grad(loss, [*outs, *(self.program.params[n] for n in names)], allow_unused=True)
+            grads = torch.autograd.grad(loss, [*outs, *(self.program.params[n] for n in names)], allow_unused=True,
+                                        retain_graph=self._shares_graph(names))
         errors = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(grads, outs))
         updates = {}
         accumulate(updates, names, grads[len(outs):])

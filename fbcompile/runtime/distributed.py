@@ -116,6 +116,7 @@ class Communicator:
         self.overlap = True            # launch_update starts all-reduces at once (False: all at the end)
         self.launched = []             # (names, tensors, flat buffer, work) of this step's async buckets
         self.schedule = None           # (numel, dtype) of the async buckets of the last completed step
+        self.overlapped = 0            # buckets the last step launched before its end
         self.sizes = []                # those of this step
         self.wait_seconds = 0.0        # time blocked on communication: launches and waits (all steps)
         self.check_fingerprint()
@@ -233,9 +234,11 @@ class Communicator:
         tensors = [updates[n] for n in names]
         size = (sum(t.numel() for t in tensors), tensors[0].dtype)
         position = len(self.sizes)
-        self.sizes.append(size)
-        if self.schedule is None or position >= len(self.schedule) or self.schedule[position] != size:
-            self.sizes.pop()     # no agreed schedule for it (first step, or the sizes changed): sync at the end
+        self.sizes.append(size)      # this step's sizes: the next step's schedule
+        scheduled = self.schedule is not None and position < len(self.schedule) and self.schedule[position] == size
+        if not scheduled or len(self.launched) != position:
+            # no agreed schedule (first step, or the sizes changed; then none after it either, so the
+            # launched buckets stay a prefix of the schedule, which drain() relies on): sync at the end
             return
         flat = self._stage(torch.cat([t.reshape(-1).to(size[1]) for t in tensors]))
         work = self._start(flat)
@@ -255,6 +258,7 @@ class Communicator:
     def finish(self, updates: dict, scale: float) -> dict:
         """Wait for the launched buckets and reduce everything else: ``scale`` sum_r U_r."""
         averaged, launched = dict(updates), {}
+        self.overlapped = len(self.launched)
         for names, tensors, flat, work in self.launched:
             self._timed(work.wait, flat)
             flat = flat.to(tensors[0].device) * scale

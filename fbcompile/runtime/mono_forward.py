@@ -90,6 +90,28 @@ class MonoForwardBase(Learner):
         return list(self.heads.parameters())
 
     # -- execution ------------------------------------------------------------------------------
+    def compute(self, inputs: tuple, targets, loss_fn):
+        """The executor's step, after :meth:`check_targets` (before any forward, so a refused step
+        has changed nothing, not even BatchNorm statistics)."""
+        self.check_targets(inputs, targets)
+        return super().compute(inputs, targets, loss_fn)
+
+    def check_targets(self, inputs: tuple, targets) -> None:
+        """Every head scores whole samples, (N, classes) for N = the batch (dim 0 of the inputs), so
+        tensor targets must be per sample: class indices (N,) or scores/one-hot (N, classes).
+        Per-position targets such as a language model's (N, tokens) are refused naming the shapes."""
+        if not torch.is_tensor(targets) or not inputs or not torch.is_tensor(inputs[0]) or inputs[0].dim() == 0:
+            return
+        batch, shape = int(inputs[0].shape[0]), tuple(targets.shape)
+        if shape in ((batch,), (batch, self.classes)):
+            return
+        raise FBCompileError(f"Mono-Forward's heads classify whole samples: each head's scores have shape ({batch}, "
+                             f"{self.classes}) (batch, classes), so the targets must have shape ({batch},) (class "
+                             f"indices) or ({batch}, {self.classes}), one target per sample; got targets of shape "
+                             f"{shape} for inputs of shape {tuple(inputs[0].shape)}. Per-position targets (one class "
+                             "per token) are not what its heads classify: reduce the model output to (batch, "
+                             "classes) with per-sample targets, or train with another learner (bp, fa, dfa, drtp, dtp)")
+
     def run(self, inputs: tuple, visit):
         """Update-unlocked execution over the head stages: ``visit(stage, values) -> unit outputs``
         runs each unit (values detached); values no later unit reads are dropped at once."""
@@ -150,6 +172,8 @@ class MonoForwardBase(Learner):
 
     def local_losses(self, inputs, targets, loss_fn) -> dict:
         """{unit index: L_l} at the current parameters (for monitoring); changes nothing."""
+        inputs = as_tuple(inputs)
+        self.check_targets(inputs, targets)
         losses = {}
 
         def visit(stage, values):
@@ -160,7 +184,7 @@ class MonoForwardBase(Learner):
             return outputs
 
         with torch.no_grad(), preserved_state(self.model):
-            self.run(as_tuple(inputs), visit)
+            self.run(inputs, visit)
         return losses
 
     # -- state ----------------------------------------------------------------------------------
@@ -217,6 +241,13 @@ def _infer_classes(program) -> int:
     shapes = [info(program.outputs[0]).shape] if len(program.outputs) == 1 else []
     if shapes and shapes[0] is not None and len(shapes[0]) == 2:
         return int(shapes[0][1])
+    if shapes and shapes[0] is not None and len(shapes[0]) > 2:
+        raise OptionError(f"Mono-Forward's heads classify whole samples, and the model output has shape "
+                          f"{tuple(shapes[0])}, not (batch, classes), so the number of classes is unknown. "
+                          "Per-position scores (a language model's per-token logits) are not what its heads classify: "
+                          "reduce the output to (batch, classes) (e.g. pool over the positions) or use another "
+                          "learner (bp, fa, dfa, drtp, dtp); if the output holds features for the heads to classify "
+                          "whole samples, pass classes=<int>")
     raise OptionError("Mono-Forward cannot infer the number of classes (the model does not return one (batch, "
                       "classes) tensor); pass classes=<int>")
 

@@ -51,6 +51,21 @@ class Owned:
 
 
 def owned_state(learner) -> Owned:
+    """What ``learner`` owns (see :class:`Owned`), found again whenever its attributes are other
+    objects than at the last call (an optimizer made at the first step, a module replaced), and
+    otherwise reused: every step opens a transaction, and the search walks every module."""
+    key = tuple((name, id(value)) for name, value in vars(learner).items() if name != _CACHE)
+    cached = vars(learner).get(_CACHE)
+    if cached is None or cached[0] != key:
+        cached = (key, _find_owned(learner))
+        setattr(learner, _CACHE, cached)
+    return cached[1]
+
+
+_CACHE = "_owned_state_cache"
+
+
+def _find_owned(learner) -> Owned:
     model = learner.model
     model_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     modules, optimizers, generators = [], [], []
