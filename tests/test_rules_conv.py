@@ -133,8 +133,8 @@ def test_one_output_position_gemm_path_equals_autograd(kh, kw, dilation, pad, st
     if padding_kind == "same":
         padding, size, stride = "same", (1, 1), 1
     else:
-        padding = (pad, pad)
-        size = tuple(max(1, dilation * (k - 1) + 1 - 2 * pad) for k in (kh, kw))
+        padding = tuple(min(pad, dilation * (k - 1) // 2) for k in (kh, kw))    # one window fits
+        size = tuple(dilation * (k - 1) + 1 - 2 * p for k, p in zip((kh, kw), padding))
     first = nn.Conv2d(3, 5, (kh, kw), stride=stride, padding=padding, dilation=dilation, bias=bias)
     second = nn.Conv2d(5, 4, 3, padding=1, bias=not bias)
     model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten()).double()
