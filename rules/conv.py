@@ -117,26 +117,43 @@ def _one_output_position(g, x, groups) -> bool:
 
 
 def _single_position_backward(g, x, weight, stride, dilation, padding, has_bias, input_grad):
-    """(dx, dW, db) of a convolution with one output position per sample. There each sample's
-    output is W_flat cols_n (cols_n: its one receptive field, unfolded), so
+    """(dx, dW, db) of a convolution with one output position per sample. That position reads input
+    index t d - p through kernel tap t (per spatial dim; taps in the padding read zeros), so with the
+    valid taps T = {t : 0 <= t d - p < H} and X_T, W_T the input and the weight at them,
 
-        dW = sum_n g_n cols_n^T = G^T C      (G: N x C_out, C: N x C_in k_h k_w; one GEMM)
+        dW[:, :, T] = G^T X_T,    dx[at T] = G W_T,    zeros elsewhere;    db = sum_n g_n
 
-    dx is the transposed convolution and db = sum_n g_n. The same sums as aten's kernel in another
-    order: equal to rounding. Why: oneDNN's weight-gradient kernel measured 2-12x slower than this
-    GEMM at one output position (CPU, 2 threads, 512->512 3x3 at 1x1, batch 32: 2.3-10 ms vs 0.8-1.0
-    ms, minimum of 25), and the fused call 2.9 vs 1.5 ms; at 4 positions they were even and at 16 the
-    GEMM was 2x slower, so only one position takes this path."""
-    kernel = weight.shape[2:]
-    cols = F.unfold(x, kernel, dilation, padding, stride)                  # (N, C_in k_h k_w, 1)
-    dw = (g.flatten(1).t() @ cols.flatten(1)).view_as(weight)
+    (G: the N x C_out output error): two GEMMs, no unfold. The same sums as aten's kernel in
+    another order: equal to rounding. Why: oneDNN's weight-gradient kernel measured 2-12x slower
+    than even a GEMM over the whole unfolded window at one output position (CPU, 2 threads, 512->512
+    3x3 at 1x1, batch 32: 2.3-10 ms vs 0.8-1.0 ms, minimum of 25), and the fused call 2.9 vs 1.5 ms;
+    at 4 positions they were even and at 16 the GEMM was 2x slower, so only one position takes this
+    path. (stride does not matter at one position.)"""
+    taps, inputs = [], []
+    for size, k, d, p in zip(x.shape[2:], weight.shape[2:], dilation, padding):
+        first, last = -(-p // d), min(k - 1, (size - 1 + p) // d)
+        taps.append(slice(first, last + 1))
+        inputs.append(slice(first * d - p, last * d - p + 1, d))
+    rows = g.flatten(1)                                                   # (N, C_out)
+    x_valid = x[:, :, inputs[0], inputs[1]]
+    dw = _placed((rows.t() @ x_valid.flatten(1)).view(weight.shape[:2] + x_valid.shape[2:]), taps, weight.shape)
     db = g.sum((0, 2, 3)) if has_bias else None
     dx = None
     if input_grad:
-        output_padding = [x.shape[2 + i] + 2 * padding[i] - (stride[i] * (g.shape[2 + i] - 1) +
-                                                              dilation[i] * (kernel[i] - 1) + 1) for i in range(2)]
-        dx = F.conv_transpose2d(g, weight, None, list(stride), padding, output_padding, 1, list(dilation))
+        w_valid = weight[:, :, taps[0], taps[1]]
+        dx = _placed((rows @ w_valid.flatten(1)).view(x.shape[:2] + w_valid.shape[2:]), inputs, x.shape)
     return dx, dw, db
+
+
+def _placed(values, where: list, shape) -> torch.Tensor:
+    """A new tensor of ``shape``, zero but for ``values`` at the slices ``where`` of its last two
+    dims: one padding pass where the slices are contiguous (no fill, then copy)."""
+    if all(w.step in (None, 1) for w in where):
+        return F.pad(values, [p for w, size in zip(reversed(where), reversed(shape[2:]))
+                              for p in (w.start, size - w.stop)])
+    out = values.new_zeros(shape)
+    out[:, :, where[0], where[1]] = values
+    return out
 
 
 def conv_weight_grads(g, x, weight, stride, dilation, pads, groups, has_bias):
