@@ -1,6 +1,6 @@
 """Real-size convnets: step time and peak tensor memory of compiled learners relative to autograd.
 
-    python examples/bench_models.py [--models resnet18,mobilenetv2] [--configs bp,dtp,dfa,drtp]
+    python examples/bench_models.py [--models resnet18,mobilenetv2] [--configs bp,dtp,dfa,drtp,bp+inductor]
                                     [--rounds 10] [--batch 32] [--threads 2] [--skip-time] [--skip-memory]
 
 ResNet-18 and MobileNetV2 as torchvision defines them (fbcompile.zoo_models; torchvision is not
@@ -96,7 +96,9 @@ def _goal(model, config, which):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--configs", default=",".join(MODEL_CONFIGS), help="comma-separated learner configurations")
+    parser.add_argument("--configs", default=",".join(MODEL_CONFIGS),
+                        help="comma-separated learner configurations; CONFIG+BACKEND compiles its feedback modules "
+                             "with that torch.compile backend (e.g. bp+inductor; fbcompile.backends)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -108,7 +110,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in MODEL_CONFIGS] + [m for m in args.models.split(",") if m not in MODELS]
+    unknown = [c for c in configs if c.partition("+")[0] not in MODEL_CONFIGS] + [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) or configuration(s): {', '.join(unknown)}")
     print(f"load average before: {os.getloadavg()}; {torch.get_num_threads()} threads, batch {args.batch}")

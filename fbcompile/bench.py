@@ -137,8 +137,9 @@ def model_batch(model_name: str, shape=(3, 32, 32), batch: int = 32, num_classes
 
 
 def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, seed: int = 0) -> Callable:
-    """One training step of ``config`` ("autograd" or a key of :data:`MODEL_CONFIGS`) on a fresh copy
-    of ``model_name`` with cross-entropy."""
+    """One training step of ``config`` ("autograd" or a key of :data:`MODEL_CONFIGS`, optionally
+    followed by ``+BACKEND``: its feedback modules under that torch.compile backend, e.g.
+    "bp+inductor") on a fresh copy of ``model_name`` with cross-entropy."""
     import torch.nn.functional as F
 
     from . import compile as compile_program
@@ -146,8 +147,9 @@ def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32,
     model, x, y = model_batch(model_name, shape, batch, seed=seed)
     if config == "autograd":
         return autograd_step(model, x, y, F.cross_entropy)
+    config, _, backend = config.partition("+")
     algorithm, options = MODEL_CONFIGS[config]
-    program = compile_program(model, x[:2])
+    program = compile_program(model, x[:2], backend=backend or None)
     return learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy)
 
 

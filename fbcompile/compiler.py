@@ -12,6 +12,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
+from .backends import check_backend
 from .context import RuleContext
 from .errors import OptionError, UnsupportedOpError, choices_text
 from .passes.reach import check_parameter_coverage
@@ -133,7 +134,7 @@ def run_passes(passes, compilation: Compilation) -> Compilation:
 
 
 def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=(), units="layer",
-            kwargs: dict | None = None, frontend: str = "auto") -> FeedbackProgram:
+            kwargs: dict | None = None, frontend: str = "auto", backend=None) -> FeedbackProgram:
     """Trace ``model`` on ``example_inputs`` and derive its feedback graph, running :data:`PASSES`.
 
     ``condition``: "T" (feedback Jacobian = transposed forward Jacobian, the default), "P"
@@ -147,10 +148,16 @@ def compile(model: nn.Module, example_inputs, *, condition: str = "T", variants=
     ``kwargs``: constant values for ``forward`` arguments after the example inputs (the others
     keep their defaults). ``frontend``: "fx" (torch.fx tracing), "export" (torch.export, training IR,
     the model's current train/eval mode) or "auto" (fx, else export; :mod:`fbcompile.frontends`).
+    ``backend``: a ``torch.compile`` backend (e.g. "inductor") for the generated feedback modules,
+    compiled at their first use (:mod:`fbcompile.backends`: faster steps on real-size nets, paid in
+    compile time and in the taps' lifetime); None runs them as generated Python.
     Raises :class:`~fbcompile.errors.UnsupportedOpError` listing every unsupported node at once.
     """
+    backend = check_backend(backend)
     start = _start(model, example_inputs, condition, variants, units, kwargs, frontend)
-    return run_passes(PASSES, start).program
+    program = run_passes(PASSES, start).program
+    program.backend = backend
+    return program
 
 
 def compile_traced(model, traced, condition, variants, units) -> FeedbackProgram:

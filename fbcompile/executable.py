@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .backends import CompiledFeedback
 from .errors import FBCompileError
 from .passes.boxed import boxed
 from .passes.forward import build_forward
@@ -95,8 +96,10 @@ class Executable:
                 output_feedback.clear()
         key = (mode, returns)
         if key not in self._boxed:
-            self._boxed[key] = boxed(self.program.pruned_feedback(mode, returns))
-        return self._boxed[key].forward(args)       # our own module: no hooks; empties ``args``
+            module = self.program.pruned_feedback(mode, returns)
+            backend = self.program.backend
+            self._boxed[key] = boxed(module) if backend is None else CompiledFeedback(module, backend, mode)
+        return self._boxed[key].forward(args)       # our own callable: no hooks; empties ``args``
 
     def release(self, taps: list, keep_for: tuple = ()) -> None:
         """Drop from ``taps`` (set to None) every tap no mode in ``keep_for`` reads."""

@@ -57,6 +57,7 @@ class FeedbackProgram:
         self.outputs = active_outputs(traced)
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
         self.mode_guard = mode_guard_of(traced)
+        self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
         self._derived = {}
         self.feedback_graph("error")
@@ -91,11 +92,14 @@ class FeedbackProgram:
         return self.feedback[mode]
 
     def recompile(self, *, condition=None, variants=None, units=None) -> "FeedbackProgram":
-        """The same traced model under another condition, rule variants or unit grouping."""
+        """The same traced model under another condition, rule variants or unit grouping (and the
+        same feedback backend)."""
         from .compiler import compile_traced
-        return compile_traced(self.model, self.traced, condition or self.condition,
-                              self.variants if variants is None else variants,
-                              self.grouping if units is None else units)
+        program = compile_traced(self.model, self.traced, condition or self.condition,
+                                 self.variants if variants is None else variants,
+                                 self.grouping if units is None else units)
+        program.backend = self.backend
+        return program
 
     # -- introspection ---------------------------------------------------------------------------
     @property
