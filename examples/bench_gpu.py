@@ -26,7 +26,8 @@ MODELS = {"resnet18": "resnet18-imagenet", "mobilenetv2": "mobilenet-v2"}
 
 
 def make_step(model_name: str, config: str, batch: int, device: torch.device, seed: int = 0):
-    """One training step of ``config`` ("autograd" or a key of MODEL_CONFIGS) on a fresh, seeded copy."""
+    """One training step of ``config`` ("autograd" or a key of MODEL_CONFIGS, optionally +BACKEND) on
+    a fresh, seeded copy."""
     torch.manual_seed(seed)
     model = build_model(MODELS[model_name], (3, 32, 32), 10).train().to(device)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -37,8 +38,10 @@ def make_step(model_name: str, config: str, batch: int, device: torch.device, se
         def run():
             F.cross_entropy(model(x), y).backward()
     else:
-        algorithm, options = MODEL_CONFIGS[config]
-        learner = fbcompile.learner(fbcompile.compile(model, x[:2]), algorithm, seed=seed, **options)
+        name, _, backend = config.partition("+")           # "bp+inductor": feedback modules compiled
+        algorithm, options = MODEL_CONFIGS[name]
+        learner = fbcompile.learner(fbcompile.compile(model, x[:2], backend=backend or None), algorithm,
+                                    seed=seed, **options)
 
         def run():
             learner.step(x, y, F.cross_entropy)

@@ -122,7 +122,8 @@ ZOO = {
 # -- the checks, on any model -----------------------------------------------------------------------------
 def _zoo_input(spec, size, batch, seed=0):
     side = max(size, spec.min_size)
-    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)        # a CPU generator: drawn on the CPU, then moved
+    return torch.randn(batch, 3, side, side, generator=generator, device="cpu").to(torch.get_default_device())
 
 
 def run_zoo_model(models, name, size, batch, skip_learners, learner_budget, step_timeout=0.0, log=print,

@@ -73,13 +73,21 @@ def summarize_unsupported(problems, first: int = 3) -> str:
     return _short(f"{len(problems)} node(s): {ops}: {reasons}", 400)
 
 
+def _randn(shape, generator, like):
+    """N(0, 1) draws of ``like``'s dtype on ``like``'s device, drawn where ``generator`` lives (the
+    global generator of ``like``'s device without one): a CPU ``torch.Generator()`` cannot draw on
+    CUDA, and drawing on the CPU gives every device the numbers a CPU run draws."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
 def randomize_zero_parameters(model, generator=None, scale=0.05):
     """Give every parameter that is exactly zero everywhere a random value (in place)."""
     names = []
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.numel() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+                p.copy_(_randn(p.shape, generator, p) * scale)
                 names.append(name)
     return names
 
@@ -88,7 +96,7 @@ def compare_error_mode(model, program, x, generator=None):
     """(input relative error, worst parameter relative error, its name, missing parameters) of
     ``program.propagate_error`` against autograd for a random output error (float64)."""
     out = model(x)
-    error = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    error = _randn(out.shape, generator, out)
     ref_inputs, ref_params = autograd_gradients(model, x, error)
     model.zero_grad(set_to_none=True)
     ours = program.propagate_error(x, error)
@@ -235,7 +243,7 @@ def check_model(name, build, x, *, classes=CLASSES, learners=LEARNERS, skip_lear
     res.seconds["compile"] = round(time.perf_counter() - start, 2)
     log(f"  [{name}] compile: {res.compiled[:160]} ({res.seconds['compile']} s)")
 
-    y = torch.randint(0, classes, (x.shape[0],), generator=gen)
+    y = torch.randint(0, classes, (x.shape[0],), generator=gen, device=gen.device).to(x.device)
     if program is not None:
         # (2) error mode vs autograd
         start = time.perf_counter()

@@ -14,6 +14,26 @@ from fbcompile.errors import NonFiniteError
 from fbcompile.verify.checks import autograd_gradients, relative_error
 
 
+def cpu_draw(fn, *args, generator, **kwargs):
+    """``fn(*args, generator=generator, **kwargs)`` drawn on the CPU, then moved to torch's default
+    device. A ``torch.Generator()`` is a CPU generator and cannot draw on CUDA; drawing on the CPU
+    gives every device the numbers a CPU run draws (on the CPU: the same draw as before, bitwise)."""
+    return fn(*args, generator=generator, device="cpu", **kwargs).to(torch.get_default_device())
+
+
+def built_on_cpu(build):
+    """``build()`` run with the CPU as torch's default device, its result (a module, a tensor or a
+    tuple of them) moved to torch's default device. Module initialisation and global-RNG draws then
+    come from the CPU's random stream (seeded by ``torch.manual_seed`` as on a CPU run), so a test
+    whose thresholds were calibrated on a CPU run starts from the same numbers on every device."""
+    with torch.device("cpu"):
+        made = build()
+    device = torch.get_default_device()
+    if isinstance(made, tuple):
+        return tuple(m.to(device) for m in made)
+    return made.to(device)
+
+
 def randomise_vectors(model):
     """No vector parameter at its exact default (zero biases, unit norm scales make comparisons
     vacuous or special): biases ~ N(0, 0.3), other 1-d parameters ~ N(1, 0.3). Returns the model."""

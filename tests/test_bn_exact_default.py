@@ -69,7 +69,12 @@ def test_bp_equals_autograd_in_train_mode(net):
     _grads_close(model, {n: p.grad for n, p in reference.named_parameters()})
     # the tapped forward updated the running statistics exactly as the modules did
     for (name, a), b in zip(model.named_buffers(), reference.buffers()):
-        assert torch.equal(a, b), name
+        if a.device.type == "cpu" or not a.is_floating_point():
+            assert torch.equal(a, b), name
+        else:
+            # on CUDA the modules run cuDNN's batch norm and the tapped forward native_batch_norm: the
+            # same statistics from two kernels that sum in different orders, equal to float64 rounding
+            assert float((a - b).norm()) <= 1e-12 * float(b.norm()), name
     kernels = [n for n in program.feedback["error"].module.graph.nodes if n.target is batch_norm_backward]
     assert len(kernels) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())     # one per BN
 

@@ -13,7 +13,7 @@ from fbcompile.data import batches, load_dataset
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.runtime.diagnostics import angle
 from fbcompile.runtime.mono_directional import central_difference, directional_gradient, row_chunks, unit_chunks
-from helpers import snapshot, same, assert_failed_step_changes_nothing
+from helpers import built_on_cpu, snapshot, same, assert_failed_step_changes_nothing
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,7 +218,7 @@ def test_every_unit_loss_falls_on_digits(algorithm, options):
     data = load_dataset("digits")
     x, y = data.train_x[:512], data.train_y[:512]
     torch.manual_seed(0)
-    model = _mlp(width=16)
+    model = built_on_cpu(lambda: _mlp(width=16))     # the CPU's initial weights (thresholds calibrated on them)
     learner = fbcompile.learner(fbcompile.compile(model, x[:8]), algorithm, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)      # not stepping anything under "immediate"
     before = learner.local_losses(x, y, F.cross_entropy)

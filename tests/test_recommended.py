@@ -156,7 +156,8 @@ def test_sdfa_sign_signal_has_a_part_common_to_every_class():
     e = torch.softmax(logits, 1) - F.one_hot(labels, 10).float()
     assert torch.equal(torch.sign(e), 1 - 2 * F.one_hot(labels, 10).float())
     bound = (6 / 128) ** 0.5
-    B = torch.empty(10, 128).uniform_(-bound, bound, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)           # a CPU generator: drawn on the CPU, then moved
+    B = torch.empty(10, 128, device="cpu").uniform_(-bound, bound, generator=generator).to(torch.get_default_device())
     per_class = B.sum(0)[None] - 2 * B
     same_way = (torch.sign(per_class) == torch.sign(B.sum(0))[None]).all(0).float().mean()
     assert 0.15 < same_way < 0.6

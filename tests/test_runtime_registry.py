@@ -166,8 +166,8 @@ class _DrawingDFA(DirectFeedbackAlignment):
         self.optimizer = torch.optim.SGD(self.noise.parameters(), lr=0.1, momentum=0.9)
 
     def compute(self, inputs, targets, loss_fn):
-        torch.randn(3, generator=self.noise.generator)
-        torch.randn(3, generator=self.generator)
+        torch.randn(3, generator=self.noise.generator, device="cpu")      # CPU generators draw on the CPU
+        torch.randn(3, generator=self.generator, device="cpu")
         self.noise.scale.grad = torch.ones(3, dtype=torch.float64)
         self.optimizer.step()
         result, updates = super().compute(inputs, targets, loss_fn)

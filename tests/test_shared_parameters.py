@@ -17,7 +17,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.passes.prune import GradientSubgraph
 from fbcompile.passes.unit_share import InseparableShare, own_share
-from helpers import randomise_vectors
+from helpers import cpu_draw, randomise_vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,8 +109,9 @@ EXECUTOR = {(True, "stored"): "compiled-stored", (False, "stored"): "stored",
 
 
 def _data(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(7, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (7,), generator=generator)
+    generator = torch.Generator().manual_seed(seed)        # a CPU generator: drawn on the CPU, then moved
+    return (cpu_draw(torch.randn, 7, 6, dtype=torch.float64, generator=generator),
+            cpu_draw(torch.randint, 0, 3, (7,), generator=generator))
 
 
 def _hidden_delta(learner, projection, error, output, y):

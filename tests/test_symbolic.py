@@ -127,7 +127,15 @@ def test_no_sympy_solve_anywhere():
 
 
 def _where_reference(expr, t):
-    """Piecewise evaluated branch by branch with masks (the definition, independent of to_torch)."""
+    """Piecewise evaluated branch by branch with masks (the definition, independent of to_torch), by
+    numpy on the CPU (the CPU as default device too: torch.as_tensor makes its tensors there); returned
+    on ``t``'s device."""
+    with torch.device("cpu"):
+        out = _where_reference_cpu(expr, t.cpu())
+    return out.to(t.device)
+
+
+def _where_reference_cpu(expr, t):
     out, taken = torch.full_like(t, float("nan")), torch.zeros_like(t, dtype=torch.bool)
     if not isinstance(expr, sympy.Piecewise):
         return out.copy_(torch.as_tensor(sympy.lambdify(symbolic.x, expr, "numpy")(t.numpy()), dtype=t.dtype))

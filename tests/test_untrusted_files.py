@@ -222,8 +222,16 @@ def test_genuine_cifar_batches_load(tmp_path, protocol):
         recorder.load()
     assert recorder.resolved and recorder.resolved <= set(BATCH_GLOBALS)
     dataset = load_cifar10(tmp_path)
-    train = np.concatenate([batches[name][b"data"] for name in CIFAR_BATCHES[:5]])
-    assert torch.equal(dataset.train_x.cpu(), torch.from_numpy(train).reshape(-1, 3, 32, 32).float() / 255)
+    train = torch.from_numpy(np.concatenate([batches[name][b"data"] for name in CIFAR_BATCHES[:5]]))
+    train = train.reshape(-1, 3, 32, 32)
+    x = dataset.train_x.cpu()
+    assert x.dtype == torch.float32
+    # the bytes come back exactly from the float32 images, whichever device divided by 255
+    assert torch.equal((x * 255).round().to(torch.uint8), train)
+    if dataset.train_x.device.type == "cpu":
+        # bitwise the CPU's division; CUDA divides by a scalar as a product with 1/255, which rounds
+        # some quotients differently (and the bytes above are then the device-independent check)
+        assert torch.equal(x, train.float() / 255)
     assert dataset.test_y.tolist() == batches["test_batch"][b"labels"]
 
 

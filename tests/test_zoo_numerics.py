@@ -21,6 +21,7 @@ from fbcompile.context import EagerContext
 from fbcompile.errors import NonFiniteError, OptionError
 from fbcompile.initialisation import INITS, draw
 from fbcompile.verify.evaluate import forward_values
+from helpers import built_on_cpu, cpu_draw
 
 WIDE = torch.linspace(-40.0, 40.0, 8001, dtype=torch.float64)
 
@@ -98,8 +99,8 @@ def test_dtp_through_a_chain_of_saturating_sigmoids_keeps_finite_bounded_targets
     """Eight sigmoid layers with weights of gain 8 and beta = 2: the target deltas reaching the
     sigmoids are O(1), outside (0, 1). With varsigma's cubic continuation the deltas grew
     cubically layer after layer and DTP stopped with non-finite targets even in float64."""
-    model = _sigmoid_chain()
-    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model = built_on_cpu(_sigmoid_chain)             # a CPU run's orthogonal weights and input on every device
+    x = cpu_draw(torch.randn, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 2])
     learner = fbcompile.learner(fbcompile.compile(model, x), "dtp", beta=2.0)
     learner.step(x, y, F.cross_entropy)
@@ -111,7 +112,7 @@ def test_dtp_through_a_chain_of_saturating_sigmoids_keeps_finite_bounded_targets
 # -- feedback at the forward weight's scale ------------------------------------------------------------
 def test_forward_scale_draws_at_the_forward_weights_rms():
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    w = 0.02 * torch.randn(256, 64, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = 0.02 * cpu_draw(torch.randn, 256, 64, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     b = draw(tuple(w.shape), "forward-scale", 1.0, gen(), w)
     bound = math.sqrt(3) * float(w.pow(2).mean().sqrt())
     assert b.dtype == torch.float64 and b.shape == w.shape
@@ -148,7 +149,7 @@ def _fa_grads(scale, init):
     with torch.no_grad():
         model.c1.weight.mul_(scale)
         model.c2.weight.mul_(scale)
-    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x = cpu_draw(torch.randn, 4, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 2, 0])
     learner = fbcompile.learner(fbcompile.compile(model, x), "fa", feedback_init=init)
     learner.step(x, y, F.cross_entropy)

@@ -55,14 +55,18 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
     """The traced GraphModule of ``model`` by ``frontend``. ``analyse(traced)`` runs propagation,
     canonicalization and rule selection and returns the unsupported nodes ("auto" uses it to choose).
     Its training-mode guard (None when the graph does not depend on the mode) is recorded in its meta."""
-    with torch.random.fork_rng(devices=_cuda_devices(model)):     # torch's RNG as it was afterwards
+    devices = _cuda_devices(model)
+    with torch.random.fork_rng(devices=devices):     # torch's RNG as it was afterwards
         start = torch.random.get_rng_state()
+        cuda_start = [torch.cuda.get_rng_state(d) for d in devices]
         traced = _choose(model, example_inputs, constants, frontend, analyse)
         if frontend_of(traced)[0] == "fx":
             recapture = lambda: capture(model, len(example_inputs), constants)
         else:
             recapture = lambda: capture_export(model, example_inputs, constants)
-        torch.random.set_rng_state(start)      # a constant drawn at capture is drawn the same again
+        torch.random.set_rng_state(start)      # a constant drawn at capture is drawn the same again,
+        for device, state in zip(devices, cuda_start):          # on the model's GPUs too
+            torch.cuda.set_rng_state(state, device)
         traced.meta[MODE_META] = mode_guard(model, traced, recapture)
     return traced
 
