@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 import fbcompile
@@ -144,3 +144,21 @@ def test_one_output_position_gemm_path_equals_autograd(kh, kw, dilation, pad, st
         assert model[:2](x).shape[2:] == (1, 1)
         input_rel, param_rel = compare_with_autograd(model, x)
     assert input_rel < TOL and param_rel < TOL
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 2), st.integers(0, 3), st.integers(1, 3),
+       st.integers(0, 2))
+def test_one_output_position_backward_is_the_adjoint(kh, kw, dilation, pad, stride, extra):
+    """<conv(x), g> = <x, dx(g)> and <conv_W(x), g> = <W, dW(g)> (the conv is bilinear) for the GEMM
+    path, including windows that reach into the padding and rows no window reads."""
+    from fbcompile.rules.conv import conv_backward
+    size = tuple(max(1, dilation * (k - 1) + 1 - 2 * pad) + min(extra, stride - 1) for k in (kh, kw))
+    x, w = torch.randn(3, 4, *size, dtype=torch.float64), torch.randn(5, 4, kh, kw, dtype=torch.float64)
+    y = F.conv2d(x, w, None, stride, pad, dilation)
+    assume(y.shape[2:] == (1, 1))                   # wide padding can leave several windows
+    g = torch.randn_like(y)
+    dx, dw, _ = conv_backward(g, x, w, (stride, stride), (dilation, dilation), [(pad, pad)] * 2, 1, False)
+    inner = float((y * g).sum())
+    assert abs(inner - float((x * dx).sum())) <= 1e-12 * max(1.0, abs(inner))
+    assert abs(inner - float((w * dw).sum())) <= 1e-12 * max(1.0, abs(inner))
