@@ -97,6 +97,8 @@ def check_identical(rank: int) -> dict:
     found = {}
     for algo, options in IDENTICAL:
         model, learner = build(algo, options, "world")
+        found["default overlap"] = learner.communicator.overlap
+        learner.communicator.overlap = True       # off by default on gloo: exercise the launches here
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(3):
             optimizer.zero_grad()
@@ -108,7 +110,8 @@ def check_identical(rank: int) -> dict:
 
 
 def check_failure(rank: int) -> dict:
-    """One good step, then a step that fails on rank 1 only: both raise, nothing changes on either."""
+    """One good step, then a step that fails on rank 1 only: both raise, nothing changes on either
+    (with the overlap on, so rank 1 drains the buckets rank 0 launched)."""
     x, y = data()
     found = {}
     bad_x = {"nan": x[:SHARD].clone().fill_(float("nan")), "shape": torch.zeros(SHARD, 5, dtype=torch.float64)}
@@ -116,6 +119,7 @@ def check_failure(rank: int) -> dict:
              ("mf", {}, "nan"), ("dtp", {"feedback": "ldrl", "feedback_steps": 2}, "nan"), ("mf-dd", {}, "nan")]
     for algo, options, kind in cases:
         model, learner = build(algo, options, "world")
+        learner.communicator.overlap = True   # the good step records the schedule the failing one drains
         learner.step(x[:SHARD], y[:SHARD], F.cross_entropy)
         before = state_tensors(model, learner).clone()
         steps = learner.steps

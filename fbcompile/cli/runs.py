@@ -270,6 +270,7 @@ def launched():
         sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         yield "world"
+        dist.barrier()         # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
