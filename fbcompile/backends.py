@@ -37,10 +37,11 @@ def check_backend(backend) -> str | Callable | None:
     if backend is None or callable(backend):
         return backend
     import torch._dynamo
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if not isinstance(backend, str) or backend not in known:
+    if not isinstance(backend, str) or backend not in torch._dynamo.list_backends(exclude_tags=()):
+        usual = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})   # without debugging ones
         raise OptionError(f"backend={backend!r} is not a torch.compile backend; use None (run the generated "
-                          f"feedback modules as Python) or one of {choices_text(tuple(known))}")
+                          f"feedback modules as Python) or one of {choices_text(tuple(usual))} "
+                          "(torch._dynamo.list_backends(exclude_tags=()) lists all)")
     return backend
 
 

@@ -336,6 +336,10 @@ def test_bench_table_and_json(capsys):
     rows = json.loads(out)["results"]
     assert code == 0 and [r["configuration"] for r in rows] == ["autograd", "bp", "dtp"]
     assert rows[0]["x autograd"] == 1.0
+    code, out, _ = run(capsys, *argv, "--no-memory", "--backend", "eager")     # feedback under torch.compile
+    assert code == 0 and "dtp" in out
+    code, _, err = run(capsys, *argv, "--no-memory", "--backend", "no-such-backend")
+    assert_clean_error(code, err, "not a torch.compile backend")
 
 
 # -- demo ---------------------------------------------------------------------------------------

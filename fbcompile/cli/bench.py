@@ -44,6 +44,8 @@ def add_parser(commands):
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip configurations whose first step takes longer (default 60)")
     parser.add_argument("--all", action="store_true", help="run every configuration, however slow")
+    parser.add_argument("--backend", metavar="NAME", help="torch.compile backend of the generated feedback modules "
+                        "(e.g. inductor; compile time is paid at the first step; fbcompile.backends)")
     parser.set_defaults(run=run)
     return parser
 
@@ -82,7 +84,8 @@ def setup(args_dict: dict):
             model = _fresh(args)
             rec = recommended(name, model)
             program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
-                                      variants=tuple(args.variant), frontend=args.frontend)
+                                      variants=tuple(args.variant), frontend=args.frontend,
+                                      backend=getattr(args, "backend", None))
             learner = make_learner(program, name, **{"seed": args.seed, **rec.learner_options(),
                                                      **resolve.options_for(name, shared)})
             own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
@@ -126,7 +129,9 @@ def memory_of(args_dict: dict, name: str) -> int:
 
 
 def run(args) -> int:
+    from ..backends import check_backend
     from ..bench import in_subprocess, interleaved_times
+    check_backend(args.backend)
     check_positive("--batch-size", args.batch_size)
     check_positive("--rounds", args.rounds)
     args.algos = resolve.check_algorithms(resolve.split_list(args.algos, "--algos") if args.algos
