@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import fx
 
 from .errors import FBCompileError, OptionError, choices_text
@@ -50,16 +49,17 @@ class CompiledFeedback:
     :mod:`fbcompile.passes.boxed` (``forward(list)`` empties the list before running)."""
 
     def __init__(self, module: fx.GraphModule, backend, mode: str):
+        import torch._dynamo.exc      # not at import time: torch._dynamo is slow to import
         self.module, self.backend, self.mode = module, backend, mode
         self.compiled = torch.compile(module, backend=backend)
+        self.compile_errors = torch._dynamo.exc.TorchDynamoException
 
     def forward(self, boxed: list):
         args = list(boxed)
         boxed.clear()
-        import torch._dynamo.exc
         try:
             return self.compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as exc:
+        except self.compile_errors as exc:
             raise FBCompileError(f"torch.compile backend {self.backend!r} failed on the {self.mode!r} feedback "
                                  f"module: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
                                  "compile the program without backend= to run it uncompiled") from exc

@@ -127,12 +127,13 @@ def model_batch(model_name: str, shape=(3, 32, 32), batch: int = 32, num_classes
     import torch
 
     from .models import build_model
+    from .runtime.base import model_device
     torch.manual_seed(seed)
     model = build_model(model_name, shape, num_classes).train()
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, *shape, device="cpu", generator=generator)
     y = torch.randint(0, num_classes, (batch,), device="cpu", generator=generator)
-    device = next(model.parameters()).device                # torch's default device
+    device = model_device(model)                            # torch's default device
     return model, x.to(device), y.to(device)
 
 

@@ -157,7 +157,7 @@ def _placed(values, where: list, shape) -> torch.Tensor:
 
 
 def conv_weight_grads(g, x, weight, stride, dilation, pads, groups, has_bias):
-    """(dW, db) via aten.convolution_backward (no input gradient)."""
+    """(dW, db) without the input gradient (:func:`conv_backward`)."""
     return conv_backward(g, x, weight, stride, dilation, pads, groups, has_bias, False)[1:]
 
 

@@ -322,30 +322,3 @@ def test_diagnostics_run_and_change_nothing(algorithm):
         assert 0 < report.rows[0]["angle_bp"] < 180
     if algorithm == "ddtp-linear":
         assert report.rows[0]["reconstruction"] > 0
-
-
-class _CalledTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.a(torch.tanh(self.b(torch.tanh(self.a(x)))))))
-
-
-@pytest.mark.parametrize("algorithm", DIRECT)
-def test_a_parameter_shared_by_two_units_is_listed_under_both_and_trains(algorithm):
-    """Each unit's term of a shared parameter's update, exactly, in every executor:
-    tests/test_shared_parameters.py."""
-    model, x, y = _CalledTwice().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm)
-    assert learner.plan.shared == {"a.weight": (0, 2), "a.bias": (0, 2)}
-    grads = step_grads(learner, model, x, y)
-    assert (grads["a.weight"] is None) == (algorithm == "shallow")
-    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
-
-
-def test_mono_forward_heads_train_a_module_called_twice():
-    model, x = _CalledTwice(), torch.randn(5, 6)
-    learner = fbcompile.learner(fbcompile.compile(model, x), "mf")
-    assert torch.isfinite(step_grads(learner, model, x, torch.randint(0, 3, (5,)))["a.weight"]).all()

@@ -17,7 +17,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.passes.prune import GradientSubgraph
 from fbcompile.passes.unit_share import InseparableShare, own_share
-from helpers import cpu_draw, randomise_vectors
+from helpers import cpu_draw, randomise_vectors, step_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -269,3 +269,20 @@ def test_own_share_refuses_an_op_that_would_need_the_other_units_zero_tensor():
     subgraph = _linear_graph(lambda graph, a, b: graph.call_function(torch.cat, ([a, b],)))
     with pytest.raises(InseparableShare, match=r"cat.*combines the deltas of several units"):
         own_share(subgraph, {"u"})
+
+
+@pytest.mark.parametrize("algorithm", ["dfa", "sdfa", "drtp", "shallow", "ddtp-linear", "ddtp-rhl"])
+def test_a_parameter_shared_by_two_units_is_listed_under_both_and_trains(algorithm):
+    """The plan lists the shared parameter under both units, and every direct learner steps."""
+    model, x, y = CalledTwice().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm)
+    assert learner.plan.shared == {"a.weight": (0, 2), "a.bias": (0, 2)}
+    grads = step_grads(learner, model, x, y)
+    assert (grads["a.weight"] is None) == (algorithm == "shallow")
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+
+
+def test_mono_forward_heads_train_a_module_called_twice():
+    model, x = CalledTwice(), torch.randn(5, 6)
+    learner = fbcompile.learner(fbcompile.compile(model, x), "mf")
+    assert torch.isfinite(step_grads(learner, model, x, torch.randint(0, 3, (5,)))["a.weight"]).all()

@@ -75,7 +75,8 @@ def setup(args_dict: dict):
         loss_fn = F.cross_entropy
     steps, skipped = {}, {}
     baseline = _fresh(args)
-    x, y = x.to(model_device(baseline)), y.to(model_device(baseline))     # torch's default device
+    device = model_device(baseline)                                       # torch's default device
+    x, y = x.to(device), y.to(device)
     steps[BASELINE] = autograd_step(baseline, x, y, loss_fn)
     _first_step(args, BASELINE, steps, skipped)
     shared = resolve.learner_options(args)
