@@ -13,8 +13,11 @@ Protocol (reproducible; the grid and seeds are printed first):
   comparison (issue 15: MF-DD within 5 points of MF at the same epochs);
 - training: the demo's budget (10 epochs, batch 64) through the same RunConfig path as
   ``fbcompile train``; every value not swept is the current recommendation (fbcompile.recommended);
-- a grid key that is a RunConfig field (lr, optimizer, loss, condition, epochs) sets that field, any
-  other key is a learner option;
+- a grid key that is a RunConfig field (lr, optimizer, loss, condition, epochs) sets that field;
+  ``hidden_lr_scale`` (direct learners only: dfa, sdfa, drtp, shallow) gives the hidden units' parameters
+  the learning rate lr x scale and the output units' the lr (an optimizer setting, not a learner
+  option: with Adam, scaling a unit's update does not change its step); any other key is a learner
+  option;
 - result: mean validation accuracy over the seeds per grid point; the best point per (model,
   algorithm) is printed last. Runs go to --jobs worker processes with one torch thread each.
 """
@@ -28,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 FIELDS = ("lr", "optimizer", "loss", "condition", "epochs")
+SWEEP_ONLY = ("hidden_lr_scale",)
 # Models beyond the demo's: name -> (title, MODEL spec, model options).
 EXTRA_MODELS = {"mlp-p004": ("MLP 64-2x50-10 ReLU (paper 004's shape)", "mlp",
                              {"width": 50, "depth": 2, "act": "relu"})}
@@ -73,19 +77,36 @@ def run_one(job: dict) -> dict:
     point = job["point"]
     config = RunConfig(model=spec, model_options=model_options, data="digits", algorithm=job["algo"],
                        batch_size=BATCH, seed=job["seed"],
-                       options={k: v for k, v in point.items() if k not in FIELDS},
+                       options={k: v for k, v in point.items() if k not in FIELDS + SWEEP_ONLY},
                        **{k: v for k, v in point.items() if k in FIELDS})
     if config.epochs is None:
         config.epochs = job["epochs"]
     started = time.perf_counter()
     try:
         run = build_run(config, data)
+        if "hidden_lr_scale" in point:
+            run.optimizer = hidden_scaled_optimizer(run, point["hidden_lr_scale"])
         history = trainer_for(run, progress=False, log=None).fit(run.config.epochs)
         accuracy = history[-1]["test_accuracy"]
     except Exception as exc:        # a failed point is a result too (e.g. a non-finite step)
         return {**job, "accuracy": None, "error": f"{type(exc).__name__}: {str(exc)[:100]}",
                 "seconds": time.perf_counter() - started}
     return {**job, "accuracy": accuracy, "error": None, "seconds": time.perf_counter() - started}
+
+
+def hidden_scaled_optimizer(run, scale: float):
+    """The run's optimizer over two groups: the output units' parameters at the run's lr, the
+    hidden units' at lr x ``scale`` (0: the hidden units never move, i.e. shallow learning)."""
+    from fbcompile.runtime.options import make_optimizer
+    plan = getattr(run.learner, "plan", None)
+    if plan is None:
+        raise ValueError(f"hidden_lr_scale needs a direct learner (dfa, sdfa, drtp, shallow), not {run.config.algorithm}")
+    output_names = {name for unit in plan.output_units for name in plan.params[unit]}
+    named = dict(run.model.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if n in output_names], "lr": run.config.lr},
+              {"params": [p for n, p in named.items() if n not in output_names], "lr": run.config.lr * scale}]
+    return make_optimizer(run.config.optimizer, groups, run.config.lr, run.config.weight_decay,
+                          momentum=run.config.momentum)
 
 
 def main() -> None:

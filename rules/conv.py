@@ -17,7 +17,7 @@ Weight gradient: dW = aten.convolution_backward (correlation of x with g), db = 
 Fused backward: where the feedback graph emits the weight gradients from the same g (error modes),
 the input feedback and (dW, db) come from ONE aten.convolution_backward call, the kernel autograd
 runs (bitwise equal to it), except at one output position per sample on the CPU, where dW is one
-GEMM (equal to rounding; see :func:`_single_position_backward`). Measured per conv (``python examples/bench_models.py --convs``: CPU, 2
+GEMM (equal to rounding; see :mod:`fbcompile.rules.conv_position`). Measured per conv (``python examples/bench_models.py --convs``: CPU, 2
 threads, batch 32, medians of 15 interleaved rounds on a shared machine) against conv_transpose + a
 weight-only convolution_backward, the fused call was as fast or faster in 11 of 12 measurements
 over two runs (ResNet-18's 3x3 64x8x8: 1.16 vs 1.35 ms; MobileNetV2's depthwise 96x8x8: 0.37 vs
@@ -40,6 +40,7 @@ from torch import nn
 from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
+from .conv_position import one_output_position, padding_pairs, single_position_backward
 from .dense import dense_inverse_apply, dense_size_problem
 
 aten = torch.ops.aten
@@ -67,14 +68,7 @@ def geometry(ctx):
     n = len(ctx.shape("weight")) - 2
     kernel = ctx.shape("weight")[2:]
     stride, dilation = _tuple(ctx.const("stride", 1), n), _tuple(ctx.const("dilation", 1), n)
-    padding = ctx.const("padding", 0)
-    if padding == "valid":
-        pads = [(0, 0)] * n
-    elif padding == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        pads = [(t // 2, t - t // 2) for t in totals]
-    else:
-        pads = [(p, p) for p in _tuple(padding, n)]
+    pads = padding_pairs(ctx.const("padding", 0), kernel, dilation)
     return n, stride, dilation, kernel, pads, ctx.shape("input")[-n:], ctx.shape()[-n:]
 
 
@@ -97,8 +91,8 @@ def conv_backward(g, x, weight, stride, dilation, pads, groups, has_bias, input_
     if asymmetric:
         x = F.pad(x, [p for l, r in reversed(pads) for p in (l, r)])
         padding = [0] * len(pads)
-    if _one_output_position(g, x, groups):
-        dx, dw, db = _single_position_backward(g, x, weight, stride, dilation, padding, has_bias, input_grad)
+    if one_output_position(g, x, groups):
+        dx, dw, db = single_position_backward(g, x, weight, dilation, padding, has_bias, input_grad)
     else:
         bias_sizes = [weight.shape[0]] if has_bias else None
         dx, dw, db = aten.convolution_backward(g, x, weight, bias_sizes, list(stride), padding, list(dilation),
@@ -108,52 +102,6 @@ def conv_backward(g, x, weight, stride, dilation, pads, groups, has_bias, input_
         for i, (left, _) in enumerate(pads):
             dx = dx.narrow(dx.dim() - n + i, left, x.shape[dx.dim() - n + i] - left - pads[i][1])
     return dx, dw, db
-
-
-def _one_output_position(g, x, groups) -> bool:
-    """Whether to take the GEMM path of :func:`_single_position_backward`: on the CPU, an ungrouped
-    2-d convolution with one output position per sample (ResNet-18's last stage at 32x32 inputs)."""
-    return x.device.type == "cpu" and groups == 1 and g.dim() == 4 and g.shape[2] * g.shape[3] == 1
-
-
-def _single_position_backward(g, x, weight, stride, dilation, padding, has_bias, input_grad):
-    """(dx, dW, db) of a convolution with one output position per sample. That position reads input
-    index t d - p through kernel tap t (per spatial dim; taps in the padding read zeros), so with the
-    valid taps T = {t : 0 <= t d - p < H} and X_T, W_T the input and the weight at them,
-
-        dW[:, :, T] = G^T X_T,    dx[at T] = G W_T,    zeros elsewhere;    db = sum_n g_n
-
-    (G: the N x C_out output error): two GEMMs, no unfold. The same sums as aten's kernel in
-    another order: equal to rounding. Why: oneDNN's weight-gradient kernel measured 2-12x slower
-    than even a GEMM over the whole unfolded window at one output position (CPU, 2 threads, 512->512
-    3x3 at 1x1, batch 32: 2.3-10 ms vs 0.8-1.0 ms, minimum of 25), and the fused call 2.9 vs 1.5 ms;
-    at 4 positions they were even and at 16 the GEMM was 2x slower, so only one position takes this
-    path. (stride does not matter at one position.)"""
-    taps, inputs = [], []
-    for size, k, d, p in zip(x.shape[2:], weight.shape[2:], dilation, padding):
-        first, last = -(-p // d), min(k - 1, (size - 1 + p) // d)
-        taps.append(slice(first, last + 1))
-        inputs.append(slice(first * d - p, last * d - p + 1, d))
-    rows = g.flatten(1)                                                   # (N, C_out)
-    x_valid = x[:, :, inputs[0], inputs[1]]
-    dw = _placed((rows.t() @ x_valid.flatten(1)).view(weight.shape[:2] + x_valid.shape[2:]), taps, weight.shape)
-    db = g.sum((0, 2, 3)) if has_bias else None
-    dx = None
-    if input_grad:
-        w_valid = weight[:, :, taps[0], taps[1]]
-        dx = _placed((rows @ w_valid.flatten(1)).view(x.shape[:2] + w_valid.shape[2:]), inputs, x.shape)
-    return dx, dw, db
-
-
-def _placed(values, where: list, shape) -> torch.Tensor:
-    """A new tensor of ``shape``, zero but for ``values`` at the slices ``where`` of its last two
-    dims: one padding pass where the slices are contiguous (no fill, then copy)."""
-    if all(w.step in (None, 1) for w in where):
-        return F.pad(values, [p for w, size in zip(reversed(where), reversed(shape[2:]))
-                              for p in (w.start, size - w.stop)])
-    out = values.new_zeros(shape)
-    out[:, :, where[0], where[1]] = values
-    return out
 
 
 def conv_weight_grads(g, x, weight, stride, dilation, pads, groups, has_bias):

@@ -123,13 +123,14 @@ def test_circular_padding_is_reported_not_miscompiled():
     assert len(problems) == 1 and "circular" in problems[0].reason and problems[0].node == "_0"
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 2), st.integers(0, 2), st.integers(1, 3),
-       st.booleans(), st.sampled_from(["int", "same"]))
-def test_one_output_position_gemm_path_equals_autograd(kh, kw, dilation, pad, stride, bias, padding_kind):
-    """At one output position per sample the CPU takes dW = G^T C (rules/conv.py
-    _single_position_backward): in the fused error-mode call (second conv) and the weight-only call
-    (first conv, which reads the model input), input and weight gradients equal autograd's."""
+       st.booleans(), st.sampled_from(["int", "same"]), st.booleans())
+def test_one_output_position_gemm_path_equals_autograd(kh, kw, dilation, pad, stride, bias, padding_kind, lead):
+    """At one output position per sample the CPU takes the GEMMs of rules/conv_position.py: in the
+    fused error-mode call (the second conv, and the first one behind a leading 1x1 conv) and the
+    weight-only call (the first conv when it reads the model input), input and weight gradients
+    equal autograd's, with one valid kernel tap or several."""
     if padding_kind == "same":
         padding, size, stride = "same", (1, 1), 1
     else:
@@ -137,11 +138,12 @@ def test_one_output_position_gemm_path_equals_autograd(kh, kw, dilation, pad, st
         size = tuple(dilation * (k - 1) + 1 - 2 * p for k, p in zip((kh, kw), padding))
     first = nn.Conv2d(3, 5, (kh, kw), stride=stride, padding=padding, dilation=dilation, bias=bias)
     second = nn.Conv2d(5, 4, 3, padding=1, bias=not bias)
-    model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten()).double()
+    leading = [nn.Conv2d(3, 3, 1), nn.Tanh()] if lead else []
+    model = nn.Sequential(*leading, first, nn.Tanh(), second, nn.Flatten()).double()
     x = torch.randn(3, 3, *size, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # torch warns about 'same' with even kernels
-        assert model[:2](x).shape[2:] == (1, 1)
+        assert model[:len(leading) + 2](x).shape[2:] == (1, 1)
         input_rel, param_rel = compare_with_autograd(model, x)
     assert input_rel < TOL and param_rel < TOL
 
