@@ -191,6 +191,27 @@ def test_rollback_follows_ownership_not_an_inherited_flag():
     assert same(before, after)
 
 
+def test_what_a_learner_owns_is_found_once_not_per_step():
+    """Every step opens a transaction; the search for what the learner owns walks every module, so
+    it runs again only when a module, optimizer or generator attribute is another object (not
+    when the per-step ``last`` record is replaced)."""
+    from fbcompile.runtime import transaction
+    model, x, y = tanh_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    learner = fbcompile.learner(fbcompile.compile(model, x), "dfa")
+    calls = []
+    original = transaction._find_owned
+    transaction._find_owned = lambda learner: calls.append(1) or original(learner)
+    try:
+        for _ in range(3):
+            learner.step(x, y, F.cross_entropy)
+        assert len(calls) == 1
+        learner.extra_module = nn.Linear(2, 2).double()
+        learner.step(x, y, F.cross_entropy)
+        assert len(calls) == 2 and any(m is learner.extra_module for m in transaction.owned_state(learner).modules)
+    finally:
+        transaction._find_owned = original
+
+
 def test_writing_a_frozen_tensor_in_place_is_an_error_not_a_missed_rollback():
     model, x = tanh_mlp(depth=2, width=8), torch.randn(7, 12, dtype=torch.float64)
     learner = fbcompile.learner(fbcompile.compile(model, x), "dfa")

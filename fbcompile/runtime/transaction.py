@@ -51,10 +51,11 @@ class Owned:
 
 
 def owned_state(learner) -> Owned:
-    """What ``learner`` owns (see :class:`Owned`), found again whenever its attributes are other
-    objects than at the last call (an optimizer made at the first step, a module replaced), and
-    otherwise reused: every step opens a transaction, and the search walks every module."""
-    key = tuple((name, id(value)) for name, value in vars(learner).items() if name != _CACHE)
+    """What ``learner`` owns (see :class:`Owned`), found again whenever its module, optimizer and
+    generator attributes are other objects than at the last call (an optimizer made at the first
+    step, a module replaced), and otherwise reused: every step opens a transaction, and the search
+    walks every module. (Other attributes, such as the per-step ``last`` record, do not count.)"""
+    key = tuple((name, id(value)) for name, value in vars(learner).items() if isinstance(value, _OWNABLE))
     cached = vars(learner).get(_CACHE)
     if cached is None or cached[0] != key:
         cached = (key, _find_owned(learner))
@@ -63,6 +64,7 @@ def owned_state(learner) -> Owned:
 
 
 _CACHE = "_owned_state_cache"
+_OWNABLE = (nn.Module, torch.optim.Optimizer, torch.Generator)
 
 
 def _find_owned(learner) -> Owned:
