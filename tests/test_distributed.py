@@ -83,6 +83,11 @@ def test_ranks_that_built_different_learners_are_refused_naming_the_difference(r
         assert message is not None and "option projection_init" in message and "xavier_uniform" in message
 
 
+def test_a_learner_does_not_keep_the_default_process_group_alive(report):
+    for rank in range(WORLD):
+        before, after = report[rank]["group_references"]
+        assert after == before
+
 @pytest.mark.parametrize("algo", ["bp", "dfa", "dtp"])
 def test_sync_batchnorm_uses_global_statistics(report, algo):
     for rank in range(WORLD):

@@ -145,6 +145,18 @@ def check_fingerprint(rank: int) -> str | None:
     return None
 
 
+def check_group_references(rank: int) -> list:
+    """References to the default process group before and after a learner has been built and has
+    stepped with process_group="world": equal when the learner does not hold the group (gloo's
+    C++ group must die at destroy_process_group(), not at interpreter teardown, where destroying
+    it can abort the process)."""
+    before = sys.getrefcount(dist.group.WORLD)
+    model, learner = build("drtp", {}, "world")
+    x, y = data()
+    learner.step(x[rank::2], y[rank::2], F.cross_entropy)
+    return [before, sys.getrefcount(dist.group.WORLD)]
+
+
 def sync_batchnorm_programs() -> dict:
     """SyncBatchNorm models compiled BEFORE the process group exists: compiling runs the model once,
     and torch's own SyncBatchNorm.forward refuses CPU inputs once torch.distributed is initialised
@@ -231,6 +243,7 @@ def main() -> None:
         report["identical"] = check_identical(rank)
         report["failure"] = check_failure(rank)
         report["fingerprint"] = check_fingerprint(rank)
+        report["group_references"] = check_group_references(rank)
         report["sync_batchnorm"] = check_sync_batchnorm(rank, programs)
         report["resume"] = check_resume(rank, out)
     finally:

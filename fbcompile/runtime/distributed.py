@@ -112,7 +112,12 @@ class Communicator:
     """The collectives of one learner's data-parallel steps (see the module docstring)."""
 
     def __init__(self, learner, group):
-        self.group, self.learner = group, learner
+        # The default group is looked up at each use, not held: a reference held here would keep gloo's
+        # C++ process group (and its worker threads) alive past destroy_process_group() until the
+        # interpreter's teardown, where destroying it can abort the process ("terminate called
+        # without an active exception", about one run in thirty of two ranks).
+        self._group = None if group is dist.group.WORLD else group
+        self.learner = learner
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.device = next((p.device for p in learner.program.params.values()), torch.device("cpu"))
         if dist.get_backend(group) == "nccl" and self.device.type != "cuda":
@@ -127,6 +132,11 @@ class Communicator:
         self.wait_seconds = 0.0        # time blocked on communication: launches and waits (all steps)
         self.check_fingerprint()
         self.broadcast_model()
+
+    @property
+    def group(self):
+        """The process group: the one given, or the default group as it is now."""
+        return dist.group.WORLD if self._group is None else self._group
 
     # -- construction -------------------------------------------------------------------------------
     def check_fingerprint(self) -> None:
