@@ -77,8 +77,8 @@ def compiled_unlocked(learner, inputs, targets, loss_fn):
         outputs, tap_values, grads = fused.module.forward(*inputs, *extra)     # our own module: no hooks
     updates = {}
     accumulate(updates, fused.params, grads)
-    if learner.communicator is not None:      # data parallel: all-reduced while e is made
-        learner.launch_update([name for names in learner.final_updates().values() for name in names], updates)
+    final = [name for names in learner.final_updates().values() for name in names]
+    learner.launch_update(final, updates)     # data parallel: all-reduced while e is made
     output = outputs[0] if len(outputs) == 1 else outputs
     loss, errors = output_error(output, targets, loss_fn)
     fused_update(learner, updates, False, errors, None, dict(zip(fused.taps, tap_values)))
