@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import fx
@@ -90,9 +91,10 @@ class DirectPlan:
     def of_unit(self, unit: int) -> list:
         return [p for p in self.projections if p.unit == unit]
 
-    @property
+    @cached_property
     def shared(self) -> dict:
-        """{parameter: the trained units using it} for every parameter more than one unit uses."""
+        """{parameter: the trained units using it} for every parameter more than one unit uses
+        (computed once: the plan is frozen, and steps ask for it per unit)."""
         users = {}
         for unit, names in self.params.items():
             for name in names:

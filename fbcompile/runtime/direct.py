@@ -112,6 +112,7 @@ class DirectLearner(Learner):
         self.plan = plan_direct(program.traced, program.partition, program.params)
         self._fused = {}
         self.order = None           # unit indices in execution order, for update-unlocked execution
+        self._final_updates = None  # final_updates(), found at the first update-unlocked step
         if self.options.get("execution") == "unlocked":
             stages = execution_order(program, program.unit_forwards(), self.name, "; or use execution='stored'")
             self.order = [stage.unit.index for stage in stages]
@@ -271,7 +272,13 @@ class DirectLearner(Learner):
     def final_updates(self) -> dict:
         """{hidden unit: its parameters whose update is complete once it has run} in update-unlocked
         execution (``self.order``, the output units' updates last): a shared parameter is complete
-        after the last unit using it, and never before the output units when one of them uses it."""
+        after the last unit using it, and never before the output units when one of them uses it.
+        Fixed by the plan and the order, so found once per learner (every step asks for it)."""
+        if self._final_updates is None:
+            self._final_updates = self._find_final_updates()
+        return self._final_updates
+
+    def _find_final_updates(self) -> dict:
         last = {}
         for index in self.order:
             if index in self.plan.hidden_units:
