@@ -64,14 +64,15 @@ def autograd_step(model, x, y, loss_fn) -> Callable:
     return step
 
 
-def learner_step(learner, x, y, loss_fn) -> Callable:
-    """One ``learner.step`` with the model's ``.grad`` cleared first, as :func:`autograd_step`."""
+def learner_step(learner, x, y, loss_fn, optimizer=None) -> Callable:
+    """One ``learner.step`` with the model's ``.grad`` cleared first, as :func:`autograd_step`;
+    with ``optimizer``, the step applies its updates itself (in-step updates, which leave no ``.grad``)."""
     params = list(learner.model.parameters())
 
     def step():
         for p in params:
             p.grad = None
-        learner.step(x, y, loss_fn)
+        learner.step(x, y, loss_fn, optimizer=optimizer)
     return step
 
 
@@ -116,9 +117,12 @@ def format_ratio_table(times: dict, baseline: str, targets: dict | None = None) 
 
 
 # -- real-size models (examples/bench_models.py, ``fbcompile bench``) ------------------------------
-#: learner configurations of the model benchmark: name -> (algorithm, learner options)
+#: learner configurations of the model benchmark: name -> (algorithm, learner options); a name
+#: ending in "-in-step" applies the updates inside the step with plain SGD (``step(optimizer=)``,
+#: :mod:`fbcompile.runtime.in_step`), where the others leave them in ``.grad``
 MODEL_CONFIGS = {"bp": ("bp", {}), "dtp": ("dtp", {}), "dfa": ("dfa", {}),
-                 "drtp": ("drtp", {"execution": "unlocked"})}
+                 "drtp": ("drtp", {"execution": "unlocked"}), "drtp-in-step": ("drtp", {"execution": "unlocked"})}
+IN_STEP = "-in-step"
 
 
 def model_batch(model_name: str, shape=(3, 32, 32), batch: int = 32, num_classes: int = 10, seed: int = 0):
@@ -141,6 +145,7 @@ def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32,
     """One training step of ``config`` ("autograd" or a key of :data:`MODEL_CONFIGS`, optionally
     followed by ``+BACKEND``: its feedback modules under that torch.compile backend, e.g.
     "bp+inductor") on a fresh copy of ``model_name`` with cross-entropy."""
+    import torch
     import torch.nn.functional as F
 
     from . import compile as compile_program
@@ -151,7 +156,8 @@ def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32,
     config, _, backend = config.partition("+")
     algorithm, options = MODEL_CONFIGS[config]
     program = compile_program(model, x[:2], backend=backend or None)
-    return learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3) if config.endswith(IN_STEP) else None
+    return learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy, optimizer)
 
 
 def model_memory(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, threads: int = 2) -> list:

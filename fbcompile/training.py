@@ -54,12 +54,14 @@ class Trainer:
     ``loss_fn`` defaults to cross-entropy (classification) or MSE (regression). ``predict`` is
     passed to ``learner.predict`` as keyword arguments (e.g. ``{"mode": "cumulative"}``).
     ``progress``: tqdm bars on stderr; ``log``: where the one-line epoch summaries go (None: nowhere).
+    ``in_step_updates``: ``learner.step(..., optimizer=)`` applies the updates inside the step
+    (:mod:`fbcompile.runtime.in_step`) instead of ``learner.step`` then ``optimizer.step()``.
     """
 
     def __init__(self, learner, optimizer, dataset: Dataset, *, loss_fn=None, batch_size: int = 64,
                  seed: int = 0, out_dir=None, config: dict | None = None, diagnostics: bool = False,
                  diagnostics_size: int = 64, predict: dict | None = None, progress: bool = True,
-                 log=print, eval_batch_size: int = 1000):
+                 log=print, eval_batch_size: int = 1000, in_step_updates: bool = False):
         import torch.nn.functional as F
         self.learner, self.optimizer, self.dataset = learner, optimizer, dataset
         self.model = learner.model
@@ -70,6 +72,10 @@ class Trainer:
         self.diagnostics, self.diagnostics_size = diagnostics, diagnostics_size
         self.predict_options = dict(predict or {})
         self.progress, self.log = progress, log
+        self.in_step_updates = in_step_updates
+        if in_step_updates:
+            from .runtime.in_step import check_can_apply
+            check_can_apply(learner, optimizer)
         self.shuffle = torch.Generator().manual_seed(seed)
         self.epoch, self.history = 0, []
         self.classification = dataset.task == "classification"
@@ -109,8 +115,11 @@ class Trainer:
                 if self.world > 1:
                     xb, yb = torch.tensor_split(xb, self.world)[self.rank], torch.tensor_split(yb, self.world)[self.rank]
                 self.optimizer.zero_grad(set_to_none=True)
-                result = self.learner.step(xb, yb, self.loss_fn)
-                self.optimizer.step()
+                if self.in_step_updates:
+                    result = self.learner.step(xb, yb, self.loss_fn, optimizer=self.optimizer)
+                else:
+                    result = self.learner.step(xb, yb, self.loss_fn)
+                    self.optimizer.step()
                 loss_sum += result.loss * len(xb)
                 seen += len(xb)
                 if self.classification and _scores(result.output, len(xb), data.num_classes):

@@ -84,11 +84,17 @@ def test_direct_update_graphs_from_the_analysis_alone_are_local_autograd():
         torch.testing.assert_close(grad, reference[name], rtol=1e-13, atol=1e-15)
 
     step = build_unlocked_step(gradients, plan, projections, [0, 1, 2], hidden=True, labels=False)
+    handed, order = {}, []
+
+    def unit_done(index, names, grads):
+        order.append(index)
+        handed.update(zip(names, grads))
+
     with torch.no_grad():
-        outputs, _, hidden = step.module(x, signal)
+        outputs, _ = step.module(x, signal, unit_done)
     torch.testing.assert_close(outputs[0], model(x), rtol=0, atol=0)
-    assert set(step.params) == {q for u in plan.hidden_units for q in plan.params[u]}
-    for name, grad in zip(step.params, hidden):
+    assert order == [0, 1] and set(handed) == {q for u in plan.hidden_units for q in plan.params[u]}
+    for name, grad in handed.items():
         torch.testing.assert_close(grad, reference[name], rtol=1e-13, atol=1e-15)
 
 

@@ -71,6 +71,9 @@ def add_training(parser: argparse.ArgumentParser, *, epochs: int = 10) -> None:
     group.add_argument("--momentum", type=float, default=0.0, help="momentum for sgd and rmsprop (default 0)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
     group.add_argument("--seed", type=int, default=0, help="seed of model, learner and shuffling (default 0)")
+    group.add_argument("--in-step-updates", action="store_true",
+                       help="apply each unit's update inside the step as soon as it is made (update-unlocked "
+                            "drtp and shallow only): no gradient per parameter is held, for about twice the step time")
 
 
 def model_options(args) -> dict:
@@ -95,7 +98,8 @@ def run_config(args, algorithm: str, *, options: dict | None = None, seed: int |
                      loss=getattr(args, "loss", None),
                      momentum=args.momentum, weight_decay=args.weight_decay,
                      seed=args.seed if seed is None else seed, data_seed=args.data_seed, subset=args.subset,
-                     diagnostics=getattr(args, "diagnostics", False), predict=predict)
+                     diagnostics=getattr(args, "diagnostics", False), predict=predict,
+                     in_step_updates=getattr(args, "in_step_updates", False))
 
 
 def model_from_args(args, *, dtype=None, batch: int = 2):

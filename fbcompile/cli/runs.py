@@ -59,6 +59,7 @@ class RunConfig:
     family: str | None = None           # model family the recommendation was taken for
     provenance: dict = field(default_factory=dict)    # value -> "user" or its source
     world_size: int = 1                 # processes of the (latest) run; batch_size is the global batch
+    in_step_updates: bool = False       # learner.step(optimizer=): updates applied inside the step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -242,7 +243,8 @@ def trainer_for(run: Run, **kwargs):
     c = run.config
     torch.manual_seed(c.seed)
     return Trainer(run.learner, run.optimizer, run.dataset, loss_fn=run.loss_fn, batch_size=c.batch_size,
-                   seed=c.seed, config=c.to_dict(), diagnostics=c.diagnostics, predict=c.predict, **kwargs)
+                   seed=c.seed, config=c.to_dict(), diagnostics=c.diagnostics, predict=c.predict,
+                   in_step_updates=c.in_step_updates, **kwargs)
 
 
 def check_positive(name: str, value, minimum=1) -> None:

@@ -28,7 +28,8 @@ from .runs import RunConfig, build_run, check_divisible, launched, trainer_for, 
 # the same run any more); only --epochs may change.
 FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "variant", "batch_size", "lr", "optimizer",
          "loss",
-         "momentum", "weight_decay", "seed", "data_seed", "subset", "beta", "option", "predict_mode", "diagnostics")
+         "momentum", "weight_decay", "seed", "data_seed", "subset", "beta", "option", "predict_mode", "diagnostics",
+         "in_step_updates")
 
 
 def add_parser(commands):

@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 
 from torch import fx, nn
+from torch.fx.node import has_side_effect
 
 from ..errors import FBCompileError
 from ..trace import active_outputs
@@ -165,13 +166,21 @@ def build_direct_gradients(gradients: UnitGradients, plan: DirectPlan, projectio
 @dataclass(frozen=True)
 class UnlockedStep:
     """The update-unlocked step of a direct learner up to the output error, as one module:
-    ``module(*model inputs, *signal) -> (model outputs, output-unit taps, hidden gradients)``, the
-    signal being the values :data:`SIGNAL_INPUTS` names (none without hidden updates); ``taps``
-    keys the second output (what the output units' update reads once e is known) and ``params``
-    names the third."""
+    ``module(*model inputs, *signal, unit_done) -> (model outputs, output-unit taps)``, the signal
+    being the values :data:`SIGNAL_INPUTS` names (none without hidden updates). Right after each
+    hidden unit's update the module calls ``unit_done(index, names, grads)`` (unit index, its
+    trained parameters' names, their gradients, see :func:`hand_over`), so the caller sees every
+    update while the next unit runs and can release it at once; ``taps`` keys the second output
+    (what the output units' update reads once e is known)."""
     module: fx.GraphModule
     taps: tuple
-    params: tuple
+
+
+@has_side_effect
+def hand_over(unit_done, index: int, names: tuple, *grads) -> None:
+    """The generated step's call after hidden unit ``index``'s update: ``unit_done(index, names,
+    grads)``. Marked side-effectful so dead-code elimination keeps it although nothing reads its result."""
+    unit_done(index, names, grads)
 
 
 def build_unlocked_step(gradients: UnitGradients, plan: DirectPlan, projections: list, order: list, *,
@@ -179,14 +188,16 @@ def build_unlocked_step(gradients: UnitGradients, plan: DirectPlan, projections:
     """The units' forwards (``gradients.stages``) in ``order`` (unit indices, each
     unit after the units whose outputs it reads), each hidden unit's
     forward followed at once by its update when ``hidden``: its deltas from the signal and B_u
-    (``projections[p]``) pulled back through its pruned gradient graph. fx frees every value after
-    its last use, so a unit's activations die as soon as its update and the next unit's forward have
-    read them: live memory does not grow with depth, as with one module per unit, minus the Python
-    between units."""
+    (``projections[p]``) pulled back through its pruned gradient graph and handed to ``unit_done``.
+    fx frees every value after its last use, so a unit's activations die as soon as its update and
+    the next unit's forward have read them, and its gradients as soon as ``unit_done`` returns
+    unless the caller keeps them: live memory does not grow with depth, as with one module per unit,
+    minus the Python between units."""
     graph, bound = fx.Graph(), {}
     env = {node: graph.placeholder(node.name) for node in gradients.inputs}
     signal = tuple(graph.placeholder(name) for name in SIGNAL_INPUTS[labels]) if hidden else ()
-    taps, grads, names = {}, [], []
+    unit_done = graph.placeholder("unit_done")
+    taps = {}
     stages = gradients.stages
     for stage in (stages[index] for index in order):
         index = stage.unit.index
@@ -201,12 +212,12 @@ def build_unlocked_step(gradients: UnitGradients, plan: DirectPlan, projections:
             deltas = _emit_deltas(graph, plan, index, signal, projections, labels, bound)
             unit_grads, unit_names = _inline(graph, gradients.graph(index), deltas, unit_taps,
                                              plan.params[index], gradients.slot_params)
-            grads.extend(unit_grads)
-            names.extend(unit_names)
-    graph.output((tuple(env[node] for node in gradients.outputs), tuple(taps.values()), tuple(grads)))
+            if unit_grads:
+                graph.call_function(hand_over, (unit_done, index, unit_names, *unit_grads))
+    graph.output((tuple(env[node] for node in gradients.outputs), tuple(taps.values())))
     root = {**_attributes(graph, gradients.traced, gradients.feedback), **bound}
     module = _pruned_module(root, graph, "UnlockedStep")
-    return UnlockedStep(module, tuple(taps), tuple(names))
+    return UnlockedStep(module, tuple(taps))
 
 
 def _emit_deltas(graph: fx.Graph, plan: DirectPlan, unit: int, signal: tuple, projections: list, labels: bool,

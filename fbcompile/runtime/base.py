@@ -18,23 +18,27 @@ inverse, a bad shape) the step raises and leaves the model's parameters, ``.grad
 learner state (what it owns: auxiliary weights, their optimizer, random generators, extra state)
 exactly as they were.
 
+In-step updates (``step(..., optimizer=)``, :mod:`.in_step`, update-unlocked learners only): each
+unit's update is applied by the optimizer as soon as it is made instead of being added to
+``.grad``; a checking pass first keeps the failed-step guarantee.
+
 Data parallel (``process_group=``, :mod:`.distributed`): each rank computes on its shard, the step's
 failure is agreed across ranks inside the transaction, and the updates written to ``.grad`` are the
 ranks' mean (1/R) sum_r U_r -- the whole batch's update for equal shards.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..errors import FBCompileError, NonFiniteError
+from ..errors import FBCompileError
 from ..program import accumulate_grads, as_tuple
 from .options import Option, integer, parse_options
 from .registry import other_algorithms_with
 from .distributed import resolve_group
+from .finite import check_finite
 from .transaction import Transaction, owned_state
 
 COMMON_OPTIONS = {"seed": Option(0, integer, "seed of the learner's random generators (feedback weights, noise)")}
@@ -56,6 +60,7 @@ class Executor:
     run: Callable | None = None
     autograd: bool = True
     doc: str = ""
+    hands_over: bool = False    # hands each unit's final update to launch_update as it is made
 
 
 OWN_COMPUTE = Executor("compute", None, doc="the learner's own compute()")
@@ -78,6 +83,7 @@ class Learner:
         self.last = {}
         self.buffers = dict(self.model.named_buffers())
         self._executor = None
+        self.sink = None            # in-step updates: takes each unit's update as it is handed over
         self.communicator = None
         group = resolve_group(process_group)
         if group is not None:
@@ -85,8 +91,13 @@ class Learner:
             self.communicator = Communicator(self, group)
 
     # -- the contract ---------------------------------------------------------------------------
-    def step(self, inputs, targets, loss_fn) -> StepResult:
+    def step(self, inputs, targets, loss_fn, optimizer: torch.optim.Optimizer | None = None) -> StepResult:
+        """One step: the updates added to ``.grad``; with ``optimizer``, applied by it inside the
+        step unit by unit instead (update-unlocked learners only, see :mod:`.in_step`)."""
         inputs = as_tuple(inputs)
+        if optimizer is not None:
+            from .in_step import applied_step
+            return applied_step(self, inputs, targets, loss_fn, optimizer)
         with self.transaction():
             result, grads = self.checked_compute(inputs, targets, loss_fn)
         result.details.setdefault("executor", self.executor.name)
@@ -116,8 +127,11 @@ class Learner:
 
     def launch_update(self, names, updates: dict) -> None:
         """Hook for update-unlocked executors: the updates of ``names`` in ``updates`` are final for
-        this step; with a process group their all-reduce starts now and overlaps what follows."""
-        if self.communicator is not None:
+        this step; with a process group their all-reduce starts now and overlaps what follows; with
+        in-step updates (:mod:`.in_step`) they are taken out of ``updates``, checked and applied."""
+        if self.sink is not None:
+            self.sink.take(names, updates)
+        elif self.communicator is not None:
             self.communicator.launch(list(names), updates)
 
     def average(self, tensors: list) -> list:
@@ -217,45 +231,6 @@ def model_device(model) -> torch.device:
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def all_finite(tensors) -> bool:
-    """Whether every entry of every tensor is finite, with one device sync: a sum is finite exactly
-    when no term is inf or nan (up to overflow, which is then reported as non-finite too)."""
-    sums = [t.sum() for t in tensors if t is not None and t.numel()]
-    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
-
-
-def check_finite(grads: dict, result: StepResult) -> None:
-    if _updates_finite(list(grads.values())) and math.isfinite(result.loss):
-        return
-    bad = [name for name, g in grads.items() if g is not None and not torch.isfinite(g).all()]
-    if bad:
-        raise NonFiniteError(f"non-finite update for {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                             "nothing was changed (lower the learning rate or beta, or check the inputs)")
-    if not math.isfinite(result.loss):
-        raise NonFiniteError(f"the loss is {result.loss}; nothing was changed")
-
-
-def _updates_finite(updates: list) -> bool:
-    """:func:`all_finite` for a step's own update tensors, exact (no overflow caveat) and about twice
-    as fast: the fused inf/nan check behind ``torch.amp.GradScaler`` with an unscale factor of 1.
-    That kernel writes its input in place (x * 1 == x, but the version counter moves), so it only
-    gets tensors no autograd graph can have saved: fresh, non-view, not requiring grad."""
-    fused, rest = {}, []
-    for t in updates:
-        if t is None or not t.numel():
-            continue
-        if t.is_floating_point() and t._base is None and not t.requires_grad:
-            fused.setdefault(t.device, []).append(t)
-        else:
-            rest.append(t)
-    for device, tensors in fused.items():
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
-        if bool(found):
-            return False
-    return all_finite(rest)
 
 
 def detached_output(output):

@@ -30,7 +30,10 @@ the next unit has read them, so live memory does not grow with depth (the
 hidden signal needs only the label). "stored" runs one forward that keeps what every unit's local
 backward reads and then one local backward per unit -- the path DFA and sDFA always take, since
 they need the output error; it never runs a backward chain through the network either. Both give
-the same updates.
+the same updates. Update-unlocked, each hidden unit's update is handed over as soon as it is made
+(:meth:`DirectLearner.unit_done`): data parallel, its all-reduce starts; with in-step updates
+(``step(..., optimizer=)``, :mod:`.in_step`) it is applied and freed, so the step holds no update
+per parameter either.
 
 Parameters shared across units (a module called twice, tied weights): with L_u the local loss of
 unit u, whose gradient at the unit's output is delta_u (L_u = <h_u, delta_u> with delta_u held
@@ -188,6 +191,10 @@ class DirectLearner(Learner):
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())
 
+    def trained_params(self) -> set:
+        """Names of the parameters this learner updates."""
+        return {name for unit in self.trained_units() for name in self.plan.params[unit]}
+
     def stored_forward(self):
         """The model with every unit's input detached, returning ``(output, (), values of the
         projected unit outputs)``; unlike ``Executable.local_forward()`` it keeps no feedback taps alive."""
@@ -244,7 +251,6 @@ class DirectLearner(Learner):
         learning = set(self.trained_units())
         stages = [program.unit_forwards()[index] for index in self.order]
         needs_graph = [stage.unit.index in learning for stage in stages]
-        final = self.final_updates()
         updates, position = {}, [0]
 
         def visit(stage, unit_inputs, unit_outputs):
@@ -253,7 +259,7 @@ class DirectLearner(Learner):
                 by_node = dict(zip((n.name for n in stage.outputs), unit_outputs))
                 projections = plan.of_unit(index)
                 self._unit_update(index, [by_node[p.node] for p in projections], projections, signal, updates)
-                self.launch_update(final[index], updates)    # data parallel: overlaps the next units
+                self.unit_done(index, updates)
             position[0] += 1
             if position[0] < len(stages):          # grad mode of the next unit's forward
                 torch.set_grad_enabled(needs_graph[position[0]])
@@ -268,6 +274,13 @@ class DirectLearner(Learner):
         for name, update in output_updates.items():
             accumulate(updates, [name], [update])
         return self._result(loss, output), updates
+
+    def unit_done(self, index: int, updates: dict) -> None:
+        """Update-unlocked executors call this right after hidden unit ``index``'s update was added
+        to ``updates``: the parameters it completes are handed to :meth:`launch_update` (data
+        parallel: their all-reduce overlaps the next units; in-step updates: checked or applied,
+        and taken out of ``updates``)."""
+        self.launch_update(self.final_updates()[index], updates)
 
     def final_updates(self) -> dict:
         """{hidden unit: its parameters whose update is complete once it has run} in update-unlocked
@@ -320,7 +333,7 @@ def _stored_with_graph(learner, inputs, targets, loss_fn):
 
 
 STORED = Executor("stored", _stored_with_graph, doc="one forward keeping each unit's graph, one local backward per unit")
-UPDATE_UNLOCKED = Executor("update-unlocked", DirectLearner._unlocked,
+UPDATE_UNLOCKED = Executor("update-unlocked", DirectLearner._unlocked, hands_over=True,
                            doc="units one by one, each hidden unit's local backward right after its forward")
 
 

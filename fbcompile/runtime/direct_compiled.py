@@ -62,8 +62,10 @@ def fused_update(learner, updates: dict, hidden: bool, errors: tuple, signal: Si
 def compiled_unlocked(learner, inputs, targets, loss_fn):
     """The update-unlocked path without autograd: one generated module runs the units' forwards,
     each hidden unit's update right after its own forward, so a unit's activations are freed as
-    soon as the next unit has read them; it returns the taps the output units' update needs, which
-    wait for e."""
+    soon as the next unit has read them. Each hidden update is handed over as it is made
+    (:meth:`DirectLearner.unit_done`: data parallel, its all-reduce starts; with in-step updates,
+    it is checked or applied and freed). The module returns the taps the output units' update
+    needs, which wait for e."""
     signal = learner.signal(None, None, targets, batch_size(inputs, None)) if learner.hidden_learn else None
     labels = signal is not None and signal.labels is not None
     key = ("unlocked", signal is not None, labels)
@@ -73,12 +75,14 @@ def compiled_unlocked(learner, inputs, targets, loss_fn):
                                                   hidden=signal is not None, labels=labels)
     fused = learner._fused[key]
     extra = () if signal is None else (signal.labels, signal.factor) if labels else (signal.dense,)
-    with torch.no_grad():
-        outputs, tap_values, grads = fused.module.forward(*inputs, *extra)     # our own module: no hooks
     updates = {}
-    accumulate(updates, fused.params, grads)
-    final = [name for names in learner.final_updates().values() for name in names]
-    learner.launch_update(final, updates)     # data parallel: all-reduced while e is made
+
+    def unit_done(index, names, grads):
+        accumulate(updates, names, grads)
+        learner.unit_done(index, updates)
+
+    with torch.no_grad():
+        outputs, tap_values = fused.module.forward(*inputs, *extra, unit_done)     # our own module: no hooks
     output = outputs[0] if len(outputs) == 1 else outputs
     loss, errors = output_error(output, targets, loss_fn)
     fused_update(learner, updates, False, errors, None, dict(zip(fused.taps, tap_values)))
@@ -87,7 +91,7 @@ def compiled_unlocked(learner, inputs, targets, loss_fn):
 
 COMPILED_STORED = Executor("compiled-stored", compiled_stored, autograd=False,
                            doc="one no-grad forward keeping the taps, then one generated update graph")
-COMPILED_UNLOCKED = Executor("compiled-unlocked", compiled_unlocked, autograd=False,
+COMPILED_UNLOCKED = Executor("compiled-unlocked", compiled_unlocked, autograd=False, hands_over=True,
                              doc="one generated module: each unit's forward, then its update")
 
 

@@ -38,7 +38,8 @@ from ..errors import FBCompileError, NonFiniteError
 from ..passes.direct import draw_projection, place_batch_axis, projection_generator
 from ..program import as_tuple
 from ..trace import preserved_state
-from .base import all_finite, model_device
+from .base import model_device
+from .finite import all_finite
 from .direct import PROJECTION_OPTIONS, STORED, DirectLearner
 from .direct_signals import Signal, flat_error
 from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int

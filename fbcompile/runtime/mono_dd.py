@@ -86,9 +86,9 @@ class MonoForwardDD(MonoForwardBase):
         return None if self.options["update"] == "immediate" else super()._make_head_optimizer()
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self, inputs, targets, loss_fn):
-        if not self.immediate:
-            return super().step(inputs, targets, loss_fn)
+    def step(self, inputs, targets, loss_fn, optimizer=None):
+        if not self.immediate or optimizer is not None:       # in-step updates: refused by the base class
+            return super().step(inputs, targets, loss_fn, optimizer)
         with self.transaction():
             result, updates = self.checked_compute(as_tuple(inputs), targets, loss_fn)
             with torch.no_grad():

@@ -37,7 +37,8 @@ from ..errors import FBCompileError, NonFiniteError, OptionError, choices_text
 from ..passes.heads import ATTACH_POINTS, HEAD_INITS, OUTPUT_HEADS, attach_heads
 from ..program import as_tuple
 from ..trace import info, preserved_state
-from .base import Executor, Learner, StepResult, all_finite
+from .base import Executor, Learner, StepResult
+from .finite import all_finite
 from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .registry import register_algorithm
 from .unit_order import execution_order

@@ -24,7 +24,8 @@ import torch
 from ..errors import NonFiniteError, OptionError, choices_text
 from ..program import as_tuple
 from ..trace import depends_on_parameters
-from .base import Executor, Learner, StepResult, all_finite
+from .base import Executor, Learner, StepResult
+from .finite import all_finite
 from .losses import output_error
 from ..initialisation import INITS
 from .feedback_weights import FeedbackWeights
