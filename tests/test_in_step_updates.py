@@ -183,3 +183,26 @@ def test_train_with_in_step_updates_equals_the_default_run(capsys, tmp_path):
     refused = [arg if arg != "drtp" else "dfa" for arg in common]
     assert main(refused + ["--in-step-updates", "--out", str(tmp_path / "dfa")]) == 2
     assert "cannot apply its updates inside the step" in capsys.readouterr().err
+
+
+def test_in_step_updates_on_a_residual_convnet_equal_the_default_step():
+    """torchvision's ResNet-18 layout (skip adds, downsample branches, BatchNorm on batch
+    statistics), float64: two in-step steps equal two default steps followed by optimizer.step()."""
+    from fbcompile.bench import model_batch
+    runs = []
+    for in_step in (False, True):
+        model, x, y = model_batch("resnet18-imagenet", (3, 32, 32), 4)
+        model, x = model.double(), x.double()
+        learner = fbcompile.learner(fbcompile.compile(model, x[:2]), "drtp")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            opt.zero_grad()
+            if in_step:
+                learner.step(x, y, F.cross_entropy, optimizer=opt)
+            else:
+                learner.step(x, y, F.cross_entropy)
+                opt.step()
+        runs.append(model.state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name
