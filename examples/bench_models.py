@@ -10,7 +10,8 @@ copy of the model (same seed) on the same batch; "drtp" runs update-unlocked (it
 its updates to ``.grad`` like the others; "drtp-in-step" applies each unit's update inside the step
 with plain SGD (``learner.step(..., optimizer=)``, :mod:`fbcompile.runtime.in_step`), so the step
 holds no gradient per parameter: it runs the step twice (a checking pass, then the applying pass)
-so that a failed step still changes nothing.
+so that a failed step still changes nothing; "mf" and "mf-in-step" are Mono-Forward (paper 004) the
+same two ways.
 
 1. Time: the plain autograd step (``.grad`` cleared, forward, backward) and every configuration of
    one model interleaved in this one process (:func:`fbcompile.bench.interleaved_times`), medians

@@ -121,7 +121,8 @@ def format_ratio_table(times: dict, baseline: str, targets: dict | None = None) 
 #: ending in "-in-step" applies the updates inside the step with plain SGD (``step(optimizer=)``,
 #: :mod:`fbcompile.runtime.in_step`), where the others leave them in ``.grad``
 MODEL_CONFIGS = {"bp": ("bp", {}), "dtp": ("dtp", {}), "dfa": ("dfa", {}),
-                 "drtp": ("drtp", {"execution": "unlocked"}), "drtp-in-step": ("drtp", {"execution": "unlocked"})}
+                 "drtp": ("drtp", {"execution": "unlocked"}), "drtp-in-step": ("drtp", {"execution": "unlocked"}),
+                 "mf": ("mf", {}), "mf-in-step": ("mf", {})}
 IN_STEP = "-in-step"
 
 

@@ -31,7 +31,7 @@ def batch(seed: int = 1):
 def make(model, algorithm="drtp", compiled=True, optimizer="adam", **options):
     x, _ = batch()
     learner = fbcompile.learner(fbcompile.compile(model, x[:2]), algorithm, **options)
-    if not compiled:
+    if not compiled and algorithm != "mf":        # mf has one executor, local autograd
         learner.compiled = False
     opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
@@ -40,7 +40,7 @@ def make(model, algorithm="drtp", compiled=True, optimizer="adam", **options):
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled-unlocked", "update-unlocked"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("algorithm", ["drtp", "shallow"])
+@pytest.mark.parametrize("algorithm", ["drtp", "shallow", "mf"])
 def test_in_step_updates_equal_the_step_then_optimizer_step(compiled, optimizer, algorithm):
     """Three steps each way from the same state and random seed (the model has dropout, so the
     applying pass must replay the checking pass's random numbers): parameters, BatchNorm running
@@ -61,31 +61,36 @@ def test_in_step_updates_equal_the_step_then_optimizer_step(compiled, optimizer,
         runs.append((learner, opt, result))
     (_, ref_opt, ref_result), (learner, opt, result) = runs
     assert result.details["in_step"] and result.details["executor"] == learner.executor.name
-    assert learner.executor.name == ("compiled-unlocked" if compiled else "update-unlocked")
+    assert learner.executor.name == ("compiled-unlocked" if compiled and algorithm != "mf" else "update-unlocked")
     assert result.loss == ref_result.loss and learner.steps == 3
     for (name, a), b in zip(reference.state_dict().items(), applied.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(reference[0].weight, convnet()[0].weight) or algorithm == "shallow"
+    for ref_head, head in zip(runs[0][0].parameters(), learner.parameters()):      # mf's heads, the learner's own
+        assert torch.equal(ref_head, head)
     assert all(p.grad is None for p in applied.parameters())
     for (key, a), b in zip(ref_opt.state_dict()["state"].items(), opt.state_dict()["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a), key
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-unlocked", "update-unlocked"])
-def test_a_failed_in_step_update_changes_nothing(compiled):
+@pytest.mark.parametrize("algorithm,compiled", [("drtp", True), ("drtp", False), ("mf", True)],
+                         ids=["drtp-compiled-unlocked", "drtp-update-unlocked", "mf"])
+def test_a_failed_in_step_update_changes_nothing(algorithm, compiled):
     """A non-finite update in a late unit, after earlier units' updates were made: parameters,
-    optimizer state, BatchNorm statistics and .grad stay as they were (a one-pass step would have
-    applied the first units' updates already)."""
+    optimizer state, BatchNorm statistics, .grad and the learner's own heads stay as they were (a
+    one-pass step would have applied the first units' updates already)."""
     model = convnet()
-    learner, opt = make(model, compiled=compiled)
+    learner, opt = make(model, algorithm, compiled=compiled)
     x, y = batch()
     learner.step(x, y, F.cross_entropy, optimizer=opt)
     with torch.no_grad():
         model[7].bias[0] = float("nan")            # the last hidden unit's output turns nan
     params = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(opt.state_dict())
+    heads = [h.detach().clone() for h in learner.parameters()]
     with pytest.raises(NonFiniteError, match=r"non-finite update for 7\.weight"):
         learner.step(x, y, F.cross_entropy, optimizer=opt)
+    assert all(torch.equal(h, g) for h, g in zip(heads, learner.parameters()))
     for name, value in model.state_dict().items():
         assert torch.equal(value, params[name]) or (value.isnan() == params[name].isnan()).all(), name
     assert torch.equal(model[0].weight, params["0.weight"]) and torch.equal(model[1].running_mean, params["1.running_mean"])
@@ -118,7 +123,7 @@ def test_an_applying_pass_that_fails_after_applying_says_what_was_applied():
 def test_in_step_updates_are_refused_where_they_cannot_hold():
     model = convnet()
     x, y = batch()
-    for algorithm, options in (("dfa", {}), ("drtp", {"execution": "stored"}), ("bp", {})):
+    for algorithm, options in (("dfa", {}), ("drtp", {"execution": "stored"}), ("bp", {}), ("mf-dd", {})):
         learner, opt = make(model, algorithm, **options)
         with pytest.raises(FBCompileError, match="cannot apply its updates inside the step"):
             learner.step(x, y, F.cross_entropy, optimizer=opt)
@@ -206,3 +211,27 @@ def test_in_step_updates_on_a_residual_convnet_equal_the_default_step():
     assert runs[0].keys() == runs[1].keys()
     for name, value in runs[0].items():
         assert torch.equal(value, runs[1][name]), name
+
+
+def test_a_rollback_restores_a_learners_optimizer_in_place():
+    """Mono-Forward's head optimizer after a failed step: the same state tensors (no new
+    allocation; in-step updates roll back every checking pass) holding the values they had; a
+    failed first step, whose block created the state, leaves none."""
+    model = convnet()
+    learner, _ = make(model, "mf")
+    x, y = batch()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        learner.step(bad, y, F.cross_entropy)
+    assert not learner.head_optimizer.state
+    learner.step(x, y, F.cross_entropy)
+    state = learner.head_optimizer.state
+    before = {(id(p), k): (v, v.clone()) for p, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
+    assert before
+    with pytest.raises(NonFiniteError):
+        learner.step(bad, y, F.cross_entropy)
+    after = {(id(p), k): v for p, s in learner.head_optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)}
+    assert after.keys() == before.keys()
+    for key, (tensor, value) in before.items():
+        assert after[key] is tensor and torch.equal(tensor, value), key

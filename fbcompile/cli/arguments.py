@@ -73,7 +73,7 @@ def add_training(parser: argparse.ArgumentParser, *, epochs: int = 10) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of model, learner and shuffling (default 0)")
     group.add_argument("--in-step-updates", action="store_true",
                        help="apply each unit's update inside the step as soon as it is made (update-unlocked "
-                            "drtp and shallow only): no gradient per parameter is held, for about twice the step time")
+                            "drtp, shallow and mf only): no gradient per parameter is held, for about twice the step time")
 
 
 def model_options(args) -> dict:

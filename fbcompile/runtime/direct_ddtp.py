@@ -44,6 +44,7 @@ from .direct import PROJECTION_OPTIONS, STORED, DirectLearner
 from .direct_signals import Signal, flat_error
 from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .registry import register_algorithm
+from .transaction import load_optimizer_state
 
 FEEDBACK_OPTIONS = {
     "sigma": Option(0.1, positive, "noise std of the difference reconstruction loss (DRL)"),
@@ -180,7 +181,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
     def load_extra_state(self, state):
         self.feedback_maps.load_state_dict(state["feedback_maps"])
         if self.feedback_optimizer is not None:
-            self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
+            load_optimizer_state(self.feedback_optimizer, state["feedback_optimizer"])
 
 
 @register_algorithm

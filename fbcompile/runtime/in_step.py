@@ -11,8 +11,10 @@ autograd's 52.5 MB). Here the peak is the largest unit's update plus the live ac
 Contract:
 
 - Only learners whose executor hands each unit's update over as it is made
-  (``Executor.hands_over``: DRTP and shallow learning with ``execution='unlocked'``); the others need
-  the output error before any hidden update and are refused, as is data-parallel training.
+  (``Executor.hands_over``: DRTP and shallow learning with ``execution='unlocked'``, Mono-Forward
+  ``mf``); the others need the output error (or a backward through the network) before any hidden
+  update and are refused, as is data-parallel training. Mono-Forward's heads are the learner's own
+  and are stepped by its head optimizer at the end of the step, as without in-step updates.
 - Every model parameter's ``.grad`` must be None when the step starts (``optimizer.zero_grad()``),
   and every trained parameter must be in the optimizer: the optimizer is stepped once per unit with
   only that unit's parameters holding a gradient, and torch optimizers skip parameters without one.
@@ -107,8 +109,8 @@ def check_can_apply(learner, optimizer) -> None:
     if not learner.executor.hands_over:
         raise FBCompileError(
             f"learner {learner.name!r} (executor {learner.executor.name!r}) cannot apply its updates inside the step: "
-            "only update-unlocked execution (drtp or shallow with execution='unlocked') has each unit's update "
-            "before the next unit runs; call learner.step(...) and then optimizer.step()")
+            "only update-unlocked execution (drtp or shallow with execution='unlocked', mf) has each unit's "
+            "update before the next unit runs; call learner.step(...) and then optimizer.step()")
     if learner.communicator is not None:
         raise FBCompileError("in-step updates (optimizer=) are not available with a process group: data-parallel "
                              "updates are averaged over the ranks before any is applied")

@@ -41,6 +41,7 @@ from .base import Executor, Learner, StepResult
 from .finite import all_finite
 from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .registry import register_algorithm
+from .transaction import load_optimizer_state
 from .unit_order import execution_order
 
 PREDICT_MODES = ("final", "cumulative")
@@ -133,6 +134,18 @@ class MonoForwardBase(Learner):
     def trained_params(self, stage) -> list:
         return [name for name in stage.unit.params if self.program.params[name].requires_grad]
 
+    def final_updates(self) -> dict:
+        """{unit index: its trained parameters whose update is complete once it has run}: a
+        parameter shared by several units is complete after the last of them."""
+        last = {}
+        for stage in self.stages:
+            if stage.head is not None:
+                last.update(dict.fromkeys(self.trained_params(stage), stage.unit.index))
+        final = {}
+        for name, index in last.items():
+            final.setdefault(index, []).append(name)
+        return final
+
     def apply_head_grads(self, head_grads: dict) -> None:
         """One step of the heads' optimizer with {head: dL/dM} (checked finite first)."""
         if not head_grads:
@@ -198,7 +211,7 @@ class MonoForwardBase(Learner):
     def load_extra_state(self, state) -> None:
         self.heads.load_state_dict(state["heads"])
         if self.head_optimizer is not None:
-            self.head_optimizer.load_state_dict(state["head_optimizer"])
+            load_optimizer_state(self.head_optimizer, state["head_optimizer"])
 
 
 @register_algorithm
@@ -212,6 +225,7 @@ class MonoForward(MonoForwardBase):
 
     def local_autograd(self, inputs, targets, loss_fn):
         params, grads, head_grads, losses = self.program.params, {}, {}, {}
+        final = self.final_updates()
 
         def visit(stage, values):
             head = stage.head
@@ -227,7 +241,7 @@ class MonoForward(MonoForwardBase):
             for name, grad in zip(names, found):      # a parameter shared by units sums their losses' gradients
                 if grad is not None:
                     grads[name] = grads[name] + grad if name in grads else grad
-            self.launch_update(names, grads)         # data parallel: its all-reduce overlaps the next units
+            self.launch_update(final.get(stage.unit.index, ()), grads)   # data parallel: overlaps the next units
             if head.weight is not None and found[-1] is not None:
                 head_grads[head] = found[-1]
             losses[stage.unit.index] = float(loss.detach())
@@ -254,5 +268,5 @@ def _infer_classes(program) -> int:
 
 
 
-LOCAL_AUTOGRAD = Executor("update-unlocked", MonoForward.local_autograd,
+LOCAL_AUTOGRAD = Executor("update-unlocked", MonoForward.local_autograd, hands_over=True,
                           doc="units one by one, each unit's head loss differentiated by local autograd")

@@ -32,6 +32,7 @@ from .feedback_weights import FeedbackWeights
 from .options import Option, boolean, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .reconstruction import cut_reconstruction, difference_reconstruction
 from .registry import register_algorithm
+from .transaction import load_optimizer_state
 
 LEARNED = ("lrl", "drl", "ldrl")
 SOURCES = ("analytic", "random") + LEARNED
@@ -236,7 +237,7 @@ class TargetPropagation(Learner):
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
         if self.feedback_optimizer is not None:
-            self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
+            load_optimizer_state(self.feedback_optimizer, state["feedback_optimizer"])
 
 
 @register_algorithm

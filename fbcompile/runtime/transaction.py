@@ -132,10 +132,48 @@ class Transaction:
             for name, buffer in learner.buffers.items():
                 buffer.copy_(self.buffers[name])
         for optimizer, saved in self.optimizers:
-            optimizer.load_state_dict(saved)
+            load_optimizer_state(optimizer, saved)
         for generator, saved in self.generators:
             generator.set_state(saved)
         torch.random.set_rng_state(self.rng)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, in place where its state has the layout of ``saved``
+    (the same entries, tensors of the same shape, type and device): a rollback then allocates
+    nothing and the state tensors stay the same objects. Learners load their own optimizers' state
+    with it (their ``load_extra_state``, which a rollback calls too)."""
+    current = optimizer.state_dict()           # references to the live state tensors, not copies
+    if not _same_layout(current["state"], saved["state"]):
+        optimizer.load_state_dict(saved)
+        return
+    with torch.no_grad():
+        _copy_into(current["state"], saved["state"])
+    for group, then in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update((k, v) for k, v in then.items() if k != "params")
+
+
+def _same_layout(now, then) -> bool:
+    if torch.is_tensor(now) or torch.is_tensor(then):
+        return (torch.is_tensor(now) and torch.is_tensor(then) and now.shape == then.shape
+                and now.dtype == then.dtype and now.device == then.device)
+    if isinstance(now, dict) and isinstance(then, dict):
+        return now.keys() == then.keys() and all(_same_layout(now[k], then[k]) for k in now)
+    if isinstance(now, (list, tuple)) and isinstance(then, (list, tuple)):
+        return len(now) == len(then) and all(map(_same_layout, now, then))
+    return type(now) is type(then) and now == then
+
+
+def _copy_into(now, then) -> None:
+    """Copy the tensors of ``then`` into those of ``now`` (same layout, :func:`_same_layout`)."""
+    if torch.is_tensor(now):
+        now.copy_(then)
+    elif isinstance(now, dict):
+        for key in now:
+            _copy_into(now[key], then[key])
+    elif isinstance(now, (list, tuple)):
+        for a, b in zip(now, then):
+            _copy_into(a, b)
 
 
 def _key(t: torch.Tensor) -> tuple:
