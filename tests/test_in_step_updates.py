@@ -135,9 +135,14 @@ def test_in_step_updates_are_refused_where_they_cannot_hold():
         learner.step(x, y, F.cross_entropy, optimizer=opt)
     model[0].weight.grad = None
     partial = torch.optim.SGD(list(model.parameters())[2:], lr=0.1)
-    with pytest.raises(FBCompileError, match=r"parameter '0\.weight' is trained by 'drtp' but not in the optimizer"):
-        learner.step(x, y, F.cross_entropy, optimizer=partial)
-    assert learner.steps == 0
+    for algorithm in ("drtp", "mf"):
+        learner, _ = make(model, algorithm)
+        with pytest.raises(FBCompileError, match=rf"parameter '0\.weight' is trained by '{algorithm}' but not in the optimizer"):
+            learner.step(x, y, F.cross_entropy, optimizer=partial)
+        assert learner.steps == 0
+    shallow, _ = make(model, "shallow")          # its hidden units do not learn: an optimizer of the output unit is enough
+    shallow.step(x, y, F.cross_entropy, optimizer=torch.optim.SGD(model[9].parameters(), lr=0.1))
+    assert shallow.steps == 1
 
 
 @pytest.mark.cpu_only("tensor memory from the profiler's CPU ledger")

@@ -191,8 +191,8 @@ class DirectLearner(Learner):
     def trained_units(self) -> tuple:
         return self.plan.output_units + (self.plan.hidden_units if self.hidden_learn else ())
 
-    def trained_params(self) -> set:
-        """Names of the parameters this learner updates."""
+    def updated_params(self) -> set:
+        """Names of the model parameters this learner updates."""
         return {name for unit in self.trained_units() for name in self.plan.params[unit]}
 
     def stored_forward(self):

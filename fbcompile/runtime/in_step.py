@@ -115,16 +115,17 @@ def check_can_apply(learner, optimizer) -> None:
         raise FBCompileError("in-step updates (optimizer=) are not available with a process group: data-parallel "
                              "updates are averaged over the ranks before any is applied")
     named = dict(learner.model.named_parameters())
+    in_model = {id(p) for p in named.values()}
     with_grad = [name for name, p in named.items() if p.grad is not None]
     with_grad += [f"an optimizer parameter of shape {tuple(p.shape)}" for group in optimizer.param_groups
-                  for p in group["params"] if p.grad is not None and not any(p is q for q in named.values())]
+                  for p in group["params"] if p.grad is not None and id(p) not in in_model]
     if with_grad:
         raise FBCompileError(
             f"in-step updates (optimizer=) need every .grad to be None when the step starts (call "
             f"optimizer.zero_grad()); {with_grad[0]} has one, and the optimizer steps every parameter that has a gradient")
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for name, p in named.items() if p.requires_grad and id(p) not in in_optimizer
-               and name in learner.trained_params()]
+    updated = learner.updated_params()
+    missing = [name for name, p in named.items() if name in updated and id(p) not in in_optimizer]
     if missing:
         raise FBCompileError(f"in-step updates (optimizer=): parameter {missing[0]!r} is trained by "
                              f"{learner.name!r} but not in the optimizer, so its update would be lost")

@@ -134,6 +134,10 @@ class MonoForwardBase(Learner):
     def trained_params(self, stage) -> list:
         return [name for name in stage.unit.params if self.program.params[name].requires_grad]
 
+    def updated_params(self) -> set:
+        """Names of the model parameters this learner updates."""
+        return {name for stage in self.stages if stage.head is not None for name in self.trained_params(stage)}
+
     def final_updates(self) -> dict:
         """{unit index: its trained parameters whose update is complete once it has run}: a
         parameter shared by several units is complete after the last of them."""
