@@ -240,3 +240,20 @@ def test_a_rollback_restores_a_learners_optimizer_in_place():
     assert after.keys() == before.keys()
     for key, (tensor, value) in before.items():
         assert after[key] is tensor and torch.equal(tensor, value), key
+
+
+def test_a_resumed_in_step_run_equals_the_uninterrupted_one(tmp_path):
+    """`train --in-step-updates` for 2 epochs straight, and 1 epoch then --resume to 2: the same
+    model bitwise (the setting is part of the saved configuration and cannot change on resume)."""
+    from fbcompile.cli import main
+    from fbcompile.training import load_checkpoint
+    argv = ["train", "--model", "mlp", "--model-option", "width=16", "--model-option", "depth=2", "--threads", "1",
+            "--algo", "mf", "--subset", "96", "--batch-size", "32", "--in-step-updates", "--no-progress", "--no-plot"]
+    assert main(argv + ["--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert main(argv + ["--epochs", "1", "--out", str(tmp_path / "resumed")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "resumed"), "--epochs", "2", "--in-step-updates"]) == 2
+    assert main(["train", "--resume", str(tmp_path / "resumed"), "--epochs", "2", "--no-progress", "--no-plot"]) == 0
+    straight, resumed = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert resumed["epoch"] == 2 and resumed["config"]["in_step_updates"] is True
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
