@@ -257,3 +257,16 @@ def test_a_resumed_in_step_run_equals_the_uninterrupted_one(tmp_path):
     assert resumed["epoch"] == 2 and resumed["config"]["in_step_updates"] is True
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
+
+
+@pytest.mark.cpu_only("tensor memory from the profiler's CPU ledger")
+def test_bench_cli_adds_an_in_step_row_where_the_algorithm_can(capsys):
+    """`fbcompile bench --in-step-updates`: "drtp (in-step)" next to drtp, with a lower peak; none for
+    dfa, which needs the output error first."""
+    from fbcompile.cli import main
+    assert main(["bench", "--model", "mlp", "--model-option", "width=64", "--model-option", "depth=4",
+                 "--input-shape", "32", "--batch-size", "16", "--rounds", "1", "--warmup", "1",
+                 "--algos", "drtp,dfa", "--in-step-updates", "--json"]) == 0
+    rows = {row["configuration"]: row for row in json.loads(capsys.readouterr().out)["results"]}
+    assert set(rows) == {"autograd", "drtp", "drtp (in-step)", "dfa"}
+    assert rows["drtp (in-step)"]["peak MB"] < rows["drtp"]["peak MB"]

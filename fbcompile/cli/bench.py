@@ -10,7 +10,9 @@ others.
 
 Progress is printed per configuration as it is set up, with the time of its first step; a
 configuration whose first step takes longer than --max-step-seconds (default 60, e.g. MF-DD on an
-11M-parameter ResNet-18) is skipped with a line saying so, unless --all.
+11M-parameter ResNet-18) is skipped with a line saying so, unless --all. With --in-step-updates, each
+algorithm that can apply its updates inside the step (update-unlocked: drtp, shallow, mf) gets a
+second row, "NAME (in-step)": ``learner.step(..., optimizer=)`` with plain SGD, no ``.grad`` kept.
 Real-size models: ``--model resnet18-imagenet --input-shape 3,32,32 --batch-size 32 --algos bp,dtp,dfa,drtp``
 (torchvision's architectures, :mod:`fbcompile.zoo_models`; ``mobilenet-v2`` likewise).
 """
@@ -24,6 +26,7 @@ from . import arguments, resolve
 from .runs import check_positive
 
 BASELINE = "autograd"
+IN_STEP = " (in-step)"
 
 
 def add_parser(commands):
@@ -44,6 +47,8 @@ def add_parser(commands):
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip configurations whose first step takes longer (default 60)")
     parser.add_argument("--all", action="store_true", help="run every configuration, however slow")
+    parser.add_argument("--in-step-updates", action="store_true",
+                        help="also measure each update-unlocked algorithm with its updates applied inside the step")
     parser.add_argument("--backend", metavar="NAME", help="torch.compile backend of the generated feedback modules "
                         "(e.g. inductor; compile time is paid at the first step; fbcompile.backends)")
     parser.set_defaults(run=run)
@@ -81,20 +86,26 @@ def setup(args_dict: dict):
     _first_step(args, BASELINE, steps, skipped)
     shared = resolve.learner_options(args)
     for name in args.algos:
-        try:
-            model = _fresh(args)
-            rec = recommended(name, model)
-            program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
-                                      variants=tuple(args.variant), frontend=args.frontend,
-                                      backend=getattr(args, "backend", None))
-            learner = make_learner(program, name, **{"seed": args.seed, **rec.learner_options(),
-                                                     **resolve.options_for(name, shared)})
-            own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
-            steps[name] = learner_step(learner, x, y, own_loss)
-            _first_step(args, name, steps, skipped)    # fails here if the algorithm cannot train this model
-        except FBCompileError as exc:
-            steps.pop(name, None)
-            skipped[name] = str(exc)
+        for in_step in (False, True) if getattr(args, "in_step_updates", False) else (False,):
+            label = f"{name}{IN_STEP if in_step else ''}"
+            try:
+                model = _fresh(args)
+                rec = recommended(name, model)
+                program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
+                                          variants=tuple(args.variant), frontend=args.frontend,
+                                          backend=getattr(args, "backend", None))
+                learner = make_learner(program, name, **{"seed": args.seed, **rec.learner_options(),
+                                                         **resolve.options_for(name, shared)})
+                if in_step and not learner.executor.hands_over:
+                    break                                  # cannot apply inside the step: no second row
+                optimizer = torch.optim.SGD(model.parameters(), lr=1e-4) if in_step else None
+                own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
+                steps[label] = learner_step(learner, x, y, own_loss, optimizer)
+                _first_step(args, label, steps, skipped)   # fails here if the algorithm cannot train this model
+            except FBCompileError as exc:
+                steps.pop(label, None)
+                skipped[label] = str(exc)
+                break
     return steps, skipped
 
 
@@ -124,7 +135,8 @@ def _fresh(args):
 
 def memory_of(args_dict: dict, name: str) -> int:
     """Peak tensor bytes of one step of configuration ``name`` (after a warm-up step)."""
-    steps, _ = setup({**args_dict, "algos": [a for a in args_dict["algos"] if a == name]})
+    algorithm = name.removesuffix(IN_STEP)
+    steps, _ = setup({**args_dict, "algos": [a for a in args_dict["algos"] if a == algorithm]})
     steps[name]()
     return memory_of_inline(steps[name])
 
