@@ -110,7 +110,8 @@ def check_can_apply(learner, optimizer) -> None:
         raise FBCompileError(
             f"learner {learner.name!r} (executor {learner.executor.name!r}) cannot apply its updates inside the step: "
             "only update-unlocked execution (drtp or shallow with execution='unlocked', mf) has each unit's "
-            "update before the next unit runs; call learner.step(...) and then optimizer.step()")
+            "update before the next unit runs; call learner.step(...) and then optimizer.step() (command line: "
+            "leave out --in-step-updates)")
     if learner.communicator is not None:
         raise FBCompileError("in-step updates (optimizer=) are not available with a process group: data-parallel "
                              "updates are averaged over the ranks before any is applied")
