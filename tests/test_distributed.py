@@ -77,6 +77,15 @@ def test_a_step_failing_on_one_rank_raises_on_both_and_changes_nothing(report):
     assert "shapes cannot be multiplied" in cases["drtp{}-shape"]["message"]
 
 
+@pytest.mark.parametrize("algo", ["drtp", "mf"])
+def test_in_step_updates_on_two_ranks_equal_one_process_and_fail_together(report, algo):
+    for rank in range(WORLD):
+        found = report[rank]["in_step"][algo]
+        assert found["worst"] < 1e-12 and found["moved"] > 1e-3, found
+        assert found["message"] and "non-finite" in found["message"], found
+        assert found["unchanged"] and found["identical"], found
+
+
 def test_ranks_that_built_different_learners_are_refused_naming_the_difference(report):
     for rank in range(WORLD):
         message = report[rank]["fingerprint"]

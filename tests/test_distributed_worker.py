@@ -137,6 +137,39 @@ def check_failure(rank: int) -> dict:
     return found
 
 
+def check_in_step(rank: int) -> dict:
+    """In-step updates (step(optimizer=)) on shards: two Adam steps equal one process's default step
+    + optimizer.step() on the whole batch, the ranks stay identical, and a step failing on rank 1
+    only raises on both and changes nothing."""
+    x, y = data()
+    shard = slice(rank * SHARD, (rank + 1) * SHARD)
+    found = {}
+    for algo in ("drtp", "mf"):
+        model, learner = build(algo, {}, "world")
+        reference_model, reference = build(algo, {}, None)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        reference_optimizer = torch.optim.Adam(reference_model.parameters(), lr=0.01)
+        for _ in range(2):
+            optimizer.zero_grad()
+            learner.step(x[shard], y[shard], F.cross_entropy, optimizer=optimizer)
+            reference_optimizer.zero_grad()
+            reference.step(x, y, F.cross_entropy)
+            reference_optimizer.step()
+        worst = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), reference_model.parameters()))
+        moved = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), mlp().parameters()))
+        before = state_tensors(model, learner).clone()
+        bad = x[shard].clone().fill_(float("nan")) if rank == 1 else x[shard]
+        try:
+            learner.step(bad, y[shard], F.cross_entropy, optimizer=optimizer)
+            message = None
+        except FBCompileError as exc:
+            message = str(exc)
+        found[algo] = {"worst": worst, "moved": moved, "message": message,
+                       "unchanged": torch.equal(before, state_tensors(model, learner)),
+                       "identical": same_on_all_ranks(state_tensors(model, learner))}
+    return found
+
+
 def check_fingerprint(rank: int) -> str | None:
     try:
         build("dfa", {"projection_init": "xavier_uniform" if rank == 1 else "he_uniform"}, "world")
@@ -242,6 +275,7 @@ def main() -> None:
         report["equal"] = check_equal(rank)
         report["identical"] = check_identical(rank)
         report["failure"] = check_failure(rank)
+        report["in_step"] = check_in_step(rank)
         report["fingerprint"] = check_fingerprint(rank)
         report["group_references"] = check_group_references(rank)
         report["sync_batchnorm"] = check_sync_batchnorm(rank, programs)

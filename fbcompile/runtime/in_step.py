@@ -13,8 +13,9 @@ Contract:
 - Only learners whose executor hands each unit's update over as it is made
   (``Executor.hands_over``: DRTP and shallow learning with ``execution='unlocked'``, Mono-Forward
   ``mf``); the others need the output error (or a backward through the network) before any hidden
-  update and are refused, as is data-parallel training. Mono-Forward's heads are the learner's own
-  and are stepped by its head optimizer at the end of the step, as without in-step updates.
+  update and are refused. Mono-Forward's heads are the learner's own and are stepped by its head
+  optimizer at the end of the step, as without in-step updates. Data parallel, each unit's update is
+  all-reduced (the ranks' mean) just before it is applied.
 - Every model parameter's ``.grad`` must be None when the step starts (``optimizer.zero_grad()``),
   and every trained parameter must be in the optimizer: the optimizer is stepped once per unit with
   only that unit's parameters holding a gradient, and torch optimizers skip parameters without one.
@@ -35,21 +36,28 @@ from __future__ import annotations
 import torch
 
 from ..errors import FBCompileError
-from .finite import check_finite, check_updates_finite
+from .finite import check_updates_finite
 
 
 class UnitSink:
     """Takes each update out of the step's ``{name: update}`` as soon as it is final: checks it is
-    finite and, with an optimizer, applies it and frees it."""
+    finite and, with an optimizer, applies it and frees it. Data parallel, an update applied is the
+    ranks' mean (:meth:`Learner.average`: one all-reduce per unit, after the ranks' failure flags);
+    the checking pass checks each rank's own updates, and the step's agreement makes a failure on
+    any rank raise on all."""
 
-    def __init__(self, params: dict, optimizer: torch.optim.Optimizer | None = None):
-        self.params, self.optimizer = params, optimizer
+    def __init__(self, learner, optimizer: torch.optim.Optimizer | None = None):
+        self.learner, self.params, self.optimizer = learner, learner.program.params, optimizer
         self.applied = []           # names applied so far in this pass
 
-    def take(self, names, updates: dict) -> None:
+    def take(self, names, updates: dict, averaged: bool = False) -> None:
+        """Take ``names`` out of ``updates`` (``averaged``: already the ranks' mean, as the updates a
+        step returns are)."""
         taken = {name: updates.pop(name) for name in names if name in updates}
         if not taken:
             return
+        if self.optimizer is not None and not averaged:
+            taken = dict(zip(taken, self.learner.average(list(taken.values()))))
         check_updates_finite(taken)
         if self.optimizer is None:
             return
@@ -70,10 +78,9 @@ def applied_step(learner, inputs: tuple, targets, loss_fn, optimizer: torch.opti
     """One step of ``learner`` with its updates applied by ``optimizer`` unit by unit (module
     docstring): a checking pass under a transaction that always restores, then the applying pass."""
     check_can_apply(learner, optimizer)
-    params = learner.program.params
     with learner.transaction(always_restore=True):
-        result = _pass(learner, inputs, targets, loss_fn, UnitSink(params))
-    applying = UnitSink(params, optimizer)
+        result = _pass(learner, inputs, targets, loss_fn, UnitSink(learner))
+    applying = UnitSink(learner, optimizer)
     try:
         with learner.transaction():
             result = _pass(learner, inputs, targets, loss_fn, applying)
@@ -90,13 +97,13 @@ def applied_step(learner, inputs: tuple, targets, loss_fn, optimizer: torch.opti
 
 
 def _pass(learner, inputs, targets, loss_fn, sink: UnitSink):
-    """compute() with ``sink`` taking each unit's update as it is handed over, then the rest (the
+    """The learner's checked compute (data parallel: agreed across the ranks, the updates it returns
+    averaged) with ``sink`` taking each unit's update as it is handed over, then the rest (the
     output units'); raises on a non-finite update or loss."""
     learner.sink = sink
     try:
-        result, rest = learner.compute(inputs, targets, loss_fn)
-        check_finite(rest, result)
-        sink.take(list(rest), rest)
+        result, rest = learner.checked_compute(inputs, targets, loss_fn)
+        sink.take(list(rest), rest, averaged=True)
     finally:
         learner.sink = None
     return result
@@ -112,9 +119,6 @@ def check_can_apply(learner, optimizer) -> None:
             "only update-unlocked execution (drtp or shallow with execution='unlocked', mf) has each unit's "
             "update before the next unit runs; call learner.step(...) and then optimizer.step() (command line: "
             "leave out --in-step-updates)")
-    if learner.communicator is not None:
-        raise FBCompileError("in-step updates (optimizer=) are not available with a process group: data-parallel "
-                             "updates are averaged over the ranks before any is applied")
     named = dict(learner.model.named_parameters())
     in_model = {id(p) for p in named.values()}
     with_grad = [name for name, p in named.items() if p.grad is not None]
