@@ -286,3 +286,29 @@ def test_mono_forward_heads_train_a_module_called_twice():
     model, x = CalledTwice(), torch.randn(5, 6)
     learner = fbcompile.learner(fbcompile.compile(model, x), "mf")
     assert torch.isfinite(step_grads(learner, model, x, torch.randint(0, 3, (5,)))["a.weight"]).all()
+
+
+@pytest.mark.parametrize("algorithm,compiled", [("drtp", True), ("drtp", False), ("mf", None)])
+@pytest.mark.parametrize("cls", [CalledTwice, TiedWeights, TiedWithOutput, Chunked])
+def test_in_step_updates_apply_a_shared_parameter_once_it_is_complete(cls, algorithm, compiled):
+    """In-step updates (step(optimizer=)) on shared parameters: two Adam steps equal the default step
+    followed by optimizer.step(), so a shared parameter is applied once, with every unit's term."""
+    x, y = _data(3)
+    runs = []
+    for in_step in (False, True):
+        torch.manual_seed(0)
+        model = randomise_vectors(cls().double())
+        learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=5)
+        if compiled is False:
+            learner.compiled = False
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(2):
+            optimizer.zero_grad()
+            if in_step:
+                learner.step(x, y, F.cross_entropy, optimizer=optimizer)
+            else:
+                learner.step(x, y, F.cross_entropy)
+                optimizer.step()
+        runs.append(dict(model.named_parameters()))
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name
