@@ -5,7 +5,7 @@
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 150 python3 examples/bench_gpu.py --batches 32,256 --rounds 10 2>&1 | tee $OUT/bench_gpu.md
+timeout 150 python3 examples/bench_gpu.py --batches 32,256 --rounds 10 --configs bp,dtp,dfa,drtp,drtp-in-step 2>&1 | tee $OUT/bench_gpu.md
 FBCOMPILE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -n 14 -p no:warnings -p no:cacheprovider \
   --timeout=90 "${@:-tests}" -rf > $OUT/suite_cuda.log 2>&1
 echo "suite exit: $?"
