@@ -79,11 +79,9 @@ def run_one(job: dict) -> dict:
                        batch_size=BATCH, seed=job["seed"],
                        options={k: v for k, v in point.items() if k not in FIELDS + SWEEP_ONLY},
                        **{k: v for k, v in point.items() if k in FIELDS})
-    if config.epochs is None:
-        config.epochs = job["epochs"]
     started = time.perf_counter()
-    try:
-        run = build_run(config, data)
+    try:        # epochs not swept: --epochs x the recommended epochs multiplier, as the demo runs it
+        run = build_run(config, data, default_epochs=job["epochs"])
         if "hidden_lr_scale" in point:
             run.optimizer = hidden_scaled_optimizer(run, point["hidden_lr_scale"])
         history = trainer_for(run, progress=False, log=None).fit(run.config.epochs)
