@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import fbcompile
-from fbcompile.bench import (autograd_step, format_ratio_table, in_subprocess, interleaved_times, learner_step,
-                             memory_ledger)
+from fbcompile.bench import (autograd_step, format_ratio_table, in_step_optimizer, in_subprocess, interleaved_times,
+                             learner_step, memory_ledger)
 from fbcompile.models import build_model
 
 TIME_TARGETS = {"dfa": "<= 0.82 (0.9)", "drtp (unlocked)": "<= 0.90"}
@@ -42,7 +42,7 @@ def _config_step(config: str, model, x, y):
         return autograd_step(model, x, y, F.cross_entropy)
     name, _, mode = config.partition(" (")
     mode = mode.rstrip(")")
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4) if mode == "in-step" else None
+    optimizer = in_step_optimizer(model) if mode == "in-step" else None
     options = {"execution": mode} if mode and optimizer is None else {}
     learner = fbcompile.learner(fbcompile.compile(model, x[:2]), name, **options)
     return learner_step(learner, x, y, F.cross_entropy, optimizer)

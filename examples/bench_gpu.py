@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fbcompile
-from fbcompile.bench import IN_STEP, MODEL_CONFIGS, interleaved_times
+from fbcompile.bench import IN_STEP, MODEL_CONFIGS, in_step_optimizer, interleaved_times
 from fbcompile.models import build_model
 
 MODELS = {"resnet18": "resnet18-imagenet", "mobilenetv2": "mobilenet-v2"}
@@ -42,7 +42,7 @@ def make_step(model_name: str, config: str, batch: int, device: torch.device, se
         algorithm, options = MODEL_CONFIGS[name]
         learner = fbcompile.learner(fbcompile.compile(model, x[:2], backend=backend or None), algorithm,
                                     seed=seed, **options)
-        optimizer = torch.optim.SGD(params, lr=1e-3) if name.endswith(IN_STEP) else None   # updates applied in the step
+        optimizer = in_step_optimizer(model) if name.endswith(IN_STEP) else None   # updates applied in the step
 
         def run():
             learner.step(x, y, F.cross_entropy, optimizer=optimizer)

@@ -64,6 +64,13 @@ def autograd_step(model, x, y, loss_fn) -> Callable:
     return step
 
 
+def in_step_optimizer(model):
+    """The optimizer the benchmarks' in-step configurations apply their updates with: plain SGD at a
+    small rate (no state, no temporaries: the step's own memory is what is measured)."""
+    import torch
+    return torch.optim.SGD(model.parameters(), lr=1e-4)
+
+
 def learner_step(learner, x, y, loss_fn, optimizer=None) -> Callable:
     """One ``learner.step`` with the model's ``.grad`` cleared first, as :func:`autograd_step`;
     with ``optimizer``, the step applies its updates itself (in-step updates, which leave no ``.grad``)."""
@@ -146,7 +153,6 @@ def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32,
     """One training step of ``config`` ("autograd" or a key of :data:`MODEL_CONFIGS`, optionally
     followed by ``+BACKEND``: its feedback modules under that torch.compile backend, e.g.
     "bp+inductor") on a fresh copy of ``model_name`` with cross-entropy."""
-    import torch
     import torch.nn.functional as F
 
     from . import compile as compile_program
@@ -157,7 +163,7 @@ def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32,
     config, _, backend = config.partition("+")
     algorithm, options = MODEL_CONFIGS[config]
     program = compile_program(model, x[:2], backend=backend or None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3) if config.endswith(IN_STEP) else None
+    optimizer = in_step_optimizer(model) if config.endswith(IN_STEP) else None
     return learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy, optimizer)
 
 

@@ -55,6 +55,21 @@ def step_grads(learner, model, x, y, loss_fn=F.cross_entropy):
     return grads_of(model)
 
 
+def optimizer_steps(learner, optimizer, batches, in_step: bool, loss_fn=F.cross_entropy):
+    """One step per ``(x, y)`` of ``batches``: with ``in_step``, ``learner.step(..., optimizer=)``
+    (updates applied inside the step); else ``learner.step`` then ``optimizer.step()``. The last
+    StepResult."""
+    result = None
+    for x, y in batches:
+        optimizer.zero_grad()
+        if in_step:
+            result = learner.step(x, y, loss_fn, optimizer=optimizer)
+        else:
+            result = learner.step(x, y, loss_fn)
+            optimizer.step()
+    return result
+
+
 def tanh_mlp(inputs=12, width=16, depth=2, classes=5, bias=True):
     """A float64 Linear/Tanh MLP as nn.Sequential (index 2i is Linear i)."""
     layers, n = [], inputs

@@ -15,6 +15,8 @@ import fbcompile
 from fbcompile.bench import memory_ledger
 from fbcompile.errors import FBCompileError, NonFiniteError
 
+from helpers import optimizer_steps
+
 
 def convnet() -> nn.Module:
     torch.manual_seed(0)
@@ -50,14 +52,7 @@ def test_in_step_updates_equal_the_step_then_optimizer_step(compiled, optimizer,
     for model, in_step in ((reference, False), (applied, True)):
         learner, opt = make(model, algorithm, compiled, optimizer)
         torch.manual_seed(5)
-        for step in range(3):
-            x, y = batch(step)
-            opt.zero_grad()
-            if in_step:
-                result = learner.step(x, y, F.cross_entropy, optimizer=opt)
-            else:
-                result = learner.step(x, y, F.cross_entropy)
-                opt.step()
+        result = optimizer_steps(learner, opt, [batch(step) for step in range(3)], in_step)
         runs.append((learner, opt, result))
     (_, ref_opt, ref_result), (learner, opt, result) = runs
     assert result.details["in_step"] and result.details["executor"] == learner.executor.name
@@ -204,14 +199,7 @@ def test_in_step_updates_on_a_residual_convnet_equal_the_default_step():
         model, x, y = model_batch("resnet18-imagenet", (3, 32, 32), 4)
         model, x = model.double(), x.double()
         learner = fbcompile.learner(fbcompile.compile(model, x[:2]), "drtp")
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(2):
-            opt.zero_grad()
-            if in_step:
-                learner.step(x, y, F.cross_entropy, optimizer=opt)
-            else:
-                learner.step(x, y, F.cross_entropy)
-                opt.step()
+        optimizer_steps(learner, torch.optim.Adam(model.parameters(), lr=1e-3), [(x, y)] * 2, in_step)
         runs.append(model.state_dict())
     assert runs[0].keys() == runs[1].keys()
     for name, value in runs[0].items():

@@ -17,7 +17,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.passes.prune import GradientSubgraph
 from fbcompile.passes.unit_share import InseparableShare, own_share
-from helpers import cpu_draw, randomise_vectors, step_grads
+from helpers import cpu_draw, optimizer_steps, randomise_vectors, step_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,14 +301,7 @@ def test_in_step_updates_apply_a_shared_parameter_once_it_is_complete(cls, algor
         learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=5)
         if compiled is False:
             learner.compiled = False
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-        for _ in range(2):
-            optimizer.zero_grad()
-            if in_step:
-                learner.step(x, y, F.cross_entropy, optimizer=optimizer)
-            else:
-                learner.step(x, y, F.cross_entropy)
-                optimizer.step()
+        optimizer_steps(learner, torch.optim.Adam(model.parameters(), lr=0.05), [(x, y)] * 2, in_step)
         runs.append(dict(model.named_parameters()))
     for name, value in runs[0].items():
         assert torch.equal(value, runs[1][name]), name

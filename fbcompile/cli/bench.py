@@ -64,7 +64,7 @@ def setup(args_dict: dict):
     import torch.nn.functional as F
     from .. import compile as compile_program
     from .. import learner as make_learner
-    from ..bench import autograd_step, learner_step
+    from ..bench import autograd_step, in_step_optimizer, learner_step
     from ..runtime.base import model_device
     from ..recommended import recommended
     args = argparse.Namespace(**args_dict)
@@ -98,7 +98,7 @@ def setup(args_dict: dict):
                                                          **resolve.options_for(name, shared)})
                 if in_step and not learner.executor.hands_over:
                     break                                  # cannot apply inside the step: no second row
-                optimizer = torch.optim.SGD(model.parameters(), lr=1e-4) if in_step else None
+                optimizer = in_step_optimizer(model) if in_step else None
                 own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
                 steps[label] = learner_step(learner, x, y, own_loss, optimizer)
                 _first_step(args, label, steps, skipped)   # fails here if the algorithm cannot train this model

@@ -78,7 +78,7 @@ from .losses import scalar_loss
 from .direct_signals import DirectProjections, Signal, flat_error, label_signal
 from .options import Option, non_negative, one_of
 from .registry import register_algorithm
-from .unit_order import execution_order
+from .unit_order import completed_by, execution_order
 
 PROJECTION_OPTIONS = {
     "projection_init": Option("he_uniform", one_of(*PROJECTION_INITS),
@@ -292,13 +292,10 @@ class DirectLearner(Learner):
         return self._final_updates
 
     def _find_final_updates(self) -> dict:
-        last = {}
-        for index in self.order:
-            if index in self.plan.hidden_units:
-                last.update(dict.fromkeys(self.plan.params[index], index))
-        for index in self.plan.output_units:
-            last.update(dict.fromkeys(self.plan.params[index], None))
-        return {index: [n for n in self.plan.params[index] if last[n] == index] for index in self.plan.hidden_units}
+        plan = self.plan
+        uses = [(index, plan.params[index]) for index in self.order if index in plan.hidden_units]
+        done = completed_by(uses + [(None, plan.params[index]) for index in plan.output_units])
+        return {index: done.get(index, []) for index in plan.hidden_units}
 
     def _output_update(self, output, targets, loss_fn) -> tuple:
         """(loss, e = dL/d outputs, the output units' update), from ONE backward of the loss that

@@ -42,7 +42,7 @@ from .finite import all_finite
 from .options import Option, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .registry import register_algorithm
 from .transaction import load_optimizer_state
-from .unit_order import execution_order
+from .unit_order import completed_by, execution_order
 
 PREDICT_MODES = ("final", "cumulative")
 
@@ -141,14 +141,8 @@ class MonoForwardBase(Learner):
     def final_updates(self) -> dict:
         """{unit index: its trained parameters whose update is complete once it has run}: a
         parameter shared by several units is complete after the last of them."""
-        last = {}
-        for stage in self.stages:
-            if stage.head is not None:
-                last.update(dict.fromkeys(self.trained_params(stage), stage.unit.index))
-        final = {}
-        for name, index in last.items():
-            final.setdefault(index, []).append(name)
-        return final
+        return completed_by((stage.unit.index, self.trained_params(stage)) for stage in self.stages
+                            if stage.head is not None)
 
     def apply_head_grads(self, head_grads: dict) -> None:
         """One step of the heads' optimizer with {head: dL/dM} (checked finite first)."""

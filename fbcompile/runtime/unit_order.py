@@ -59,3 +59,16 @@ def _cycle_message(program, waiting: list, algorithm: str) -> str:
     return (f"algorithm {algorithm!r} runs the units one after another, but units {sorted(cycle)} read each "
             f"other's outputs in a cycle: {'; '.join(reads)}. Compile with units='op' or another grouping whose "
             "units do not read each other's outputs")
+
+
+def completed_by(uses) -> dict:
+    """{unit: the names whose last use is that unit}, for ``uses`` the (unit, names) pairs in
+    execution order: after which unit a parameter's update is complete (a parameter several units
+    use is complete after the last of them), so update-unlocked learners can hand it over there."""
+    last = {}
+    for unit, names in uses:
+        last.update(dict.fromkeys(names, unit))
+    done = {}
+    for name, unit in last.items():
+        done.setdefault(unit, []).append(name)
+    return done
