@@ -87,12 +87,27 @@ def _transpose_2d(node, *args, **kwargs):
 
 
 def _same_dtype(node, *args, **kwargs):
-    """``x.to(dtype)`` / ``contiguous`` / ``clone``: the identity as long as the dtype is unchanged."""
+    """``contiguous`` / ``clone`` / ``alias``: the identity as long as the dtype is unchanged."""
     source, record = args[0], info(node)
     if record.dtype is not None and info(source).dtype != record.dtype:
         raise FBCompileError(f"{node.target} converts {info(source).dtype} to {record.dtype}: a dtype "
                              "conversion inside the model has no feedback rule (compile the model in one dtype)")
     return {"input": source}
+
+
+def _cast(node, *args, **kwargs):
+    """``to.dtype`` / ``to.dtype_layout`` / ``_to_copy`` / ``type_as``: a conversion to the node's dtype,
+    the canonical ``cast`` (a device argument only places the value; see rules/elementwise.py)."""
+    return {"input": schema_arguments(node.target, args, kwargs)["self"], "dtype": info(node).dtype}
+
+
+def _upsample(mode: str, antialias: bool = False):
+    """``upsample_<mode>.vec(input, output_size, [align_corners,] scale_factors)``: F.interpolate's call."""
+    def adapt(node, *args, **kwargs):
+        a = schema_arguments(node.target, args, kwargs)
+        return {"input": a["input"], "size": a.get("output_size"), "scale_factor": a.get("scale_factors"),
+                "mode": mode, "align_corners": a.get("align_corners"), "antialias": antialias}
+    return adapt
 
 
 def _max_pool(node, *args, **kwargs):
@@ -137,11 +152,12 @@ TABLE = {
     "linear": [("linear.default", PLAIN, False)],
     "conv1d": [("conv1d.default", PLAIN, False), ("conv1d.padding", PLAIN, False)],
     "conv2d": [("conv2d.default", PLAIN, False), ("conv2d.padding", PLAIN, False)],
+    "conv3d": [("conv3d.default", PLAIN, False), ("conv3d.padding", PLAIN, False)],
     "batch_norm": [("batch_norm.default", NO_CUDNN, False)],
     "layer_norm": [("layer_norm.default", NO_CUDNN, False)],
     "group_norm": [("group_norm.default", NO_CUDNN, False)],
     "embedding": [("embedding.default", _embedding, False)],
-    "dropout": [("dropout.default", DROPOUT, False)],
+    "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
     "softmax": [("softmax.int", _softmax, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
     "log_softmax": [("log_softmax.int", _softmax, False)],
@@ -170,8 +186,9 @@ TABLE = {
                   ("swapdims.default", PLAIN, False)],
     "permute": [("permute.default", renamed(star=("dims",)), False)],
     "identity": [("contiguous.default", _same_dtype, False), ("clone.default", _same_dtype, False),
-                 ("alias.default", _same_dtype, False), ("to.dtype", _same_dtype, False),
-                 ("to.dtype_layout", _same_dtype, False), ("_to_copy.default", _same_dtype, False)],
+                 ("alias.default", _same_dtype, False)],
+    "cast": [("to.dtype", _cast, False), ("to.dtype_layout", _cast, False), ("_to_copy.default", _cast, False),
+             ("type_as.default", _cast, False)],
     "cat": [("cat.default", PLAIN, False)],
     "stack": [("stack.default", PLAIN, False)],
     "split": [("split.Tensor", renamed(rename={"split_size": "split_size_or_sections"}), False),
@@ -188,7 +205,7 @@ TABLE = {
     "index": [("slice.Tensor", _slice, False), ("index.Tensor", _index, False)],
     "gather": [("gather.default", PLAIN, False)],
     "index_select": [("index_select.default", PLAIN, False)],
-    "where": [("where.self", _where, False)],
+    "where": [("where.self", _where, False), ("where.ScalarOther", _where, False), ("where.ScalarSelf", _where, False)],
     "masked_fill": [("masked_fill.Scalar", PLAIN, False), ("masked_fill.Tensor", PLAIN, False)],
     "pad": [("pad.default", PLAIN, False), ("constant_pad_nd.default", _constant_pad, False)],
     "max": [("max.dim", PLAIN, False)],
@@ -196,10 +213,13 @@ TABLE = {
     "amin": [("amin.default", PLAIN, False)],
     "max_pool1d": [("max_pool1d.default", _max_pool, False)],
     "max_pool2d": [("max_pool2d.default", _max_pool, False)],
+    "max_pool3d": [("max_pool3d.default", _max_pool, False)],
     "avg_pool1d": [("avg_pool1d.default", _max_pool, False)],
     "avg_pool2d": [("avg_pool2d.default", _max_pool, False)],
+    "avg_pool3d": [("avg_pool3d.default", _max_pool, False)],
     "adaptive_avg_pool1d": [("adaptive_avg_pool1d.default", PLAIN, False)],
     "adaptive_avg_pool2d": [("adaptive_avg_pool2d.default", PLAIN, False)],
+    "adaptive_avg_pool3d": [("adaptive_avg_pool3d.default", PLAIN, False)],
     "relu": [("relu.default", PLAIN, False), ("relu_.default", PLAIN, True)],
     "relu6": [("relu6.default", PLAIN, False), ("relu6_.default", PLAIN, True)],
     "gelu": [("gelu.default", PLAIN, False), ("gelu_.default", PLAIN, True)],
@@ -216,6 +236,21 @@ TABLE = {
     "softplus": [("softplus.default", PLAIN, False)],
     "addmm": [("addmm.default", renamed(rename={"self": "bias", "mat1": "input", "mat2": "weight"}), False)],
     "pow": [("pow.Tensor_Scalar", PLAIN, False), ("pow_.Scalar", PLAIN, True)],
+    **{name: [(f"{name}.default", PLAIN, False), (f"{name}_.default", PLAIN, True)]
+       for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "log1p", "expm1", "erf")},
+    "interpolate": [(f"{op}.vec", _upsample(mode, aa), False) for op, mode, aa in (
+        ("upsample_nearest1d", "nearest", False), ("upsample_nearest2d", "nearest", False),
+        ("upsample_nearest3d", "nearest", False), ("_upsample_nearest_exact1d", "nearest-exact", False),
+        ("_upsample_nearest_exact2d", "nearest-exact", False), ("_upsample_nearest_exact3d", "nearest-exact", False),
+        ("upsample_linear1d", "linear", False), ("upsample_bilinear2d", "bilinear", False),
+        ("upsample_trilinear3d", "trilinear", False), ("upsample_bicubic2d", "bicubic", False),
+        ("_upsample_bilinear2d_aa", "bilinear", True), ("_upsample_bicubic2d_aa", "bicubic", True))],
+    "vector_norm": [("linalg_vector_norm.default", PLAIN, False)],
+    "norm": [("norm.ScalarOpt_dim", PLAIN, False), ("norm.Scalar", PLAIN, False)],
+    "reshape_as": [("reshape_as.default", PLAIN, False), ("view_as.default", PLAIN, False)],
+    "weight_norm": [("_weight_norm.default", PLAIN, False)],
+    "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
+              ("clamp_max.default", PLAIN, False)],
 }
 
 

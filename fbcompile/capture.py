@@ -13,9 +13,12 @@ import os
 import traceback
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .errors import FBCompileError, UntraceableModelError
+from .hook_guard import check_capturable
 from .ops import declare_optional_spellings, lookup_module
 from .trace import describe
 
@@ -30,7 +33,11 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """torch.nn's own modules, and any module class an op was declared for (a user's custom
-        module with a registered rule is one node, not traced through)."""
+        module with a registered rule is one node, not traced through). A parametrized module
+        (``nn.utils.parametrizations.weight_norm``) and its parametrizations are traced through, so
+        that the weight it computes from its parameters is part of the graph."""
+        if parametrize.is_parametrized(m) or ".parametrizations." in f".{qualname}.":
+            return False
         return lookup_module(m) is not None or super().is_leaf_module(m, qualname)
 
 
@@ -41,6 +48,7 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     ``constants`` take that value, the others their defaults (``forward(x, attn_mask=None)`` traced
     from ``model(x)`` is specialised to ``attn_mask=None``, as the user's call would be)."""
     declare_optional_spellings()
+    check_capturable(model, "fx")
     tracer = _Tracer()
     fixed = constant_arguments(model, given, constants or {})
     try:
@@ -55,7 +63,22 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
             "forward(), make the branch depend on constructor arguments, or wrap the offending "
             "submodule in a module class that fbcompile has a rule for.") from exc
     _drop_specialised(graph, given, model)
+    _flatten_output(graph)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _flatten_output(graph: fx.Graph) -> None:
+    """A dict, nested or partly constant output (Hugging Face's ``{'logits': ...}``, torchvision
+    segmentation's ``OrderedDict``, ``(logits, None)``) returned as the flat tuple of its graph values
+    in pytree order, as the torch.export front end returns it; a tensor or a flat tuple or list of
+    graph values stays as it is."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, fx.Node) or (isinstance(value, (tuple, list)) and all(isinstance(v, fx.Node) for v in value)):
+        return
+    leaves, _ = pytree.tree_flatten(value)
+    nodes = tuple(leaf for leaf in leaves if isinstance(leaf, fx.Node))
+    output.args = (nodes[0] if len(nodes) == 1 else nodes,)
 
 
 def constant_arguments(model: nn.Module, given: int, constants: dict) -> dict:
@@ -87,8 +110,12 @@ _GUARDS = (torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq)
 
 def _drop_specialised(graph: fx.Graph, given: int, model: nn.Module) -> None:
     """Remove the placeholders fx keeps for specialised arguments, with the guards that check them:
-    the program takes exactly the example inputs."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"][given:]
+    the program takes exactly the example inputs, every one required (a default such as Hugging
+    Face's ``pixel_values=None`` is dropped: generated programs add arguments after the inputs)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders[:given]:
+        node.args = ()
+    placeholders = placeholders[given:]
     for node in reversed(placeholders):
         guards, stack = [], list(node.users)
         while stack:

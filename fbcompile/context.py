@@ -124,8 +124,20 @@ class RuleContext:
             return value.target
         raise RuleError(f"rule for {self.node.format_node()}: argument {name!r} is not a model attribute")
 
+    def computed(self, name: str) -> bool:
+        """Whether argument ``name`` is a weight computed from parameters (``self.w.t()``, a
+        weight-normalised kernel) rather than a parameter itself: :meth:`param` and :meth:`weight`
+        then give its forward value."""
+        value = self.op_call.args.get(name)
+        return isinstance(value, fx.Node) and value.op != "get_attr"
+
     # mode-specific
     def saved(self, name: str, index: int | None = None):
+        raise NotImplementedError
+
+    def saved_value(self, source: fx.Node):
+        """The forward value of ``source``, a node this op reads inside an argument's structure (a
+        slice bound computed at run time, ``x[..., : x.shape[-1] // 2]``)."""
         raise NotImplementedError
 
     def saved_shape(self, name: str, index: int | None = None):
@@ -176,6 +188,9 @@ class RuleContext:
         return resolved
 
     def _resolve(self, name, value, index):
+        if isinstance(value, slice):
+            bound = lambda v: self.saved_value(v) if isinstance(v, fx.Node) else v
+            return slice(bound(value.start), bound(value.stop), bound(value.step))
         if isinstance(value, fx.Node):
             return self.param(name) if value.op == "get_attr" and index is None else self.saved(name, index)
         if isinstance(value, AttrRef):
@@ -198,19 +213,21 @@ class EagerContext(RuleContext):
     def saved(self, name, index=None):
         return self.values[tap_name(self.node, name, index)]
 
+    def saved_value(self, source):
+        return self.values[(source.name, None)]
+
     def _shape_tap(self, source):
         return self.values[(source.name, None)].shape
 
     def param(self, name):
+        if self.computed(name):
+            return self.saved(name)
         qualname = self._attr_name(name)
         return None if qualname is None else _get_attr(self.root, qualname)
 
     def weight(self, name):
         if (self.node.name, name) in self.weights:
             return self.weights[(self.node.name, name)]
-        value = self.op_call.args.get(name)
-        if isinstance(value, fx.Node) and value.op != "get_attr":
-            return self.saved(name)
         return self.param(name)
 
     def call(self, fn, *args, **kwargs):
@@ -229,6 +246,9 @@ class ProxyContext(RuleContext):
 
     def saved(self, name, index=None):
         return self.builder.tap(tap_name(self.node, name, index))
+
+    def saved_value(self, source):
+        return self.builder.tap((source.name, None))
 
     def _shape_tap(self, source):
         return self.builder.tap((source.name, SHAPE))
@@ -251,12 +271,13 @@ class ProxyContext(RuleContext):
         return memo[key]
 
     def param(self, name):
+        if self.computed(name):
+            return self.saved(name)
         qualname = self._attr_name(name)
         return None if qualname is None else self.builder.attr(qualname)
 
     def weight(self, name):
-        value = self.op_call.args.get(name)
-        if isinstance(value, fx.Node) and value.op != "get_attr":
+        if self.computed(name):
             # a weight computed from parameters (F.linear(x, self.w.t())): the forward value; no
             # slot, so feedback-weight learners refuse the program (FeedbackWeights)
             self.builder.computed_weights.append(self.node.name)

@@ -12,6 +12,7 @@ from .passes.feedback import FeedbackGraph, emit_feedback, family_of
 from .passes.direct_graph import UnitGradients, unit_gradients
 from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
+from .hook_guard import META as HOOK_META
 from .mode_guard import mode_guard_of
 from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
@@ -40,7 +41,8 @@ class FeedbackProgram:
     - ``propagate_error(inputs, output_error)``: error mode with the forward weights.
     - ``explain()``, ``feedback_code``, ``units``, ``slots``.
     - ``mode_guard``: None, or the training flags a mode-dependent graph was captured with
-      (:mod:`fbcompile.mode_guard`); :meth:`check_mode` refuses to run in other flags.
+      (:mod:`fbcompile.mode_guard`); ``hook_guard``: the model's hooks at capture
+      (:mod:`fbcompile.hook_guard`). :meth:`check_model` refuses to run in other flags or hooks.
     - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
       unit_error modes; "target": target, difference and the unit target modes), chosen with the
       family's ``variants[family]``. ``rules`` is the target family's (the Jacobian matching that
@@ -57,6 +59,7 @@ class FeedbackProgram:
         self.outputs = active_outputs(traced)
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
         self.mode_guard = mode_guard_of(traced)
+        self.hook_guard = traced.meta.get(HOOK_META) if hasattr(traced, "meta") else None
         self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
         self._derived = {}
@@ -67,13 +70,17 @@ class FeedbackProgram:
         return (f"FeedbackProgram({type(self.model).__name__}, condition {self.condition}, "
                 f"{len(self.partition.units)} units{mode})")
 
-    def check_mode(self) -> None:
-        """Raise :class:`~fbcompile.errors.TrainingModeError` if the captured graph depends on the
-        training mode and the model's modules now have other training flags than at capture. Every
-        run of the captured forward on the model checks this first: :meth:`propagate_error`, and a
-        learner when it opens a step's transaction (before anything changes)."""
+    def check_model(self) -> None:
+        """Raise if the model is no longer the one captured: :class:`~fbcompile.errors.TrainingModeError`
+        if the captured graph depends on the training mode and the modules now have other training
+        flags than at capture, an FBCompileError if hooks were added or removed since
+        (:mod:`fbcompile.hook_guard`). Every run of the captured forward on the model checks this
+        first: :meth:`propagate_error`, and a learner when it opens a step's transaction (before
+        anything changes)."""
         if self.mode_guard is not None:
             self.mode_guard.check()
+        if self.hook_guard is not None:
+            self.hook_guard.check()
 
     def executable(self, *modes: str) -> Executable:
         """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``
@@ -253,7 +260,7 @@ class FeedbackProgram:
         """Error mode: propagate ``output_error`` (dL/d output) through the feedback graph with the
         forward weights, accumulate parameter gradients into ``.grad`` exactly where autograd's
         backward would, and return the error at each model input (a tensor for one input)."""
-        self.check_mode()
+        self.check_model()
         inputs, errors = as_tuple(inputs), as_tuple(output_error)
         run = self.executable("error")
         with torch.no_grad():
@@ -288,11 +295,12 @@ def check_output_feedback(program: FeedbackProgram, output, feedback: tuple) -> 
 def accumulate_grads(params: dict, names: list, grads) -> None:
     """Add ``grads`` into ``.grad`` of the named parameters, as autograd's backward does: a first
     gradient laid out like its parameter is stored as it is (callers pass tensors nothing else
-    keeps, e.g. autograd.grad results), any other is copied into the parameter's layout."""
+    keeps, e.g. autograd.grad results), any other is copied into the parameter's layout; a frozen
+    parameter (``requires_grad=False``) gets none."""
     for name, grad in zip(names, grads):
-        if grad is None:
-            continue
         param = params[name]
+        if grad is None or not param.requires_grad:
+            continue
         if param.grad is None:
             owned = (not grad.requires_grad and grad.stride() == param.stride()
                      and grad.untyped_storage().data_ptr() != param.untyped_storage().data_ptr())

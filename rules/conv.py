@@ -1,4 +1,4 @@
-"""Convolutions (1d, 2d): y = W * x + b with stride s, padding, dilation d and groups.
+"""Convolutions (1d, 2d, 3d): y = W * x + b with stride s, padding, dilation d and groups.
 
 T (exact): the adjoint of a convolution is the transposed convolution with the same weight, i.e.
 a convolution with the kernel rotated by 180 degrees and its in/out channels swapped (paper 002,
@@ -54,6 +54,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+
+
 def _conv_module(m):
     return {"weight": m.weight, "bias": m.bias, "stride": m.stride, "padding": m.padding,
             "dilation": m.dilation, "groups": m.groups, "padding_mode": m.padding_mode}
@@ -75,7 +79,7 @@ def geometry(ctx):
 def conv_adjoint(g, weight, stride, dilation, pads, output_padding, groups, in_sizes):
     """x-gradient of the convolution: transposed convolution, then the asymmetric-padding crop."""
     n = len(pads)
-    transpose = F.conv_transpose1d if n == 1 else F.conv_transpose2d
+    transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
     out = transpose(g, weight, None, stride, [l for l, _ in pads], output_padding, groups, dilation)
     for i, (left, right) in enumerate(pads):
         if right != left:
@@ -141,10 +145,14 @@ CONV1D = declare_op("conv1d", lambda input, weight, bias=None, stride=1, padding
 CONV2D = declare_op("conv2d", lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                     padding_mode="zeros": conv2d(input, weight, bias, stride, padding, dilation, groups),
                     functions=[F.conv2d], modules={nn.Conv2d: _conv_module}, param_grads=_param_grads)
+CONV3D = declare_op("conv3d", lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                    padding_mode="zeros": conv3d(input, weight, bias, stride, padding, dilation, groups),
+                    functions=[F.conv3d], modules={nn.Conv3d: _conv_module}, param_grads=_param_grads)
 
 
 @register_rule(CONV1D, conditions="T", supports=_zeros_padding)
 @register_rule(CONV2D, conditions="T", supports=_zeros_padding)
+@register_rule(CONV3D, conditions="T", supports=_zeros_padding)
 def transpose(ctx, g):
     """G(g) = ROT(W) * g: the transposed convolution, output size restored exactly (the fused
     convolution_backward's dx where the weight gradients are emitted too)."""
@@ -173,7 +181,7 @@ def _dense_target(ctx, t, condition):
 
 
 def dense_conv(conv, g, weight, args, sample_shape, condition, node_name):
-    """J^+ g or J^-1 g with J the dense per-sample operator of ``conv`` (:func:`conv1d`, :func:`conv2d`)."""
+    """J^+ g or J^-1 g with J the dense per-sample operator of ``conv`` (:func:`conv1d`, ..., :func:`conv3d`)."""
     key = (conv.__name__, repr(sorted(args.items())), tuple(weight.shape))
     return dense_inverse_apply(g, lambda basis: conv(basis, weight, None, **args), sample_shape, key, condition,
                                node_name, (weight._version,), owner=weight)
@@ -188,7 +196,11 @@ def dense_conv2d(g, weight, args, sample_shape, condition, node_name):
     return dense_conv(conv2d, g, weight, args, sample_shape, condition, node_name)
 
 
-DENSE_CONV = {CONV1D: dense_conv1d, CONV2D: dense_conv2d}
+def dense_conv3d(g, weight, args, sample_shape, condition, node_name):
+    return dense_conv(conv3d, g, weight, args, sample_shape, condition, node_name)
+
+
+DENSE_CONV = {CONV1D: dense_conv1d, CONV2D: dense_conv2d, CONV3D: dense_conv3d}
 
 
 def _dense_problem(ctx, condition):
@@ -201,6 +213,7 @@ _DENSE_I = dict(conditions="I", target=partial(_dense_target, condition="I"), af
                 supports=partial(_dense_problem, condition="I"))
 
 
+@register_rule(CONV3D, **_DENSE_P)
 @register_rule(CONV2D, **_DENSE_P)
 @register_rule(CONV1D, **_DENSE_P)
 def dense_pinv(ctx, g):
@@ -208,6 +221,7 @@ def dense_pinv(ctx, g):
     return {"input": _dense(ctx, g, "P")}
 
 
+@register_rule(CONV3D, **_DENSE_I)
 @register_rule(CONV2D, **_DENSE_I)
 @register_rule(CONV1D, **_DENSE_I)
 def dense_inverse(ctx, g):

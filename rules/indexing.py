@@ -78,9 +78,6 @@ INDEX = declare_op("index", index, functions=[operator.getitem], batch_local=_in
 
 def _index_problem(ctx):
     for item in _items(ctx.op_call.args["idx"]):
-        if isinstance(item, slice) and any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
-            return (f"slice {item} has bounds computed at run time; only constant slice bounds are supported "
-                    "(compute the size outside forward or use narrow with constants)")
         if isinstance(item, list) and any(isinstance(v, fx.Node) for v in item):
             return f"index list {item} holds run-time values; use a tensor (a buffer) of indices"
         if not isinstance(item, BASIC) and not _is_advanced(item):
@@ -89,13 +86,24 @@ def _index_problem(ctx):
 
 
 def _index_value(ctx):
-    """The index with every graph value in it resolved (a saved forward value)."""
+    """The index with every graph value in it resolved (a saved forward value), slice bounds computed
+    at run time (``x[..., : x.shape[-1] // 2]``) included."""
     idx = ctx.op_call.args["idx"]
     if isinstance(idx, fx.Node):
         return ctx.saved("idx")
+
+    def bound(value):
+        return ctx.saved_value(value) if isinstance(value, fx.Node) else value
+
+    def item_value(i, item):
+        if isinstance(item, fx.Node):
+            return ctx.saved("idx", i)
+        if isinstance(item, slice):
+            return slice(bound(item.start), bound(item.stop), bound(item.step))
+        return item
     if isinstance(idx, tuple):
-        return tuple(ctx.saved("idx", i) if isinstance(item, fx.Node) else item for i, item in enumerate(idx))
-    return idx
+        return tuple(item_value(i, item) for i, item in enumerate(idx))
+    return item_value(None, idx)
 
 
 def index_adjoint(g, shape, idx):

@@ -55,6 +55,7 @@ from torch import nn
 
 from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
+from fbcompile.trace import info
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -199,7 +200,7 @@ def batch_norm_param_grads(ctx, g):
 
 
 BATCH_NORM = declare_op("batch_norm", batch_norm, functions=[F.batch_norm],
-                        modules={nn.BatchNorm1d: _bn_module, nn.BatchNorm2d: _bn_module},
+                        modules={nn.BatchNorm1d: _bn_module, nn.BatchNorm2d: _bn_module, nn.BatchNorm3d: _bn_module},
                         tapped=batch_norm_tapped, extras=("mean", "invstd"),
                         param_grads=batch_norm_param_grads, batch_local=lambda ctx: _bn_kind(ctx) == "exact")
 
@@ -354,3 +355,25 @@ def _normalize_singular(ctx):
 def normalize_inverse(ctx, g):
     """Refused (J is singular); were it allowed, J^+ g as :func:`normalize_pinv`."""
     return normalize_pinv(ctx, g)
+
+
+# -- weight normalisation -----------------------------------------------------------------------------
+def weight_norm(v, g, dim=0):
+    return torch._weight_norm(v, g, dim)
+
+
+WEIGHT_NORM = declare_op("weight_norm", weight_norm, functions=[torch._weight_norm])
+
+
+def _weights_only(ctx):
+    if ctx.op_call.active and any(info(src).from_input for _, _, src in ctx.op_call.active):
+        return f"{ctx.name}: weight normalisation of a value computed from the model input is not supported"
+    return None
+
+
+@register_rule(WEIGHT_NORM, conditions="TPI", supports=_weights_only)
+def weight_norm_feedback(ctx, g):
+    """w = g v / ||v|| (``nn.utils.parametrizations.weight_norm``) lies on a parameter path only:
+    no activation feedback; v and g get their gradients from the op's own vjp (the default
+    ``param_grads``, or the parameter-path vjp when they are computed from parameters)."""
+    return {}

@@ -1,4 +1,4 @@
-"""Pooling (1d, 2d): max, average and adaptive average.
+"""Pooling (1d, 2d, 3d): max, average and adaptive average.
 
 Max pooling. J_F selects, for every output position, the input position holding the window's
 maximum (the forward's indices). T (exact): G(g) = MaxUnpool with those indices, implemented as a
@@ -10,8 +10,8 @@ input, so J^+ = diag(1/c) J^T: the same scatter-add divided by the counts (0 whe
 
 Average pooling is linear and input-independent. T (exact): its adjoint, aten.avg_pool2d_backward
 (1d runs as 2d with a unit height), which honours padding, ceil_mode, count_include_pad and
-divisor_override. Adaptive average pooling: aten._adaptive_avg_pool2d_backward, exact for
-overlapping bins too. P and I: the dense operator (small inputs); global adaptive pooling (output
+divisor_override (3d: avg_pool3d_backward). Adaptive average pooling:
+aten._adaptive_avg_pool{2,3}d_backward, exact for overlapping bins too. P and I: the dense operator (small inputs); global adaptive pooling (output
 size 1) is a mean and has J^+ = copy.
 """
 from __future__ import annotations
@@ -46,6 +46,23 @@ def max_pool2d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ce
     return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
 
 
+def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return F.max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def max_pool3d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return F.max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    return F.avg_pool3d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def adaptive_avg_pool3d(input, output_size):
+    return F.adaptive_avg_pool3d(input, output_size)
+
+
 def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     return F.avg_pool1d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
@@ -78,6 +95,11 @@ MAX_POOL1D = declare_op("max_pool1d", max_pool1d, functions=[F.max_pool1d], modu
                         tapped=max_pool1d_tapped, extras=("indices",))
 MAX_POOL2D = declare_op("max_pool2d", max_pool2d, functions=[F.max_pool2d], modules={nn.MaxPool2d: _max_module},
                         tapped=max_pool2d_tapped, extras=("indices",))
+MAX_POOL3D = declare_op("max_pool3d", max_pool3d, functions=[F.max_pool3d], modules={nn.MaxPool3d: _max_module},
+                        tapped=max_pool3d_tapped, extras=("indices",))
+AVG_POOL3D = declare_op("avg_pool3d", avg_pool3d, functions=[F.avg_pool3d], modules={nn.AvgPool3d: _avg_module})
+ADAPTIVE3D = declare_op("adaptive_avg_pool3d", adaptive_avg_pool3d, functions=[F.adaptive_avg_pool3d],
+                        modules={nn.AdaptiveAvgPool3d: lambda m: {"output_size": m.output_size}})
 AVG_POOL1D = declare_op("avg_pool1d", avg_pool1d, functions=[F.avg_pool1d], modules={nn.AvgPool1d: _avg_module})
 AVG_POOL2D = declare_op("avg_pool2d", avg_pool2d, functions=[F.avg_pool2d], modules={nn.AvgPool2d: _avg_module})
 ADAPTIVE1D = declare_op("adaptive_avg_pool1d", adaptive_avg_pool1d, functions=[F.adaptive_avg_pool1d],
@@ -102,7 +124,8 @@ def unpool_add(g, indices, shape, n_spatial: int, normalise: bool):
 
 
 # spatial dims of each pooling op (1d pooling runs on 2d kernels over a unit-height plane)
-SPATIAL_DIMS = {MAX_POOL1D: 1, MAX_POOL2D: 2, AVG_POOL1D: 1, AVG_POOL2D: 2, ADAPTIVE1D: 1, ADAPTIVE2D: 2}
+SPATIAL_DIMS = {MAX_POOL1D: 1, MAX_POOL2D: 2, MAX_POOL3D: 3, AVG_POOL1D: 1, AVG_POOL2D: 2, AVG_POOL3D: 3,
+                ADAPTIVE1D: 1, ADAPTIVE2D: 2, ADAPTIVE3D: 3}
 
 
 def _n_spatial(ctx):
@@ -117,6 +140,7 @@ def _no_user_indices(ctx):
 
 @register_rule(MAX_POOL1D, conditions="T", supports=_no_user_indices)
 @register_rule(MAX_POOL2D, conditions="T", supports=_no_user_indices)
+@register_rule(MAX_POOL3D, conditions="T", supports=_no_user_indices)
 def unpool(ctx, g):
     """G(g) = J^T g: MaxUnpool with the forward indices, overlapping windows adding up."""
     return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved_shape("input"), _n_spatial(ctx), False)}
@@ -124,6 +148,7 @@ def unpool(ctx, g):
 
 @register_rule(MAX_POOL1D, conditions="P", supports=_no_user_indices)
 @register_rule(MAX_POOL2D, conditions="P", supports=_no_user_indices)
+@register_rule(MAX_POOL3D, conditions="P", supports=_no_user_indices)
 def unpool_pinv(ctx, g):
     """G(g) = J^+ g = diag(1/c) J^T g, c = number of windows choosing each input."""
     return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved_shape("input"), _n_spatial(ctx), True)}
@@ -135,6 +160,7 @@ def _not_invertible(ctx):
 
 @register_rule(MAX_POOL1D, conditions="I", supports=_not_invertible)
 @register_rule(MAX_POOL2D, conditions="I", supports=_not_invertible)
+@register_rule(MAX_POOL3D, conditions="I", supports=_not_invertible)
 def inverse(ctx, g):
     """Refused (max pooling drops entries); were it allowed, J^+ g as :func:`unpool_pinv`."""
     return unpool_pinv(ctx, g)
@@ -154,16 +180,18 @@ def avg_pool_adjoint(g, input, kernel_size, stride, padding, ceil_mode, count_in
         out = aten.avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2), (1,) + kernel, (1,) + stride,
                                        (0,) + padding, ceil_mode, count_include_pad, None)
         return out.squeeze(-2)
-    return aten.avg_pool2d_backward(g, input, kernel, stride, padding, ceil_mode, count_include_pad,
-                                    divisor_override)
+    backward = aten.avg_pool2d_backward if n == 2 else aten.avg_pool3d_backward
+    return backward(g, input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 def adaptive_adjoint(g, input, n):
     if n == 1:
         return aten._adaptive_avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2)).squeeze(-2)
-    return aten._adaptive_avg_pool2d_backward(g, input)
+    backward = aten._adaptive_avg_pool2d_backward if n == 2 else aten._adaptive_avg_pool3d_backward
+    return backward(g, input)
 
 
+@register_rule(AVG_POOL3D, conditions="T")
 @register_rule(AVG_POOL2D, conditions="T")
 @register_rule(AVG_POOL1D, conditions="T")
 def adjoint(ctx, g):
@@ -174,6 +202,7 @@ def adjoint(ctx, g):
                               ctx.const("divisor_override", None), _n_spatial(ctx))}
 
 
+@register_rule(ADAPTIVE3D, conditions="T")
 @register_rule(ADAPTIVE2D, conditions="T")
 @register_rule(ADAPTIVE1D, conditions="T")
 def adaptive_transpose(ctx, g):
@@ -213,8 +242,17 @@ def dense_adaptive_avg_pool2d(g, args, sample_shape, condition, node_name):
     return dense_pool(adaptive_avg_pool2d, g, args, sample_shape, condition, node_name)
 
 
-DENSE_POOL = {AVG_POOL1D: dense_avg_pool1d, AVG_POOL2D: dense_avg_pool2d, ADAPTIVE1D: dense_adaptive_avg_pool1d,
-              ADAPTIVE2D: dense_adaptive_avg_pool2d}
+def dense_avg_pool3d(g, args, sample_shape, condition, node_name):
+    return dense_pool(avg_pool3d, g, args, sample_shape, condition, node_name)
+
+
+def dense_adaptive_avg_pool3d(g, args, sample_shape, condition, node_name):
+    return dense_pool(adaptive_avg_pool3d, g, args, sample_shape, condition, node_name)
+
+
+DENSE_POOL = {AVG_POOL1D: dense_avg_pool1d, AVG_POOL2D: dense_avg_pool2d, AVG_POOL3D: dense_avg_pool3d,
+              ADAPTIVE1D: dense_adaptive_avg_pool1d, ADAPTIVE2D: dense_adaptive_avg_pool2d,
+              ADAPTIVE3D: dense_adaptive_avg_pool3d}
 
 
 def _dense_pool_rule(ctx, g, condition):
@@ -238,6 +276,7 @@ def _dense_inverse_problem(ctx):
 
 @register_rule(AVG_POOL1D, conditions="P", supports=_dense_pinv_problem)
 @register_rule(AVG_POOL2D, conditions="P", supports=_dense_pinv_problem)
+@register_rule(AVG_POOL3D, conditions="P", supports=_dense_pinv_problem)
 def pinv(ctx, g):
     """G(g) = J^+ g with J the dense per-sample average-pooling operator."""
     return _dense_pool_rule(ctx, g, "P")
@@ -249,6 +288,7 @@ def _adaptive_pinv_problem(ctx):
 
 @register_rule(ADAPTIVE1D, conditions="P", supports=_adaptive_pinv_problem)
 @register_rule(ADAPTIVE2D, conditions="P", supports=_adaptive_pinv_problem)
+@register_rule(ADAPTIVE3D, conditions="P", supports=_adaptive_pinv_problem)
 def adaptive_pinv(ctx, g):
     """Global adaptive pooling is a mean: J^+ = copy. Otherwise the dense per-sample pseudo-inverse."""
     if _is_global(ctx):
@@ -260,6 +300,8 @@ def adaptive_pinv(ctx, g):
 @register_rule(AVG_POOL2D, conditions="I", supports=_dense_inverse_problem)
 @register_rule(ADAPTIVE1D, conditions="I", supports=_dense_inverse_problem)
 @register_rule(ADAPTIVE2D, conditions="I", supports=_dense_inverse_problem)
+@register_rule(AVG_POOL3D, conditions="I", supports=_dense_inverse_problem)
+@register_rule(ADAPTIVE3D, conditions="I", supports=_dense_inverse_problem)
 def dense_inverse(ctx, g):
     """G(g) = J^-1 g with J the dense per-sample pooling operator (square cases only)."""
     return _dense_pool_rule(ctx, g, "I")

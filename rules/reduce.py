@@ -1,8 +1,13 @@
-"""Reductions: mean / sum over dims (global average pooling, the MLP-Mixer token mean).
+"""Reductions: mean / sum over dims (global average pooling, the MLP-Mixer token mean), and vector
+norms (ConvNeXt-V2's global response normalisation, ``torch.norm(x, p=2, dim=...)``).
 
 J = (1/n) 1^T (mean) or 1^T (sum) over the n reduced entries. T: g broadcast back over the reduced
 dims times 1/n (or 1); only the input's shape is read (``ctx.saved_shape``: the input is not
 saved). P: J^+ = 1 (mean) or (1/n) 1 (sum). I only when n = 1.
+
+Vector norm ||x||_p over the reduced dims, p = 2 or 1. T (kind "linearised": target modes use the
+slope at the forward value): J^T g = g x / ||x||_2 (0 where the norm is 0, as autograd), or
+g sgn(x) for p = 1, with g and the norm broadcast back over the reduced dims.
 """
 from __future__ import annotations
 
@@ -95,3 +100,50 @@ def mean_inverse(ctx, g):
 def sum_inverse(ctx, g):
     """J = 1^T with n = 1: G(g) = g (:func:`sum_pinv`)."""
     return sum_pinv(ctx, g)
+
+
+# -- vector norms ---------------------------------------------------------------------------------------
+def vector_norm(input, ord=2, dim=None, keepdim=False, dtype=None):
+    return torch.linalg.vector_norm(input, ord, dim, keepdim, dtype=dtype)
+
+
+def norm(input, p="fro", dim=None, keepdim=False, out=None, dtype=None):
+    return torch.norm(input, p, dim, keepdim, dtype=dtype)
+
+
+VECTOR_NORM = declare_op("vector_norm", vector_norm, functions=[torch.linalg.vector_norm],
+                         batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
+NORM = declare_op("norm", norm, functions=[torch.norm], methods=[tensor_method("norm")],
+                  batch_local=lambda ctx: 0 not in _reduced_dims(ctx))
+ORDER = {VECTOR_NORM: "ord", NORM: "p"}
+
+
+def _order(ctx):
+    """The norm's order as 1 or 2 (the Frobenius norm of ``torch.norm`` is the 2-norm of the entries)."""
+    order = ctx.const(ORDER[ctx.op_call.spec], 2 if ctx.op_call.spec is VECTOR_NORM else "fro")
+    return 2 if order == "fro" else order
+
+
+def _supported_norm(ctx):
+    if _order(ctx) not in (1, 2) or ctx.const("dtype") is not None or ctx.has("out"):
+        return (f"{ctx.name}: a vector norm is supported for p = 1 or 2 without dtype or out arguments "
+                f"(got p={_order(ctx)!r}, dtype={ctx.const('dtype')!r})")
+    return None
+
+
+def vector_norm_back(g, x, n, dims, keepdim, order):
+    """J^T g = x (g / ||x||) with 0 where the norm is 0 (p = 2), or g sgn(x) (p = 1)."""
+    if not keepdim:
+        for d in dims:
+            g, n = g.unsqueeze(d), n.unsqueeze(d)
+    if order == 1:
+        return g * x.sgn()
+    return x * (g / n).masked_fill(n == 0, 0)
+
+
+@register_rule(VECTOR_NORM, conditions="T", kind="linearised", supports=_supported_norm)
+@register_rule(NORM, conditions="T", kind="linearised", supports=_supported_norm)
+def norm_transpose(ctx, g):
+    """J^T g of ||x||_p over the reduced dims (module docstring)."""
+    return {"input": ctx.call(vector_norm_back, g, ctx.saved("input"), ctx.saved("output"), _reduced_dims(ctx),
+                              ctx.const("keepdim", False), _order(ctx))}

@@ -247,7 +247,10 @@ def tile(input, dims):
 def _repeat_local(name):
     """Local when no copy dim is added in front and dim 0 is not repeated."""
     def local(ctx):
-        reps = _as_shape(ctx.const(name)) if name == "repeats" else tuple(ctx.const(name))
+        given = ctx.op_call.args[name]
+        reps = _as_shape(given) if name == "repeats" else tuple(given)
+        if not all(isinstance(r, int) for r in reps):
+            return False            # a count computed at run time: not known to leave dim 0 alone
         rank = len(ctx.shape("input"))
         return len(reps) <= rank and (len(reps) < rank or reps[0] == 1)
     return local
@@ -277,19 +280,20 @@ def sum_copies(ctx, g):
     return {**fed, "other": None} if ctx.op_call.spec is EXPAND_AS else fed
 
 
-def sum_tiles(g, shape, reps):
+def sum_tiles(g, shape):
     """Adjoint of repeat/tile: output dim i is (r_i copies) x (size s_i), so view g as
-    (r_0, s_0, r_1, s_1, ...) and sum the r_i dims (tile pads ``reps``, repeat the shape, with 1s)."""
-    reps = (1,) * (len(shape) - len(reps)) + tuple(reps)
-    padded = (1,) * (len(reps) - len(shape)) + tuple(shape)
+    (r_0, s_0, r_1, s_1, ...) and sum the r_i dims. The input ``shape`` padded with leading 1s to g's
+    rank gives r_i = g.shape[i] / s_i, so repeat counts computed at run time (DeBERTa repeats by the
+    batch size) need no constant."""
+    padded = (1,) * (g.dim() - len(shape)) + tuple(shape)
+    reps = [n // s if s else 1 for n, s in zip(g.shape, padded)]
     interleaved = [size for pair in zip(reps, padded) for size in pair]
     return g.reshape(interleaved).sum(dim=tuple(range(0, 2 * len(reps), 2))).reshape(shape)
 
 
 def sum_repeats(ctx, g):
     """G(g) = sum over the tiled copies of each entry (repeat and tile)."""
-    reps = _as_shape(ctx.const("repeats")) if ctx.op_call.spec is REPEAT else tuple(ctx.const("dims"))
-    return {"input": ctx.call(sum_tiles, g, ctx.saved_shape("input"), reps)}
+    return {"input": ctx.call(sum_tiles, g, ctx.saved_shape("input"))}
 
 
 for _op in (EXPAND, EXPAND_AS, BROADCAST_TO):

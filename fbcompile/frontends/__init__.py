@@ -33,6 +33,7 @@ from torch import fx, nn
 from .. import aten_spellings  # noqa: F401  (binds the ATen overloads)
 from ..capture import capture, constant_arguments
 from ..errors import FBCompileError, OptionError, UntraceableModelError, choices_text
+from ..hook_guard import META as HOOK_META, check_capturable, hook_guard
 from ..mode_guard import META as MODE_META, mode_guard
 from .export import export_program, from_exported
 
@@ -68,6 +69,7 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
         for device, state in zip(devices, cuda_start):          # on the model's GPUs too
             torch.cuda.set_rng_state(state, device)
         traced.meta[MODE_META] = mode_guard(model, traced, recapture)
+    traced.meta[HOOK_META] = hook_guard(model)
     return traced
 
 
@@ -110,6 +112,7 @@ def _choose(model: nn.Module, example_inputs: tuple, constants: dict | None, fro
 
 def capture_export(model: nn.Module, example_inputs: tuple, constants: dict | None) -> fx.GraphModule:
     """torch.export capture, mapped back onto the model's parameters and buffers."""
+    check_capturable(model, "export")
     constant_arguments(model, len(example_inputs), constants or {})   # the same checks as fx
     try:
         exported = export_program(model, example_inputs, constants or {})

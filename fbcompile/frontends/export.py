@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import FBCompileError
+from ..hook_guard import refuse_hooks_on_called_module
 from ..ops import lookup_module
 
 aten = torch.ops.aten
@@ -90,16 +91,20 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
             env[node] = graph.get_attr(qualname)
             env[node].meta.update(node.meta)
         elif node.op == "output":
-            outputs = [env[o] if isinstance(o, fx.Node) else o
-                       for o, spec in zip(node.args[0], sig.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+            outputs = [env[o] for o, spec in zip(node.args[0], sig.output_specs)      # None and constants dropped
+                       if spec.kind == OutputKind.USER_OUTPUT and isinstance(o, fx.Node)]
             graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         elif node.op == "call_function":
             if node.target in _DROPPED and not node.users:
                 continue
             module_call = batch_norms.get(node) or _dropout_module(model, node)
             if module_call is not None:
+                refuse_hooks_on_called_module(model.get_submodule(module_call), module_call)
                 env[node] = graph.call_module(module_call, (env[node.args[0]],))
                 env[node].meta.update(node.meta)
+                continue
+            if node.target in _DECOMPOSED:
+                env[node] = _DECOMPOSED[node.target](graph, node, env)
                 continue
             written = _buffer_written(node, kinds)
             if written is not None:
@@ -123,6 +128,32 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     graph.lint()
     return fx.GraphModule(root, graph, class_name=type(model).__name__)
+
+
+def _baddbmm(graph: fx.Graph, node: fx.Node, env: dict) -> fx.Node:
+    """``baddbmm(b, X, Y, beta, alpha) = beta b + alpha (X @ Y)`` as ATen calls that have rules
+    (``bmm``, ``mul``, ``add``; Bloom's attention scores with its ALiBi bias). With beta = 0 the bias
+    is ignored, as baddbmm itself ignores it (even a nan in it)."""
+    a = {name: value for name, value in zip(("self", "batch1", "batch2"), node.args)}
+    a.update(node.kwargs)
+    beta, alpha = a.get("beta", 1), a.get("alpha", 1)
+
+    def emit(target, *args):
+        made = graph.call_function(target, tuple(env.get(v, v) if isinstance(v, fx.Node) else v for v in args))
+        made.meta.update(node.meta)
+        return made
+
+    product = emit(aten.bmm.default, a["batch1"], a["batch2"])
+    if alpha != 1:
+        product = emit(aten.mul.Tensor, product, alpha)
+    if beta == 0:
+        return product
+    bias = a["self"] if beta == 1 else emit(aten.mul.Tensor, a["self"], beta)
+    return emit(aten.add.Tensor, bias, product)
+
+
+# ATen overloads with no canonical op, rewritten into ones that have (graph, node, env) -> new node
+_DECOMPOSED = {aten.baddbmm.default: _baddbmm}
 
 
 def _symbolic(node: fx.Node) -> bool:
@@ -154,12 +185,13 @@ def _dropout_module(model: nn.Module, node: fx.Node) -> str | None:
     """The qualified name of the user's ``nn.Dropout`` an ``aten.dropout`` node is (innermost module
     of its ``nn_module_stack``, same p and mode), so that ``model.eval()`` / ``.train()`` switch it as
     in the fx front end; None for functional dropout (its mode is the captured one)."""
-    if node.target is not aten.dropout.default or len(node.args) != 3:
+    if node.target not in (aten.dropout.default, aten.dropout_.default) or len(node.args) != 3:
         return None
     stack = node.meta.get("nn_module_stack") or {}
     path = list(stack.values())[-1][0] if stack else ""
     module = model.get_submodule(path) if path else None
-    if type(module) is nn.Dropout and lookup_module(module) is not None and not module.inplace \
+    if type(module) is nn.Dropout and lookup_module(module) is not None \
+            and module.inplace == (node.target is aten.dropout_.default) \
             and node.args[1] == module.p and node.args[2] == module.training:
         return path
     return None

@@ -284,11 +284,17 @@ class FeedbackBuilder:
                 value = value[index]
             if value is None:
                 continue
+            value = self._in_dtype_of(src, node, value)
             unit = self.partition.unit_of.get(node)
             if self.cut and self.partition.unit_of.get(src) is not unit and not info(src).param_only:
                 self.cut_parts[(unit.index, src)].append(value)
             else:
                 self.fanin.add(src, value, origin=node)
+
+    def _in_dtype_of(self, src: fx.Node, node: fx.Node, value):
+        """Feedback for ``src`` in ``src``'s dtype (:func:`promoted_operand_dtype`)."""
+        dtype = promoted_operand_dtype(src, node)
+        return value if dtype is None else self.tracer.create_proxy("call_function", cast_feedback, (value, dtype), {})
 
     def _parameter_path_grad(self, node, arg: str):
         """The error at argument ``arg`` of ``node`` when the rule only maps into activations and
@@ -378,3 +384,20 @@ def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> Feed
     if mode not in MODES + tuple(CUT_MODES) + (UNIT_DIFFERENCE,):
         raise RuleError(f"unknown feedback mode {mode!r}; modes: {', '.join(MODES + tuple(CUT_MODES) + (UNIT_DIFFERENCE,))}")
     return FeedbackBuilder(gm, rules, partition, mode).build()
+
+
+
+def promoted_operand_dtype(src: fx.Node, node: fx.Node):
+    """The dtype that feedback for operand ``src`` of ``node`` must be cast to, or None when the traced
+    dtypes agree. An op that promotes its operands (a float32 score plus a float64 mask is float64)
+    hands each operand feedback in the result's dtype; autograd's engine casts every gradient to its
+    input's dtype, and so do the feedback graphs (one cast, only where the dtypes differ)."""
+    want, have = info(src).dtype, info(node).dtype
+    if info(src).is_tuple or info(node).is_tuple or want is None or have is None or want == have:
+        return None
+    return want
+
+
+def cast_feedback(value, dtype):
+    """``value`` in ``dtype`` (feedback for an operand its op promoted)."""
+    return value.to(dtype)

@@ -52,8 +52,8 @@ from .forward import build_unit_forwards
 ATTACH_POINTS = ("pre_pool", "output")
 HEAD_INITS = ("paper", "uniform", "zeros")
 OUTPUT_HEADS = ("model", "linear")
-POOLING = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
-                     "adaptive_avg_pool2d"})
+POOLING = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
 RESHAPING = frozenset({"view", "flatten", "unflatten", "squeeze", "unsqueeze", "identity"})
 DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d"})
 WALKED_OVER = POOLING | RESHAPING | DROPOUT

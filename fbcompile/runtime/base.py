@@ -218,8 +218,9 @@ class Learner:
     def transaction(self, always_restore: bool = False) -> Transaction:
         """Snapshot what this learner owns and the model's buffers; restore them if the block raises
         (or always, for ``always_restore``). First, before anything can change, the program's
-        training-mode check (every step, diagnostic and feedback training opens one)."""
-        self.program.check_mode()
+        check that the model is the one captured, its training flags and hooks (every step,
+        diagnostic and feedback training opens one)."""
+        self.program.check_model()
         return Transaction(self, always_restore)
 
 

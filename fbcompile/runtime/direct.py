@@ -75,7 +75,7 @@ from ..program import as_tuple
 from .base import Executor, Learner, StepResult, detached_output, model_device
 from .direct_compiled import COMPILED_STORED, COMPILED_UNLOCKED, accumulate, batch_size
 from .losses import scalar_loss
-from .direct_signals import DirectProjections, Signal, flat_error, label_signal
+from .direct_signals import DirectProjections, Signal, check_projection_memory, flat_error, label_signal
 from .options import Option, non_negative, one_of
 from .registry import register_algorithm
 from .unit_order import completed_by, execution_order
@@ -88,6 +88,8 @@ PROJECTION_OPTIONS = {
                              "'signal' = output signal dimension C"),
     "projection_scale": Option(None, lambda v: None if v is None else non_negative(v),
                                "bound of 'uniform' / std of 'normal' (required by and only for those)"),
+    "projection_memory_gb": Option(2.0, non_negative, "refuse projections B_u larger than this in all (C x S_u "
+                                                      "each: a dense output such as a segmentation map makes C large)"),
 }
 BATCH_SCALING = {"batch_scaling": Option("mean", one_of("mean", "none"),
                                          "'mean': hidden sign/target signal divided by the batch size; "
@@ -131,6 +133,7 @@ class DirectLearner(Learner):
         if "projection_init" not in self.OPTIONS:
             return None
         o = self.options
+        check_projection_memory(self.name, self.plan, o["projection_memory_gb"])
         return DirectProjections(self.plan, init=o["projection_init"], fan=o["projection_fan"],
                                  scale=o["projection_scale"], seed=o["seed"],
                                  trainable=trainable).to(model_device(self.model))

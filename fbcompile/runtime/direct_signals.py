@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import FBCompileError
+from ..errors import FBCompileError, OptionError
 from ..passes.direct import DirectPlan, draw_projections, project_dense, project_labels
 
 
@@ -49,6 +49,19 @@ class DirectProjections(nn.Module):
         if signal.labels is not None:
             return project_labels(signal.labels, signal.factor, self.weights[index], self.batch_axes[index])
         return project_dense(signal.dense, self.weights[index], self.batch_axes[index])
+
+
+def check_projection_memory(algorithm: str, plan, limit_gb: float) -> None:
+    """Refuse matrices B_u (C x S_u each) over ``limit_gb`` in all before drawing them: a model with a
+    dense output (C = every pixel's class scores) would otherwise exhaust memory without a word."""
+    size = sum(plan.signal_dim * p.features * p.dtype.itemsize for p in plan.projections)
+    if size > limit_gb * 2 ** 30:
+        features = sum(p.features for p in plan.projections)
+        amount = f"{size / 2 ** 30:.1f} GiB" if size >= 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
+        raise OptionError(f"{algorithm}'s direct projections B_u would take {amount}: the output signal "
+                          f"has C = {plan.signal_dim} values per sample, the {len(plan.projections)} projected unit "
+                          f"outputs {features} values in all, and each B_u is C x S_u. Train against a smaller "
+                          f"output (pooled class scores), or raise projection_memory_gb (now {limit_gb:g})")
 
 
 def flat_error(errors: tuple) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Error propagation: BP and FA through the compiled feedback graph (error mode).
 
 - ``"bp"``: e flows through the condition-T rules with the forward weights; every parameter gets
-  its op's weight-gradient formula applied to the error at its output. Equals autograd.
+  its op's weight-gradient formula applied to the error at its output. Equals autograd (and, as
+  autograd, leaves a parameter with ``requires_grad=False`` without ``.grad``).
 - ``"fa"``: the same graph with a fixed random matrix B (shaped like W, seeded, separate per unit)
   in place of each forward weight in the feedback path (Lillicrap et al.), or a sign-symmetric B
   (``sign="usf"|"frsf"|"brsf"``). Forward weights still get dW = delta^T x with the propagated
@@ -33,8 +34,8 @@ def _feedback_graph(learner, inputs, targets, loss_fn):
     loss, errors = output_error(output, targets, loss_fn)
     with torch.no_grad():
         _, grads = run.run_feedback("error", errors, taps, learner.weights(), returns="params", keep_for=())
-    names = learner.program.feedback["error"].params
-    return StepResult(float(loss), output), dict(zip(names, grads))
+    names, params = learner.program.feedback["error"].params, learner.program.params
+    return StepResult(float(loss), output), {n: g for n, g in zip(names, grads) if params[n].requires_grad}
 
 
 FEEDBACK_GRAPH = Executor("feedback-graph", _feedback_graph, autograd=False,

@@ -48,6 +48,7 @@ from ..context import EagerContext
 from ..errors import FBCompileError
 from ..ops import autograd_param_grads
 from ..passes.walk import FanIn, left_sum, walk_back
+from ..passes.feedback import cast_feedback, promoted_operand_dtype
 from ..trace import describe, info, preserved_state
 
 ACTIVATION, PARAMETER = "activation", "parameter"
@@ -221,7 +222,7 @@ def node_problem(program, node: fx.Node, values: dict, sample: int | None = None
     """F and G of ``node``'s ``path`` (see the module docstring) at the forward values."""
     call, rule = info(node).call, program.rules[node]
     if sample is not None:
-        keys = {(n.name, None) for _, _, n in call.active} | {(node.name, None)}
+        keys = {(n.name, None) for _, _, n in call.active if info(n).from_input} | {(node.name, None)}
         keys |= {(node.name, e) for e in call.spec.extras}
         values = SampleValues(values, keys, sample)
     ctx = EagerContext(node, values, program.model)
@@ -302,7 +303,9 @@ def unit_problem(program, unit, values: dict, sample: int | None = None) -> Prob
             for arg, index, src in info(node).call.active:
                 part = fb.get(arg)
                 if (src in members or src in unit.inputs) and part is not None:
-                    fanin.add(src, part[index] if index is not None else part, origin=node)
+                    part = part[index] if index is not None else part
+                    dtype = promoted_operand_dtype(src, node)
+                    fanin.add(src, part if dtype is None else cast_feedback(part, dtype), origin=node)
 
         walk_back(unit.nodes, fanin, visit)
         return tuple(p for n, v in zip(unit.inputs, given) for p in feedback_pieces(v, fanin.incoming(n)))
