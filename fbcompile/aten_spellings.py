@@ -153,6 +153,8 @@ TABLE = {
     "conv1d": [("conv1d.default", PLAIN, False), ("conv1d.padding", PLAIN, False)],
     "conv2d": [("conv2d.default", PLAIN, False), ("conv2d.padding", PLAIN, False)],
     "conv3d": [("conv3d.default", PLAIN, False), ("conv3d.padding", PLAIN, False)],
+    **{f"conv_transpose{n}d": [(f"conv_transpose{n}d.{'default' if n == 1 else 'input'}", PLAIN, False)]
+       for n in (1, 2, 3)},
     "batch_norm": [("batch_norm.default", NO_CUDNN, False)],
     "layer_norm": [("layer_norm.default", NO_CUDNN, False)],
     "group_norm": [("group_norm.default", NO_CUDNN, False)],
@@ -237,7 +239,8 @@ TABLE = {
     "addmm": [("addmm.default", renamed(rename={"self": "bias", "mat1": "input", "mat2": "weight"}), False)],
     "pow": [("pow.Tensor_Scalar", PLAIN, False), ("pow_.Scalar", PLAIN, True)],
     **{name: [(f"{name}.default", PLAIN, False), (f"{name}_.default", PLAIN, True)]
-       for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "log1p", "expm1", "erf")},
+       for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "log1p", "expm1", "erf",
+                    "round", "floor", "ceil", "trunc", "sign")},
     "interpolate": [(f"{op}.vec", _upsample(mode, aa), False) for op, mode, aa in (
         ("upsample_nearest1d", "nearest", False), ("upsample_nearest2d", "nearest", False),
         ("upsample_nearest3d", "nearest", False), ("_upsample_nearest_exact1d", "nearest-exact", False),
@@ -248,6 +251,7 @@ TABLE = {
     "vector_norm": [("linalg_vector_norm.default", PLAIN, False)],
     "norm": [("norm.ScalarOpt_dim", PLAIN, False), ("norm.Scalar", PLAIN, False)],
     "reshape_as": [("reshape_as.default", PLAIN, False), ("view_as.default", PLAIN, False)],
+    "detach": [("detach.default", PLAIN, False)],
     "weight_norm": [("_weight_norm.default", PLAIN, False)],
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False)],

@@ -30,6 +30,23 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+        self.grad_mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """Every node, refused when ``forward`` changed the grad mode around it: fx does not record
+        ``torch.no_grad()`` / ``set_grad_enabled`` / ``inference_mode`` blocks, so what they stop
+        would get feedback (torch.export keeps such blocks apart, and names them)."""
+        if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self.grad_mode:
+            raise UntraceableModelError("forward changes the grad mode (torch.no_grad(), set_grad_enabled or "
+                                        "inference_mode), which torch.fx does not record; the values computed "
+                                        "inside would wrongly carry feedback. Compute them outside forward, or "
+                                        "use .detach()")
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def _filter_traceback_frames(self, user_stack_summary):
+        """fx's user frames of a node's stack trace, without :meth:`create_node`'s own frame."""
+        frames = super()._filter_traceback_frames(user_stack_summary)
+        return traceback.StackSummary.from_list([f for f in frames if f.filename != __file__])
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """torch.nn's own modules, and any module class an op was declared for (a user's custom

@@ -22,6 +22,7 @@ changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
@@ -78,30 +79,35 @@ def refuse_hooks_on_called_module(module: nn.Module, qualname: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class HookGuard:
-    """The hook counts of every module and parameter at capture (held, so a check reads them again
-    without walking the module tree)."""
+    """How many hooks the model had at capture. Registering a hook adds an entry to a dict the
+    module already holds (and the module-level dicts of global hooks), so the guard holds those dict
+    objects and a check is one C-level pass over their lengths; a parameter's gradient-hook dict is
+    created on first use, so parameters are held and read one by one."""
     model_name: str
-    modules: tuple = field(repr=False)
+    hook_dicts: tuple = field(repr=False)
     parameters: tuple = field(repr=False)
     counts: tuple
 
     def check(self) -> None:
         """Raise :class:`FBCompileError` when a hook was added or removed since compilation."""
-        if _counts(self.modules, self.parameters) != self.counts:
+        if _counts(self.hook_dicts, self.parameters) != self.counts:
             raise FBCompileError(f"hooks of {self.model_name} changed since it was compiled; compile it again "
                                  "(a hook changes the model's function or its gradients, and the program was "
                                  "captured without it)")
 
 
 def hook_guard(model: nn.Module) -> HookGuard:
-    modules, parameters = tuple(model.modules()), tuple(model.parameters())
-    return HookGuard(type(model).__name__, modules, parameters, _counts(modules, parameters))
+    dicts = tuple(getattr(m, attr) for m in model.modules() for attr in (*FORWARD_KINDS, *BACKWARD_KINDS))
+    dicts += tuple(getattr(module_hooks, attr) for attr in GLOBAL_KINDS)
+    parameters = tuple(model.parameters())
+    return HookGuard(type(model).__name__, dicts, parameters, _counts(dicts, parameters))
 
 
-def _counts(modules, parameters) -> tuple:
-    per_module = tuple(_count(getattr(m, attr, None)) for m in modules for attr in (*FORWARD_KINDS, *BACKWARD_KINDS))
-    per_parameter = tuple(_count(p._backward_hooks) for p in parameters)
-    return per_module + per_parameter + tuple(_count(getattr(module_hooks, a, None)) for a in GLOBAL_KINDS)
+_GRADIENT_HOOKS = attrgetter("_backward_hooks")
+
+
+def _counts(dicts, parameters) -> tuple:
+    return tuple(map(len, dicts)), sum(1 for hooks in map(_GRADIENT_HOOKS, parameters) if hooks)
 
 
 def _listing(found: list, first: int = 3) -> str:

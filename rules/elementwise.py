@@ -1,6 +1,7 @@
 """Elementwise math ops y = f(x) that are not activations: exp, log, sqrt, rsqrt, reciprocal, abs,
-sin, cos, log1p, expm1, erf and clamp with constant bounds (Llama's RMSNorm is
-``x * rsqrt(mean(x^2) + eps)``, T5's ``x * rsqrt(...)``, rotary embeddings and gates use the others).
+sin, cos, log1p, expm1, erf, the piecewise constant round, floor, ceil, trunc and sign, and clamp
+with constant bounds (Llama's and T5's RMSNorm is ``x * rsqrt(mean(x^2) + eps)``, rotary embeddings
+and gates use the others); dtype casts; ``detach``.
 
 Each op's Jacobian is diagonal, J_F = diag(f'(x)), so J_F^T = J_F and the T rule is
 
@@ -12,6 +13,8 @@ gives autograd's gradient:
     exp: g y            log: g / x              sqrt: g / (2 y)         rsqrt: -1/2 g y^3
     reciprocal: -g y^2  abs: g sgn(x)           sin: g cos(x)           cos: -g sin(x)
     log1p: g / (x + 1)  expm1: g (y + 1)        erf: 2/sqrt(pi) exp(-x^2) g
+    round, floor, ceil, trunc, sign: 0 (piecewise constant; a straight-through estimator
+    ``x + (round(x) - x).detach()`` gets its gradient from the identity path)
     clamp(min, max): g where min <= x <= max, else 0 (both ends included, as autograd)
 
 The rule is linear in g (kind "linearised"): target modes move a target by the slope at the
@@ -27,6 +30,8 @@ refused by name, and so is ``x.to(device)`` written in Python; a device argument
 conversion (torch.export) only places the value on the device it is on in a one-device program, and
 the feedback is cast, not moved. (Mixed-precision models, and float64 verification of models that
 compute in float32 inside: Llama's RMSNorm casts to float32 and back, GPT-Neo's attention scores.)
+
+``detach`` passes no feedback (T), as autograd passes no gradient through it.
 """
 from __future__ import annotations
 
@@ -88,6 +93,11 @@ def erf_derivative(g, x):
     return TWO_OVER_SQRT_PI * torch.exp(-x.pow(2)) * g
 
 
+def zero_derivative(g):
+    """Piecewise constant ops (round, floor, ceil, trunc, sign): zero almost everywhere, as autograd."""
+    return torch.zeros_like(g)
+
+
 # op name -> (forward, its other spellings, the saved value the derivative reads, the derivative)
 DERIVATIVES = {
     "exp": (torch.exp, (), "output", exp_derivative),
@@ -101,6 +111,7 @@ DERIVATIVES = {
     "log1p": (torch.log1p, (), "input", log1p_derivative),
     "expm1": (torch.expm1, (), "output", expm1_derivative),
     "erf": (torch.erf, (), "input", erf_derivative),
+    **{name: (getattr(torch, name), (), None, zero_derivative) for name in ("round", "floor", "ceil", "trunc", "sign")},
 }
 _BY_OP = {}
 
@@ -108,7 +119,7 @@ _BY_OP = {}
 def diagonal(ctx, g):
     """J_G g = f'(x) g (J_F is diagonal, so J_F^T = J_F), autograd's formula for f'."""
     reads, derivative = _BY_OP[ctx.op_call.spec]
-    return {"input": ctx.call(derivative, g, ctx.saved(reads))}
+    return {"input": ctx.call(derivative, g) if reads is None else ctx.call(derivative, g, ctx.saved(reads))}
 
 
 def _declare(name: str, forward, spellings: tuple, reads: str, derivative):
@@ -198,3 +209,18 @@ def uncast(ctx, g):
     """G(g) = g cast back to the input's dtype (J is the identity up to rounding); a tensor whose
     dtype was taken (``type_as``) gets none."""
     return {"input": ctx.call(cast_back, g, info(ctx.op_call.args["input"]).dtype), "dtype": None}
+
+
+# -- stop-gradient ------------------------------------------------------------------------------------------
+def detach(input):
+    return input.detach()
+
+
+DETACH = declare_op("detach", detach, functions=[torch.detach], methods=[tensor_method("detach")])
+
+
+@register_rule(DETACH, conditions="T")
+def stop(ctx, g):
+    """No feedback: ``x.detach()`` stops the gradient (a straight-through estimator's
+    ``x + (q - x).detach()``, a target network's features), as in autograd."""
+    return {"input": None}

@@ -131,3 +131,44 @@ def test_3d_convolution_pooling_and_batch_norm_equal_autograd(frontend):
 
 def test_3d_video_stem_meets_the_small_beta_limit():
     assert dtp_angle(_video(), torch.randn(2, 2, 5, 9, 10, dtype=torch.float64)) < 0.01
+
+
+class Decoder(nn.Module):
+    """A U-Net/generator decoder: transposed convolutions with stride, padding, output_padding,
+    groups and dilation, in 1-3 dimensions."""
+
+    def __init__(self, n):
+        super().__init__()
+        conv, transposed = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1], (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                                                       nn.ConvTranspose3d)[n - 1]
+        self.down = conv(2, 4, 3, stride=2, padding=1)
+        self.up = transposed(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1)
+        self.up2 = transposed(6, 2, 2, stride=1, padding=0, dilation=2, bias=False)
+        self.n = n
+
+    def forward(self, x):
+        h = torch.tanh(self.up(torch.tanh(self.down(x))))
+        return self.up2(h).flatten(1)
+
+
+SIZES = {1: (2, 2, 8), 2: (2, 2, 6, 8), 3: (2, 2, 4, 4, 6)}
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_transposed_convolutions_equal_autograd(n, frontend):
+    model = randomise_vectors(Decoder(n).double())
+    assert_matches_autograd(model, torch.randn(*SIZES[n], dtype=torch.float64), frontend,
+                            ops=[f"conv_transpose{n}d"])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_transposed_convolutions_meet_the_small_beta_limit_and_train_with_fa(n):
+    import fbcompile
+    model = randomise_vectors(Decoder(n).double())
+    x = torch.randn(*SIZES[n], dtype=torch.float64)
+    out = model(x)
+    assert dtp_angle(nn.Sequential(model, nn.Linear(out.shape[1], 3).double()), x) < 0.01
+    learner = fbcompile.learner(fbcompile.compile(model, x), "fa", seed=0)
+    learner.step(x, torch.randn_like(out), F.mse_loss)
+    assert all(p.grad is not None for p in model.parameters())

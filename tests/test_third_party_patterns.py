@@ -275,3 +275,50 @@ def test_direct_projections_over_the_memory_limit_are_refused_before_they_are_dr
         fbcompile.learner(program, algorithm, projection_memory_gb=0.004)
     learner = fbcompile.learner(program, algorithm, projection_memory_gb=0.01)
     assert sum(p.numel() for p in learner.projections.parameters()) == 1024 * 2048
+
+
+class StraightThrough(nn.Module):
+    """A straight-through estimator, x + (round(x) - x).detach(), and a stop-gradient branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = 3.0 * self.a(x)
+        quantised = h + (torch.round(h) - h).detach()
+        steps = torch.floor(h) + torch.sign(h) * torch.ceil(h) + torch.trunc(h)     # no gradient at all
+        return self.b(torch.tanh(quantised) + torch.tanh(h).detach() * h + 0.1 * steps)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_detach_and_piecewise_constant_ops_equal_autograd(frontend):
+    model = randomise_vectors(StraightThrough().double())
+    x = torch.randn(4, 4, dtype=torch.float64)
+    program, worst = matches_autograd(model, x, frontend)
+    assert worst < 1e-12 and {"detach", "round"} <= {program.rules[n].op for n in program.rules}
+    assert dtp_angle(model, x) < 0.01
+
+
+class NoGradInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            scale = h * 3.0
+        return self.b(h + scale)
+
+
+def test_a_no_grad_block_in_forward_is_refused_not_differentiated():
+    """fx does not record grad-mode changes: the block's values would get feedback autograd never
+    gives them (a 3x wrong gradient here). Refused by fx, and torch.export keeps the block apart."""
+    x = torch.randn(3, 4)
+    with pytest.raises(FBCompileError, match="forward changes the grad mode"):
+        fbcompile.compile(NoGradInside(), x, frontend="fx")
+    with pytest.raises(FBCompileError, match="neither torch.fx nor torch.export"):
+        fbcompile.compile(NoGradInside(), x)
+    with torch.no_grad():           # compiling under no_grad is not a change of mode
+        fbcompile.compile(nn.Sequential(nn.Linear(4, 3)), x, frontend="fx")
