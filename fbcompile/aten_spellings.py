@@ -143,6 +143,14 @@ def _rsub(node, *args, **kwargs):
     return {"input": a["other"], "other": a["self"], "alpha": a.get("alpha", 1)}
 
 
+def _by_op(pairs) -> dict:
+    """{op: [overload, ...]} from (op, overload) pairs."""
+    grouped = {}
+    for op, overload in pairs:
+        grouped.setdefault(op, []).append(overload)
+    return grouped
+
+
 PLAIN = renamed()
 NO_CUDNN = renamed(drop=("cudnn_enable", "cudnn_enabled"))
 DROPOUT = renamed(rename={"train": "training"})
@@ -253,6 +261,14 @@ TABLE = {
     "reshape_as": [("reshape_as.default", PLAIN, False), ("view_as.default", PLAIN, False)],
     "detach": [("detach.default", PLAIN, False)],
     "weight_norm": [("_weight_norm.default", PLAIN, False)],
+    **{name: [(overload, PLAIN, False) for overload in overloads] for name, overloads in _by_op((
+        ("var", "var.correction"), ("std", "std.correction"), ("var", "var.dim"), ("std", "std.dim"),
+        ("var", "var.default"), ("std", "std.default"), ("logsumexp", "logsumexp.default"),
+        ("cumsum", "cumsum.default"), ("square", "square.default"), ("selu", "selu.default"), ("celu", "celu.default"),
+        ("logsigmoid", "log_sigmoid.default"), ("glu", "glu.default"), ("prelu", "prelu.default"),
+        ("rms_norm", "rms_norm.default"), ("pixel_shuffle", "pixel_shuffle.default"),
+        ("pixel_unshuffle", "pixel_unshuffle.default"), ("maximum", "maximum.default"), ("minimum", "minimum.default"))
+    ).items()},
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False)],
 }
