@@ -386,7 +386,6 @@ def emit_feedback(gm: fx.GraphModule, rules: dict, partition, mode: str) -> Feed
     return FeedbackBuilder(gm, rules, partition, mode).build()
 
 
-
 def promoted_operand_dtype(src: fx.Node, node: fx.Node):
     """The dtype that feedback for operand ``src`` of ``node`` must be cast to, or None when the traced
     dtypes agree. An op that promotes its operands (a float32 score plus a float64 mask is float64)
