@@ -166,6 +166,7 @@ TABLE = {
     "batch_norm": [("batch_norm.default", NO_CUDNN, False)],
     "layer_norm": [("layer_norm.default", NO_CUDNN, False)],
     "group_norm": [("group_norm.default", NO_CUDNN, False)],
+    "instance_norm": [("instance_norm.default", NO_CUDNN, False)],
     "embedding": [("embedding.default", _embedding, False)],
     "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
@@ -267,7 +268,11 @@ TABLE = {
         ("cumsum", "cumsum.default"), ("square", "square.default"), ("selu", "selu.default"), ("celu", "celu.default"),
         ("logsigmoid", "log_sigmoid.default"), ("glu", "glu.default"), ("prelu", "prelu.default"),
         ("rms_norm", "rms_norm.default"), ("pixel_shuffle", "pixel_shuffle.default"),
-        ("pixel_unshuffle", "pixel_unshuffle.default"), ("maximum", "maximum.default"), ("minimum", "minimum.default"))
+        ("pixel_unshuffle", "pixel_unshuffle.default"), ("maximum", "maximum.default"), ("minimum", "minimum.default"),
+        ("prod", "prod.default"), ("prod", "prod.dim_int"), ("addcmul", "addcmul.default"), ("addcdiv", "addcdiv.default"),
+        ("lerp", "lerp.Scalar"), ("lerp", "lerp.Tensor"), ("triu", "triu.default"), ("tril", "tril.default"),
+        ("mv", "mv.default"), ("outer", "outer.default"), ("unfold", "im2col.default"), ("fold", "col2im.default"),
+        ("hardshrink", "hardshrink.default"), ("softshrink", "softshrink.default"))
     ).items()},
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False)],

@@ -1,7 +1,10 @@
 """Ops whose T rule is autograd's own vector-Jacobian product at the forward values: statistics
-(``var``, ``std``, ``logsumexp``), ``cumsum``, ``square``, the activations ``selu``, ``celu``,
-``logsigmoid``, ``softsign``, ``tanhshrink`` and ``glu``, ``prelu`` (``nn.PReLU``), ``rms_norm``
-(``nn.RMSNorm``), ``pixel_shuffle`` / ``pixel_unshuffle`` and ``maximum`` / ``minimum`` of two tensors.
+(``var``, ``std``, ``logsumexp``, ``prod``), ``cumsum``, ``square``, the activations ``selu``,
+``celu``, ``logsigmoid``, ``softsign``, ``tanhshrink``, ``hardshrink``, ``softshrink`` and ``glu``,
+``prelu`` (``nn.PReLU``), ``rms_norm`` (``nn.RMSNorm``), ``instance_norm`` (``nn.InstanceNorm*d``
+with each instance's statistics), ``local_response_norm``, ``pixel_shuffle`` / ``pixel_unshuffle``,
+``unfold`` / ``fold``, ``maximum`` / ``minimum``, ``addcmul``, ``addcdiv``, ``lerp``, ``triu`` /
+``tril``, ``mv`` and ``outer``.
 
 T (kind "linearised"): J_G g = J_F(x)^T g, computed by ``torch.func.vjp`` of the op at its saved
 inputs, so error mode gives autograd's gradient to rounding (ties of maximum/minimum split as
@@ -92,6 +95,68 @@ def minimum(input, other):
     return torch.minimum(input, other)
 
 
+def prod(input, dim=None, keepdim=False, dtype=None):
+    return torch.prod(input, dtype=dtype) if dim is None else torch.prod(input, dim, keepdim, dtype=dtype)
+
+
+def addcmul(input, tensor1, tensor2, value=1):
+    return torch.addcmul(input, tensor1, tensor2, value=value)
+
+
+def addcdiv(input, tensor1, tensor2, value=1):
+    return torch.addcdiv(input, tensor1, tensor2, value=value)
+
+
+def lerp(input, end, weight):
+    return torch.lerp(input, end, weight)
+
+
+def triu(input, diagonal=0):
+    return torch.triu(input, diagonal)
+
+
+def tril(input, diagonal=0):
+    return torch.tril(input, diagonal)
+
+
+def mv(input, vec):
+    return torch.mv(input, vec)
+
+
+def outer(input, vec2):
+    return torch.outer(input, vec2)
+
+
+def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
+    return F.unfold(input, kernel_size, dilation, padding, stride)
+
+
+def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    return F.fold(input, output_size, kernel_size, dilation, padding, stride)
+
+
+def hardshrink(input, lambd=0.5):
+    return F.hardshrink(input, lambd)
+
+
+def softshrink(input, lambd=0.5):
+    return F.softshrink(input, lambd)
+
+
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    return F.local_response_norm(input, size, alpha, beta, k)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5):
+    return F.instance_norm(input, None, None, weight, bias, True, momentum, eps)
+
+
+def _instance_module(m):
+    return {"running_mean": m.running_mean, "running_var": m.running_var, "weight": m.weight, "bias": m.bias,
+            "eps": m.eps}
+
+
 def _keeps_samples_apart(ctx) -> bool:
     """A reduction or scan along dims that do not include the batch dim 0."""
     dim = ctx.const("dim")
@@ -125,6 +190,26 @@ VJP_OPS = [
                modules={nn.PixelUnshuffle: lambda m: {"downscale_factor": m.downscale_factor}}),
     declare_op("maximum", maximum, functions=[torch.maximum]),
     declare_op("minimum", minimum, functions=[torch.minimum]),
+    declare_op("prod", prod, functions=[torch.prod], methods=[tensor_method("prod")], batch_local=_keeps_samples_apart),
+    declare_op("addcmul", addcmul, functions=[torch.addcmul], methods=[tensor_method("addcmul")]),
+    declare_op("addcdiv", addcdiv, functions=[torch.addcdiv], methods=[tensor_method("addcdiv")]),
+    declare_op("lerp", lerp, functions=[torch.lerp], methods=[tensor_method("lerp")]),
+    declare_op("triu", triu, functions=[torch.triu], methods=[tensor_method("triu")], batch_local=lambda ctx: False),
+    declare_op("tril", tril, functions=[torch.tril], methods=[tensor_method("tril")], batch_local=lambda ctx: False),
+    declare_op("mv", mv, functions=[torch.mv], methods=[tensor_method("mv")], batch_local=lambda ctx: False),
+    declare_op("outer", outer, functions=[torch.outer, torch.ger], methods=[tensor_method("outer")],
+               batch_local=lambda ctx: False),
+    declare_op("unfold", unfold, functions=[F.unfold], modules={nn.Unfold: lambda m: {
+        "kernel_size": m.kernel_size, "dilation": m.dilation, "padding": m.padding, "stride": m.stride}}),
+    declare_op("fold", fold, functions=[F.fold], modules={nn.Fold: lambda m: {
+        "output_size": m.output_size, "kernel_size": m.kernel_size, "dilation": m.dilation, "padding": m.padding,
+        "stride": m.stride}}),
+    declare_op("hardshrink", hardshrink, functions=[F.hardshrink], modules={nn.Hardshrink: lambda m: {"lambd": m.lambd}}),
+    declare_op("softshrink", softshrink, functions=[F.softshrink], modules={nn.Softshrink: lambda m: {"lambd": m.lambd}}),
+    declare_op("local_response_norm", local_response_norm, functions=[F.local_response_norm],
+               modules={nn.LocalResponseNorm: lambda m: {"size": m.size, "alpha": m.alpha, "beta": m.beta, "k": m.k}}),
+    declare_op("instance_norm", instance_norm, functions=[F.instance_norm],
+               modules={cls: _instance_module for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)}),
 ]
 
 
@@ -140,6 +225,9 @@ def vjp_at(op_name: str, arguments: dict, roles: tuple, g) -> tuple:
 def _whole_arguments(ctx):
     if any(index is not None for _, index, _ in ctx.op_call.active):
         return f"{ctx.name}: an activation inside a list argument of {ctx.op_call.spec.name} is not supported"
+    if ctx.op_call.args.get("running_mean") is not None or ctx.op_call.args.get("use_input_stats") is False:
+        return (f"{ctx.name}: instance normalisation with running statistics (track_running_stats=True) is not "
+                "supported; each instance's own statistics are")
     return None
 
 
