@@ -167,6 +167,8 @@ TABLE = {
     "layer_norm": [("layer_norm.default", NO_CUDNN, False)],
     "group_norm": [("group_norm.default", NO_CUDNN, False)],
     "instance_norm": [("instance_norm.default", NO_CUDNN, False)],
+    "lerp": [("lerp.Scalar", renamed(rename={"weight": "fraction"}), False),
+             ("lerp.Tensor", renamed(rename={"weight": "fraction"}), False)],
     "embedding": [("embedding.default", _embedding, False)],
     "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
@@ -270,7 +272,7 @@ TABLE = {
         ("rms_norm", "rms_norm.default"), ("pixel_shuffle", "pixel_shuffle.default"),
         ("pixel_unshuffle", "pixel_unshuffle.default"), ("maximum", "maximum.default"), ("minimum", "minimum.default"),
         ("prod", "prod.default"), ("prod", "prod.dim_int"), ("addcmul", "addcmul.default"), ("addcdiv", "addcdiv.default"),
-        ("lerp", "lerp.Scalar"), ("lerp", "lerp.Tensor"), ("triu", "triu.default"), ("tril", "tril.default"),
+        ("triu", "triu.default"), ("tril", "tril.default"),
         ("mv", "mv.default"), ("outer", "outer.default"), ("unfold", "im2col.default"), ("fold", "col2im.default"),
         ("hardshrink", "hardshrink.default"), ("softshrink", "softshrink.default"))
     ).items()},

@@ -107,8 +107,10 @@ def addcdiv(input, tensor1, tensor2, value=1):
     return torch.addcdiv(input, tensor1, tensor2, value=value)
 
 
-def lerp(input, end, weight):
-    return torch.lerp(input, end, weight)
+def lerp(input, end, fraction):
+    """``torch.lerp(input, end, weight)``; its ``weight`` is named ``fraction`` here, as an argument
+    named weight marks an op holding weights (units, feedback weights)."""
+    return torch.lerp(input, end, fraction)
 
 
 def triu(input, diagonal=0):

@@ -161,7 +161,7 @@ def test_the_ops_that_start_units_are_the_weight_layers():
     assert leading == {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
                        "layer_norm", "rms_norm", "embedding", "multihead_attention", "addmm"}
     assert library["batch_norm"].weights and library["group_norm"].weights   # weights, yet they follow
-    assert library["prelu"].weights
+    assert library["prelu"].weights and library["instance_norm"].weights
 
 
 class Scale(nn.Module):

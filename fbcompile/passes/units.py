@@ -117,10 +117,10 @@ def _carries_feedback(user: fx.Node) -> bool:
 
 
 # Channel normalisations rescale each channel of the layer that feeds them (Conv-BN-ReLU is one
-# layer), and so do PReLU's per-channel slopes (Conv-PReLU): they hold weights (a per-channel gain)
-# yet join their producer's unit. Matched by the torch function the op spells, as canonicalisation
-# matches every spelling: by identity.
-CHANNEL_NORMALISATIONS = (F.batch_norm, F.group_norm, F.prelu)
+# layer; instance norm likewise), and so do PReLU's per-channel slopes (Conv-PReLU): they hold
+# weights (a per-channel gain) yet join their producer's unit. Matched by the torch function the op
+# spells, as canonicalisation matches every spelling: by identity.
+CHANNEL_NORMALISATIONS = (F.batch_norm, F.group_norm, F.instance_norm, F.prelu)
 
 
 def starts_unit(spec) -> bool:
