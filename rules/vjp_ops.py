@@ -167,10 +167,9 @@ def _keeps_samples_apart(ctx) -> bool:
     return 0 not in {d % rank for d in dims}
 
 
-VAR = declare_op("var", var, functions=[torch.var], methods=[tensor_method("var")], batch_local=_keeps_samples_apart)
-STD = declare_op("std", std, functions=[torch.std], methods=[tensor_method("std")], batch_local=_keeps_samples_apart)
 VJP_OPS = [
-    VAR, STD,
+    declare_op("var", var, functions=[torch.var], methods=[tensor_method("var")], batch_local=_keeps_samples_apart),
+    declare_op("std", std, functions=[torch.std], methods=[tensor_method("std")], batch_local=_keeps_samples_apart),
     declare_op("logsumexp", logsumexp, functions=[torch.logsumexp], methods=[tensor_method("logsumexp")],
                batch_local=_keeps_samples_apart),
     declare_op("cumsum", cumsum, functions=[torch.cumsum], methods=[tensor_method("cumsum")],
