@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from .errors import FBCompileError, UntraceableModelError
 from .hook_guard import check_capturable
+from .mutation import redirect_in_place_results
 from .ops import declare_optional_spellings, lookup_module
 from .trace import describe
 
@@ -81,6 +82,7 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
             "submodule in a module class that fbcompile has a rule for.") from exc
     _drop_specialised(graph, given, model)
     _flatten_output(graph)
+    redirect_in_place_results(graph, tracer.root)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 

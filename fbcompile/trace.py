@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FBCompileError
+from .mutation import WriteCheck
 from .ops import OpSpec
 
 META = "fbcompile"
@@ -116,22 +117,26 @@ def preserved_state(model: nn.Module):
 
 
 def propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
-    """Record role, activity, shape and dtype of every node by running the example inputs."""
+    """Record role, activity, shape and dtype of every node by running the example inputs; refuse
+    an in-place write that a later read would miss (:class:`~fbcompile.mutation.WriteCheck`)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise FBCompileError(f"{type(model).__name__}.forward takes {len(placeholders)} input(s) "
                              f"({', '.join(p.name for p in placeholders)}) but {len(example_inputs)} "
                              "example input(s) were given")
     params = {id(p) for p in model.parameters()}
+    writes = WriteCheck(gm.graph)
 
     class Recorder(fx.Interpreter):
         def run_node(self, node):
+            read = writes.before(node, self.env)
             try:
                 value = super().run_node(node)
             except Exception as exc:
                 raise FBCompileError(f"running the example inputs failed at node {describe(node)}: "
                                      f"{type(exc).__name__}: {exc}") from exc
             node.meta[META] = _value_info(node, value, model, params)
+            writes.after(node, read, self.env, lambda n: info(n).active)
             return value
 
     with preserved_state(model), torch.no_grad():
