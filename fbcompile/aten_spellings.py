@@ -211,6 +211,7 @@ TABLE = {
     "expand": [("expand.default", renamed(rename={"size": "sizes"}, drop=("implicit",), star=("sizes",)), False)],
     "expand_as": [("expand_as.default", PLAIN, False)],
     "repeat": [("repeat.default", renamed(star=("repeats",)), False)],
+    "tile": [("tile.default", PLAIN, False)],
     "roll": [("roll.default", PLAIN, False)],
     "flip": [("flip.default", renamed(star=("dims",)), False)],
     "select": [("select.int", PLAIN, False)],
@@ -275,7 +276,12 @@ TABLE = {
         ("prod", "prod.default"), ("prod", "prod.dim_int"), ("addcmul", "addcmul.default"), ("addcdiv", "addcdiv.default"),
         ("triu", "triu.default"), ("tril", "tril.default"),
         ("mv", "mv.default"), ("outer", "outer.default"), ("unfold", "im2col.default"), ("fold", "col2im.default"),
-        ("hardshrink", "hardshrink.default"), ("softshrink", "softshrink.default"))
+        ("hardshrink", "hardshrink.default"), ("softshrink", "softshrink.default"), ("threshold", "threshold.default"),
+        ("channel_shuffle", "channel_shuffle.default"), ("channel_shuffle", "native_channel_shuffle.default"),
+        ("cosine_similarity", "cosine_similarity.default"), ("pairwise_distance", "pairwise_distance.default"),
+        ("atan2", "atan2.default"), ("hypot", "hypot.default"), ("diagonal", "diagonal.default"),
+        ("movedim", "movedim.int"), ("movedim", "movedim.intlist"), ("cumprod", "cumprod.default"),
+        ("repeat_interleave", "repeat_interleave.self_int"))
     ).items()},
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False)],

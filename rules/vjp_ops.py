@@ -4,7 +4,10 @@
 ``prelu`` (``nn.PReLU``), ``rms_norm`` (``nn.RMSNorm``), ``instance_norm`` (``nn.InstanceNorm*d``
 with each instance's statistics), ``local_response_norm``, ``pixel_shuffle`` / ``pixel_unshuffle``,
 ``unfold`` / ``fold``, ``maximum`` / ``minimum``, ``addcmul``, ``addcdiv``, ``lerp``, ``triu`` /
-``tril``, ``mv`` and ``outer``.
+``tril``, ``mv``, ``outer``, ``threshold``, ``channel_shuffle``, ``cosine_similarity``,
+``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``, ``movedim``, ``cumprod``,
+``repeat_interleave``, adaptive max pooling (without indices) and ``embedding_bag`` (without
+``max_norm``, dense gradients).
 
 T (kind "linearised"): J_G g = J_F(x)^T g, computed by ``torch.func.vjp`` of the op at its saved
 inputs, so error mode gives autograd's gradient to rounding (ties of maximum/minimum split as
@@ -154,17 +157,83 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     return F.instance_norm(input, None, None, weight, bias, True, momentum, eps)
 
 
+def threshold(input, threshold, value, inplace=False):
+    return F.threshold(input, threshold, value)
+
+
+def channel_shuffle(input, groups):
+    return F.channel_shuffle(input, groups)
+
+
+def cosine_similarity(x1, x2, dim=1, eps=1e-8):
+    return F.cosine_similarity(x1, x2, dim, eps)
+
+
+def pairwise_distance(x1, x2, p=2.0, eps=1e-6, keepdim=False):
+    return F.pairwise_distance(x1, x2, p, eps, keepdim)
+
+
+def atan2(input, other):
+    return torch.atan2(input, other)
+
+
+def hypot(input, other):
+    return torch.hypot(input, other)
+
+
+def diagonal(input, offset=0, dim1=0, dim2=1):
+    return torch.diagonal(input, offset, dim1, dim2)
+
+
+def movedim(input, source, destination):
+    return torch.movedim(input, source, destination)
+
+
+def cumprod(input, dim, dtype=None):
+    return torch.cumprod(input, dim, dtype=dtype)
+
+
+def repeat_interleave(input, repeats, dim=None, output_size=None):
+    return torch.repeat_interleave(input, repeats, dim, output_size=output_size)
+
+
+def _adaptive_max_pool(pool):
+    def adaptive_max_pool(input, output_size, return_indices=False):
+        return pool(input, output_size)
+    return adaptive_max_pool
+
+
+def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
+                  sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    return F.embedding_bag(input, weight, offsets, None, norm_type, scale_grad_by_freq, mode, False,
+                           per_sample_weights, include_last_offset, padding_idx)
+
+
+def _embedding_bag_module(m):
+    return {"weight": m.weight, "max_norm": m.max_norm, "norm_type": m.norm_type, "mode": m.mode, "sparse": m.sparse,
+            "scale_grad_by_freq": m.scale_grad_by_freq, "include_last_offset": m.include_last_offset,
+            "padding_idx": m.padding_idx}
+
+
 def _instance_module(m):
     return {"running_mean": m.running_mean, "running_var": m.running_var, "weight": m.weight, "bias": m.bias,
             "eps": m.eps}
 
 
-def _keeps_samples_apart(ctx) -> bool:
-    """A reduction or scan along dims that do not include the batch dim 0."""
-    dim = ctx.const("dim")
-    rank = len(ctx.shape("input"))
-    dims = range(rank) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
-    return 0 not in {d % rank for d in dims}
+def _keeps_samples_apart(ctx, dims=("dim",), tensor="input", default=None) -> bool:
+    """A reduction, scan or move along the dims named by the arguments ``dims`` (all dims where
+    one is None), none of which is the batch dim 0."""
+    rank = len(ctx.shape(tensor))
+    named = [ctx.const(name) for name in dims]
+    named = [default if d is None else d for d in named]
+    if any(d is None for d in named):
+        return False
+    flat = [d for value in named for d in (value if isinstance(value, (tuple, list)) else (value,))]
+    return rank > 1 and 0 not in {d % rank for d in flat}
+
+
+def _apart(dims=("dim",), tensor="input", default=None):
+    return lambda ctx: _keeps_samples_apart(ctx, dims, tensor, default)
 
 
 VJP_OPS = [
@@ -211,6 +280,33 @@ VJP_OPS = [
                modules={nn.LocalResponseNorm: lambda m: {"size": m.size, "alpha": m.alpha, "beta": m.beta, "k": m.k}}),
     declare_op("instance_norm", instance_norm, functions=[F.instance_norm],
                modules={cls: _instance_module for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)}),
+    declare_op("threshold", threshold, functions=[F.threshold], modules={nn.Threshold: lambda m: {
+        "threshold": m.threshold, "value": m.value, "inplace": m.inplace}}),
+    declare_op("channel_shuffle", channel_shuffle, functions=[F.channel_shuffle],
+               modules={nn.ChannelShuffle: lambda m: {"groups": m.groups}}),
+    declare_op("cosine_similarity", cosine_similarity, functions=[F.cosine_similarity],
+               modules={nn.CosineSimilarity: lambda m: {"dim": m.dim, "eps": m.eps}},
+               batch_local=_apart(tensor="x1", default=1)),
+    declare_op("pairwise_distance", pairwise_distance, functions=[F.pairwise_distance],
+               modules={nn.PairwiseDistance: lambda m: {"p": m.norm, "eps": m.eps, "keepdim": m.keepdim}},
+               batch_local=lambda ctx: len(ctx.shape("x1")) > 1),
+    declare_op("atan2", atan2, functions=[torch.atan2, torch.arctan2], methods=[tensor_method("atan2")]),
+    declare_op("hypot", hypot, functions=[torch.hypot], methods=[tensor_method("hypot")]),
+    declare_op("diagonal", diagonal, functions=[torch.diagonal], methods=[tensor_method("diagonal")],
+               batch_local=_apart(("dim1", "dim2"), default=0)),
+    declare_op("movedim", movedim, functions=[torch.movedim, torch.moveaxis],
+               methods=[tensor_method("movedim"), tensor_method("moveaxis")],
+               batch_local=_apart(("source", "destination"))),
+    declare_op("cumprod", cumprod, functions=[torch.cumprod], methods=[tensor_method("cumprod")],
+               batch_local=_keeps_samples_apart),
+    declare_op("repeat_interleave", repeat_interleave, functions=[torch.repeat_interleave],
+               methods=[tensor_method("repeat_interleave")], batch_local=_keeps_samples_apart),
+    *(declare_op(f"adaptive_max_pool{n}d", _adaptive_max_pool(pool), functions=[pool], modules={module: lambda m: {
+        "output_size": m.output_size, "return_indices": m.return_indices}}) for n, pool, module in (
+        (1, F.adaptive_max_pool1d, nn.AdaptiveMaxPool1d), (2, F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d),
+        (3, F.adaptive_max_pool3d, nn.AdaptiveMaxPool3d))),
+    declare_op("embedding_bag", embedding_bag, functions=[F.embedding_bag], modules={nn.EmbeddingBag: _embedding_bag_module},
+               batch_local=lambda ctx: len(ctx.shape("input")) == 2 and ctx.const("offsets") is None),
 ]
 
 
@@ -226,9 +322,15 @@ def vjp_at(op_name: str, arguments: dict, roles: tuple, g) -> tuple:
 def _whole_arguments(ctx):
     if any(index is not None for _, index, _ in ctx.op_call.active):
         return f"{ctx.name}: an activation inside a list argument of {ctx.op_call.spec.name} is not supported"
-    if ctx.op_call.args.get("running_mean") is not None or ctx.op_call.args.get("use_input_stats") is False:
+    args = ctx.op_call.args
+    if args.get("running_mean") is not None or args.get("use_input_stats") is False:
         return (f"{ctx.name}: instance normalisation with running statistics (track_running_stats=True) is not "
                 "supported; each instance's own statistics are")
+    refused = {"return_indices": "returning the indices of the maxima", "max_norm": "max_norm (it renormalises "
+               "rows of the weight in place during the forward)", "sparse": "sparse=True (sparse gradients)"}
+    for name, what in refused.items():
+        if args.get(name) not in (None, False):
+            return f"{ctx.name}: {ctx.op_call.spec.name} with {what} is not supported"
     return None
 
 

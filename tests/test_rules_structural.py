@@ -325,3 +325,10 @@ def test_random_rolls_flips_and_stacks(shift_dims, flip_dims, stack_dim):
         parts = moved.unbind(stack_dim)
         return torch.stack([parts[i] for i in reversed(range(SHAPE[stack_dim]))], dim=stack_dim)
     assert_exact(Lambda(fn), torch.randn(*SHAPE, dtype=torch.float64), units="op")
+
+
+@pytest.mark.parametrize("name", ["tile", "tile_method"])
+def test_tile_through_torch_export_equals_autograd(name):
+    from test_rules_elementwise import assert_matches_autograd
+    model = Sandwich(STRUCTURAL[name], SHAPE).double()
+    assert_matches_autograd(model, torch.randn(*SHAPE, dtype=torch.float64), "export", ops=["tile"])

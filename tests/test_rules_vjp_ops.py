@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbcompile
+from fbcompile.errors import FBCompileError
 
 from helpers import randomise_vectors
 from test_rules_elementwise import assert_matches_autograd, dtp_angle
@@ -44,7 +45,24 @@ CASES = {
     "softshrink": lambda m, h: F.softshrink(h, 0.3),
     "local_response_norm": lambda m, h: F.local_response_norm(h.view(-1, 8, 1, 1), 3).flatten(1),
     "instance_norm": lambda m, h: m.inorm(h.view(-1, 2, 4)).flatten(1),
+    "threshold": lambda m, h: F.threshold(h, 0.1, -0.7),
+    "channel_shuffle": lambda m, h: m.shuffle(h.view(-1, 4, 2, 1)).flatten(1) * h,
+    "cosine_similarity": lambda m, h: h * F.cosine_similarity(h, torch.tanh(h) + m.v, dim=1).unsqueeze(1),
+    "pairwise_distance": lambda m, h: h * F.pairwise_distance(h, m.v.expand_as(h), p=1.5).unsqueeze(1),
+    "atan2": lambda m, h: torch.atan2(h, torch.tanh(h.flip(-1)) + 0.1),
+    "hypot": lambda m, h: torch.hypot(h, h.roll(1, -1)),
+    "diagonal": lambda m, h: h + torch.diagonal(h.view(-1, 2, 2, 2), 0, 1, 2).repeat(1, 1, 2).flatten(1),
+    "movedim": lambda m, h: torch.movedim(h.view(-1, 2, 4), 1, 2).flatten(1) * h,
+    "cumprod": lambda m, h: torch.cumprod(torch.tanh(h) + 1.2, 1),
+    "repeat_interleave": lambda m, h: h.view(-1, 4, 2)[:, :, 0].repeat_interleave(2, dim=1) * h,
+    "adaptive_max_pool1d": lambda m, h: F.adaptive_max_pool1d(h.view(-1, 2, 4), 2).flatten(1).repeat(1, 2) + h,
+    "embedding_bag": lambda m, h: h * m.bag(m.ids).sum(),
 }
+
+
+# ATen returns these with their indices as a tuple; torch.fx keeps the module or function call
+EXPORT_REFUSED = {"adaptive_max_pool1d": "adaptive_max_pool1d returns (values, indices) in ATen",
+                  "embedding_bag": "embedding_bag returns four tensors in ATen"}
 
 
 class Case(nn.Module):
@@ -53,6 +71,8 @@ class Case(nn.Module):
         self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
         self.prelu, self.rms, self.inorm = nn.PReLU(8), nn.RMSNorm(8), nn.InstanceNorm1d(2, affine=True)
         self.v = nn.Parameter(torch.randn(8))
+        self.shuffle, self.bag = nn.ChannelShuffle(2), nn.EmbeddingBag(6, 2, mode="max")
+        self.register_buffer("ids", torch.tensor([[0, 3, 5], [2, 2, 1]]))
         self.fn = fn
 
     def forward(self, x):
@@ -68,11 +88,15 @@ def test_vjp_ops_equal_autograd(name, frontend):
     # ATen writes square as pow, outer as a product of unsqueezed vectors, local_response_norm as pooling
     ops = [] if (frontend, name) in {("export", "square"), ("export", "outer"), ("export", "local_response_norm"),
                                      ("export", "instance_norm")} else [name]
+    if frontend == "export" and name in EXPORT_REFUSED:       # refused by name, not silently
+        with pytest.raises(FBCompileError, match=f"no op is declared for call_function {name}"):
+            fbcompile.compile(model, torch.randn(5, 4, dtype=torch.float64), frontend=frontend)
+        return
     assert_matches_autograd(model, torch.randn(5, 4, dtype=torch.float64), frontend, ops=ops)
 
 
 @pytest.mark.parametrize("name", ["var", "logsumexp", "prelu", "rms_norm", "maximum", "glu", "instance_norm", "unfold",
-                                  "fold", "lerp", "mv"])
+                                  "fold", "lerp", "mv", "cosine_similarity", "atan2", "cumprod", "embedding_bag"])
 def test_vjp_ops_meet_the_small_beta_limit(name):
     model = randomise_vectors(Case(CASES[name]))
     assert dtp_angle(model, torch.randn(5, 4, dtype=torch.float64)) < 0.01
@@ -95,3 +119,21 @@ def test_instance_norm_with_running_statistics_is_refused_by_name():
     model.inorm = nn.InstanceNorm1d(2, affine=True, track_running_stats=True)
     problems = fbcompile.coverage(model.eval(), torch.randn(3, 4), frontend="fx")
     assert len(problems) == 1 and "track_running_stats=True" in problems[0].reason
+
+
+@pytest.mark.parametrize("module, reason", [
+    (nn.EmbeddingBag(6, 2, mode="max", max_norm=1.0), "max_norm"),
+    (nn.EmbeddingBag(6, 2, mode="sum", sparse=True), "sparse=True"),
+])
+def test_embedding_bag_options_it_cannot_follow_are_refused_by_name(module, reason):
+    model = Case(CASES["embedding_bag"])
+    model.bag = module
+    problems = fbcompile.coverage(model, torch.randn(3, 4), frontend="fx")
+    assert len(problems) == 1 and reason in problems[0].reason
+
+
+def test_adaptive_max_pool_with_indices_is_refused_by_name():
+    model = Case(lambda m, h: m.pool(h.view(-1, 2, 4))[0].flatten(1).repeat(1, 2) + h)
+    model.pool = nn.AdaptiveMaxPool1d(2, return_indices=True)
+    problems = fbcompile.coverage(model, torch.randn(3, 4), frontend="fx")
+    assert len(problems) == 1 and "indices" in problems[0].reason
