@@ -56,6 +56,8 @@ class _Tracer(fx.Tracer):
         that the weight it computes from its parameters is part of the graph."""
         if parametrize.is_parametrized(m) or ".parametrizations." in f".{qualname}.":
             return False
+        if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
+            return False            # traced through: F.pad in that mode, then the convolution unpadded
         return lookup_module(m) is not None or super().is_leaf_module(m, qualname)
 
 

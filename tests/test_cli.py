@@ -32,12 +32,12 @@ def nets(tmp_path):
             def forward(self, x):
                 return self.fc2(self.act(self.fc1(x)))
 
-        class Cumprod(nn.Module):
+        class LogCumSumExp(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.fc = nn.Linear(6, 3)
             def forward(self, x):
-                return self.fc(x).cumprod(1)
+                return self.fc(x).logcumsumexp(1)
 
         class Branchy(nn.Module):
             def __init__(self):
@@ -169,8 +169,8 @@ def test_inspect_prints_table_code_and_draws(capsys, tmp_path):
 
 
 def test_inspect_lists_unsupported_nodes(capsys, nets):
-    code, out, _ = run(capsys, "inspect", f"{nets}:Cumprod")
-    assert code == 1 and "cumprod" in out and "register_rule" in out
+    code, out, _ = run(capsys, "inspect", f"{nets}:LogCumSumExp")
+    assert code == 1 and "logcumsumexp" in out and "register_rule" in out
 
 
 def test_inspect_user_model_with_input_shape(capsys, nets):
@@ -214,8 +214,8 @@ def test_verify_exits_1_when_an_exact_rule_is_off(capsys, monkeypatch):
 
 def test_verify_compile_errors_exit_2(capsys, nets):
     assert_clean_error(*run(capsys, "verify", f"{nets}:Branchy")[::2], "could not trace")
-    code, _, err = run(capsys, "verify", f"{nets}:Cumprod")
-    assert_clean_error(code, err, "cumprod")
+    code, _, err = run(capsys, "verify", f"{nets}:LogCumSumExp")
+    assert_clean_error(code, err, "logcumsumexp")
 
 
 # -- train (resume equality is in test_training.py) --------------------------------------------

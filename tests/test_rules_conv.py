@@ -116,11 +116,18 @@ def test_functional_conv_with_parameters_through_get_attr():
     assert max(compare_with_autograd(model, x, program=program)) < TOL
 
 
-def test_circular_padding_is_reported_not_miscompiled():
-    model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular")).double()
-    x = torch.randn(2, 1, 6, dtype=torch.float64)
-    problems = fbcompile.coverage(model, x)
-    assert len(problems) == 1 and "circular" in problems[0].reason and problems[0].node == "_0"
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_convolutions_padding_in_other_modes_are_traced_through_and_exact(mode, dims):
+    """torch.fx traces such a module into F.pad in its mode and the unpadded convolution."""
+    conv = getattr(nn, f"Conv{dims}d")(2, 3, 3, padding=(1, 2, 1)[:dims] if dims > 1 else 2, padding_mode=mode)
+    model = nn.Sequential(conv, nn.Tanh()).double()
+    x = torch.randn(2, 2, *(5, 4, 3)[:dims], dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend="fx")
+    assert {program.rules[n].op for n in program.rules} >= {"pad", f"conv{dims}d"}
+    for tjml_rel, gap in rule_errors(program, x).values():
+        assert tjml_rel < TOL and gap < TOL
+    assert max(compare_with_autograd(model, x, program=program)) < TOL
 
 
 @settings(max_examples=40, deadline=None)
