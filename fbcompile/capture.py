@@ -31,17 +31,23 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
-        self.grad_mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        self.grad_mode, self.autocast = _grad_mode(), _autocast_state()
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        """Every node, refused when ``forward`` changed the grad mode around it: fx does not record
-        ``torch.no_grad()`` / ``set_grad_enabled`` / ``inference_mode`` blocks, so what they stop
-        would get feedback (torch.export keeps such blocks apart, and names them)."""
-        if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self.grad_mode:
+        """Every node, refused when ``forward`` changed the grad mode or autocast around it: fx
+        records neither ``torch.no_grad()`` / ``set_grad_enabled`` / ``inference_mode`` blocks, so
+        what they stop would get feedback, nor ``torch.autocast`` blocks, so the program would
+        compute in another precision than the model (torch.export keeps such blocks apart, and
+        names them)."""
+        if _grad_mode() != self.grad_mode:
             raise UntraceableModelError("forward changes the grad mode (torch.no_grad(), set_grad_enabled or "
                                         "inference_mode), which torch.fx does not record; the values computed "
                                         "inside would wrongly carry feedback. Compute them outside forward, or "
                                         "use .detach()")
+        if _autocast_state() != self.autocast:
+            raise UntraceableModelError("forward enters or leaves torch.autocast, which torch.fx does not record; "
+                                        "the program would compute that block in another precision than the model. "
+                                        "Cast explicitly (x.to(torch.bfloat16)) or autocast around the whole step")
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def _filter_traceback_frames(self, user_stack_summary):
@@ -59,6 +65,14 @@ class _Tracer(fx.Tracer):
         if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
             return False            # traced through: F.pad in that mode, then the convolution unpadded
         return lookup_module(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def _grad_mode() -> tuple:
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda"))
 
 
 def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.GraphModule:
