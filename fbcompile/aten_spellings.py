@@ -171,6 +171,7 @@ TABLE = {
              ("lerp.Tensor", renamed(rename={"weight": "fraction"}), False)],
     "embedding": [("embedding.default", _embedding, False)],
     "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
+    "feature_dropout": [("feature_dropout.default", DROPOUT, False), ("feature_dropout_.default", DROPOUT, True)],
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
     "softmax": [("softmax.int", _softmax, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
     "log_softmax": [("log_softmax.int", _softmax, False)],

@@ -1,4 +1,6 @@
 """Dropout: y = x * m with m the forward's random keep mask scaled by 1/(1-p) (all ones in eval).
+Channel dropout (dropout1d/2d/3d; ATen's ``feature_dropout``, how torch.export writes them) masks
+whole channels.
 
 The tapped forward draws the mask as dropout applied to ones (the same distribution and shape
 convention as the op itself, so dropout1d/2d masks whole channels) and saves it; the feedback
@@ -58,9 +60,10 @@ def _module(m):
 
 DROPOUTS = []
 for _name, _drop, _cls in (("dropout", F.dropout, nn.Dropout), ("dropout1d", F.dropout1d, nn.Dropout1d),
-                           ("dropout2d", F.dropout2d, nn.Dropout2d)):
+                           ("dropout2d", F.dropout2d, nn.Dropout2d), ("dropout3d", F.dropout3d, nn.Dropout3d),
+                           ("feature_dropout", torch.feature_dropout, None)):
     _apply, _tapped, _replay = _make(_name, _drop)
-    DROPOUTS.append(declare_op(_name, _apply, functions=[_drop], modules={_cls: _module},
+    DROPOUTS.append(declare_op(_name, _apply, functions=[_drop], modules={_cls: _module} if _cls else {},
                                tapped=_tapped, extras=("mask",), replay=_replay))
 
 

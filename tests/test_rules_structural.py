@@ -1,6 +1,8 @@
 """Structural, arithmetic and dropout rules (float64): reshapes, transposes, permutes, cat, split,
 chunk, basic indexing, copies (expand, repeat, tile), roll, flip, unbind, stack, .T/.mT, add/sub with
 broadcasting and alpha, mul/div by constants, neg, dropout."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -208,14 +210,40 @@ def test_add_of_a_parameter_gets_its_gradient():
     assert_exact(Offset().double(), torch.randn(2, 3, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("cls,shape", [(nn.Dropout, (4, 6)), (nn.Dropout1d, (4, 3, 5)), (nn.Dropout2d, (4, 3, 2, 2))])
+DROPOUT_SHAPES = [(nn.Dropout, (4, 6)), (nn.Dropout1d, (4, 3, 5)), (nn.Dropout2d, (4, 3, 2, 2)),
+                  (nn.Dropout3d, (4, 3, 2, 2, 2))]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("cls,shape", DROPOUT_SHAPES)
 @pytest.mark.parametrize("train", [True, False])
-def test_dropout_reuses_its_mask(cls, shape, train):
+def test_dropout_reuses_its_mask(cls, shape, train, frontend):
     model = nn.Sequential(nn.Tanh(), cls(0.5)).double().train(train)
     x = torch.randn(*shape, dtype=torch.float64)
-    program = fbcompile.compile(model, x)
+    program = fbcompile.compile(model, x, frontend=frontend)
     for name, (tjml_rel, gap) in rule_errors(program, x).items():
         assert tjml_rel < TOL and gap < TOL, name
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("cls,shape", DROPOUT_SHAPES[1:])
+def test_channel_dropout_in_train_mode_draws_autograds_mask(cls, shape, frontend):
+    """With the same seed the compiled forward draws the model's own channel mask (ATen's
+    feature_dropout under torch.export), so the gradients equal autograd's."""
+    model = nn.Sequential(nn.Conv1d(shape[1], 3, 1) if len(shape) == 3 else nn.Identity(), nn.Tanh(),
+                          cls(0.5), nn.Flatten(), nn.Linear(math.prod(shape[1:]), 2)).double().train()
+    x = torch.randn(*shape, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend)
+    error = torch.randn(shape[0], 2, dtype=torch.float64)
+    torch.manual_seed(7)
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(model(leaf), [leaf, *model.parameters()], error)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    ours = program.propagate_error(x, error)
+    assert torch.allclose(ours, expected[0], rtol=1e-12, atol=1e-14)
+    for param, grad in zip(model.parameters(), expected[1:]):
+        assert torch.allclose(param.grad, grad, rtol=1e-12, atol=1e-14)
 
 
 def test_fanout_sums_feedback():

@@ -53,9 +53,10 @@ ATTACH_POINTS = ("pre_pool", "output")
 HEAD_INITS = ("paper", "uniform", "zeros")
 OUTPUT_HEADS = ("model", "linear")
 POOLING = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-                     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
+                     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+                     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"})
 RESHAPING = frozenset({"view", "flatten", "unflatten", "squeeze", "unsqueeze", "identity"})
-DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d"})
+DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"})
 WALKED_OVER = POOLING | RESHAPING | DROPOUT
 
 
