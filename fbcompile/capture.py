@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .autograd_functions import custom_functions_refused
 from .errors import FBCompileError, UntraceableModelError
 from .hook_guard import check_capturable
 from .mutation import redirect_in_place_results
@@ -86,9 +87,13 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     tracer = _Tracer()
     fixed = constant_arguments(model, given, constants or {})
     try:
-        graph = tracer.trace(model, concrete_args=fixed or None)
+        with custom_functions_refused("torch.fx"):
+            graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
         where = _failure_line(exc)
+        if isinstance(exc, UntraceableModelError):       # our own refusal: its reason, without fx's hint
+            raise UntraceableModelError(f"torch.fx could not trace {type(model).__name__}: {exc}"
+                                        + (f"\n  at {where}" if where else "")) from exc
         raise UntraceableModelError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
             + (f"  at {where}\n" if where else "") +

@@ -10,6 +10,7 @@ import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune is not imported
 from torch import nn
 
 import fbcompile
+from fbcompile.autograd_functions import FunctionCall, TensorSpec, derivative_gap
 from fbcompile.errors import FBCompileError
 from fbcompile.frontends import frontend_of
 from fbcompile.verify.checks import relative_error
@@ -343,3 +344,105 @@ def test_an_autocast_block_in_forward_is_refused_not_run_in_full_precision():
         fbcompile.compile(AutocastInside(), x)
     with torch.autocast("cpu", dtype=torch.bfloat16):     # compiling under autocast is not a change
         fbcompile.compile(nn.Sequential(nn.Linear(4, 3)), x, frontend="fx")
+
+
+class GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -0.5 * g
+
+
+class StraightThroughRound(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class CallsFunction(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.a, self.b, self.function = nn.Linear(4, 5), nn.Linear(5, 3), function
+
+    def forward(self, x):
+        return self.b(self.function.apply(torch.tanh(self.a(x))))
+
+
+class HandWrittenTanh(torch.autograd.Function):
+    """Backward = the derivative of the forward, written by hand (as Bloom's GeLU)."""
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class HandWrittenScale(torch.autograd.Function):
+    """The setup_context form (forward without ctx), with a non-tensor argument."""
+    @staticmethod
+    def forward(x, factor):
+        return x * factor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.factor = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+@pytest.mark.parametrize("function", [GradientReversal, StraightThroughRound])
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_custom_autograd_functions_are_refused_naming_them(function, frontend):
+    """Both front ends record a custom Function's forward ops, not its backward: under torch.export
+    the reversal's gradient came out 300% off (wrong sign), the straight-through one 100% (zero).
+    torch.fx cannot trace a Function; torch.export's calls are checked and these two refused."""
+    model, x = CallsFunction(function), torch.randn(3, 4)
+    with pytest.raises(FBCompileError, match=f"custom autograd function .*{function.__name__}"):
+        fbcompile.compile(model, x, frontend=frontend)
+    leaf = torch.randn(3, 5, requires_grad=True)      # outside a capture the function is untouched
+    function.apply(leaf).sum().backward()
+    assert torch.equal(leaf.grad, torch.full_like(leaf, -0.5 if function is GradientReversal else 1.0))
+
+
+class CallsHandWritten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(HandWrittenScale.apply(HandWrittenTanh.apply(self.a(x)), 1.5))
+
+
+def test_custom_autograd_functions_whose_backward_is_the_derivative_compile_through_export():
+    model, x = CallsHandWritten().double(), torch.randn(3, 4, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    assert program.traced.meta["fbcompile_frontend"][0] == "export"
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+
+
+@pytest.mark.parametrize("function, args, expected", [
+    (HandWrittenTanh, (TensorSpec((4, 3), torch.float32),), 0.0),
+    (HandWrittenScale, (TensorSpec((2, 5), torch.float32), 0.5), 0.0),
+    (GradientReversal, (TensorSpec((4, 3), torch.float32),), 1.5),
+    (StraightThroughRound, (TensorSpec((4, 3), torch.float32),), 1.0),
+])
+def test_the_derivative_gap_of_custom_functions(function, args, expected):
+    """|backward - d forward| / |d forward| on random float64 inputs: 0 up to rounding for a
+    hand-written derivative, 1.5 for a reversal scaled by 1/2 (|-0.5 g - g| / |g|), 1 for a
+    straight-through round (autograd's derivative of round is 0, so the gap is relative to ours)."""
+    gap = derivative_gap(FunctionCall(function, args, ()))
+    assert abs(gap - expected) < 1e-12, gap

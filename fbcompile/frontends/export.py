@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ..autograd_functions import check_recorded_functions, custom_functions_recorded
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module
 from ..ops import lookup_module
@@ -41,7 +42,9 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
     """``torch.export.export(model, example_inputs, kwargs, strict=False)`` with the batch dimension
     (dim 0 of every example input) exported as ``Dim.AUTO``: sizes computed from it stay graph values,
     so the program runs on other batch sizes (as fx programs do), unless the model specialises it.
-    Its failure is raised as it is (the caller words the error). Model state is left as it was."""
+    Its failure is raised as it is (the caller words the error). Model state is left as it was.
+    A custom autograd Function whose backward is not its forward's derivative is refused
+    (:mod:`fbcompile.autograd_functions`)."""
     batch = {0: torch.export.Dim.AUTO}
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
     if tensors and all(x.shape[0] == 1 for x in tensors):
@@ -53,8 +56,11 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
     if kwargs:
         names = [p for p in inspect.signature(model.forward).parameters][:len(example_inputs)]
         dynamic = {**dict(zip(names, dynamic)), **{k: None for k in kwargs}}
-    return torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
-                               dynamic_shapes=dynamic)
+    with custom_functions_recorded() as functions:
+        exported = torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
+                                       dynamic_shapes=dynamic)
+    check_recorded_functions(functions)
+    return exported
 
 
 def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int) -> fx.GraphModule:
