@@ -12,6 +12,7 @@ from .passes.feedback import FeedbackGraph, emit_feedback, family_of
 from .passes.direct_graph import UnitGradients, unit_gradients
 from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
+from .batch_sizes import META as BATCH_META
 from .hook_guard import META as HOOK_META
 from .mode_guard import mode_guard_of
 from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
@@ -60,6 +61,7 @@ class FeedbackProgram:
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
         self.mode_guard = mode_guard_of(traced)
         self.hook_guard = traced.meta.get(HOOK_META) if hasattr(traced, "meta") else None
+        self.batch_sizes = traced.meta.get(BATCH_META) if hasattr(traced, "meta") else None
         self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
         self._derived = {}
@@ -70,17 +72,20 @@ class FeedbackProgram:
         return (f"FeedbackProgram({type(self.model).__name__}, condition {self.condition}, "
                 f"{len(self.partition.units)} units{mode})")
 
-    def check_model(self) -> None:
+    def check_model(self, inputs: tuple | None = None) -> None:
         """Raise if the model is no longer the one captured: :class:`~fbcompile.errors.TrainingModeError`
         if the captured graph depends on the training mode and the modules now have other training
         flags than at capture, an FBCompileError if hooks were added or removed since
-        (:mod:`fbcompile.hook_guard`). Every run of the captured forward on the model checks this
-        first: :meth:`propagate_error`, and a learner when it opens a step's transaction (before
-        anything changes)."""
+        (:mod:`fbcompile.hook_guard`), or if ``inputs`` have a batch size the program was not
+        captured for (:mod:`fbcompile.batch_sizes`). Every run of the captured forward on the model
+        checks this first: :meth:`propagate_error`, and a learner when it opens a step's transaction
+        (before anything changes)."""
         if self.mode_guard is not None:
             self.mode_guard.check()
         if self.hook_guard is not None:
             self.hook_guard.check()
+        if self.batch_sizes is not None and inputs is not None:
+            self.batch_sizes.check(inputs)
 
     def executable(self, *modes: str) -> Executable:
         """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``
@@ -260,8 +265,8 @@ class FeedbackProgram:
         """Error mode: propagate ``output_error`` (dL/d output) through the feedback graph with the
         forward weights, accumulate parameter gradients into ``.grad`` exactly where autograd's
         backward would, and return the error at each model input (a tensor for one input)."""
-        self.check_model()
         inputs, errors = as_tuple(inputs), as_tuple(output_error)
+        self.check_model(inputs)
         run = self.executable("error")
         with torch.no_grad():
             output, taps = run.run_forward(inputs)

@@ -23,7 +23,7 @@ from fbcompile.models import build_model
 from fbcompile.runtime import ALGORITHMS
 from fbcompile.verify.checks import relative_error
 
-from helpers import compare_with_autograd, grads_of, randomise_vectors
+from helpers import compare_with_autograd, grads_of, randomise_vectors, same, snapshot
 
 TOL = 1e-8
 BATCH, CLASSES = 4, 3
@@ -360,3 +360,60 @@ def test_a_tied_parameter_gets_the_sum_of_both_uses_on_the_users_parameter():
     model.zero_grad(set_to_none=True)
     learner.step(x.float().double(), torch.randint(0, 6, (BATCH,)), F.cross_entropy)
     assert model.embed.weight.grad is not None and model.head.weight is model.embed.weight
+
+
+class BatchBranch(nn.Module):
+    """torch.export keeps one side of a branch on the batch size, and a guard on it apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if x.shape[0] > 4:
+            h = h * 2
+        return self.b(h)
+
+
+class FixedBatch(nn.Module):
+    """A per-sample offset for exactly two samples: torch.export makes the batch a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.register_buffer("offset", torch.randn(2, 3))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x) + self.offset)
+
+
+def test_export_programs_refuse_batch_sizes_their_capture_does_not_hold_for():
+    """Compiled at batch 2, the branch above was dropped: 50% off autograd at batch 8 before."""
+    torch.manual_seed(0)
+    model = BatchBranch().double()
+    program = fbcompile.compile(model, torch.randn(2, 6, dtype=torch.float64), frontend="export")
+    assert (program.batch_sizes.low, program.batch_sizes.high) == (2, 4)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12      # inside the range: exact
+    with pytest.raises(FBCompileError, match=r"batch sizes \(dim 0 of its inputs\) from 2 to 4.*input 0 has 8"):
+        program.propagate_error(torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64))
+    learner = fbcompile.learner(program, "dtp")
+    before = snapshot(model, learner)
+    with pytest.raises(FBCompileError, match="input 0 has 8"):
+        learner.step(torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)), F.cross_entropy)
+    assert same(before, snapshot(model, learner))
+
+
+def test_a_batch_size_the_model_fixes_admits_only_that_size():
+    model = FixedBatch().double()
+    program = fbcompile.compile(model, torch.randn(2, 6, dtype=torch.float64), frontend="export")
+    assert (program.batch_sizes.low, program.batch_sizes.high) == (2, 2)
+    with pytest.raises(FBCompileError, match="batch sizes .* of exactly 2"):
+        program.propagate_error(torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64))
+
+
+def test_export_programs_of_batch_independent_models_take_any_batch():
+    program = fbcompile.compile(nn.Sequential(nn.Linear(6, 3), nn.Tanh()), torch.randn(2, 6), frontend="export")
+    assert program.batch_sizes is None
+    program.propagate_error(torch.randn(9, 6), torch.randn(9, 3))

@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..autograd_functions import check_recorded_functions, custom_functions_recorded
+from ..batch_sizes import META as BATCH_META, BatchSizes
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module
 from ..ops import lookup_module
@@ -133,7 +134,40 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
     root = {n.target: (attrs[n.target] if n.op == "get_attr" else model.get_submodule(n.target))
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     graph.lint()
-    return fx.GraphModule(root, graph, class_name=type(model).__name__)
+    traced = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    traced.meta[BATCH_META] = batch_sizes(ep, type(model).__name__)
+    return traced
+
+
+def batch_sizes(ep: torch.export.ExportedProgram, model_name: str) -> BatchSizes | None:
+    """The sizes of dim 0 (the batch) the exported program computes the model for, where the
+    model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed); None where every
+    size of 2 or more is (the batch was exported as ``Dim.AUTO``)."""
+    low, high = 2, None
+    for node in ep.graph.nodes:
+        spec = next((s for s in ep.graph_signature.input_specs if s.arg.name == node.name), None)
+        value = node.meta.get("val")
+        if spec is None or spec.kind != InputKind.USER_INPUT or not isinstance(value, torch.Tensor) or not value.dim():
+            continue
+        size = value.shape[0]
+        if isinstance(size, int) or size.node.expr.is_number:          # the model fixed it
+            size_low = size_high = int(size)
+        else:
+            bounds = ep.range_constraints.get(size.node.expr)
+            if bounds is None:
+                continue
+            size_low, size_high = int(bounds.lower), _finite(bounds.upper)
+        low = max(low, size_low)
+        high = size_high if high is None else (high if size_high is None else min(high, size_high))
+    return None if low <= 2 and high is None else BatchSizes(model_name, low, high)
+
+
+def _finite(bound) -> int | None:
+    """A range bound as an int, None for infinity (torch's own symbolic infinity type)."""
+    try:
+        return int(bound)
+    except (OverflowError, TypeError, AttributeError):
+        return None
 
 
 def _baddbmm(graph: fx.Graph, node: fx.Node, env: dict) -> fx.Node:

@@ -98,7 +98,7 @@ class Learner:
         if optimizer is not None:
             from .in_step import applied_step
             return applied_step(self, inputs, targets, loss_fn, optimizer)
-        with self.transaction():
+        with self.transaction(inputs=inputs):
             result, grads = self.checked_compute(inputs, targets, loss_fn)
         result.details.setdefault("executor", self.executor.name)
         accumulate_grads(self.program.params, list(grads), list(grads.values()))
@@ -215,12 +215,12 @@ class Learner:
         pass
 
     # -- transactions ---------------------------------------------------------------------------
-    def transaction(self, always_restore: bool = False) -> Transaction:
+    def transaction(self, always_restore: bool = False, inputs: tuple | None = None) -> Transaction:
         """Snapshot what this learner owns and the model's buffers; restore them if the block raises
         (or always, for ``always_restore``). First, before anything can change, the program's
-        check that the model is the one captured, its training flags and hooks (every step,
-        diagnostic and feedback training opens one)."""
-        self.program.check_model()
+        check that the model is the one captured, its training flags and hooks, and the batch size
+        of ``inputs`` (every step, diagnostic and feedback training opens one)."""
+        self.program.check_model(inputs)
         return Transaction(self, always_restore)
 
 

@@ -51,7 +51,7 @@ class Diagnostics:
 
 def diagnose(learner, inputs: tuple, targets, loss_fn, damping: float = 1e-3) -> Diagnostics:
     program = learner.program
-    with learner.transaction(always_restore=True):
+    with learner.transaction(always_restore=True, inputs=inputs):
         _, update = learner.compute(inputs, targets, loss_fn)
         reconstruction = dict(learner.last.get("reconstruction", {}))
     bp = _autograd_gradients(program, inputs, targets, loss_fn)

@@ -140,7 +140,7 @@ class DirectDifferenceTargetPropagation(DirectLearner):
         inputs = as_tuple(inputs)
         if self.feedback_optimizer is None:
             return {}
-        with self.transaction():
+        with self.transaction(inputs=inputs):
             self._train_feedback(inputs, *self._clean_forward(inputs))
         return dict(self.last["reconstruction"])
 

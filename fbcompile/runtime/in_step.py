@@ -78,7 +78,7 @@ def applied_step(learner, inputs: tuple, targets, loss_fn, optimizer: torch.opti
     """One step of ``learner`` with its updates applied by ``optimizer`` unit by unit (module
     docstring): a checking pass under a transaction that always restores, then the applying pass."""
     check_can_apply(learner, optimizer)
-    with learner.transaction(always_restore=True):
+    with learner.transaction(always_restore=True, inputs=inputs):
         result = _pass(learner, inputs, targets, loss_fn, UnitSink(learner))
     applying = UnitSink(learner, optimizer)
     try:

@@ -89,8 +89,9 @@ class MonoForwardDD(MonoForwardBase):
     def step(self, inputs, targets, loss_fn, optimizer=None):
         if not self.immediate or optimizer is not None:       # in-step updates: refused by the base class
             return super().step(inputs, targets, loss_fn, optimizer)
-        with self.transaction():
-            result, updates = self.checked_compute(as_tuple(inputs), targets, loss_fn)
+        inputs = as_tuple(inputs)
+        with self.transaction(inputs=inputs):
+            result, updates = self.checked_compute(inputs, targets, loss_fn)
             with torch.no_grad():
                 for name, value in self._final.items():
                     self.program.params[name].copy_(value)

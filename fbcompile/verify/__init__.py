@@ -39,8 +39,8 @@ def verify(program, inputs, *, dense_limit: int = DENSE_LIMIT, pinv_limit: int =
     """Per-node (and per-unit) Jacobian matching report of ``program`` at ``inputs``, with the
     per-unit small-beta limit of ``limit`` mode ("difference", "unit_difference" or None) at
     ``limit_beta`` (default: eps^(1/3) of the dtype)."""
-    program.check_model()
     inputs = as_tuple(inputs)
+    program.check_model(inputs)
     with torch.no_grad():   # torch.func transforms still differentiate; nothing else records a graph
         report = _verify(program, inputs, dense_limit, pinv_limit, probes, seed, units, chunk)
         if limit is not None:
