@@ -176,9 +176,12 @@ def _value_info(node: fx.Node, value, model: nn.Module, param_ids: set) -> NodeI
 
 
 _METADATA_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full"}
-_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+_METADATA_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.randn_like,
+                       torch.rand_like, torch.randint_like,
                        *(getattr(torch.ops.aten, n).default for n in ("new_zeros", "new_ones", "new_empty", "new_full",
-                                                                      "zeros_like", "ones_like", "empty_like", "full_like"))}
+                                                                      "zeros_like", "ones_like", "empty_like", "full_like",
+                                                                      "randn_like", "rand_like")),
+                       torch.ops.aten.randint_like.default, torch.ops.aten.randint_like.low_dtype}
 
 
 def _reads_only_metadata(node: fx.Node) -> bool:

@@ -3,6 +3,8 @@ models) that were refused, crashed or computed a different function than the mod
 here in a few lines (float64): repeat counts computed at run time (DeBERTa), ``baddbmm`` (Bloom),
 ``where`` with a scalar (T5), dict outputs, forward arguments with defaults, frozen parameters,
 module hooks (forward, pre, backward; pruning) and parametrized weights."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -446,3 +448,46 @@ def test_the_derivative_gap_of_custom_functions(function, args, expected):
     straight-through round (autograd's derivative of round is 0, so the gap is relative to ours)."""
     gap = derivative_gap(FunctionCall(function, args, ()))
     assert abs(gap - expected) < 1e-12, gap
+
+
+class Reparameterised(nn.Module):
+    """A VAE's sampling step: z = mu + eps * exp(log_var / 2), eps = randn_like(mu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.mu, self.log_var, self.dec = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        mu, log_var = self.mu(h), self.log_var(h)
+        return self.dec(torch.tanh(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_noise_drawn_like_a_value_is_a_constant_of_the_step(frontend):
+    """randn_like reads only the shape of its argument: no feedback goes through it, and the
+    multiplication reads the noise the forward drew (the same as autograd's under one seed)."""
+    model, x = Reparameterised().double(), torch.randn(5, 6, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend)
+    error = torch.randn(5, 3, dtype=torch.float64)
+    torch.manual_seed(3)
+    expected = torch.autograd.grad(model(x), list(model.parameters()), error)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    program.propagate_error(x, error)
+    for param, grad in zip(model.parameters(), expected):
+        assert relative_error(param.grad, grad) < 1e-12
+    assert dtp_angle_with_seed(model, x) < 0.01
+
+
+def dtp_angle_with_seed(model, x):
+    """The angle between dtp's (beta = 1e-6) and bp's updates for one seeded noise draw."""
+    program, targets = fbcompile.compile(model, x), torch.randn(x.shape[0], 3, dtype=x.dtype)
+    updates = []
+    for name, options in (("bp", {}), ("dtp", {"beta": 1e-6})):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        fbcompile.learner(program, name, **options).step(x, None, lambda out, _: F.mse_loss(out, targets))
+        updates.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    cosine = float(updates[0] @ updates[1] / (updates[0].norm() * updates[1].norm()))
+    return math.degrees(math.acos(min(1.0, cosine)))
