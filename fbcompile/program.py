@@ -14,6 +14,7 @@ from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
 from .batch_sizes import META as BATCH_META
 from .hook_guard import META as HOOK_META
+from .structure_guard import META as STRUCTURE_META
 from .mode_guard import mode_guard_of
 from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
@@ -43,7 +44,10 @@ class FeedbackProgram:
     - ``explain()``, ``feedback_code``, ``units``, ``slots``.
     - ``mode_guard``: None, or the training flags a mode-dependent graph was captured with
       (:mod:`fbcompile.mode_guard`); ``hook_guard``: the model's hooks at capture
-      (:mod:`fbcompile.hook_guard`). :meth:`check_model` refuses to run in other flags or hooks.
+      (:mod:`fbcompile.hook_guard`); ``structure_guard``: its submodules, parameters and buffers
+      (:mod:`fbcompile.structure_guard`); ``batch_sizes``: None, or the batch sizes a torch.export
+      capture holds for (:mod:`fbcompile.batch_sizes`). :meth:`check_model` refuses to run when
+      any of them changed.
     - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
       unit_error modes; "target": target, difference and the unit target modes), chosen with the
       family's ``variants[family]``. ``rules`` is the target family's (the Jacobian matching that
@@ -62,6 +66,7 @@ class FeedbackProgram:
         self.mode_guard = mode_guard_of(traced)
         self.hook_guard = traced.meta.get(HOOK_META) if hasattr(traced, "meta") else None
         self.batch_sizes = traced.meta.get(BATCH_META) if hasattr(traced, "meta") else None
+        self.structure_guard = traced.meta.get(STRUCTURE_META) if hasattr(traced, "meta") else None
         self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
         self._derived = {}
@@ -76,7 +81,8 @@ class FeedbackProgram:
         """Raise if the model is no longer the one captured: :class:`~fbcompile.errors.TrainingModeError`
         if the captured graph depends on the training mode and the modules now have other training
         flags than at capture, an FBCompileError if hooks were added or removed since
-        (:mod:`fbcompile.hook_guard`), or if ``inputs`` have a batch size the program was not
+        (:mod:`fbcompile.hook_guard`) or a submodule, parameter or buffer replaced
+        (:mod:`fbcompile.structure_guard`), or if ``inputs`` have a batch size the program was not
         captured for (:mod:`fbcompile.batch_sizes`). Every run of the captured forward on the model
         checks this first: :meth:`propagate_error`, and a learner when it opens a step's transaction
         (before anything changes)."""
@@ -84,6 +90,8 @@ class FeedbackProgram:
             self.mode_guard.check()
         if self.hook_guard is not None:
             self.hook_guard.check()
+        if self.structure_guard is not None:
+            self.structure_guard.check()
         if self.batch_sizes is not None and inputs is not None:
             self.batch_sizes.check(inputs)
 

@@ -491,3 +491,23 @@ def dtp_angle_with_seed(model, x):
         updates.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     cosine = float(updates[0] @ updates[1] / (updates[0].norm() * updates[1].norm()))
     return math.degrees(math.acos(min(1.0, cosine)))
+
+
+def test_replacing_a_submodule_or_parameter_after_compiling_is_refused_before_anything_changes():
+    """A new head put on after compiling got no gradient, and the program's output was the old
+    head's (0.88 off the model's): the program held the objects it captured."""
+    model, x, y = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), torch.randn(5, 6), torch.randint(0, 3, (5,))
+    program = fbcompile.compile(model, x)
+    learner = fbcompile.learner(program, "dtp")
+    learner.step(x, y, F.cross_entropy)                       # in-place updates keep the objects
+    model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    learner.step(x, y, F.cross_entropy)
+    model[2] = nn.Linear(8, 3)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(FBCompileError, match="replaced, added or removed since it was compiled"):
+        learner.step(x, y, F.cross_entropy)
+    assert all(p.grad is None for p in model.parameters())
+    program = fbcompile.compile(model, x)
+    model[0].weight = nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(FBCompileError, match="replaced, added or removed"):
+        program.propagate_error(x, torch.randn(5, 3))

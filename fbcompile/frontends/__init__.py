@@ -35,6 +35,7 @@ from ..capture import capture, constant_arguments
 from ..errors import FBCompileError, OptionError, UntraceableModelError, choices_text
 from ..hook_guard import META as HOOK_META, check_capturable, hook_guard
 from ..mode_guard import META as MODE_META, mode_guard
+from ..structure_guard import META as STRUCTURE_META, structure_guard
 from .export import export_program, from_exported
 
 FRONTENDS = ("auto", "fx", "export")
@@ -70,6 +71,7 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
             torch.cuda.set_rng_state(state, device)
         traced.meta[MODE_META] = mode_guard(model, traced, recapture)
     traced.meta[HOOK_META] = hook_guard(model)
+    traced.meta[STRUCTURE_META] = structure_guard(model)
     return traced
 
 
