@@ -2,8 +2,9 @@
 
 A program holds the modules and tensors it captured. Replacing one on the model afterwards
 (``model.fc = nn.Linear(512, 10)`` for transfer learning, ``layer.weight = nn.Parameter(...)``,
-``load_state_dict(..., assign=True)``) left the program training the old objects: the new head got
-no gradient, and the program's output differed from the model's. :class:`StructureGuard` holds
+``load_state_dict(..., assign=True)``; ``.to()`` and ``.double()`` replace the buffers) left the
+program training the old objects: the new head got no gradient, and the program's output differed
+from the model's. :class:`StructureGuard` holds
 every module's ``_modules``, ``_parameters`` and ``_buffers`` dicts (assignment replaces an entry
 of one of them) and the identities of their entries at capture; its check, run with the other
 guards before every step and every ``propagate_error``, raises when one changed. In-place changes
@@ -33,8 +34,9 @@ class StructureGuard:
         if _identities(self.dicts) != self.identities:
             raise FBCompileError(
                 f"a submodule, parameter or buffer of {self.model_name} was replaced, added or removed since it was "
-                "compiled (model.fc = nn.Linear(...), a new nn.Parameter, load_state_dict(assign=True)); the program "
-                "still runs the captured objects, so the new ones would not be trained. Compile it again")
+                "compiled (model.fc = nn.Linear(...), a new nn.Parameter, load_state_dict(assign=True), or .to(), "
+                ".double(), .half(), which replace the buffers); the program still runs the captured objects, so the "
+                "new ones would not be used or trained. Compile it again (after moving or converting the model)")
 
 
 def structure_guard(model: nn.Module) -> StructureGuard:

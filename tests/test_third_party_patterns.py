@@ -511,3 +511,8 @@ def test_replacing_a_submodule_or_parameter_after_compiling_is_refused_before_an
     model[0].weight = nn.Parameter(torch.randn(8, 6))
     with pytest.raises(FBCompileError, match="replaced, added or removed"):
         program.propagate_error(x, torch.randn(5, 3))
+    with_statistics = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    program = fbcompile.compile(with_statistics, x, frontend="export")
+    with_statistics.double()                                # replaces the BatchNorm buffers
+    with pytest.raises(FBCompileError, match=r"\.double\(\)"):
+        program.propagate_error(x.double(), torch.randn(5, 3, dtype=torch.float64))
