@@ -12,7 +12,7 @@ from .passes.feedback import FeedbackGraph, emit_feedback, family_of
 from .passes.direct_graph import UnitGradients, unit_gradients
 from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
-from .batch_sizes import META as BATCH_META
+from .input_shapes import META as SHAPES_META
 from .hook_guard import META as HOOK_META
 from .structure_guard import META as STRUCTURE_META
 from .mode_guard import mode_guard_of
@@ -45,8 +45,8 @@ class FeedbackProgram:
     - ``mode_guard``: None, or the training flags a mode-dependent graph was captured with
       (:mod:`fbcompile.mode_guard`); ``hook_guard``: the model's hooks at capture
       (:mod:`fbcompile.hook_guard`); ``structure_guard``: its submodules, parameters and buffers
-      (:mod:`fbcompile.structure_guard`); ``batch_sizes``: None, or the batch sizes a torch.export
-      capture holds for (:mod:`fbcompile.batch_sizes`). :meth:`check_model` refuses to run when
+      (:mod:`fbcompile.structure_guard`); ``input_shapes``: None, or the input shapes a torch.export
+      capture holds for (:mod:`fbcompile.input_shapes`). :meth:`check_model` refuses to run when
       any of them changed.
     - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
       unit_error modes; "target": target, difference and the unit target modes), chosen with the
@@ -65,7 +65,7 @@ class FeedbackProgram:
         self.inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
         self.mode_guard = mode_guard_of(traced)
         self.hook_guard = traced.meta.get(HOOK_META) if hasattr(traced, "meta") else None
-        self.batch_sizes = traced.meta.get(BATCH_META) if hasattr(traced, "meta") else None
+        self.input_shapes = traced.meta.get(SHAPES_META) if hasattr(traced, "meta") else None
         self.structure_guard = traced.meta.get(STRUCTURE_META) if hasattr(traced, "meta") else None
         self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
@@ -82,8 +82,8 @@ class FeedbackProgram:
         if the captured graph depends on the training mode and the modules now have other training
         flags than at capture, an FBCompileError if hooks were added or removed since
         (:mod:`fbcompile.hook_guard`) or a submodule, parameter or buffer replaced
-        (:mod:`fbcompile.structure_guard`), or if ``inputs`` have a batch size the program was not
-        captured for (:mod:`fbcompile.batch_sizes`). Every run of the captured forward on the model
+        (:mod:`fbcompile.structure_guard`), or if ``inputs`` have a shape the program was not
+        captured for (:mod:`fbcompile.input_shapes`). Every run of the captured forward on the model
         checks this first: :meth:`propagate_error`, and a learner when it opens a step's transaction
         (before anything changes)."""
         if self.mode_guard is not None:
@@ -92,8 +92,8 @@ class FeedbackProgram:
             self.hook_guard.check()
         if self.structure_guard is not None:
             self.structure_guard.check()
-        if self.batch_sizes is not None and inputs is not None:
-            self.batch_sizes.check(inputs)
+        if self.input_shapes is not None and inputs is not None:
+            self.input_shapes.check(inputs)
 
     def executable(self, *modes: str) -> Executable:
         """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``

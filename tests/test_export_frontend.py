@@ -393,7 +393,7 @@ def test_export_programs_refuse_batch_sizes_their_capture_does_not_hold_for():
     torch.manual_seed(0)
     model = BatchBranch().double()
     program = fbcompile.compile(model, torch.randn(2, 6, dtype=torch.float64), frontend="export")
-    assert (program.batch_sizes.low, program.batch_sizes.high) == (2, 4)
+    assert (program.input_shapes.low, program.input_shapes.high) == (2, 4)
     x = torch.randn(4, 6, dtype=torch.float64)
     assert max(compare_with_autograd(model, x, program=program)) < 1e-12      # inside the range: exact
     with pytest.raises(FBCompileError, match=r"batch sizes \(dim 0 of its inputs\) from 2 to 4.*input 0 has 8"):
@@ -408,12 +408,37 @@ def test_export_programs_refuse_batch_sizes_their_capture_does_not_hold_for():
 def test_a_batch_size_the_model_fixes_admits_only_that_size():
     model = FixedBatch().double()
     program = fbcompile.compile(model, torch.randn(2, 6, dtype=torch.float64), frontend="export")
-    assert (program.batch_sizes.low, program.batch_sizes.high) == (2, 2)
+    assert (program.input_shapes.low, program.input_shapes.high) == (2, 2)
     with pytest.raises(FBCompileError, match="batch sizes .* of exactly 2"):
         program.propagate_error(torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64))
 
 
 def test_export_programs_of_batch_independent_models_take_any_batch():
     program = fbcompile.compile(nn.Sequential(nn.Linear(6, 3), nn.Tanh()), torch.randn(2, 6), frontend="export")
-    assert program.batch_sizes is None
+    assert (program.input_shapes.low, program.input_shapes.high) == (2, None)
     program.propagate_error(torch.randn(9, 6), torch.randn(9, 3))
+
+
+class PositionTable(nn.Module):
+    """Adds a learned position vector per token: torch.export bakes the example's length in."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions, self.a = nn.Parameter(torch.randn(16, 4)), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x + self.positions[: x.shape[1]])
+
+
+def test_export_programs_refuse_other_sizes_than_the_batch_fx_programs_take_them():
+    """Compiled at length 1 the export program adds position 0 to every token of a longer input
+    (broadcast); at length 7 it fails inside the forward. Both are refused up front, by name."""
+    model = PositionTable().double()
+    for length in (1, 7):
+        program = fbcompile.compile(model, torch.randn(2, length, 4, dtype=torch.float64), frontend="export")
+        with pytest.raises(FBCompileError, match=rf"input 0 of shape \(batch, {length}, 4\); this one has shape \(3, 9, 4\)"):
+            program.propagate_error(torch.randn(3, 9, 4, dtype=torch.float64), torch.randn(3, 9, 3, dtype=torch.float64))
+    program = fbcompile.compile(model, torch.randn(2, 1, 4, dtype=torch.float64), frontend="fx")
+    assert program.input_shapes is None
+    x = torch.randn(3, 9, 4, dtype=torch.float64)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12

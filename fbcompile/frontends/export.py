@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..autograd_functions import check_recorded_functions, custom_functions_recorded
-from ..batch_sizes import META as BATCH_META, BatchSizes
+from ..input_shapes import META as SHAPES_META, InputShapes
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module
 from ..ops import lookup_module
@@ -135,20 +135,25 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     graph.lint()
     traced = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    traced.meta[BATCH_META] = batch_sizes(ep, type(model).__name__)
+    traced.meta[SHAPES_META] = input_shapes(ep, type(model).__name__)
     return traced
 
 
-def batch_sizes(ep: torch.export.ExportedProgram, model_name: str) -> BatchSizes | None:
-    """The sizes of dim 0 (the batch) the exported program computes the model for, where the
-    model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed); None where every
-    size of 2 or more is (the batch was exported as ``Dim.AUTO``)."""
-    low, high = 2, None
+def input_shapes(ep: torch.export.ExportedProgram, model_name: str) -> InputShapes:
+    """The input shapes the exported program computes the model for: batch sizes where the
+    model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed; otherwise 2 or
+    more, the batch being exported as ``Dim.AUTO``), and every input's sizes after the batch."""
+    low, high, trailing = 2, None, []
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     for node in ep.graph.nodes:
-        spec = next((s for s in ep.graph_signature.input_specs if s.arg.name == node.name), None)
-        value = node.meta.get("val")
-        if spec is None or spec.kind != InputKind.USER_INPUT or not isinstance(value, torch.Tensor) or not value.dim():
+        spec = specs.get(node.name)
+        if node.op != "placeholder" or spec is None or spec.kind != InputKind.USER_INPUT:
             continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.dim():
+            trailing.append(None)
+            continue
+        trailing.append(tuple(int(size) for size in value.shape[1:]))
         size = value.shape[0]
         if isinstance(size, int) or size.node.expr.is_number:          # the model fixed it
             size_low = size_high = int(size)
@@ -159,7 +164,7 @@ def batch_sizes(ep: torch.export.ExportedProgram, model_name: str) -> BatchSizes
             size_low, size_high = int(bounds.lower), _finite(bounds.upper)
         low = max(low, size_low)
         high = size_high if high is None else (high if size_high is None else min(high, size_high))
-    return None if low <= 2 and high is None else BatchSizes(model_name, low, high)
+    return InputShapes(model_name, low, high, tuple(trailing))
 
 
 def _finite(bound) -> int | None:
