@@ -143,6 +143,8 @@ def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:
     args.pop("inplace", None)
     params, active = {}, []
     for name, value in args.items():
+        if name in spec.shape_only:         # read for its shape or dtype: no parameter, no feedback
+            continue
         items = value if isinstance(value, (list, tuple)) else [value]
         for index, item in enumerate(items):
             where = index if isinstance(value, (list, tuple)) else None

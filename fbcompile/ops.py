@@ -26,7 +26,7 @@
 These come in three groups, each a small frozen record that ``declare_op`` takes whole or as the
 flat keywords above: :class:`Spellings` (modules, functions, methods, inplace: how code writes the
 op), :class:`TappedForward` (tapped, extras, replay: what feedback and verification read) and
-:class:`Training` (param_grads, batch_local).
+:class:`Training` (param_grads, batch_local, shape_only).
 
 What an op *is* (its traits, e.g. :attr:`OpSpec.weights`, the weight arguments its signature names)
 is read off the declaration; policies built on traits live with their pass (TP units:
@@ -61,6 +61,7 @@ class OpSpec:
     replay: Callable | None = None
     param_grads: Callable | None = None
     batch_local: Callable | None = None
+    shape_only: tuple = ()
     signature: inspect.Signature = field(init=False)
 
     def __post_init__(self):
@@ -116,14 +117,17 @@ class TappedForward:
 @dataclass(frozen=True)
 class Training:
     """How the op's parameters learn and how verification measures it: ``param_grads`` and
-    ``batch_local`` (see the module docstring)."""
+    ``batch_local`` (see the module docstring); ``shape_only`` names the arguments read only for
+    their shape or dtype (``x.reshape_as(other)``): nothing learns or gets feedback through them,
+    even when a parameter is passed there."""
     param_grads: Callable | None = None
     batch_local: Callable | None = None
+    shape_only: tuple = ()
 
 
 _FLAT_KEYWORDS = {"modules": "spellings", "functions": "spellings", "methods": "spellings",
                   "inplace": "spellings", "extras": "tapped", "replay": "tapped", "param_grads": "training",
-                  "batch_local": "training"}
+                  "batch_local": "training", "shape_only": "training"}
 
 
 def declare_op(name: str, apply: Callable, spellings: Spellings | None = None, *,
@@ -133,14 +137,16 @@ def declare_op(name: str, apply: Callable, spellings: Spellings | None = None, *
 
     The groups' fields may also be given as keywords, as before the groups existed: ``modules``,
     ``functions``, ``methods``, ``inplace`` (:class:`Spellings`); ``tapped=forward`` with ``extras``
-    and ``replay`` (:class:`TappedForward`); ``param_grads``, ``batch_local`` (:class:`Training`).
+    and ``replay`` (:class:`TappedForward`); ``param_grads``, ``batch_local``, ``shape_only``
+    (:class:`Training`).
     """
     if name in _OPS and not replace:
         raise RuleError(f"op {name!r} is already declared; pass replace=True to redeclare it")
     spellings, tapped, training = _groups(name, spellings, tapped, training, flat)
     spec = OpSpec(name, apply, dict(spellings.modules), tuple(spellings.functions), tuple(spellings.methods),
                   tuple(spellings.inplace), tapped and tapped.forward, tapped.extras if tapped else (),
-                  tapped and tapped.replay, training.param_grads or autograd_param_grads, training.batch_local)
+                  tapped and tapped.replay, training.param_grads or autograd_param_grads, training.batch_local,
+                  tuple(training.shape_only))
     for fn in (*spec.functions, *spec.methods, *spec.inplace):
         owner = _BY_CALLABLE.get(fn)
         if owner is not None and owner[0].name != name and not replace:

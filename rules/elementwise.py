@@ -175,7 +175,7 @@ def cast(input, dtype):
     return input.to(dtype)
 
 
-CAST = declare_op("cast", cast, methods=[tensor_method("to"), tensor_method("type_as")])
+CAST = declare_op("cast", cast, methods=[tensor_method("to"), tensor_method("type_as")], shape_only=("dtype",))
 
 
 def _names_a_dtype(value) -> bool:
@@ -207,8 +207,8 @@ def cast_back(g, dtype):
 @register_rule(CAST, conditions="TPI", kind="exact", supports=_floating_cast)
 def uncast(ctx, g):
     """G(g) = g cast back to the input's dtype (J is the identity up to rounding); a tensor whose
-    dtype was taken (``type_as``) gets none."""
-    return {"input": ctx.call(cast_back, g, info(ctx.op_call.args["input"]).dtype), "dtype": None}
+    dtype was taken (``type_as``) is read for its dtype only (``shape_only``) and gets none."""
+    return {"input": ctx.call(cast_back, g, info(ctx.op_call.args["input"]).dtype)}
 
 
 # -- stop-gradient ------------------------------------------------------------------------------------------

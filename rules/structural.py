@@ -266,7 +266,7 @@ def _expand_local(name):
 
 EXPAND = declare_op("expand", expand, methods=[tensor_method("expand")], batch_local=_expand_local("sizes"))
 EXPAND_AS = declare_op("expand_as", expand_as, methods=[tensor_method("expand_as")],
-                       batch_local=lambda ctx: len(ctx.shape()) == len(ctx.shape("input")))
+                       batch_local=lambda ctx: len(ctx.shape()) == len(ctx.shape("input")), shape_only=("other",))
 BROADCAST_TO = declare_op("broadcast_to", broadcast_to, functions=[torch.broadcast_to],
                           methods=[tensor_method("broadcast_to")], batch_local=_expand_local("size"))
 REPEAT = declare_op("repeat", repeat, methods=[tensor_method("repeat")], batch_local=_repeat_local("repeats"))
@@ -276,8 +276,7 @@ TILE = declare_op("tile", tile, functions=[torch.tile], methods=[tensor_method("
 
 def sum_copies(ctx, g):
     """G(g) = g summed over the copies broadcasting made (sum_to_size to the input's shape)."""
-    fed = {"input": g.sum_to_size(ctx.saved_shape("input"))}
-    return {**fed, "other": None} if ctx.op_call.spec is EXPAND_AS else fed
+    return {"input": g.sum_to_size(ctx.saved_shape("input"))}
 
 
 def sum_tiles(g, shape):

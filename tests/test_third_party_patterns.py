@@ -516,3 +516,47 @@ def test_replacing_a_submodule_or_parameter_after_compiling_is_refused_before_an
     with_statistics.double()                                # replaces the BatchNorm buffers
     with pytest.raises(FBCompileError, match=r"\.double\(\)"):
         program.propagate_error(x.double(), torch.randn(5, 3, dtype=torch.float64))
+
+
+class ScaledStandardisedConv(nn.Conv2d):
+    """timm's ScaledStdConv2d pattern: the weight standardised by F.batch_norm over its rows and
+    viewed back with reshape_as(self.weight), then scaled by a gain."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        rows = self.weight.reshape(1, self.out_channels, -1)
+        weight = F.batch_norm(rows, None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, self.gain * weight, self.bias)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_parameter_read_only_for_its_shape_learns_only_where_its_values_are_read(frontend):
+    """reshape_as(self.weight) reads the weight's shape: the feedback graph used to ask autograd for
+    a gradient through it and crashed at run time; the weight learns through the batch_norm path."""
+    model = nn.Sequential(ScaledStandardisedConv(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+
+
+class ShapeFromParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.template = nn.Linear(6, 6), nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x)[0].reshape_as(self.template))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_parameter_read_only_for_its_shape_gets_no_gradient_as_in_autograd(frontend):
+    model, x = ShapeFromParameter().double(), torch.randn(3, 6, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend)
+    model.zero_grad(set_to_none=True)
+    program.propagate_error(x, torch.randn(2, 3, dtype=torch.float64))
+    assert model.template.grad is None and model.a.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12

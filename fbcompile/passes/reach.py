@@ -29,8 +29,17 @@ def reached_parameters(gm: fx.GraphModule, model: nn.Module) -> dict[str, fx.Nod
         for name in _parameters_read(node, model):
             if name in trainable:
                 reached.setdefault(name, node)
-        stack.extend(src for src in node.all_input_nodes if info(src).active)
+        shape_only = _shape_only_inputs(node)
+        stack.extend(src for src in node.all_input_nodes if info(src).active and src not in shape_only)
     return reached
+
+
+def _shape_only_inputs(node: fx.Node) -> set:
+    """The nodes ``node`` reads only for their shape or dtype (``OpSpec.shape_only``)."""
+    call = info(node).call
+    if call is None:
+        return set()
+    return {value for name, value in call.args.items() if name in call.spec.shape_only and isinstance(value, fx.Node)}
 
 
 def _parameters_read(node: fx.Node, model: nn.Module) -> list[str]:
