@@ -26,34 +26,39 @@ META = "fbcompile_input_shapes"
 
 
 @dataclass(frozen=True)
-class InputShapes:
-    model_name: str
-    low: int                # batch sizes from low ...
-    high: int | None        # ... to high (None: no upper bound)
-    trailing: tuple         # per input: its sizes after dim 0 (None: not a tensor, or 0-d)
-
-    def check(self, inputs: tuple) -> None:
-        """Raise unless every tensor input has a batch size in [low, high] and its captured sizes
-        after the batch."""
-        for index, (x, sizes) in enumerate(zip(inputs, self.trailing)):
-            if sizes is None or not isinstance(x, torch.Tensor) or not x.dim():
-                continue
-            if tuple(x.shape[1:]) != sizes:
-                raise FBCompileError(
-                    f"{self.model_name} was captured by torch.export for input {index} of shape (batch, "
-                    f"{', '.join(map(str, sizes))}); this one has shape {tuple(x.shape)}. torch.export fixes every "
-                    "size but the batch (a sequence length too), so the program computes the model only there: "
-                    "compile with an example input of the shape you run (torch.fx, where it can trace the model, "
-                    "takes any)")
-            if x.shape[0] < self.low or (self.high is not None and x.shape[0] > self.high):
-                raise FBCompileError(
-                    f"{self.model_name} was captured by torch.export for batch sizes (dim 0 of its inputs) "
-                    f"{self.batch_text}: its forward depends on the batch size beyond them (a branch on x.shape[0], "
-                    f"or a size it fixed), so the program computes the model only there; input {index} has "
-                    f"{x.shape[0]}. Compile with an example batch of the size you run")
+class InputShape:
+    """One tensor input: dim 0 from ``low`` to ``high`` (None: no upper bound), then ``trailing``."""
+    low: int
+    high: int | None
+    trailing: tuple
 
     @property
-    def batch_text(self) -> str:
+    def dim0_text(self) -> str:
         if self.high == self.low:
             return f"of exactly {self.low}"
         return f"from {self.low} to {self.high}" if self.high is not None else f"of {self.low} or more"
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    model_name: str
+    inputs: tuple       # per input: an InputShape, or None (not a tensor, or 0-d)
+
+    def check(self, inputs: tuple) -> None:
+        """Raise unless every tensor input has its captured sizes after dim 0 and a dim 0 in range."""
+        for index, (x, shape) in enumerate(zip(inputs, self.inputs)):
+            if shape is None or not isinstance(x, torch.Tensor) or not x.dim():
+                continue
+            if tuple(x.shape[1:]) != shape.trailing:
+                raise FBCompileError(
+                    f"{self.model_name} was captured by torch.export for input {index} of shape (batch, "
+                    f"{', '.join(map(str, shape.trailing))}); this one has shape {tuple(x.shape)}. torch.export fixes "
+                    "every size but the batch (a sequence length too), so the program computes the model only there: "
+                    "compile with an example input of the shape you run (torch.fx, where it can trace the model, "
+                    "takes any)")
+            if x.shape[0] < shape.low or (shape.high is not None and x.shape[0] > shape.high):
+                raise FBCompileError(
+                    f"{self.model_name} was captured by torch.export for sizes of dim 0 (the batch) of input {index} "
+                    f"{shape.dim0_text}: its forward depends on that size beyond them (a branch on x.shape[0], or a "
+                    f"size it fixed), so the program computes the model only there; this one has {x.shape[0]}. "
+                    "Compile with an example batch of the size you run")

@@ -393,14 +393,14 @@ def test_export_programs_refuse_batch_sizes_their_capture_does_not_hold_for():
     torch.manual_seed(0)
     model = BatchBranch().double()
     program = fbcompile.compile(model, torch.randn(2, 6, dtype=torch.float64), frontend="export")
-    assert (program.input_shapes.low, program.input_shapes.high) == (2, 4)
+    assert (program.input_shapes.inputs[0].low, program.input_shapes.inputs[0].high) == (2, 4)
     x = torch.randn(4, 6, dtype=torch.float64)
     assert max(compare_with_autograd(model, x, program=program)) < 1e-12      # inside the range: exact
-    with pytest.raises(FBCompileError, match=r"batch sizes \(dim 0 of its inputs\) from 2 to 4.*input 0 has 8"):
+    with pytest.raises(FBCompileError, match=r"dim 0 \(the batch\) of input 0 from 2 to 4.*this one has 8"):
         program.propagate_error(torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64))
     learner = fbcompile.learner(program, "dtp")
     before = snapshot(model, learner)
-    with pytest.raises(FBCompileError, match="input 0 has 8"):
+    with pytest.raises(FBCompileError, match="this one has 8"):
         learner.step(torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)), F.cross_entropy)
     assert same(before, snapshot(model, learner))
 
@@ -408,14 +408,14 @@ def test_export_programs_refuse_batch_sizes_their_capture_does_not_hold_for():
 def test_a_batch_size_the_model_fixes_admits_only_that_size():
     model = FixedBatch().double()
     program = fbcompile.compile(model, torch.randn(2, 6, dtype=torch.float64), frontend="export")
-    assert (program.input_shapes.low, program.input_shapes.high) == (2, 2)
-    with pytest.raises(FBCompileError, match="batch sizes .* of exactly 2"):
+    assert (program.input_shapes.inputs[0].low, program.input_shapes.inputs[0].high) == (2, 2)
+    with pytest.raises(FBCompileError, match="dim 0 .* of input 0 of exactly 2"):
         program.propagate_error(torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64))
 
 
 def test_export_programs_of_batch_independent_models_take_any_batch():
     program = fbcompile.compile(nn.Sequential(nn.Linear(6, 3), nn.Tanh()), torch.randn(2, 6), frontend="export")
-    assert (program.input_shapes.low, program.input_shapes.high) == (2, None)
+    assert (program.input_shapes.inputs[0].low, program.input_shapes.inputs[0].high) == (2, None)
     program.propagate_error(torch.randn(9, 6), torch.randn(9, 3))
 
 
@@ -442,3 +442,25 @@ def test_export_programs_refuse_other_sizes_than_the_batch_fx_programs_take_them
     assert program.input_shapes is None
     x = torch.randn(3, 9, 4, dtype=torch.float64)
     assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+
+
+class MaskedAttention(nn.Module):
+    """A second input without a batch dim (a (length, length) mask): its dim 0 is fixed, x's is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        return torch.softmax(self.a(x) @ x.transpose(1, 2) + mask, -1) @ x
+
+
+def test_each_input_keeps_its_own_dim_0_sizes():
+    mask = torch.triu(torch.full((7, 7), -1e4, dtype=torch.float64), 1)
+    model = MaskedAttention().double()
+    program = fbcompile.compile(model, (torch.randn(2, 7, 4, dtype=torch.float64), mask), frontend="export")
+    x = torch.randn(5, 7, 4, dtype=torch.float64)
+    ours = program.propagate_error((x, mask), torch.randn(5, 7, 4, dtype=torch.float64))    # batch 5: fine
+    assert ours[0].shape == x.shape
+    with pytest.raises(FBCompileError, match="input 1 of exactly 7"):
+        program.propagate_error((x, mask[:6]), torch.randn(5, 7, 4, dtype=torch.float64))

@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..autograd_functions import check_recorded_functions, custom_functions_recorded
-from ..input_shapes import META as SHAPES_META, InputShapes
+from ..input_shapes import META as SHAPES_META, InputShape, InputShapes
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module
 from ..ops import lookup_module
@@ -140,31 +140,26 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
 
 
 def input_shapes(ep: torch.export.ExportedProgram, model_name: str) -> InputShapes:
-    """The input shapes the exported program computes the model for: batch sizes where the
-    model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed; otherwise 2 or
-    more, the batch being exported as ``Dim.AUTO``), and every input's sizes after the batch."""
-    low, high, trailing = 2, None, []
+    """The input shapes the exported program computes the model for: per tensor input, the sizes
+    of dim 0 where the model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed;
+    otherwise 2 or more, dim 0 being exported as ``Dim.AUTO``), and its sizes after dim 0."""
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    shapes = []
     for node in ep.graph.nodes:
         spec = specs.get(node.name)
         if node.op != "placeholder" or spec is None or spec.kind != InputKind.USER_INPUT:
             continue
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or not value.dim():
-            trailing.append(None)
+            shapes.append(None)
             continue
-        trailing.append(tuple(int(size) for size in value.shape[1:]))
-        size = value.shape[0]
+        size, low, high = value.shape[0], 2, None
         if isinstance(size, int) or size.node.expr.is_number:          # the model fixed it
-            size_low = size_high = int(size)
-        else:
-            bounds = ep.range_constraints.get(size.node.expr)
-            if bounds is None:
-                continue
-            size_low, size_high = int(bounds.lower), _finite(bounds.upper)
-        low = max(low, size_low)
-        high = size_high if high is None else (high if size_high is None else min(high, size_high))
-    return InputShapes(model_name, low, high, tuple(trailing))
+            low = high = int(size)
+        elif (bounds := ep.range_constraints.get(size.node.expr)) is not None:
+            low, high = int(bounds.lower), _finite(bounds.upper)
+        shapes.append(InputShape(low, high, tuple(int(s) for s in value.shape[1:])))
+    return InputShapes(model_name, tuple(shapes))
 
 
 def _finite(bound) -> int | None:
