@@ -320,6 +320,8 @@ def test_a_no_grad_block_in_forward_is_refused_not_differentiated():
         fbcompile.compile(NoGradInside(), x, frontend="fx")
     with pytest.raises(FBCompileError, match="neither torch.fx nor torch.export"):
         fbcompile.compile(NoGradInside(), x)
+    with pytest.raises(FBCompileError, match=r"a torch.no_grad\(\) / set_grad_enabled block inside forward"):
+        fbcompile.compile(NoGradInside(), x, frontend="export")
     with torch.no_grad():           # compiling under no_grad is not a change of mode
         fbcompile.compile(nn.Sequential(nn.Linear(4, 3)), x, frontend="fx")
 
@@ -344,6 +346,8 @@ def test_an_autocast_block_in_forward_is_refused_not_run_in_full_precision():
         fbcompile.compile(AutocastInside(), x, frontend="fx")
     with pytest.raises(FBCompileError, match="neither torch.fx nor torch.export"):
         fbcompile.compile(AutocastInside(), x)
+    with pytest.raises(FBCompileError, match="a torch.autocast block inside forward, kept by torch.export"):
+        fbcompile.compile(AutocastInside(), x, frontend="export")
     with torch.autocast("cpu", dtype=torch.bfloat16):     # compiling under autocast is not a change
         fbcompile.compile(nn.Sequential(nn.Linear(4, 3)), x, frontend="fx")
 

@@ -123,8 +123,8 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
             env[node] = graph.node_copy(node, lambda n: env[n])
         else:
             raise FBCompileError(f"the exported program of {type(model).__name__} holds {node.op} node "
-                                 f"{node.format_node()} (control flow or a submodule call kept by torch.export); "
-                                 "fbcompile supports straight-line exported programs only" + _line(node))
+                                 f"{node.format_node()} ({_kept_block(node)}); fbcompile supports straight-line "
+                                 "exported programs only" + _line(next(iter(node.users), node)))
     if user_inputs != given:
         raise FBCompileError(f"the exported program of {type(model).__name__} takes {user_inputs} tensor input(s) "
                              f"but {given} example input(s) were given (non-tensor inputs are specialised)")
@@ -160,6 +160,20 @@ def input_shapes(ep: torch.export.ExportedProgram, model_name: str) -> InputShap
             low, high = int(bounds.lower), _finite(bounds.upper)
         shapes.append(InputShape(low, high, tuple(int(s) for s in value.shape[1:])))
     return InputShapes(model_name, tuple(shapes))
+
+
+_KEPT_BLOCKS = {"wrap_with_autocast": "a torch.autocast block inside forward",
+                "wrap_with_set_grad_enabled": "a torch.no_grad() / set_grad_enabled block inside forward",
+                "cond": "torch.cond control flow", "while_loop": "a torch.while_loop"}
+
+
+def _kept_block(node: fx.Node) -> str:
+    """What torch.export kept as the submodule ``node`` reads: the higher-order op calling it."""
+    for user in node.users:
+        name = getattr(user.target, "__name__", str(user.target))
+        if name in _KEPT_BLOCKS:
+            return f"{_KEPT_BLOCKS[name]}, kept by torch.export as a submodule"
+    return "control flow or a submodule call kept by torch.export"
 
 
 def _finite(bound) -> int | None:
