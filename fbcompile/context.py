@@ -18,7 +18,8 @@ The interface, for a rule handling forward node ``n``:
   shape tap (key ``(node name, SHAPE)``: the forward returns ``value.shape``, a ``torch.Size``), so
   a rule that needs only a size (``sum_to`` after broadcasting, zeros to scatter into) pins no
   activation until the feedback runs.
-- ``ctx.const(name, default)``: a hyperparameter of the call (stride, dim, p, ...).
+- ``ctx.const(name, default)``: a hyperparameter of the call (stride, dim, p, ...);
+  ``ctx.sizes(name)`` for a list of them with entries computed at run time (pads).
 - ``ctx.param(name)``: a model attribute the call uses (LayerNorm weight, BatchNorm buffers, the
   module itself); ``None`` when the argument is ``None``.
 - ``ctx.weight(name)``: the *feedback* weight standing in for forward parameter ``name``: the forward
@@ -92,6 +93,14 @@ class RuleContext:
             raise RuleError(f"rule for {self.node.format_node()}: argument {name!r} is a runtime value, "
                             "not a constant; it cannot be used as a hyperparameter")
         return value
+
+    def sizes(self, name: str, default: Any = None) -> Any:
+        """A list hyperparameter (pads, counts) whose entries may be computed at run time
+        (``F.pad(x, [0, n - x.shape[-1]])``): those entries are read from the forward."""
+        value = self.const(name, default)
+        if not isinstance(value, (list, tuple)):
+            return value
+        return type(value)(self.saved_value(v) if isinstance(v, fx.Node) else v for v in value)
 
     def has(self, name: str) -> bool:
         return self.op_call.args.get(name) is not None
@@ -282,8 +291,13 @@ class ProxyContext(RuleContext):
             # slot, so feedback-weight learners refuse the program (FeedbackWeights)
             self.builder.computed_weights.append(self.node.name)
             return self.saved(name)
-        if self._attr_name(name) is None:
+        qualname = self._attr_name(name)
+        if qualname is None:
             return None
+        if name not in self.op_call.params:
+            # a buffer or constant (a blur-pool filter): a fixed operator, not a learned weight, so
+            # no slot; every learner feeds back through its own value, as through a pooling
+            return self.builder.attr(qualname)
         return self.builder.slot(self.node, name)
 
     def call(self, fn, *args, **kwargs):

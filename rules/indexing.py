@@ -241,7 +241,7 @@ def mode_pad_adjoint(g, shape, pad, mode):
 def pad_back(ctx, g):
     """Constant mode: G(g) = pad(g, -pad) (crop; the fill value is an offset, not in J). Other modes:
     G(g) = the padded entries added back onto the entries they copy (:func:`mode_pad_adjoint`)."""
-    pads, mode = tuple(ctx.const("pad")), ctx.const("mode", "constant")
+    pads, mode = tuple(ctx.sizes("pad")), ctx.const("mode", "constant")
     if mode == "constant":
         return {"input": F.pad(g, tuple(-p for p in pads))}
     return {"input": ctx.call(mode_pad_adjoint, g, ctx.saved_shape("input"), pads, mode)}
