@@ -1,6 +1,7 @@
 """Models beyond torchvision's classification zoo: Hugging Face transformers (decoder and encoder
-language models, vision and audio models) and torchvision's segmentation and video models, each from
-a tiny configuration with random weights (nothing downloads).
+language models, vision and audio models), torchvision's segmentation and video models and (with
+``--timm``) timm's image models, each from a tiny configuration or a small input with random
+weights (nothing downloads).
 
 For each model:
 
@@ -17,8 +18,9 @@ It prints a markdown table::
 
     python examples/more_models.py                       # every model whose package imports
     python examples/more_models.py --models llama,r3d_18
+    python examples/more_models.py --timm --models timm/tresnet_m,timm/davit_tiny   # timm's models too
 
-transformers and torchvision are not dependencies of fbcompile; the script skips what is missing.
+transformers, torchvision and timm are not dependencies of fbcompile; the script skips what is missing.
 """
 from __future__ import annotations
 
@@ -123,7 +125,40 @@ def torchvision_models(models) -> dict:
     }
 
 
-def available_models() -> dict:
+# timm (pytorch-image-models): architectures with random weights at a small input size (ViTs and
+# their kin built for it with img_size; LeViT keeps its 224)
+TIMM = {name: 64 for name in (
+    "resnet10t", "resnet18d", "ghostnet_050", "lcnet_050", "mobilenetv3_small_050", "regnetx_002", "convnext_atto",
+    "efficientnet_b0", "tinynet_e", "rexnet_100", "repvgg_a0", "mobileone_s0", "gernet_s", "dla34", "hardcorenas_a",
+    "semnasnet_050", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "mobilevit_xxs", "edgenext_xx_small",
+    "poolformer_s12", "resmlp_12_224", "xcit_nano_12_p16_224", "cait_xxs24_224", "pit_ti_224", "coat_lite_tiny",
+    "fastvit_t8", "efficientvit_b0", "gcvit_xxtiny", "maxvit_nano_rw_256", "coatnet_nano_rw_224", "nf_resnet26",
+    "resnest14d", "skresnet18", "ecaresnet26t", "gcresnet33ts", "halonet26t", "botnet26t_256", "lambda_resnet26t",
+    "tresnet_m", "ese_vovnet19b_slim_dw", "selecsls42b", "hrnet_w18_small", "ghostnetv2_100", "repghostnet_050",
+    "mobilenetv4_conv_small", "volo_d1_224", "mvitv2_tiny", "hiera_tiny_224", "davit_tiny", "focalnet_tiny_srf",
+    "nest_tiny", "twins_svt_small", "efficientformerv2_s0", "tiny_vit_5m_224", "inception_next_tiny", "rdnet_tiny",
+    "mambaout_femto", "flexivit_small", "deit3_small_patch16_224", "sequencer2d_s")}
+TIMM.update({"levit_128s": 224, "eva02_tiny_patch14_224": 56, "vit_small_patch14_reg4_dinov2": 56})
+
+
+def timm_models() -> dict:
+    """"timm/<name>" -> () -> (model, example input), when timm is installed."""
+    try:
+        import timm
+    except ImportError:
+        print("timm is not installed: its models are skipped")
+        return {}
+
+    def build(name, size):
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=3, img_size=size)
+        except TypeError:                   # a convnet: no img_size argument
+            model = timm.create_model(name, pretrained=False, num_classes=3)
+        return model, torch.randn(2, 3, size, size)
+    return {f"timm/{name}": (lambda name=name, size=size: build(name, size)) for name, size in TIMM.items()}
+
+
+def available_models(with_timm: bool = False) -> dict:
     found = {}
     if "torchvision" not in sys.modules:    # transformers imports torchvision; a CUDA wheel's ops do not load
         sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
@@ -138,6 +173,8 @@ def available_models() -> dict:
         print("torchvision is not installed: its models are skipped")
     else:
         found.update(torchvision_models(models))
+    if with_timm:
+        found.update(timm_models())
     return found
 
 
@@ -257,10 +294,11 @@ def main(argv=None) -> int:
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--step-timeout", type=float, default=300.0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--timm", action="store_true", help="add timm's models (timm/<name>) to those available")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    found = available_models()
+    found = available_models(args.timm)
     names = [n for n in args.models.split(",") if n] or list(found)
     unknown = [n for n in names if n not in found]
     if unknown:
