@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbcompile
-from fbcompile.autograd_functions import FunctionCall, TensorSpec, derivative_gap
+from fbcompile.autograd_functions import FunctionCall, TensorSpec, check_recorded_functions, derivative_gap
 from fbcompile.errors import FBCompileError
 from fbcompile.verify.checks import relative_error
 
@@ -141,6 +141,43 @@ def test_custom_autograd_functions_are_refused_naming_them(function, frontend):
     leaf = torch.randn(3, 5, requires_grad=True)      # outside a capture the function is untouched
     function.apply(leaf).sum().backward()
     assert torch.equal(leaf.grad, torch.full_like(leaf, -0.5 if function is GradientReversal else 1.0))
+
+
+class Float32Only(torch.autograd.Function):
+    """A kernel of one dtype (a custom CUDA or Triton op): its forward cannot run in float64."""
+    @staticmethod
+    def forward(ctx, x):
+        if x.dtype != torch.float32:
+            raise TypeError("float32 only")
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class NeedsItsExtension(torch.autograd.Function):
+    """A kernel from an extension that is not there: it runs on no random input."""
+    @staticmethod
+    def forward(ctx, x):
+        raise RuntimeError("the extension is not loaded")
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_a_custom_function_of_one_dtype_is_compared_in_it():
+    model, x = CallsFunction(Float32Only), torch.randn(3, 4)
+    program = fbcompile.compile(model, x)
+    assert program.traced.meta["fbcompile_frontend"][0] == "export"
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-6
+
+
+def test_a_custom_function_that_cannot_be_compared_is_refused_saying_so():
+    call = FunctionCall(NeedsItsExtension, (TensorSpec((3, 4), torch.float32),), ())
+    with pytest.raises(FBCompileError, match="could not be run on random float64 inputs"):
+        check_recorded_functions([call])
 
 
 class CallsHandWritten(nn.Module):
