@@ -138,7 +138,8 @@ TIMM = {name: 64 for name in (
     "mobilenetv4_conv_small", "volo_d1_224", "mvitv2_tiny", "hiera_tiny_224", "davit_tiny", "focalnet_tiny_srf",
     "nest_tiny", "twins_svt_small", "efficientformerv2_s0", "tiny_vit_5m_224", "inception_next_tiny", "rdnet_tiny",
     "mambaout_femto", "flexivit_small", "deit3_small_patch16_224", "sequencer2d_s")}
-TIMM.update({"levit_128s": 224, "eva02_tiny_patch14_224": 56, "vit_small_patch14_reg4_dinov2": 56})
+TIMM.update({"levit_128s": 224, "eva02_tiny_patch14_224": 56, "vit_small_patch14_reg4_dinov2": 56,
+             "halonet26t": 256})   # halo attention needs sizes divisible by its block (64: the model asserts)
 
 
 def timm_models() -> dict:

@@ -282,7 +282,7 @@ TABLE = {
         ("cosine_similarity", "cosine_similarity.default"), ("pairwise_distance", "pairwise_distance.default"),
         ("atan2", "atan2.default"), ("hypot", "hypot.default"), ("diagonal", "diagonal.default"),
         ("movedim", "movedim.int"), ("movedim", "movedim.intlist"), ("cumprod", "cumprod.default"),
-        ("repeat_interleave", "repeat_interleave.self_int"))
+        ("repeat_interleave", "repeat_interleave.self_int"), ("unfold_windows", "unfold.default"))
     ).items()},
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False)],

@@ -6,8 +6,8 @@ with each instance's statistics), ``local_response_norm``, ``pixel_shuffle`` / `
 ``unfold`` / ``fold``, ``maximum`` / ``minimum``, ``addcmul``, ``addcdiv``, ``lerp``, ``triu`` /
 ``tril``, ``mv``, ``outer``, ``threshold``, ``channel_shuffle``, ``cosine_similarity``,
 ``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``, ``movedim``, ``cumprod``,
-``repeat_interleave``, adaptive max pooling (without indices) and ``embedding_bag`` (without
-``max_norm``, dense gradients).
+``repeat_interleave``, sliding windows (``Tensor.unfold``), adaptive max pooling (without
+indices) and ``embedding_bag`` (without ``max_norm``, dense gradients).
 
 T (kind "linearised"): J_G g = J_F(x)^T g, computed by ``torch.func.vjp`` of the op at its saved
 inputs, so error mode gives autograd's gradient to rounding (ties of maximum/minimum split as
@@ -197,6 +197,10 @@ def repeat_interleave(input, repeats, dim=None, output_size=None):
     return torch.repeat_interleave(input, repeats, dim, output_size=output_size)
 
 
+def unfold_windows(input, dimension, size, step):
+    return input.unfold(dimension, size, step)
+
+
 def _adaptive_max_pool(pool):
     def adaptive_max_pool(input, output_size, return_indices=False):
         return pool(input, output_size)
@@ -305,6 +309,8 @@ VJP_OPS = [
         "output_size": m.output_size, "return_indices": m.return_indices}}) for n, pool, module in (
         (1, F.adaptive_max_pool1d, nn.AdaptiveMaxPool1d), (2, F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d),
         (3, F.adaptive_max_pool3d, nn.AdaptiveMaxPool3d))),
+    declare_op("unfold_windows", unfold_windows, methods=[tensor_method("unfold")],
+               batch_local=lambda ctx: ctx.const("dimension") % len(ctx.shape("input")) != 0),
     declare_op("embedding_bag", embedding_bag, functions=[F.embedding_bag], modules={nn.EmbeddingBag: _embedding_bag_module},
                batch_local=lambda ctx: len(ctx.shape("input")) == 2 and ctx.const("offsets") is None),
 ]

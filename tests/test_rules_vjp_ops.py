@@ -57,6 +57,7 @@ CASES = {
     "repeat_interleave": lambda m, h: h.view(-1, 4, 2)[:, :, 0].repeat_interleave(2, dim=1) * h,
     "adaptive_max_pool1d": lambda m, h: F.adaptive_max_pool1d(h.view(-1, 2, 4), 2).flatten(1).repeat(1, 2) + h,
     "embedding_bag": lambda m, h: h * m.bag(m.ids).sum(),
+    "unfold_windows": lambda m, h: h.unfold(1, 3, 2).flatten(1)[:, :8] * h,
 }
 
 
