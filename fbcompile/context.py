@@ -100,7 +100,7 @@ class RuleContext:
         value = self.const(name, default)
         if not isinstance(value, (list, tuple)):
             return value
-        return type(value)(self.saved_value(v) if isinstance(v, fx.Node) else v for v in value)
+        return type(value)(map(self.run_time, value))
 
     def has(self, name: str) -> bool:
         return self.op_call.args.get(name) is not None
@@ -148,6 +148,13 @@ class RuleContext:
         """The forward value of ``source``, a node this op reads inside an argument's structure (a
         slice bound computed at run time, ``x[..., : x.shape[-1] // 2]``)."""
         raise NotImplementedError
+
+    def run_time(self, value):
+        """``value`` with what the graph computes at run time read from the forward: a graph value
+        (a size, ``n - x.shape[-1]``) or a slice's bounds (``x[..., : x.shape[-1] // 2]``)."""
+        if isinstance(value, slice):
+            return slice(self.run_time(value.start), self.run_time(value.stop), self.run_time(value.step))
+        return self.saved_value(value) if isinstance(value, fx.Node) else value
 
     def saved_shape(self, name: str, index: int | None = None):
         """The run-time shape of argument ``name`` (or ``"output"``) without saving its value: the
@@ -198,8 +205,7 @@ class RuleContext:
 
     def _resolve(self, name, value, index):
         if isinstance(value, slice):
-            bound = lambda v: self.saved_value(v) if isinstance(v, fx.Node) else v
-            return slice(bound(value.start), bound(value.stop), bound(value.step))
+            return self.run_time(value)
         if isinstance(value, fx.Node):
             return self.param(name) if value.op == "get_attr" and index is None else self.saved(name, index)
         if isinstance(value, AttrRef):

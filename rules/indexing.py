@@ -92,15 +92,10 @@ def _index_value(ctx):
     if isinstance(idx, fx.Node):
         return ctx.saved("idx")
 
-    def bound(value):
-        return ctx.saved_value(value) if isinstance(value, fx.Node) else value
-
     def item_value(i, item):
         if isinstance(item, fx.Node):
             return ctx.saved("idx", i)
-        if isinstance(item, slice):
-            return slice(bound(item.start), bound(item.stop), bound(item.step))
-        return item
+        return ctx.run_time(item)           # slice bounds computed at run time
     if isinstance(idx, tuple):
         return tuple(item_value(i, item) for i, item in enumerate(idx))
     return item_value(None, idx)
