@@ -172,6 +172,11 @@ TABLE = {
     "embedding": [("embedding.default", _embedding, False)],
     "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
     "feature_dropout": [("feature_dropout.default", DROPOUT, False), ("feature_dropout_.default", DROPOUT, True)],
+    "alpha_dropout": [("alpha_dropout.default", DROPOUT, False), ("alpha_dropout_.default", DROPOUT, True)],
+    "feature_alpha_dropout": [("feature_alpha_dropout.default", DROPOUT, False),
+                              ("feature_alpha_dropout_.default", DROPOUT, True)],
+    "rrelu": [("rrelu.default", renamed(drop=("generator",), check={"generator": None}), False),
+              ("rrelu_.default", renamed(drop=("generator",), check={"generator": None}), True)],
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
     "softmax": [("softmax.int", _softmax, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
     "log_softmax": [("log_softmax.int", _softmax, False)],
@@ -282,7 +287,10 @@ TABLE = {
         ("cosine_similarity", "cosine_similarity.default"), ("pairwise_distance", "pairwise_distance.default"),
         ("atan2", "atan2.default"), ("hypot", "hypot.default"), ("diagonal", "diagonal.default"),
         ("movedim", "movedim.int"), ("movedim", "movedim.intlist"), ("cumprod", "cumprod.default"),
-        ("repeat_interleave", "repeat_interleave.self_int"), ("unfold_windows", "unfold.default"))
+        ("repeat_interleave", "repeat_interleave.self_int"), ("unfold_windows", "unfold.default"),
+        ("sort", "sort.default"), ("sort", "sort.stable"), ("topk", "topk.default"), ("kthvalue", "kthvalue.default"),
+        ("median", "median.dim"), ("nanmedian", "nanmedian.dim"), ("mode", "mode.default"),
+        ("cummax", "cummax.default"), ("cummin", "cummin.default"))
     ).items()},
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False)],

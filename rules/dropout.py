@@ -7,6 +7,11 @@ convention as the op itself, so dropout1d/2d masks whole channels) and saves it;
 reuses that mask. T (exact): G(g) = m g. P (exact): G(g) = m^+ g (1/m where m != 0, else 0).
 I: the same map, refused at run time when the mask dropped anything.
 
+Alpha dropout (SELU networks; ``feature_alpha_dropout`` per channel): y = x m + c, m = a k and
+c = alpha' a (k - 1 + p) with the keep draw k (:func:`alpha_dropout_draw`): the same J = diag(m), so
+the same rules. Randomized leaky ReLU (``nn.RReLU``): y = x m with m the slope of each entry (1 where
+x > 0); in train mode the slopes ATen's kernel drew are saved, in eval m is leaky ReLU's.
+
 Stochastic depth (torchvision.ops.stochastic_depth(input, p, mode, training)): y = x * m with
 m = b / (1 - p), b ~ Bernoulli(1 - p) drawn once per sample (mode "row", shape (N, 1, ..., 1)) or
 once for the batch (mode "batch", shape (1, ..., 1)); m = 0 when p = 1; identity in eval or p = 0.
@@ -18,6 +23,7 @@ semantics (timm-style helpers, ``torch.fx.wrap``-ed so that fx records a call to
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -76,8 +82,8 @@ def apply_mask_pinv(g, mask, node_name=None):
     if mask is None:
         return g
     if node_name is not None and bool((mask == 0).any()):
-        raise ConditionError(f"condition I: dropout node {node_name!r} dropped entries in this pass, "
-                             "so it is not invertible; use condition P or T, or eval mode")
+        raise ConditionError(f"condition I: node {node_name!r} multiplied entries by zero in this pass (dropped "
+                             "them), so it is not invertible; use condition P or T, or eval mode")
     return g * elementwise_pinv(mask)
 
 
@@ -94,6 +100,74 @@ def mask_pinv(ctx, g):
 def mask_inverse(ctx, g):
     """G(g) = m^-1 g; fails when the mask dropped anything."""
     return {"input": ctx.call(apply_mask_pinv, g, ctx.saved("mask"), ctx.name)}
+
+
+# -- alpha dropout and randomized leaky ReLU: y = x m + c, the random m saved -----------------------
+SELU_SATURATION = 1.7580993408473766     # alpha' = scale * alpha of SELU: where a dropped entry is set
+
+
+def alpha_dropout_draw(input, p, feature):
+    """(m, c) of alpha dropout, drawn as ATen draws them (so seeded runs agree): keep k ~
+    Bernoulli(1 - p) per entry (per channel for ``feature``), a = ((alpha'^2 p + 1)(1 - p))^-1/2,
+    m = a k, c = alpha' a (k - 1 + p): y = x m + c keeps SELU's mean 0 and variance 1."""
+    shape = tuple(input.shape[:2]) + (1,) * (input.dim() - 2) if feature else input.shape
+    keep = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1.0 - p)
+    a = 1.0 / math.sqrt((SELU_SATURATION ** 2 * p + 1.0) * (1.0 - p))
+    return keep * a, (keep - 1.0 + p) * (SELU_SATURATION * a)
+
+
+def _make_alpha(name, drop, feature):
+    def apply(input, p=0.5, training=False, inplace=False):
+        return drop(input, p, _mode(training))
+
+    def tapped(input, p=0.5, training=False, inplace=False):
+        """(y, m, c); m and c None when nothing is dropped (eval or p = 0); at p = 1, y = 0 (ATen)."""
+        if not _mode(training) or p == 0:
+            return input, None, None
+        if p == 1:
+            return input * 0.0, torch.zeros_like(input), None
+        m, c = alpha_dropout_draw(input, p, feature)
+        return input * m + c, m, c
+
+    def replay(extras, input, p=0.5, training=False, inplace=False):
+        out = input if extras["mask"] is None else input * extras["mask"]
+        return out if extras["shift"] is None else out + extras["shift"]
+
+    apply.__name__ = apply.__qualname__ = name
+    tapped.__name__ = tapped.__qualname__ = f"{name}_tapped"
+    return apply, tapped, replay
+
+
+for _name, _drop, _cls, _feature in (("alpha_dropout", F.alpha_dropout, nn.AlphaDropout, False),
+                                     ("feature_alpha_dropout", F.feature_alpha_dropout, nn.FeatureAlphaDropout, True)):
+    _apply, _tapped, _replay = _make_alpha(_name, _drop, _feature)
+    DROPOUTS.append(declare_op(_name, _apply, functions=[_drop], modules={_cls: _module}, tapped=_tapped,
+                               extras=("mask", "shift"), replay=_replay))
+
+
+def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    return F.rrelu(input, lower, upper, _mode(training))
+
+
+def rrelu_tapped(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    """(y, m): y = x m with m = 1 where x > 0, else a slope r ~ U(lower, upper) per entry drawn by
+    ATen's own kernel (train mode) or (lower + upper) / 2 (eval: leaky ReLU). (Autograd itself uses
+    the mean slope when upper - lower <= 1e-6 in train mode; m is the slope the forward used.)"""
+    if _mode(training):
+        slopes = torch.empty_like(input)
+        return torch.ops.aten.rrelu_with_noise(input, slopes, lower, upper, True), slopes
+    slopes = torch.where(input > 0, torch.ones_like(input), torch.full_like(input, (lower + upper) / 2))
+    return input * slopes, slopes
+
+
+def rrelu_replay(extras, input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    return input * extras["mask"]
+
+
+DROPOUTS.append(declare_op("rrelu", rrelu, functions=[F.rrelu],
+                           modules={nn.RReLU: lambda m: {"lower": m.lower, "upper": m.upper, "training": m,
+                                                         "inplace": m.inplace}},
+                           tapped=rrelu_tapped, extras=("mask",), replay=rrelu_replay))
 
 
 for _op in DROPOUTS:

@@ -4,8 +4,8 @@
 ``prelu`` (``nn.PReLU``), ``rms_norm`` (``nn.RMSNorm``), ``instance_norm`` (``nn.InstanceNorm*d``
 with each instance's statistics), ``local_response_norm``, ``pixel_shuffle`` / ``pixel_unshuffle``,
 ``unfold`` / ``fold``, ``maximum`` / ``minimum``, ``addcmul``, ``addcdiv``, ``lerp``, ``triu`` /
-``tril``, ``mv``, ``outer``, ``threshold``, ``channel_shuffle``, ``cosine_similarity``,
-``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``, ``movedim``, ``cumprod``,
+``tril``, ``softmin`` (torch.fx; ATen writes it as a softmax), ``mv``, ``outer``, ``threshold``,
+``channel_shuffle``, ``cosine_similarity``, ``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``, ``movedim``, ``cumprod``,
 ``repeat_interleave``, sliding windows (``Tensor.unfold``), adaptive max pooling (without
 indices) and ``embedding_bag`` (without ``max_norm``, dense gradients).
 
@@ -40,6 +40,10 @@ def _correction(unbiased, correction):
 
 def logsumexp(input, dim, keepdim=False):
     return torch.logsumexp(input, dim, keepdim)
+
+
+def softmin(input, dim=None, _stacklevel=3, dtype=None):
+    return F.softmin(input, dim, dtype=dtype)
 
 
 def cumsum(input, dim, dtype=None):
@@ -244,6 +248,8 @@ VJP_OPS = [
     declare_op("var", var, functions=[torch.var], methods=[tensor_method("var")], batch_local=_keeps_samples_apart),
     declare_op("std", std, functions=[torch.std], methods=[tensor_method("std")], batch_local=_keeps_samples_apart),
     declare_op("logsumexp", logsumexp, functions=[torch.logsumexp], methods=[tensor_method("logsumexp")],
+               batch_local=_keeps_samples_apart),
+    declare_op("softmin", softmin, functions=[F.softmin], modules={nn.Softmin: lambda m: {"dim": m.dim}},
                batch_local=_keeps_samples_apart),
     declare_op("cumsum", cumsum, functions=[torch.cumsum], methods=[tensor_method("cumsum")],
                batch_local=_keeps_samples_apart),

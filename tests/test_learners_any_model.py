@@ -155,8 +155,15 @@ class Sequence(nn.Module):
         return self.out(g.mean(1))
 
 
+class SortRows(nn.Module):
+    def forward(self, h):
+        return torch.sort(h, 1).values
+
+
 MODELS = {
     "mlp_dropout": (mlp_with_dropout, (6,)),
+    "selu_alpha_dropout_rrelu_sort": (lambda: nn.Sequential(nn.Linear(6, 8), nn.SELU(), nn.AlphaDropout(0.2), nn.Linear(
+        8, 8), nn.RReLU(), SortRows(), nn.Linear(8, CLASSES)), (6,)),
     "cnn_bn_dropout_gap": (cnn_with_batchnorm_dropout_and_gap, (3, 6, 6)),
     "inception": (Inception, (3, 6, 6)),
     "inception_reduction": (InceptionReduction, (3, 7, 7)),

@@ -19,6 +19,7 @@ CASES = {
     "var": lambda m, h: h - h.var(-1, keepdim=True),
     "std": lambda m, h: h / (torch.std(h, dim=1, keepdim=True, correction=0) + 1.0),
     "logsumexp": lambda m, h: h - torch.logsumexp(h, -1, keepdim=True),
+    "softmin": lambda m, h: F.softmin(h, dim=1) + m.softmin(h.flip(-1)),
     "cumsum": lambda m, h: torch.cumsum(h, 1),
     "square": lambda m, h: torch.square(h),
     "selu": lambda m, h: F.selu(h),
@@ -73,6 +74,7 @@ class Case(nn.Module):
         self.prelu, self.rms, self.inorm = nn.PReLU(8), nn.RMSNorm(8), nn.InstanceNorm1d(2, affine=True)
         self.v = nn.Parameter(torch.randn(8))
         self.shuffle, self.bag = nn.ChannelShuffle(2), nn.EmbeddingBag(6, 2, mode="max")
+        self.softmin = nn.Softmin(dim=-1)
         self.register_buffer("ids", torch.tensor([[0, 3, 5], [2, 2, 1]]))
         self.fn = fn
 
@@ -86,9 +88,10 @@ def test_vjp_ops_equal_autograd(name, frontend):
     model = randomise_vectors(Case(CASES[name]).double())
     with torch.no_grad():
         model.prelu.weight.uniform_(0.1, 0.4)
-    # ATen writes square as pow, outer as a product of unsqueezed vectors, local_response_norm as pooling
+    # ATen writes square as pow, outer as a product of unsqueezed vectors, local_response_norm as pooling,
+    # softmin as a softmax of the negated input
     ops = [] if (frontend, name) in {("export", "square"), ("export", "outer"), ("export", "local_response_norm"),
-                                     ("export", "instance_norm")} else [name]
+                                     ("export", "instance_norm"), ("export", "softmin")} else [name]
     if frontend == "export" and name in EXPORT_REFUSED:       # refused by name, not silently
         with pytest.raises(FBCompileError, match=f"no op is declared for call_function {name}"):
             fbcompile.compile(model, torch.randn(5, 4, dtype=torch.float64), frontend=frontend)

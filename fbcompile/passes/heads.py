@@ -56,7 +56,8 @@ POOLING = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "av
                      "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
                      "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"})
 RESHAPING = frozenset({"view", "flatten", "unflatten", "squeeze", "unsqueeze", "identity"})
-DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"})
+DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+                     "feature_alpha_dropout"})
 WALKED_OVER = POOLING | RESHAPING | DROPOUT
 
 
