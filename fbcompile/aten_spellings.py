@@ -143,6 +143,28 @@ def _rsub(node, *args, **kwargs):
     return {"input": a["other"], "other": a["self"], "alpha": a.get("alpha", 1)}
 
 
+def _tensordot(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"a": a["self"], "b": a["other"], "dims": (list(a["dims_self"]), list(a["dims_other"]))}
+
+
+# ATen's integer codes of the string options the Python functions take
+CDIST_MODES = {None: "use_mm_for_euclid_dist_if_necessary", 0: "use_mm_for_euclid_dist_if_necessary",
+               1: "use_mm_for_euclid_dist", 2: "donot_use_mm_for_euclid_dist"}
+GRID_MODES, GRID_PADDINGS = ("bilinear", "nearest", "bicubic"), ("zeros", "border", "reflection")
+
+
+def _cdist(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"x1": a["x1"], "x2": a["x2"], "p": a.get("p", 2.0), "compute_mode": CDIST_MODES[a.get("compute_mode")]}
+
+
+def _grid_sampler(node, *args, **kwargs):
+    a = schema_arguments(node.target, args, kwargs)
+    return {"input": a["input"], "grid": a["grid"], "mode": GRID_MODES[a["interpolation_mode"]],
+            "padding_mode": GRID_PADDINGS[a["padding_mode"]], "align_corners": a["align_corners"]}
+
+
 def _by_op(pairs) -> dict:
     """{op: [overload, ...]} from (op, overload) pairs."""
     grouped = {}
@@ -256,7 +278,8 @@ TABLE = {
             ("elu_.default", renamed(drop=("scale", "input_scale"), check={"scale": 1, "input_scale": 1}), True)],
     "softplus": [("softplus.default", PLAIN, False)],
     "addmm": [("addmm.default", renamed(rename={"self": "bias", "mat1": "input", "mat2": "weight"}), False)],
-    "pow": [("pow.Tensor_Scalar", PLAIN, False), ("pow_.Scalar", PLAIN, True)],
+    "pow": [("pow.Tensor_Scalar", PLAIN, False), ("pow_.Scalar", PLAIN, True), ("pow.Tensor_Tensor", PLAIN, False),
+            ("pow.Scalar", PLAIN, False)],
     **{name: [(f"{name}.default", PLAIN, False), (f"{name}_.default", PLAIN, True)]
        for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "log1p", "expm1", "erf",
                     "round", "floor", "ceil", "trunc", "sign")},
@@ -290,10 +313,38 @@ TABLE = {
         ("repeat_interleave", "repeat_interleave.self_int"), ("unfold_windows", "unfold.default"),
         ("sort", "sort.default"), ("sort", "sort.stable"), ("topk", "topk.default"), ("kthvalue", "kthvalue.default"),
         ("median", "median.dim"), ("nanmedian", "nanmedian.dim"), ("mode", "mode.default"),
-        ("cummax", "cummax.default"), ("cummin", "cummin.default"))
+        ("cummax", "cummax.default"), ("cummin", "cummin.default"),
+        *((name, f"{name}.default") for name in (
+            "sinh", "cosh", "tan", "asin", "acos", "atan", "asinh", "acosh", "atanh", "exp2", "log2", "log10", "sinc",
+            "erfc", "erfinv", "lgamma", "digamma", "i0", "sgn", "frac", "deg2rad", "rad2deg", "trace", "logdet",
+            "matrix_exp", "logaddexp", "logaddexp2", "kron", "logit", "nan_to_num", "polygamma", "baddbmm",
+            "addbmm", "addmv", "addr", "diag", "diag_embed", "linalg_solve", "linalg_norm", "linalg_matrix_norm",
+            "renorm", "rot90", "take_along_dim", "logcumsumexp", "aminmax")),
+        ("i0", "special_i0.default"), ("matrix_exp", "linalg_matrix_exp.default"),
+        *((name, f"arc{name[1:]}.default") for name in ("asin", "acos", "atan", "asinh", "acosh", "atanh")), ("xlogy", "xlogy.Tensor"), ("xlogy", "xlogy.Scalar_Other"),
+        ("xlogy", "xlogy.Scalar_Self"), ("copysign", "copysign.Tensor"), ("copysign", "copysign.Scalar"),
+        ("fmod", "fmod.Tensor"), ("fmod", "fmod.Scalar"), ("remainder", "remainder.Tensor"),
+        ("remainder", "remainder.Scalar"), ("remainder", "remainder.Scalar_Tensor"),
+        ("float_power", "float_power.Tensor_Tensor"), ("float_power", "float_power.Tensor_Scalar"),
+        ("float_power", "float_power.Scalar"), ("linalg_norm", "linalg_norm.ord_str"),
+        ("linalg_matrix_norm", "linalg_matrix_norm.str_ord"), ("var_mean", "var_mean.correction"),
+        ("var_mean", "var_mean.dim"), ("var_mean", "var_mean.default"), ("std_mean", "std_mean.correction"),
+        ("std_mean", "std_mean.dim"), ("std_mean", "std_mean.default"),
+        ("affine_grid", "affine_grid_generator.default"))
     ).items()},
+    "scatter": [("scatter.src", PLAIN, False), ("scatter.value", PLAIN, False), ("scatter_.src", PLAIN, True),
+                ("scatter_.value", PLAIN, True)],
+    "scatter_reduce": [("scatter_reduce.two", PLAIN, False), ("scatter_reduce_.two", PLAIN, True)],
+    **{name: [(f"{name}.default", PLAIN, False), (f"{name}_.default", PLAIN, True)]
+       for name in ("scatter_add", "index_add", "index_copy", "masked_scatter", "index_put")},
+    "det": [("det.default", PLAIN, False), ("linalg_det.default", renamed(rename={"A": "input"}), False)],
+    "inverse": [("inverse.default", PLAIN, False), ("linalg_inv.default", renamed(rename={"A": "input"}), False)],
+    "tensordot": [("tensordot.default", _tensordot, False)],
+    "cdist": [("cdist.default", _cdist, False)],
+    "grid_sample": [("grid_sampler.default", _grid_sampler, False), ("grid_sampler_2d.default", _grid_sampler, False)],
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
-              ("clamp_max.default", PLAIN, False)],
+              ("clamp_max.default", PLAIN, False), ("clamp.Tensor", PLAIN, False), ("clamp_min.Tensor", PLAIN, False),
+              ("clamp_max.Tensor", PLAIN, False)],
 }
 
 

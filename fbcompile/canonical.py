@@ -43,7 +43,7 @@ def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
         gm.recompile()      # the graph gained element selects
 
 
-_NAMED_ELEMENTS = {"values": 0, "indices": 1}   # torch.return_types of max, min, sort, topk, ...
+_NAMED_ELEMENTS = {"values": 0, "indices": 1, "min": 0, "max": 1}   # torch.return_types (max, sort, aminmax, ...)
 
 
 def _selects_element(node: fx.Node) -> bool:

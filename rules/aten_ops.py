@@ -27,6 +27,7 @@ from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
 from .arith import sum_to
+from .vjp_ops import autograd_vjp
 
 
 def addmm(bias, input, weight, beta=1, alpha=1):
@@ -77,16 +78,16 @@ POW = declare_op("pow", pow_, functions=[torch.pow, operator.pow], methods=[tens
                  inplace=[tensor_method("pow_"), operator.ipow])
 
 
-def _constant_exponent(ctx):
+def _constant_exponent(ctx) -> bool:
     exponent = ctx.op_call.args.get("exponent")
-    if not isinstance(exponent, numbers.Real) or isinstance(exponent, bool) or not ctx.is_active("input"):
-        return (f"{ctx.name}: pow is supported for an activation raised to a constant real exponent only "
-                f"(got exponent {exponent!r})")
-    return None
+    return isinstance(exponent, numbers.Real) and not isinstance(exponent, bool) and ctx.is_active("input")
 
 
-@register_rule(POW, conditions="T", kind="linearised", supports=_constant_exponent)
+@register_rule(POW, conditions="T", kind="linearised")
 def pow_transpose(ctx, g):
-    """J_G g = p x^(p-1) g (diagonal, so J_F^T = J_F)."""
+    """J_G g = p x^(p-1) g (diagonal, so J_F^T = J_F) for a constant exponent p; a tensor exponent or
+    a constant base (2 ** x) gets autograd's vjp, into the base and the exponent as they are active."""
+    if not _constant_exponent(ctx):
+        return autograd_vjp(ctx, g)
     p = ctx.const("exponent")
     return {"input": g * (p * ctx.saved("input") ** (p - 1))}

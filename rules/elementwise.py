@@ -1,6 +1,6 @@
 """Elementwise math ops y = f(x) that are not activations: exp, log, sqrt, rsqrt, reciprocal, abs,
 sin, cos, log1p, expm1, erf, the piecewise constant round, floor, ceil, trunc and sign, and clamp
-with constant bounds (Llama's and T5's RMSNorm is ``x * rsqrt(mean(x^2) + eps)``, rotary embeddings
+(``clamp_min``, ``clamp_max``; bounds that are tensors get autograd's vjp) (Llama's and T5's RMSNorm is ``x * rsqrt(mean(x^2) + eps)``, rotary embeddings
 and gates use the others); dtype casts; ``detach``.
 
 Each op's Jacobian is diagonal, J_F = diag(f'(x)), so J_F^T = J_F and the T rule is
@@ -44,6 +44,8 @@ from torch import fx
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 from fbcompile.trace import info
+
+from .vjp_ops import autograd_vjp
 
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
@@ -141,8 +143,20 @@ def clamp(input, min=None, max=None):
     return torch.clamp(input, min, max)
 
 
-CLAMP = declare_op("clamp", clamp, functions=[torch.clamp, torch.clip], methods=[tensor_method("clamp"),
-                   tensor_method("clip")], inplace=[tensor_method("clamp_"), tensor_method("clip_")])
+def clamp_min(input, min):
+    return torch.clamp_min(input, min)
+
+
+def clamp_max(input, max):
+    return torch.clamp_max(input, max)
+
+
+CLAMPS = (declare_op("clamp", clamp, functions=[torch.clamp, torch.clip], methods=[tensor_method("clamp"),
+                     tensor_method("clip")], inplace=[tensor_method("clamp_"), tensor_method("clip_")]),
+          declare_op("clamp_min", clamp_min, functions=[torch.clamp_min], methods=[tensor_method("clamp_min")],
+                     inplace=[tensor_method("clamp_min_")]),
+          declare_op("clamp_max", clamp_max, functions=[torch.clamp_max], methods=[tensor_method("clamp_max")],
+                     inplace=[tensor_method("clamp_max_")]))
 
 
 def clamp_derivative(g, x, low, high):
@@ -155,18 +169,21 @@ def clamp_derivative(g, x, low, high):
     return torch.where(inside, g, g.new_zeros(()))
 
 
-def _constant_bounds(ctx):
-    for name in ("min", "max"):
-        value = ctx.op_call.args.get(name)
-        if value is not None and not isinstance(value, (int, float)):
-            return f"{ctx.name}: clamp is supported with constant number bounds only (got {name}={value!r})"
-    return None
+def _number_bounds(ctx) -> bool:
+    return all(isinstance(ctx.op_call.args.get(name), (int, float, type(None))) for name in ("min", "max"))
 
 
-@register_rule(CLAMP, conditions="T", kind="linearised", supports=_constant_bounds)
 def clamp_back(ctx, g):
-    """J_G g = g where min <= x <= max, else 0."""
+    """J_G g = g where min <= x <= max, else 0. With tensor bounds (an activation, a parameter or a
+    buffer), autograd's vjp, which also gives the bounds their share: g where x is below min (above
+    max), as autograd splits it."""
+    if not _number_bounds(ctx):
+        return autograd_vjp(ctx, g)
     return {"input": ctx.call(clamp_derivative, g, ctx.saved("input"), ctx.const("min"), ctx.const("max"))}
+
+
+for _op in CLAMPS:
+    register_rule(_op, conditions="T", kind="linearised")(clamp_back)
 
 
 # -- dtype conversion -------------------------------------------------------------------------------------

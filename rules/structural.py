@@ -53,7 +53,8 @@ def unsqueeze(input, dim):
     return input.unsqueeze(dim)
 
 
-def transpose(input, dim0, dim1):
+def transpose(input, dim0=0, dim1=-1):
+    """``x.transpose(dim0, dim1)``; without dims, ``x.t()`` (2-D transpose; 1-D: the identity)."""
     return input.transpose(dim0, dim1)
 
 
@@ -109,8 +110,8 @@ UNFLATTEN = declare_op("unflatten", unflatten, functions=[torch.unflatten], meth
 SQUEEZE = declare_op("squeeze", squeeze, functions=[torch.squeeze], methods=[tensor_method("squeeze")],
                      batch_local=lambda ctx: ctx.const("dim") is not None and _off_batch("dim")(ctx))
 UNSQUEEZE = declare_op("unsqueeze", unsqueeze, functions=[torch.unsqueeze], methods=[tensor_method("unsqueeze")])
-TRANSPOSE = declare_op("transpose", transpose, functions=[torch.transpose, torch.swapaxes, torch.swapdims],
-                       methods=[tensor_method(m) for m in ("transpose", "swapaxes", "swapdims")],
+TRANSPOSE = declare_op("transpose", transpose, functions=[torch.transpose, torch.swapaxes, torch.swapdims, torch.t],
+                       methods=[tensor_method(m) for m in ("transpose", "swapaxes", "swapdims", "t")],
                        batch_local=_off_batch("dim0", "dim1"))
 PERMUTE = declare_op("permute", permute, functions=[torch.permute], methods=[tensor_method("permute")],
                      batch_local=_permute_local)
@@ -135,7 +136,7 @@ for _op in (RESHAPE, FLATTEN, UNFLATTEN, SQUEEZE, UNSQUEEZE):
 @register_rule(TRANSPOSE, conditions="TPI")
 def transpose_back(ctx, g):
     """G(g) = g^T over the same two dims (a transposition is its own inverse)."""
-    return {"input": g.transpose(ctx.const("dim0"), ctx.const("dim1"))}
+    return {"input": g.transpose(ctx.const("dim0", 0), ctx.const("dim1", -1))}
 
 
 @register_rule(PERMUTE, conditions="TPI")

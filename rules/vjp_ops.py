@@ -326,8 +326,11 @@ def vjp_at(op_name: str, arguments: dict, roles: tuple, g) -> tuple:
     """J_F^T g for the arguments named in ``roles``, at ``arguments`` (``torch.func``: also under the
     transforms verification applies)."""
     spec = get_op(op_name)
-    _, pullback = torch.func.vjp(lambda *xs: spec.run(spec.apply, {**arguments, **dict(zip(roles, xs))}),
-                                 *[arguments[r] for r in roles])
+    out, pullback = torch.func.vjp(lambda *xs: spec.run(spec.apply, {**arguments, **dict(zip(roles, xs))}),
+                                   *[arguments[r] for r in roles])
+    if isinstance(out, tuple):      # feedback at some outputs of a multi-output op: zero at the others
+        parts = tuple(torch.zeros_like(o) if part is None else part for o, part in zip(out, g))
+        g = parts if type(out) is tuple else type(out)(parts)       # a torch.return_types record
     return pullback(g)
 
 

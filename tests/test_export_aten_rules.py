@@ -58,14 +58,17 @@ class TensorExponent(nn.Module):
         self.fc = nn.Linear(4, 4).double()
 
     def forward(self, x):
-        h = self.fc(x)
+        h = torch.sigmoid(self.fc(x)) + 0.5
         return torch.pow(h, h)
 
 
-def test_pow_with_a_tensor_exponent_is_refused_with_the_reason():
-    x = torch.rand(2, 4, dtype=torch.float64)
-    problems = fbcompile.coverage(TensorExponent(), x, frontend="fx")
-    assert len(problems) == 1 and "constant real exponent" in problems[0].reason
-    problems = fbcompile.coverage(TensorExponent(), x, frontend="export")     # another ATen overload: no spelling
-    assert len(problems) == 1 and "pow.Tensor_Tensor" in problems[0].reason
-    assert "torch.pow(h, h)" in problems[0].line
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_pow_of_an_activation_to_itself_gets_both_shares(frontend):
+    """d(h^h)/dh = h^h (log h + 1): the base's and the exponent's share, by autograd's vjp."""
+    model, x = TensorExponent(), torch.rand(2, 4, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend)
+    u = torch.randn(2, 4, dtype=torch.float64)
+    ours = program.propagate_error(x, u)
+    leaf = x.clone().requires_grad_()
+    reference = torch.autograd.grad((model(leaf) * u).sum(), leaf)[0]
+    assert relative_error(ours, reference) < 1e-12

@@ -51,6 +51,7 @@ STRUCTURAL = {
     "unflatten": lambda h: h.unflatten(1, (2, 2)),
     "transpose": lambda h: h.transpose(1, 3),
     "transpose_neg": lambda h: torch.transpose(h, -1, -2),
+    "t": lambda h: h.flatten(1).t() * 2.0 + torch.t(h.flatten(1)),
     "swapaxes": lambda h: torch.swapaxes(h, 1, 3) + h.swapdims(3, 1),
     "permute": lambda h: h.permute(0, 3, 1, 2),
     "permute_tuple": lambda h: torch.permute(h, (0, 2, 3, 1)),

@@ -53,7 +53,7 @@ def _adjoint_gap(problem, trials: int, generator) -> float:
         v = tuple(torch.randn(s, dtype=u[0].dtype, device="cpu", generator=generator).to(u[0].device)
                   for s in problem.output_shapes)
         gv = problem.feedback(*v)
-        if problem.vjp_only:    # <J_F u, v> as <u, J_F^T v>, J_F^T by autograd's convention
+        if problem.reverse_only:    # <J_F u, v> as <u, J_F^T v>, J_F^T by autograd's vjp
             jtv = vjp(problem.forward, *problem.inputs)[1](v)
             left = sum(float((a * b).sum()) for a, b in zip(u, jtv))
             scale = _norm(u) * _norm(jtv)

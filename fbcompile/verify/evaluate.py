@@ -35,6 +35,7 @@ Two paths per node (:func:`node_paths`):
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Mapping
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.func import vjp
+from torch.func import jvp, vjp
 
 from ..context import EagerContext
 from ..errors import FBCompileError
@@ -113,6 +114,20 @@ class Problem:
 
     def __post_init__(self):    # a copy (expand) may alias its elements: forward AD cannot take it as a primal
         self.inputs = [x if x.is_contiguous() else x.contiguous() for x in self.inputs]
+
+    @functools.cached_property
+    def reverse_only(self) -> bool:
+        """Whether J_F must come from the vjp of F: ``vjp_only``, or F calls an op torch has no
+        forward-mode derivative for (cdist, grid_sample), found by one jvp at a zero tangent."""
+        if self.vjp_only:
+            return True
+        try:
+            jvp(self.forward, tuple(self.inputs), tuple(torch.zeros_like(x) for x in self.inputs))
+        except NotImplementedError as exc:
+            if "forward AD" not in str(exc):
+                raise
+            return True
+        return False
 
     @property
     def n_in(self):

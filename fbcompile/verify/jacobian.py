@@ -45,11 +45,11 @@ def dense_metrics(problem, *, chunk: int = 512, pinv_limit: int = 1 << 18) -> di
 
     Over the output basis (n_out <= n_in): rows of J_F by vjp of F, rows of J_G^T by G itself.
     Over the input basis (n_in < n_out): columns of J_F by jvp of F, the same columns of J_G^T by
-    vjp of G (G is linear, so its vjp is J_G^T). A ``vjp_only`` problem always goes over the output
-    basis (its reference J_F^T is autograd's vjp)."""
+    vjp of G (G is linear, so its vjp is J_G^T). A ``reverse_only`` problem always goes over the
+    output basis (its reference J_F^T is autograd's vjp, or F has no forward-mode derivative)."""
     like = problem.inputs[0]
     n_out, n_in = problem.n_out, problem.n_in
-    by_output = n_out <= n_in or problem.vjp_only
+    by_output = n_out <= n_in or problem.reverse_only
     if by_output:
         _, vjp_f = vjp(problem.forward, *problem.inputs)
         zero_out = tuple(torch.zeros(s, dtype=like.dtype, device=like.device) for s in problem.output_shapes)
