@@ -16,153 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from .errors import FBCompileError
+from .aten_adapters import (
+    DROPOUT, NO_CUDNN, PLAIN, all_dims_reversed_args, cast_args, cdist_args, constant_pad_args, einsum_args,
+    embedding_args, grid_sampler_args, index_args, last_two_swapped_args, loss_args, max_pool_args, renamed,
+    rsub_args, same_dtype_args, slice_args, softmax_args, tensordot_args, transpose_2d_args, upsample_args,
+    where_args)
 from .ops import declare_aten
-from .trace import info
 
 aten = torch.ops.aten
-
-
-def schema_arguments(overload, args, kwargs) -> dict:
-    """The ATen call's arguments by schema name (only those given; defaults stay the op's own)."""
-    names = [a.name for a in overload._schema.arguments]
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
-def renamed(rename: dict | None = None, drop=(), star: tuple = (), check: dict | None = None):
-    """Adapter: schema names, ``self`` -> ``input``, ``rename`` applied, ``drop`` removed; names in
-    ``star`` are var-positional in the canonical signature (``view(input, *shape)``) and become a
-    tuple; ``check`` = {name: required value}: any other value is refused."""
-    rename = {"self": "input", **(rename or {})}
-
-    def adapt(node, *args, **kwargs):
-        bound = schema_arguments(node.target, args, kwargs)
-        for name, required in (check or {}).items():
-            if name in bound and bound[name] != required:
-                raise FBCompileError(f"{node.target}: argument {name}={bound[name]!r} has no canonical spelling "
-                                     f"(only {required!r})")
-        out = {}
-        for name, value in bound.items():
-            if name in drop:
-                continue
-            name = rename.get(name, name)
-            out[name] = tuple(value) if name in star else value
-        return out
-
-    return adapt
-
-
-def _rank(node) -> int:
-    return len(info(node).shape)
-
-
-def _slice(node, *args, **kwargs):
-    """``aten.slice.Tensor(x, dim, start, end, step)`` is ``x[(:,) * dim + (start:end:step,)]``."""
-    a = schema_arguments(node.target, args, kwargs)
-    dim = a.get("dim", 0) % _rank(a["self"])
-    part = slice(a.get("start"), a.get("end"), a.get("step", 1))
-    return {"input": a["self"], "idx": (slice(None),) * dim + (part,)}
-
-
-def _index(node, *args, **kwargs):
-    """``aten.index.Tensor(x, [None, i])`` is ``x[:, i]`` (None entries keep their dim whole)."""
-    a = schema_arguments(node.target, args, kwargs)
-    items = tuple(slice(None) if i is None else i for i in a["indices"])
-    return {"input": a["self"], "idx": items[0] if len(items) == 1 else items}
-
-
-def _embedding(node, *args, **kwargs):
-    """ATen puts the weight first and writes "no padding index" as -1."""
-    a = schema_arguments(node.target, args, kwargs)
-    padding = a.get("padding_idx", -1)
-    return {"input": a["indices"], "weight": a["weight"], "padding_idx": None if padding < 0 else padding,
-            "scale_grad_by_freq": a.get("scale_grad_by_freq", False), "sparse": a.get("sparse", False)}
-
-
-def _transpose_2d(node, *args, **kwargs):
-    """``aten.t``: transpose(0, -1) (a 2-D transpose; a 1-D ``t`` is the identity)."""
-    return {"input": args[0], "dim0": 0, "dim1": -1}
-
-
-def _same_dtype(node, *args, **kwargs):
-    """``contiguous`` / ``clone`` / ``alias``: the identity as long as the dtype is unchanged."""
-    source, record = args[0], info(node)
-    if record.dtype is not None and info(source).dtype != record.dtype:
-        raise FBCompileError(f"{node.target} converts {info(source).dtype} to {record.dtype}: a dtype "
-                             "conversion inside the model has no feedback rule (compile the model in one dtype)")
-    return {"input": source}
-
-
-def _cast(node, *args, **kwargs):
-    """``to.dtype`` / ``to.dtype_layout`` / ``_to_copy`` / ``type_as``: a conversion to the node's dtype,
-    the canonical ``cast`` (a device argument only places the value; see rules/elementwise.py)."""
-    return {"input": schema_arguments(node.target, args, kwargs)["self"], "dtype": info(node).dtype}
-
-
-def _upsample(mode: str, antialias: bool = False):
-    """``upsample_<mode>.vec(input, output_size, [align_corners,] scale_factors)``: F.interpolate's call."""
-    def adapt(node, *args, **kwargs):
-        a = schema_arguments(node.target, args, kwargs)
-        return {"input": a["input"], "size": a.get("output_size"), "scale_factor": a.get("scale_factors"),
-                "mode": mode, "align_corners": a.get("align_corners"), "antialias": antialias}
-    return adapt
-
-
-def _max_pool(node, *args, **kwargs):
-    out = renamed()(node, *args, **kwargs)
-    if out.get("stride") in ([], ()):
-        out["stride"] = None        # ATen's [] means "the kernel size", F.max_pool2d's None
-    return out
-
-
-def _constant_pad(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"input": a["self"], "pad": a["pad"], "mode": "constant", "value": a.get("value", 0)}
-
-
-def _einsum(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"equation": a["equation"], "operands": tuple(a["tensors"])}
-
-
-def _softmax(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"input": a["self"], "dim": a["dim"], **({"dtype": a["dtype"]} if a.get("dtype") is not None else {})}
-
-
-def _where(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"condition": a["condition"], "input": a["self"], "other": a["other"]}
-
-
-def _rsub(node, *args, **kwargs):
-    """``aten.rsub(x, c, alpha)`` = c - alpha x."""
-    a = schema_arguments(node.target, args, kwargs)
-    return {"input": a["other"], "other": a["self"], "alpha": a.get("alpha", 1)}
-
-
-def _tensordot(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"a": a["self"], "b": a["other"], "dims": (list(a["dims_self"]), list(a["dims_other"]))}
-
-
-# ATen's integer codes of the string options the Python functions take
-CDIST_MODES = {None: "use_mm_for_euclid_dist_if_necessary", 0: "use_mm_for_euclid_dist_if_necessary",
-               1: "use_mm_for_euclid_dist", 2: "donot_use_mm_for_euclid_dist"}
-GRID_MODES, GRID_PADDINGS = ("bilinear", "nearest", "bicubic"), ("zeros", "border", "reflection")
-
-
-def _cdist(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"x1": a["x1"], "x2": a["x2"], "p": a.get("p", 2.0), "compute_mode": CDIST_MODES[a.get("compute_mode")]}
-
-
-def _grid_sampler(node, *args, **kwargs):
-    a = schema_arguments(node.target, args, kwargs)
-    return {"input": a["input"], "grid": a["grid"], "mode": GRID_MODES[a["interpolation_mode"]],
-            "padding_mode": GRID_PADDINGS[a["padding_mode"]], "align_corners": a["align_corners"]}
 
 
 def _by_op(pairs) -> dict:
@@ -172,10 +33,6 @@ def _by_op(pairs) -> dict:
         grouped.setdefault(op, []).append(overload)
     return grouped
 
-
-PLAIN = renamed()
-NO_CUDNN = renamed(drop=("cudnn_enable", "cudnn_enabled"))
-DROPOUT = renamed(rename={"train": "training"})
 
 # canonical op -> [(ATen overload name, adapter, in place)]
 TABLE = {
@@ -191,7 +48,7 @@ TABLE = {
     "instance_norm": [("instance_norm.default", NO_CUDNN, False)],
     "lerp": [("lerp.Scalar", renamed(rename={"weight": "fraction"}), False),
              ("lerp.Tensor", renamed(rename={"weight": "fraction"}), False)],
-    "embedding": [("embedding.default", _embedding, False)],
+    "embedding": [("embedding.default", embedding_args, False)],
     "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
     "feature_dropout": [("feature_dropout.default", DROPOUT, False), ("feature_dropout_.default", DROPOUT, True)],
     "alpha_dropout": [("alpha_dropout.default", DROPOUT, False), ("alpha_dropout_.default", DROPOUT, True)],
@@ -200,11 +57,11 @@ TABLE = {
     "rrelu": [("rrelu.default", renamed(drop=("generator",), check={"generator": None}), False),
               ("rrelu_.default", renamed(drop=("generator",), check={"generator": None}), True)],
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
-    "softmax": [("softmax.int", _softmax, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
-    "log_softmax": [("log_softmax.int", _softmax, False)],
+    "softmax": [("softmax.int", softmax_args, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
+    "log_softmax": [("log_softmax.int", softmax_args, False)],
     "add": [("add.Tensor", PLAIN, False), ("add.Scalar", PLAIN, False), ("add_.Tensor", PLAIN, True)],
     "sub": [("sub.Tensor", PLAIN, False), ("sub.Scalar", PLAIN, False), ("sub_.Tensor", PLAIN, True),
-            ("rsub.Scalar", _rsub, False), ("rsub.Tensor", _rsub, False)],
+            ("rsub.Scalar", rsub_args, False), ("rsub.Tensor", rsub_args, False)],
     "mul": [("mul.Tensor", PLAIN, False), ("mul.Scalar", PLAIN, False), ("mul_.Tensor", PLAIN, True)],
     "div": [("div.Tensor", PLAIN, False), ("div.Scalar", PLAIN, False), ("div.Tensor_mode", PLAIN, False),
             ("div_.Tensor", PLAIN, True)],
@@ -214,7 +71,7 @@ TABLE = {
     "matmul": [("matmul.default", PLAIN, False)],
     "mm": [("mm.default", PLAIN, False)],
     "bmm": [("bmm.default", PLAIN, False)],
-    "einsum": [("einsum.default", _einsum, False)],
+    "einsum": [("einsum.default", einsum_args, False)],
     "view": [("view.default", renamed(rename={"size": "shape"}, star=("shape",)), False),
              ("reshape.default", renamed(star=("shape",)), False),
              ("_unsafe_view.default", renamed(rename={"size": "shape"}, star=("shape",)), False)],
@@ -222,14 +79,16 @@ TABLE = {
     "unflatten": [("unflatten.int", PLAIN, False)],
     "squeeze": [("squeeze.default", PLAIN, False), ("squeeze.dim", PLAIN, False), ("squeeze.dims", PLAIN, False)],
     "unsqueeze": [("unsqueeze.default", PLAIN, False)],
-    "transpose": [("transpose.int", PLAIN, False), ("t.default", _transpose_2d, False),
+    "transpose": [("transpose.int", PLAIN, False), ("t.default", transpose_2d_args, False),
+                  *((f"{name}.default", last_two_swapped_args, False) for name in ("mT", "mH", "adjoint")),
                   ("swapaxes.default", renamed(rename={"axis0": "dim0", "axis1": "dim1"}), False),
                   ("swapdims.default", PLAIN, False)],
-    "permute": [("permute.default", renamed(star=("dims",)), False)],
-    "identity": [("contiguous.default", _same_dtype, False), ("clone.default", _same_dtype, False),
-                 ("alias.default", _same_dtype, False)],
-    "cast": [("to.dtype", _cast, False), ("to.dtype_layout", _cast, False), ("_to_copy.default", _cast, False),
-             ("type_as.default", _cast, False)],
+    "permute": [("permute.default", renamed(star=("dims",)), False),
+                ("numpy_T.default", all_dims_reversed_args, False)],
+    "identity": [("contiguous.default", same_dtype_args, False), ("clone.default", same_dtype_args, False),
+                 ("alias.default", same_dtype_args, False)],
+    "cast": [("to.dtype", cast_args, False), ("to.dtype_layout", cast_args, False),
+             ("_to_copy.default", cast_args, False), ("type_as.default", cast_args, False)],
     "cat": [("cat.default", PLAIN, False)],
     "stack": [("stack.default", PLAIN, False)],
     "split": [("split.Tensor", renamed(rename={"split_size": "split_size_or_sections"}), False),
@@ -244,22 +103,23 @@ TABLE = {
     "flip": [("flip.default", renamed(star=("dims",)), False)],
     "select": [("select.int", PLAIN, False)],
     "narrow": [("narrow.default", PLAIN, False)],
-    "index": [("slice.Tensor", _slice, False), ("index.Tensor", _index, False)],
+    "index": [("slice.Tensor", slice_args, False), ("index.Tensor", index_args, False)],
     "gather": [("gather.default", PLAIN, False)],
     "index_select": [("index_select.default", PLAIN, False)],
-    "where": [("where.self", _where, False), ("where.ScalarOther", _where, False), ("where.ScalarSelf", _where, False)],
+    "where": [("where.self", where_args, False), ("where.ScalarOther", where_args, False),
+              ("where.ScalarSelf", where_args, False)],
     "masked_fill": [("masked_fill.Scalar", PLAIN, False), ("masked_fill.Tensor", PLAIN, False),
                     ("masked_fill_.Scalar", PLAIN, True), ("masked_fill_.Tensor", PLAIN, True)],
-    "pad": [("pad.default", PLAIN, False), ("constant_pad_nd.default", _constant_pad, False)],
+    "pad": [("pad.default", PLAIN, False), ("constant_pad_nd.default", constant_pad_args, False)],
     "max": [("max.dim", PLAIN, False)],
     "amax": [("amax.default", PLAIN, False)],
     "amin": [("amin.default", PLAIN, False)],
-    "max_pool1d": [("max_pool1d.default", _max_pool, False)],
-    "max_pool2d": [("max_pool2d.default", _max_pool, False)],
-    "max_pool3d": [("max_pool3d.default", _max_pool, False)],
-    "avg_pool1d": [("avg_pool1d.default", _max_pool, False)],
-    "avg_pool2d": [("avg_pool2d.default", _max_pool, False)],
-    "avg_pool3d": [("avg_pool3d.default", _max_pool, False)],
+    "max_pool1d": [("max_pool1d.default", max_pool_args, False)],
+    "max_pool2d": [("max_pool2d.default", max_pool_args, False)],
+    "max_pool3d": [("max_pool3d.default", max_pool_args, False)],
+    "avg_pool1d": [("avg_pool1d.default", max_pool_args, False)],
+    "avg_pool2d": [("avg_pool2d.default", max_pool_args, False)],
+    "avg_pool3d": [("avg_pool3d.default", max_pool_args, False)],
     "adaptive_avg_pool1d": [("adaptive_avg_pool1d.default", PLAIN, False)],
     "adaptive_avg_pool2d": [("adaptive_avg_pool2d.default", PLAIN, False)],
     "adaptive_avg_pool3d": [("adaptive_avg_pool3d.default", PLAIN, False)],
@@ -283,7 +143,7 @@ TABLE = {
     **{name: [(f"{name}.default", PLAIN, False), (f"{name}_.default", PLAIN, True)]
        for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "log1p", "expm1", "erf",
                     "round", "floor", "ceil", "trunc", "sign")},
-    "interpolate": [(f"{op}.vec", _upsample(mode, aa), False) for op, mode, aa in (
+    "interpolate": [(f"{op}.vec", upsample_args(mode, aa), False) for op, mode, aa in (
         ("upsample_nearest1d", "nearest", False), ("upsample_nearest2d", "nearest", False),
         ("upsample_nearest3d", "nearest", False), ("_upsample_nearest_exact1d", "nearest-exact", False),
         ("_upsample_nearest_exact2d", "nearest-exact", False), ("_upsample_nearest_exact3d", "nearest-exact", False),
@@ -321,7 +181,8 @@ TABLE = {
             "addbmm", "addmv", "addr", "diag", "diag_embed", "linalg_solve", "linalg_norm", "linalg_matrix_norm",
             "renorm", "rot90", "take_along_dim", "logcumsumexp", "aminmax")),
         ("i0", "special_i0.default"), ("matrix_exp", "linalg_matrix_exp.default"),
-        *((name, f"arc{name[1:]}.default") for name in ("asin", "acos", "atan", "asinh", "acosh", "atanh")), ("xlogy", "xlogy.Tensor"), ("xlogy", "xlogy.Scalar_Other"),
+        *((name, f"arc{name[1:]}.default") for name in ("asin", "acos", "atan", "asinh", "acosh", "atanh")),
+        ("xlogy", "xlogy.Tensor"), ("xlogy", "xlogy.Scalar_Other"),
         ("xlogy", "xlogy.Scalar_Self"), ("copysign", "copysign.Tensor"), ("copysign", "copysign.Scalar"),
         ("fmod", "fmod.Tensor"), ("fmod", "fmod.Scalar"), ("remainder", "remainder.Tensor"),
         ("remainder", "remainder.Scalar"), ("remainder", "remainder.Scalar_Tensor"),
@@ -330,7 +191,10 @@ TABLE = {
         ("linalg_matrix_norm", "linalg_matrix_norm.str_ord"), ("var_mean", "var_mean.correction"),
         ("var_mean", "var_mean.dim"), ("var_mean", "var_mean.default"), ("std_mean", "std_mean.correction"),
         ("std_mean", "std_mean.dim"), ("std_mean", "std_mean.default"),
-        ("affine_grid", "affine_grid_generator.default"))
+        ("affine_grid", "affine_grid_generator.default"), ("select_scatter", "select_scatter.default"),
+        ("slice_scatter", "slice_scatter.default"), ("diagonal_scatter", "diagonal_scatter.default"),
+        ("diff", "diff.default"), ("vdot", "vdot.default"), ("pdist", "pdist.default"),
+        ("bilinear", "bilinear.default"), ("multi_dot", "linalg_multi_dot.default"))
     ).items()},
     "scatter": [("scatter.src", PLAIN, False), ("scatter.value", PLAIN, False), ("scatter_.src", PLAIN, True),
                 ("scatter_.value", PLAIN, True)],
@@ -339,9 +203,29 @@ TABLE = {
        for name in ("scatter_add", "index_add", "index_copy", "masked_scatter", "index_put")},
     "det": [("det.default", PLAIN, False), ("linalg_det.default", renamed(rename={"A": "input"}), False)],
     "inverse": [("inverse.default", PLAIN, False), ("linalg_inv.default", renamed(rename={"A": "input"}), False)],
-    "tensordot": [("tensordot.default", _tensordot, False)],
-    "cdist": [("cdist.default", _cdist, False)],
-    "grid_sample": [("grid_sampler.default", _grid_sampler, False), ("grid_sampler_2d.default", _grid_sampler, False)],
+    "tensordot": [("tensordot.default", tensordot_args, False)],
+    **{name: [(overload, loss_args, False) for overload in overloads] for name, overloads in _by_op((
+        ("mse_loss", "mse_loss.default"), ("l1_loss", "l1_loss.default"), ("smooth_l1_loss", "smooth_l1_loss.default"),
+        ("huber_loss", "huber_loss.default"), ("cross_entropy", "cross_entropy_loss.default"),
+        ("nll_loss", "nll_loss_nd.default"), ("nll_loss", "nll_loss.default"), ("nll_loss", "nll_loss2d.default"),
+        ("kl_div", "kl_div.default"), ("binary_cross_entropy", "binary_cross_entropy.default"),
+        ("binary_cross_entropy_with_logits", "binary_cross_entropy_with_logits.default"),
+        ("cosine_embedding_loss", "cosine_embedding_loss.default"),
+        ("margin_ranking_loss", "margin_ranking_loss.default"), ("soft_margin_loss", "soft_margin_loss.default"),
+        ("hinge_embedding_loss", "hinge_embedding_loss.default"),
+        ("triplet_margin_loss", "triplet_margin_loss.default"))).items()},
+    "tensor_split": [("tensor_split.sections", renamed(rename={"sections": "indices_or_sections"}), False),
+                     ("tensor_split.indices", renamed(rename={"indices": "indices_or_sections"}), False)],
+    **{name: [(f"{name}.int", renamed(rename={"sections": "indices_or_sections"}), False),
+              (f"{name}.array", renamed(rename={"indices": "indices_or_sections"}), False)]
+       for name in ("hsplit", "vsplit", "dsplit")},
+    "broadcast_to": [("broadcast_to.default", renamed(star=("size",)), False)],
+    "broadcast_tensors": [("broadcast_tensors.default", renamed(star=("tensors",)), False)],
+    "chain_matmul": [("chain_matmul.default", renamed(star=("matrices",)), False)],
+    "dot": [("dot.default", renamed(rename={"tensor": "other"}), False)],
+    "cdist": [("cdist.default", cdist_args, False)],
+    "grid_sample": [("grid_sampler.default", grid_sampler_args, False),
+                    ("grid_sampler_2d.default", grid_sampler_args, False)],
     "clamp": [("clamp.default", PLAIN, False), ("clamp_.default", PLAIN, True), ("clamp_min.default", PLAIN, False),
               ("clamp_max.default", PLAIN, False), ("clamp.Tensor", PLAIN, False), ("clamp_min.Tensor", PLAIN, False),
               ("clamp_max.Tensor", PLAIN, False)],

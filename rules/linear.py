@@ -9,6 +9,11 @@ Row convention: x is (..., in), W is (out, in), J_F = W acting on each row.
   G(F(x)) = x. A non-square W is refused at compile time, a singular one when it is met.
 
 Weight gradient: dW = g^T x and db = sum of g over the leading dimensions.
+
+Bilinear layers (``nn.Bilinear``, ``F.bilinear``): y_k = x1^T W_k x2 + b_k with W (out, in1, in2).
+T (kind "linearised": J depends on the other input): g -> (sum_k g_k W_k x2, sum_k g_k W_k^T x1),
+with a feedback weight B in place of W under FA or learned feedback. The weight and bias gradients
+(dW_k = sum over rows of g_k x1 x2^T, db = sum g) are autograd's vjp of the op.
 """
 from __future__ import annotations
 
@@ -90,3 +95,26 @@ def _square(ctx):
 def linear_inverse(ctx, g):
     """G(g) = W^-1 g, in rows g W^-T."""
     return {"input": g @ ctx.call(checked_inverse, ctx.weight("weight"), ctx.name).t()}
+
+
+# -- bilinear ------------------------------------------------------------------------------------
+def bilinear(input1, input2, weight, bias=None):
+    return F.bilinear(input1, input2, weight, bias)
+
+
+BILINEAR = declare_op("bilinear", bilinear, functions=[F.bilinear],
+                      modules={nn.Bilinear: lambda m: {"weight": m.weight, "bias": m.bias}})
+
+
+def bilinear_input_feedback(g, weight, other, first: bool):
+    """sum_k g_k W_k x2 (into input1, ``first``) or sum_k g_k W_k^T x1 (into input2), over rows."""
+    pattern = "...k,kij,...j->...i" if first else "...k,kij,...i->...j"
+    return torch.einsum(pattern, g, weight, other)
+
+
+@register_rule(BILINEAR, conditions="T", kind="linearised")
+def bilinear_transpose(ctx, g):
+    """G(g) = J^T g at the forward inputs (module docstring); W may be swapped for B."""
+    weight, args = ctx.weight("weight"), ctx.forward_args()
+    return {name: ctx.call(bilinear_input_feedback, g, weight, args[other], name == "input1")
+            for name, other in (("input1", "input2"), ("input2", "input1")) if ctx.is_active(name)}

@@ -14,6 +14,9 @@ the rule, kind "linearised", and why it keeps DTP's small-beta limit):
 - writes into a copy of the input: ``scatter``, ``scatter_add``, ``scatter_reduce``, ``index_add``,
   ``index_copy``, ``masked_scatter``, ``index_put`` (and their in-place spellings, ``x.index_add_(...)``;
   the mutation pass makes them out of place), the written values getting their feedback too;
+- functional writes ``select_scatter``, ``slice_scatter``, ``diagonal_scatter``; splits
+  ``tensor_split``, ``hsplit``, ``vsplit``, ``dsplit``; ``broadcast_tensors``;
+  ``diff``, ``dot``, ``vdot``, ``linalg.multi_dot``, ``chain_matmul``, ``pdist``;
 - power-average pooling (``nn.LPPool1d`` / ``nn.LPPool2d``; ATen writes it as pow and avg_pool) and
   spatial transformers: ``grid_sample`` and ``affine_grid``.
 
@@ -30,7 +33,7 @@ from torch import nn
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
-from .vjp_ops import _apart, _keeps_samples_apart, _whole_arguments, autograd_vjp
+from .vjp_ops import _apart, _keeps_samples_apart, _refused_options, autograd_vjp
 
 UNARY = {"sinh": (torch.sinh,), "cosh": (torch.cosh,), "tan": (torch.tan,), "asin": (torch.asin, torch.arcsin),
          "acos": (torch.acos, torch.arccos), "atan": (torch.atan, torch.arctan), "asinh": (torch.asinh, torch.arcsinh),
@@ -198,6 +201,54 @@ def index_put(input, indices, values, accumulate=False):
     return torch.index_put(input, tuple(indices), values, accumulate)
 
 
+def select_scatter(input, src, dim, index):
+    return torch.select_scatter(input, src, dim, index)
+
+
+def slice_scatter(input, src, dim=0, start=None, end=None, step=1):
+    return torch.slice_scatter(input, src, dim, start, end, step)
+
+
+def diagonal_scatter(input, src, offset=0, dim1=0, dim2=1):
+    return torch.diagonal_scatter(input, src, offset, dim1, dim2)
+
+
+def tensor_split(input, indices_or_sections, dim=0):
+    return torch.tensor_split(input, indices_or_sections, dim)
+
+
+def _split_along(name, torch_split):
+    return _named(name, torch_split, lambda input, indices_or_sections: torch_split(input, indices_or_sections))
+
+
+def broadcast_tensors(*tensors):
+    return torch.broadcast_tensors(*tensors)
+
+
+def multi_dot(tensors):
+    return torch.linalg.multi_dot(tensors)
+
+
+def chain_matmul(*matrices):
+    return torch.linalg.multi_dot(matrices)
+
+
+def diff(input, n=1, dim=-1, prepend=None, append=None):
+    return torch.diff(input, n, dim, prepend, append)
+
+
+def dot(input, other):
+    return torch.dot(input, other)
+
+
+def vdot(input, other):
+    return torch.vdot(input, other)
+
+
+def pdist(input, p=2.0):
+    return F.pdist(input, p)
+
+
 def _lp_module(m):
     return {"norm_type": m.norm_type, "kernel_size": m.kernel_size, "stride": m.stride, "ceil_mode": m.ceil_mode}
 
@@ -263,6 +314,21 @@ MATH_OPS = [
         ("scatter", scatter), ("scatter_add", scatter_add), ("scatter_reduce", scatter_reduce),
         ("index_add", index_add), ("index_copy", index_copy))),
     _writes_into_a_copy("masked_scatter", masked_scatter, _never),
+    _declared("select_scatter", select_scatter, [torch.select_scatter], ["select_scatter"], batch_local=_keeps_samples_apart),
+    _declared("slice_scatter", slice_scatter, [torch.slice_scatter], ["slice_scatter"], batch_local=_keeps_samples_apart),
+    _declared("diagonal_scatter", diagonal_scatter, [torch.diagonal_scatter], ["diagonal_scatter"],
+              batch_local=_apart(("dim1", "dim2"), default=0)),
+    _declared("tensor_split", tensor_split, [torch.tensor_split], ["tensor_split"], batch_local=_keeps_samples_apart),
+    *(_declared(name, _split_along(name, fn), [fn], [name], batch_local=local) for name, fn, local in (
+        ("hsplit", torch.hsplit, lambda ctx: len(ctx.shape("input")) > 1), ("vsplit", torch.vsplit, _never),
+        ("dsplit", torch.dsplit, None))),
+    _declared("broadcast_tensors", broadcast_tensors, [torch.broadcast_tensors], batch_local=_never),
+    _declared("multi_dot", multi_dot, [torch.linalg.multi_dot], batch_local=_never),
+    _declared("chain_matmul", chain_matmul, [torch.chain_matmul], batch_local=_never),
+    _declared("diff", diff, [torch.diff], ["diff"], batch_local=_keeps_samples_apart),
+    _declared("dot", dot, [torch.dot], ["dot"], batch_local=_never),
+    _declared("vdot", vdot, [torch.vdot], ["vdot"], batch_local=_never),
+    _declared("pdist", pdist, [F.pdist], batch_local=_never),
     _writes_into_a_copy("index_put", index_put, _never),
     _declared("affine_grid", affine_grid, [F.affine_grid], batch_local=_never),     # size holds the batch
 ]
@@ -273,7 +339,7 @@ def _differentiable(ctx):
     if ctx.op_call.args.get("reduce") is not None and ctx.op_call.spec is MATH_OPS_BY_NAME["scatter"]:
         return (f"{ctx.name}: scatter with reduce={ctx.const('reduce')!r} has no derivative in torch; "
                 "use scatter_reduce")
-    return _whole_arguments(ctx)
+    return _refused_options(ctx)
 
 
 MATH_OPS_BY_NAME = {op.name: op for op in MATH_OPS}

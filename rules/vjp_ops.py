@@ -322,21 +322,31 @@ VJP_OPS = [
 ]
 
 
-def vjp_at(op_name: str, arguments: dict, roles: tuple, g) -> tuple:
-    """J_F^T g for the arguments named in ``roles``, at ``arguments`` (``torch.func``: also under the
-    transforms verification applies)."""
+def vjp_at(op_name: str, arguments: dict, slots: tuple, g) -> tuple:
+    """J_F^T g for the arguments at ``slots``, ``(name, None)`` for an argument and ``(name, i)`` for
+    element i of a list argument, at ``arguments`` (``torch.func``: also under the transforms
+    verification applies)."""
     spec = get_op(op_name)
-    out, pullback = torch.func.vjp(lambda *xs: spec.run(spec.apply, {**arguments, **dict(zip(roles, xs))}),
-                                   *[arguments[r] for r in roles])
+
+    def apply(*xs):
+        args = dict(arguments)
+        for (name, index), x in zip(slots, xs):
+            if index is None:
+                args[name] = x
+            else:
+                items = list(args[name])
+                items[index] = x
+                args[name] = type(args[name])(items)
+        return spec.run(spec.apply, args)
+
+    out, pullback = torch.func.vjp(apply, *[arguments[n] if i is None else arguments[n][i] for n, i in slots])
     if isinstance(out, tuple):      # feedback at some outputs of a multi-output op: zero at the others
         parts = tuple(torch.zeros_like(o) if part is None else part for o, part in zip(out, g))
         g = parts if type(out) is tuple else type(out)(parts)       # a torch.return_types record
     return pullback(g)
 
 
-def _whole_arguments(ctx):
-    if any(index is not None for _, index, _ in ctx.op_call.active):
-        return f"{ctx.name}: an activation inside a list argument of {ctx.op_call.spec.name} is not supported"
+def _refused_options(ctx):
     args = ctx.op_call.args
     if args.get("running_mean") is not None or args.get("use_input_stats") is False:
         return (f"{ctx.name}: instance normalisation with running statistics (track_running_stats=True) is not "
@@ -350,11 +360,18 @@ def _whole_arguments(ctx):
 
 
 def autograd_vjp(ctx, g):
-    """J_G g = J_F(x)^T g by autograd's vjp at the saved inputs, for every active argument."""
-    roles = tuple(dict.fromkeys(name for name, _, _ in ctx.op_call.active))
-    grads = ctx.call(vjp_at, ctx.op_call.spec.name, ctx.forward_args(), roles, g)
-    return {role: grads[i] for i, role in enumerate(roles)}
+    """J_G g = J_F(x)^T g by autograd's vjp at the saved inputs, for every active argument (each
+    active element of a list argument: ``{name: [feedback or None per element]}``)."""
+    slots = tuple(dict.fromkeys((name, index) for name, index, _ in ctx.op_call.active))
+    grads = ctx.call(vjp_at, ctx.op_call.spec.name, ctx.forward_args(), slots, g)
+    feedback = {}
+    for i, (name, index) in enumerate(slots):
+        if index is None:
+            feedback[name] = grads[i]
+        else:
+            feedback.setdefault(name, [None] * len(ctx.op_call.args[name]))[index] = grads[i]
+    return feedback
 
 
 for _op in VJP_OPS:
-    register_rule(_op, conditions="T", kind="linearised", supports=_whole_arguments)(autograd_vjp)
+    register_rule(_op, conditions="T", kind="linearised", supports=_refused_options)(autograd_vjp)

@@ -23,6 +23,7 @@ def nets(tmp_path):
     path = tmp_path / "nets.py"
     path.write_text(textwrap.dedent("""
         import math
+        import torch
         from torch import nn
 
         class Tiny(nn.Module):
@@ -32,12 +33,12 @@ def nets(tmp_path):
             def forward(self, x):
                 return self.fc2(self.act(self.fc1(x)))
 
-        class LogCumSumExp(nn.Module):
+        class ScaledErfc(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.fc = nn.Linear(6, 3)
             def forward(self, x):
-                return self.fc(x).logcumsumexp(1)
+                return torch.special.erfcx(self.fc(x))
 
         class Branchy(nn.Module):
             def __init__(self):
@@ -169,8 +170,8 @@ def test_inspect_prints_table_code_and_draws(capsys, tmp_path):
 
 
 def test_inspect_lists_unsupported_nodes(capsys, nets):
-    code, out, _ = run(capsys, "inspect", f"{nets}:LogCumSumExp")
-    assert code == 1 and "logcumsumexp" in out and "register_rule" in out
+    code, out, _ = run(capsys, "inspect", f"{nets}:ScaledErfc")
+    assert code == 1 and "special_erfcx" in out and "register_rule" in out
 
 
 def test_inspect_user_model_with_input_shape(capsys, nets):
@@ -214,8 +215,8 @@ def test_verify_exits_1_when_an_exact_rule_is_off(capsys, monkeypatch):
 
 def test_verify_compile_errors_exit_2(capsys, nets):
     assert_clean_error(*run(capsys, "verify", f"{nets}:Branchy")[::2], "could not trace")
-    code, _, err = run(capsys, "verify", f"{nets}:LogCumSumExp")
-    assert_clean_error(code, err, "logcumsumexp")
+    code, _, err = run(capsys, "verify", f"{nets}:ScaledErfc")
+    assert_clean_error(code, err, "special_erfcx")
 
 
 # -- train (resume equality is in test_training.py) --------------------------------------------

@@ -159,7 +159,8 @@ def test_the_ops_that_start_units_are_the_weight_layers():
     library = {n: s for n, s in declared_ops().items() if s.apply.__module__.startswith("fbcompile.rules.")}
     leading = {n for n, s in library.items() if starts_unit(s)}
     assert leading == {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                       "layer_norm", "rms_norm", "embedding", "embedding_bag", "multihead_attention", "addmm"}
+                       "layer_norm", "rms_norm", "embedding", "embedding_bag", "multihead_attention", "addmm",
+                       "bilinear"}
     assert library["batch_norm"].weights and library["group_norm"].weights   # weights, yet they follow
     assert library["prelu"].weights and library["instance_norm"].weights
 

@@ -361,3 +361,11 @@ def test_tile_through_torch_export_equals_autograd(name):
     from test_rules_elementwise import assert_matches_autograd
     model = Sandwich(STRUCTURAL[name], SHAPE).double()
     assert_matches_autograd(model, torch.randn(*SHAPE, dtype=torch.float64), "export", ops=["tile"])
+
+
+@pytest.mark.parametrize("name", ["mT", "T", "t", "broadcast_to"])
+def test_transposes_and_broadcasts_are_exact_under_export(name):
+    """ATen's mT / numpy_T / t / broadcast_to spellings bind to the same rules as torch.fx's."""
+    from test_rules_elementwise import assert_matches_autograd
+    model = Sandwich(STRUCTURAL[name], SHAPE).double()
+    assert_matches_autograd(model, torch.randn(*SHAPE, dtype=torch.float64), "export")

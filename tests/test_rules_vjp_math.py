@@ -2,6 +2,8 @@
 pow, in float64 through both front ends: every rule's TJML residual and adjoint gap with random
 vectors, input and parameter gradients equal to autograd's (parameters in products, bounds and
 solves get theirs), writes into copies in place, refusals by name, and DTP's small-beta limit."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,21 @@ CASES = {
     "index_copy": lambda m, h: h.index_copy(1, torch.tensor([1, 3]), h[:, :2] * 2),
     "masked_scatter": lambda m, h: h.masked_scatter(torch.arange(8).repeat(h.shape[0], 1) % 2 == 0, h.flip(-1)),
     "index_put": lambda m, h: torch.index_put(h, (torch.arange(h.shape[0]), torch.tensor(1)), h[:, 0] * m.w[0, 0]),
+    "select_scatter": lambda m, h: torch.select_scatter(h, h[:, 0] * 2, 1, 1),
+    "slice_scatter": lambda m, h: torch.slice_scatter(h, h[:, :2] * 3, 1, 2, 4),
+    "diagonal_scatter": lambda m, h: torch.diagonal_scatter(h.view(-1, 2, 4)[:, :, :2], h[:, :2], 0, 1, 2).flatten(
+        1).repeat(1, 2),
+    "tensor_split": lambda m, h: torch.cat(torch.tensor_split(h, 3, dim=1)[::-1], 1),
+    "hsplit": lambda m, h: torch.cat(torch.hsplit(h, [2, 5])[::-1], 1),
+    "dsplit": lambda m, h: torch.cat(torch.dsplit(h.view(-1, 1, 2, 4), 2)[::-1], 3).flatten(1),
+    "broadcast_tensors": lambda m, h: h + torch.broadcast_tensors(h[:, :1], m.w[0])[0] * 0.5,
+    "diff": lambda m, h: torch.cat([torch.diff(h, dim=1), h[:, :1]], 1),
+    "multi_dot": lambda m, h: torch.linalg.multi_dot([h, m.w, torch.tanh(m.w)]),
+    "chain_matmul": lambda m, h: torch.chain_matmul(h, m.w, m.w.flip(0)),
+    "dot": lambda m, h: h * torch.dot(m.w[0], m.w[1]) + torch.vdot(m.w[2], m.w[3]),
+    "pdist": lambda m, h: h * F.pdist(m.w).sum(),
+    "bilinear": lambda m, h: m.bilinear(h, h.flip(1)) + F.bilinear(h, torch.tanh(h), m.w.view(8, 8, 1).expand(
+        8, 8, 8).contiguous()),
     "clamp_tensor_bounds": lambda m, h: torch.clamp(h, min=h.flip(1) * 0.5, max=m.w[0]) + h.clamp_min(0.1),
     "pow_tensor_exponent": lambda m, h: torch.pow(POSITIVE(h), h.flip(1)) + 2.0 ** h,
 }
@@ -78,7 +95,7 @@ class Case(nn.Module):
         super().__init__()
         self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
         self.w = nn.Parameter(torch.randn(8, 8))
-        self.lp = nn.LPPool1d(2, 2)
+        self.lp, self.bilinear = nn.LPPool1d(2, 2), nn.Bilinear(8, 8, 8)
         self.fn = fn
 
     def forward(self, x):
@@ -131,3 +148,28 @@ def test_scatter_with_reduce_is_refused_by_name():
 def test_ops_meet_the_small_beta_limit(name):
     model = randomise_vectors(Case(CASES[name]))
     assert dtp_angle(model, torch.randn(5, 4, dtype=torch.float64)) < 0.01
+
+
+class BilinearNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mix, self.b = nn.Linear(4, 8), nn.Bilinear(8, 8, 6), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(torch.tanh(self.mix(h, h.flip(1))))
+
+
+def test_bilinear_feeds_back_through_a_weight_slot_and_every_learner_steps():
+    """nn.Bilinear's input feedback reads its weight through ``ctx.weight``: FA and learned
+    feedback put their own matrix there, as for a Linear."""
+    from test_learners_any_model import LEARNERS, loss_fn
+    torch.manual_seed(0)
+    model, x, y = BilinearNet(), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 1])
+    program = fbcompile.compile(model, x)
+    assert "mix.weight" in {slot.qualname for slot in program.slots}
+    for algorithm, options in LEARNERS:
+        model.zero_grad(set_to_none=True)
+        result = fbcompile.learner(program, algorithm, **options).step(x, y, loss_fn)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert math.isfinite(result.loss) and grads and all(torch.isfinite(g).all() for g in grads), algorithm

@@ -121,12 +121,16 @@ def _carries_feedback(user: fx.Node) -> bool:
 # weights (a per-channel gain) yet join their producer's unit. Matched by the torch function the op
 # spells, as canonicalisation matches every spelling: by identity.
 CHANNEL_NORMALISATIONS = (F.batch_norm, F.group_norm, F.instance_norm, F.prelu)
+# Losses whose ``weight`` argument weighs the classes: no layer's weight, so they start no unit.
+CLASS_WEIGHTED_LOSSES = (F.cross_entropy, F.nll_loss, F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
 
 
 def starts_unit(spec) -> bool:
     """Whether an op starts a unit under the "layer" grouping: it holds weights (``spec.weights``,
-    the ``weight``/``*_weight`` arguments of its signature) and is not a channel normalisation."""
-    return bool(spec.weights) and not any(fn in CHANNEL_NORMALISATIONS for fn in spec.functions)
+    the ``weight``/``*_weight`` arguments of its signature) and is neither a channel normalisation
+    nor a class-weighted loss."""
+    return bool(spec.weights) and not any(fn in CHANNEL_NORMALISATIONS + CLASS_WEIGHTED_LOSSES
+                                          for fn in spec.functions)
 
 
 def _key_function(grouping):
