@@ -173,3 +173,25 @@ def test_bilinear_feeds_back_through_a_weight_slot_and_every_learner_steps():
         result = fbcompile.learner(program, algorithm, **options).step(x, y, loss_fn)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert math.isfinite(result.loss) and grads and all(torch.isfinite(g).all() for g in grads), algorithm
+
+
+PARAMETRIZATIONS = {"orthogonal": nn.utils.parametrizations.orthogonal,
+                    "spectral_norm": nn.utils.parametrizations.spectral_norm, "old_spectral_norm": nn.utils.spectral_norm}
+
+
+@pytest.mark.parametrize("name, train", [("orthogonal", False), ("orthogonal", True), ("spectral_norm", False),
+                                         ("old_spectral_norm", False)])
+def test_weight_parametrizations_compile_under_export_and_equal_autograd(name, train):
+    """The orthogonal map (matrix_exp / householder products) and spectral normalisation's
+    sigma = u^T W v (dot, mv) are traced through by torch.export."""
+    torch.manual_seed(0)
+    middle = PARAMETRIZATIONS[name](nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), middle, nn.Tanh(), nn.Linear(8, 3)).double().train(train)
+    assert_matches_autograd(model, torch.randn(5, 4, dtype=torch.float64), "export")
+
+
+def test_spectral_norm_in_train_mode_is_refused_by_name():
+    """Its power iteration updates u and v inside torch.no_grad(): a block torch.export keeps."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 3))).train()
+    with pytest.raises(fbcompile.FBCompileError, match="no_grad"):
+        fbcompile.compile(model, torch.randn(5, 4), frontend="export")
