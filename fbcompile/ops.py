@@ -196,6 +196,20 @@ def param_vjp(op_name: str, args: dict, roles: tuple, g) -> tuple:
         return torch.autograd.grad(out, list(params.values()), g, allow_unused=True)
 
 
+def substituted(arguments: dict, slots, values) -> dict:
+    """``arguments`` with each slot's value replaced: a slot is ``(name, None)`` for an argument or
+    ``(name, i)`` for element i of a list argument (the slots of ``OpCall.active``)."""
+    arguments = dict(arguments)
+    for (name, index), value in zip(slots, values):
+        if index is None:
+            arguments[name] = value
+        else:
+            items = list(arguments[name])
+            items[index] = value
+            arguments[name] = type(arguments[name])(items)
+    return arguments
+
+
 def get_op(name: str) -> OpSpec:
     if name not in _OPS:
         raise RuleError(f"unknown op {name!r}; declared ops: {', '.join(sorted(_OPS))}")

@@ -74,9 +74,9 @@ DISTINCT = [SORT, _spec("topk", topk, torch.topk), _spec("kthvalue", kthvalue, t
 CUMULATIVE = [_spec("cummax", cummax, torch.cummax), _spec("cummin", cummin, torch.cummin)]
 
 
-def scatter_to_indices(g, input, indices, dim, keepdim):
+def scatter_to_indices(g, input, indices, dim):
     """zeros(x.shape).scatter_add(dim, indices, g), g and the indices unsqueezed at ``dim`` where the
-    forward dropped it (keepdim=False)."""
+    forward dropped it (a reduction with keepdim=False)."""
     if indices.dim() < input.dim():
         g, indices = g.unsqueeze(dim), indices.unsqueeze(dim)
     return g.new_zeros(input.shape).scatter_add(dim, indices, g)
@@ -88,7 +88,7 @@ def to_indices(ctx, g):
     if values_feedback is None:
         return {"input": None}
     return {"input": ctx.call(scatter_to_indices, values_feedback, ctx.saved("input"), ctx.saved("output")[1],
-                              _dim(ctx), ctx.const("keepdim", False))}
+                              _dim(ctx))}
 
 
 def _over_a_dim(ctx):

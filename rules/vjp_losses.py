@@ -20,7 +20,7 @@ from torch import nn
 from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
-from .vjp_ops import _refused_options, autograd_vjp
+from .vjp_ops import _refused_options, autograd_vjp, mixes_samples
 
 #: loss function -> its nn module and the module attributes passed as arguments
 LOSSES = {
@@ -43,12 +43,8 @@ def _module_arguments(names):
     return lambda m: {name: getattr(m, name) for name in names}
 
 
-def _never(ctx):
-    return False
-
-
 LOSS_OPS = [declare_op(function.__name__, function, functions=[function],
-                       modules={module: _module_arguments(names)}, batch_local=_never)
+                       modules={module: _module_arguments(names)}, batch_local=mixes_samples)
             for function, (module, names) in LOSSES.items()]
 
 for _op in LOSS_OPS:

@@ -33,7 +33,7 @@ from torch import nn
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
-from .vjp_ops import _apart, _keeps_samples_apart, _refused_options, autograd_vjp
+from .vjp_ops import _apart, _keeps_samples_apart, _refused_options, autograd_vjp, mixes_samples
 
 UNARY = {"sinh": (torch.sinh,), "cosh": (torch.cosh,), "tan": (torch.tan,), "asin": (torch.asin, torch.arcsin),
          "acos": (torch.acos, torch.arccos), "atan": (torch.atan, torch.arctan), "asinh": (torch.asinh, torch.arcsinh),
@@ -253,10 +253,6 @@ def _lp_module(m):
     return {"norm_type": m.norm_type, "kernel_size": m.kernel_size, "stride": m.stride, "ceil_mode": m.ceil_mode}
 
 
-def _never(ctx):
-    return False
-
-
 def _methods(names):
     return [tensor_method(name) for name in names if hasattr(torch.Tensor, name)]
 
@@ -266,7 +262,7 @@ def _elementwise(table, make):
     for name, functions in table.items():
         names = [name] + [f.__name__ for f in functions[1:] if hasattr(torch.Tensor, f.__name__)]
         ops.append(declare_op(name, make(name, functions[0]), functions=list(functions), methods=_methods(names),
-                              batch_local=_never if name in WHOLE_TENSOR else None))
+                              batch_local=mixes_samples if name in WHOLE_TENSOR else None))
     return ops
 
 
@@ -289,13 +285,13 @@ MATH_OPS = [
     _declared("polygamma", polygamma, [torch.polygamma]),
     _declared("float_power", float_power, [torch.float_power], ["float_power"]),
     _declared("baddbmm", baddbmm, [torch.baddbmm], ["baddbmm"]),
-    _declared("addbmm", addbmm, [torch.addbmm], ["addbmm"], batch_local=_never),
-    _declared("addmv", addmv, [torch.addmv], ["addmv"], batch_local=_never),
-    _declared("addr", addr, [torch.addr], ["addr"], batch_local=_never),
-    _declared("tensordot", tensordot, [torch.tensordot], batch_local=_never),
-    _declared("diag", diag, [torch.diag], ["diag"], batch_local=_never),
+    _declared("addbmm", addbmm, [torch.addbmm], ["addbmm"], batch_local=mixes_samples),
+    _declared("addmv", addmv, [torch.addmv], ["addmv"], batch_local=mixes_samples),
+    _declared("addr", addr, [torch.addr], ["addr"], batch_local=mixes_samples),
+    _declared("tensordot", tensordot, [torch.tensordot], batch_local=mixes_samples),
+    _declared("diag", diag, [torch.diag], ["diag"], batch_local=mixes_samples),
     _declared("diag_embed", diag_embed, [torch.diag_embed], ["diag_embed"], batch_local=_apart(("dim1", "dim2"))),
-    _declared("linalg_solve", linalg_solve, [torch.linalg.solve], batch_local=_never),
+    _declared("linalg_solve", linalg_solve, [torch.linalg.solve], batch_local=mixes_samples),
     _declared("linalg_norm", linalg_norm, [torch.linalg.norm], batch_local=_keeps_samples_apart),
     _declared("linalg_matrix_norm", linalg_matrix_norm, [torch.linalg.matrix_norm], batch_local=_keeps_samples_apart),
     _declared("cdist", cdist, [torch.cdist], batch_local=lambda ctx: len(ctx.shape("x1")) > 2),
@@ -313,26 +309,25 @@ MATH_OPS = [
     *(_writes_into_a_copy(name, apply, _keeps_samples_apart) for name, apply in (
         ("scatter", scatter), ("scatter_add", scatter_add), ("scatter_reduce", scatter_reduce),
         ("index_add", index_add), ("index_copy", index_copy))),
-    _writes_into_a_copy("masked_scatter", masked_scatter, _never),
-    _declared("select_scatter", select_scatter, [torch.select_scatter], ["select_scatter"], batch_local=_keeps_samples_apart),
-    _declared("slice_scatter", slice_scatter, [torch.slice_scatter], ["slice_scatter"], batch_local=_keeps_samples_apart),
+    _writes_into_a_copy("masked_scatter", masked_scatter, mixes_samples),
+    *(_declared(name, apply, [getattr(torch, name)], [name], batch_local=_keeps_samples_apart)
+      for name, apply in (("select_scatter", select_scatter), ("slice_scatter", slice_scatter))),
     _declared("diagonal_scatter", diagonal_scatter, [torch.diagonal_scatter], ["diagonal_scatter"],
               batch_local=_apart(("dim1", "dim2"), default=0)),
     _declared("tensor_split", tensor_split, [torch.tensor_split], ["tensor_split"], batch_local=_keeps_samples_apart),
     *(_declared(name, _split_along(name, fn), [fn], [name], batch_local=local) for name, fn, local in (
-        ("hsplit", torch.hsplit, lambda ctx: len(ctx.shape("input")) > 1), ("vsplit", torch.vsplit, _never),
+        ("hsplit", torch.hsplit, lambda ctx: len(ctx.shape("input")) > 1), ("vsplit", torch.vsplit, mixes_samples),
         ("dsplit", torch.dsplit, None))),
-    _declared("broadcast_tensors", broadcast_tensors, [torch.broadcast_tensors], batch_local=_never),
-    _declared("multi_dot", multi_dot, [torch.linalg.multi_dot], batch_local=_never),
-    _declared("chain_matmul", chain_matmul, [torch.chain_matmul], batch_local=_never),
+    _declared("broadcast_tensors", broadcast_tensors, [torch.broadcast_tensors], batch_local=mixes_samples),
+    _declared("multi_dot", multi_dot, [torch.linalg.multi_dot], batch_local=mixes_samples),
+    _declared("chain_matmul", chain_matmul, [torch.chain_matmul], batch_local=mixes_samples),
     _declared("diff", diff, [torch.diff], ["diff"], batch_local=_keeps_samples_apart),
-    _declared("dot", dot, [torch.dot], ["dot"], batch_local=_never),
-    _declared("vdot", vdot, [torch.vdot], ["vdot"], batch_local=_never),
-    _declared("pdist", pdist, [F.pdist], batch_local=_never),
-    _writes_into_a_copy("index_put", index_put, _never),
-    _declared("affine_grid", affine_grid, [F.affine_grid], batch_local=_never),     # size holds the batch
+    _declared("dot", dot, [torch.dot], ["dot"], batch_local=mixes_samples),
+    _declared("vdot", vdot, [torch.vdot], ["vdot"], batch_local=mixes_samples),
+    _declared("pdist", pdist, [F.pdist], batch_local=mixes_samples),
+    _writes_into_a_copy("index_put", index_put, mixes_samples),
+    _declared("affine_grid", affine_grid, [F.affine_grid], batch_local=mixes_samples),     # size holds the batch
 ]
-
 
 
 def _differentiable(ctx):

@@ -5,8 +5,8 @@
 with each instance's statistics), ``local_response_norm``, ``pixel_shuffle`` / ``pixel_unshuffle``,
 ``unfold`` / ``fold``, ``maximum`` / ``minimum``, ``addcmul``, ``addcdiv``, ``lerp``, ``triu`` /
 ``tril``, ``softmin`` (torch.fx; ATen writes it as a softmax), ``mv``, ``outer``, ``threshold``,
-``channel_shuffle``, ``cosine_similarity``, ``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``, ``movedim``, ``cumprod``,
-``repeat_interleave``, sliding windows (``Tensor.unfold``), adaptive max pooling (without
+``channel_shuffle``, ``cosine_similarity``, ``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``,
+``movedim``, ``cumprod``, ``repeat_interleave``, sliding windows (``Tensor.unfold``), adaptive max pooling (without
 indices) and ``embedding_bag`` (without ``max_norm``, dense gradients).
 
 T (kind "linearised"): J_G g = J_F(x)^T g, computed by ``torch.func.vjp`` of the op at its saved
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbcompile.ops import declare_op, get_op, tensor_method
+from fbcompile.ops import declare_op, get_op, substituted, tensor_method
 from fbcompile.registry import register_rule
 
 
@@ -240,6 +240,12 @@ def _keeps_samples_apart(ctx, dims=("dim",), tensor="input", default=None) -> bo
     return rank > 1 and 0 not in {d % rank for d in flat}
 
 
+def mixes_samples(ctx) -> bool:
+    """``batch_local`` of an op that reads the whole tensor at once (a loss, a matrix product of the
+    batch, a write at indices anywhere): never batch-local."""
+    return False
+
+
 def _apart(dims=("dim",), tensor="input", default=None):
     return lambda ctx: _keeps_samples_apart(ctx, dims, tensor, default)
 
@@ -327,19 +333,8 @@ def vjp_at(op_name: str, arguments: dict, slots: tuple, g) -> tuple:
     element i of a list argument, at ``arguments`` (``torch.func``: also under the transforms
     verification applies)."""
     spec = get_op(op_name)
-
-    def apply(*xs):
-        args = dict(arguments)
-        for (name, index), x in zip(slots, xs):
-            if index is None:
-                args[name] = x
-            else:
-                items = list(args[name])
-                items[index] = x
-                args[name] = type(args[name])(items)
-        return spec.run(spec.apply, args)
-
-    out, pullback = torch.func.vjp(apply, *[arguments[n] if i is None else arguments[n][i] for n, i in slots])
+    out, pullback = torch.func.vjp(lambda *xs: spec.run(spec.apply, substituted(arguments, slots, xs)),
+                                   *[arguments[n] if i is None else arguments[n][i] for n, i in slots])
     if isinstance(out, tuple):      # feedback at some outputs of a multi-output op: zero at the others
         parts = tuple(torch.zeros_like(o) if part is None else part for o, part in zip(out, g))
         g = parts if type(out) is tuple else type(out)(parts)       # a torch.return_types record

@@ -47,7 +47,7 @@ from torch.func import jvp, vjp
 
 from ..context import EagerContext
 from ..errors import FBCompileError
-from ..ops import autograd_param_grads
+from ..ops import autograd_param_grads, substituted
 from ..passes.walk import FanIn, left_sum, walk_back
 from ..passes.feedback import cast_feedback, promoted_operand_dtype
 from ..trace import describe, info, preserved_state
@@ -205,15 +205,7 @@ def _replay(call, node_name, values, args):
 
 
 def _with_inputs(args: dict, active: list, xs) -> dict:
-    args = dict(args)
-    for (arg, index, _), x in zip(active, xs):
-        if index is None:
-            args[arg] = x
-        else:
-            items = list(args[arg])
-            items[index] = x
-            args[arg] = type(args[arg])(items)
-    return args
+    return substituted(args, [(arg, index) for arg, index, _ in active], xs)
 
 
 def apply_vjp(call, args: dict, roles, g) -> tuple:
