@@ -103,8 +103,8 @@ def _qualified_names(model: nn.Module) -> dict[int, str]:
 
 
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-RECURRENT_HINT = (": recurrent modules (nn.RNN, nn.LSTM, nn.GRU and their cells) are not supported; fbcompile "
-                  "has no feedback rule through time")
+RECURRENT_HINT = (": torch.fx keeps recurrent modules (nn.RNN, nn.LSTM, nn.GRU and their cells) as one call; "
+                  "frontend='export' or 'auto' writes them step by step over time")
 
 
 def _bind(node: fx.Node, gm: fx.GraphModule, names: dict[int, str]) -> OpCall:

@@ -33,6 +33,7 @@ from ..input_shapes import META as SHAPES_META, InputShape, InputShapes
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module
 from ..ops import lookup_module
+from .recurrent import recurrent_modules_unrolled
 
 aten = torch.ops.aten
 _DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
@@ -45,7 +46,8 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
     so the program runs on other batch sizes (as fx programs do), unless the model specialises it.
     Its failure is raised as it is (the caller words the error). Model state is left as it was.
     A custom autograd Function whose backward is not its forward's derivative is refused
-    (:mod:`fbcompile.autograd_functions`)."""
+    (:mod:`fbcompile.autograd_functions`); recurrent modules are unrolled over time
+    (:mod:`fbcompile.frontends.recurrent`)."""
     batch = {0: torch.export.Dim.AUTO}
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
     if tensors and all(x.shape[0] == 1 for x in tensors):
@@ -57,7 +59,7 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
     if kwargs:
         names = [p for p in inspect.signature(model.forward).parameters][:len(example_inputs)]
         dynamic = {**dict(zip(names, dynamic)), **{k: None for k in kwargs}}
-    with custom_functions_recorded() as functions:
+    with custom_functions_recorded() as functions, recurrent_modules_unrolled(model):
         exported = torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
                                        dynamic_shapes=dynamic)
     check_recorded_functions(functions)
