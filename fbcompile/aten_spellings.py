@@ -194,7 +194,9 @@ TABLE = {
         ("affine_grid", "affine_grid_generator.default"), ("select_scatter", "select_scatter.default"),
         ("slice_scatter", "slice_scatter.default"), ("diagonal_scatter", "diagonal_scatter.default"),
         ("diff", "diff.default"), ("vdot", "vdot.default"), ("pdist", "pdist.default"),
-        ("bilinear", "bilinear.default"), ("multi_dot", "linalg_multi_dot.default"))
+        ("bilinear", "bilinear.default"), ("multi_dot", "linalg_multi_dot.default"), ("copy", "copy.default"),
+        ("fill", "fill.Scalar"),
+        ("fill", "fill.Tensor"), ("zero", "zero.default"))
     ).items()},
     "scatter": [("scatter.src", PLAIN, False), ("scatter.value", PLAIN, False), ("scatter_.src", PLAIN, True),
                 ("scatter_.value", PLAIN, True)],

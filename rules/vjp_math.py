@@ -14,7 +14,8 @@ the rule, kind "linearised", and why it keeps DTP's small-beta limit):
 - writes into a copy of the input: ``scatter``, ``scatter_add``, ``scatter_reduce``, ``index_add``,
   ``index_copy``, ``masked_scatter``, ``index_put`` (and their in-place spellings, ``x.index_add_(...)``;
   the mutation pass makes them out of place), the written values getting their feedback too;
-- functional writes ``select_scatter``, ``slice_scatter``, ``diagonal_scatter``; splits
+- functional writes ``select_scatter``, ``slice_scatter``, ``diagonal_scatter`` and ATen's ``copy``,
+  ``fill``, ``zero`` (item assignment made functional by torch.export); splits
   ``tensor_split``, ``hsplit``, ``vsplit``, ``dsplit``; ``broadcast_tensors``;
   ``diff``, ``dot``, ``vdot``, ``linalg.multi_dot``, ``chain_matmul``, ``pdist``;
 - power-average pooling (``nn.LPPool1d`` / ``nn.LPPool2d``; ATen writes it as pow and avg_pool) and
@@ -206,6 +207,8 @@ def select_scatter(input, src, dim, index):
 
 
 def slice_scatter(input, src, dim=0, start=None, end=None, step=1):
+    if end is not None and end > input.shape[dim]:      # ATen writes an open end as 2**63 - 1, which
+        end = input.shape[dim]                          # functorch's batching rule cannot add to
     return torch.slice_scatter(input, src, dim, start, end, step)
 
 
@@ -247,6 +250,21 @@ def vdot(input, other):
 
 def pdist(input, p=2.0):
     return F.pdist(input, p)
+
+
+def copy(input, src, non_blocking=False):
+    """ATen's functional ``copy`` (item assignment, made functional by torch.export): ``src`` cast to
+    ``input``'s dtype and broadcast to its shape; nothing of ``input`` but its shape is read. Written
+    with differentiable ops (autograd has no derivative for ``aten.copy``)."""
+    return src.to(input.dtype).expand_as(input).clone()
+
+
+def fill(input, value):
+    return torch.ops.aten.fill(input, value)
+
+
+def zero(input):
+    return torch.ops.aten.zero(input)
 
 
 def _lp_module(m):
@@ -327,6 +345,7 @@ MATH_OPS = [
     _declared("pdist", pdist, [F.pdist], batch_local=mixes_samples),
     _writes_into_a_copy("index_put", index_put, mixes_samples),
     _declared("affine_grid", affine_grid, [F.affine_grid], batch_local=mixes_samples),     # size holds the batch
+    *(_declared(name, apply, []) for name, apply in (("copy", copy), ("fill", fill), ("zero", zero))),
 ]
 
 
