@@ -63,7 +63,7 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
         exported = torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
                                        dynamic_shapes=dynamic)
     check_recorded_functions(functions)
-    if _writes_through_views(exported.graph) and not any(n.target in _BATCH_NORMS for n in exported.graph.nodes):
+    if _writes_through_views(exported) and not any(n.target in _BATCH_NORMS for n in exported.graph.nodes):
         exported = exported.run_decompositions({})      # functional: slice_scatter, select_scatter, copy
     return exported
 
@@ -72,18 +72,28 @@ _BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit.default,
                 aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default}
 
 
-def _writes_through_views(graph: fx.Graph) -> bool:
-    """Whether an in-place op of the training IR writes into a view of another tensor (item
-    assignment ``h[:, 0] = v``, ``h[:, :2].mul_(2)``, ``h.t().mul_(3)``). Such a program is made
-    functional (``run_decompositions({})``: writes into copies, ``slice_scatter`` and the like, which
-    the rule library covers), unless it holds a BatchNorm, whose functional form the export front end
-    does not map back to the module: that program keeps its writes and is refused naming them."""
-    for node in graph.nodes:
+def _writes_through_views(ep: torch.export.ExportedProgram) -> bool:
+    """Whether an in-place op of the training IR writes into a view of a tensor computed from a model
+    input or parameter (item assignment ``h[:, 0] = v``, ``h[:, :2].mul_(2)``, ``h.t().mul_(3)``).
+    Such a program is made functional (``run_decompositions({})``: writes into copies,
+    ``slice_scatter`` and the like, which the rule library covers), unless it holds a BatchNorm, whose
+    functional form the export front end does not map back to the module: that program keeps its
+    writes and is refused naming them. Writes into constants (a mask filled in place) keep the
+    program as it is: they run as written."""
+    kinds = {spec.arg.name: spec.kind for spec in ep.graph_signature.input_specs}
+    live = set()        # nodes computed from a user input or a parameter
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            if kinds.get(node.name) in (InputKind.USER_INPUT, InputKind.PARAMETER):
+                live.add(node)
+            continue
+        if any(source in live for source in node.all_input_nodes):
+            live.add(node)
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and node.args:
             first = target._schema.arguments[0] if target._schema.arguments else None
             if first is not None and first.alias_info is not None and first.alias_info.is_write and \
-                    _is_view(node.args[0]):
+                    _is_view(node.args[0]) and node in live:
                 return True
     return False
 
