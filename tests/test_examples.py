@@ -22,6 +22,7 @@ EXPECTED = {  # a line each script must print
     "compare_algorithms.py": "wrote compare.png",
     "custom_rule.py": "propagate_error vs autograd",
     "custom_algorithm.py": "scaled-fa test accuracy",
+    "recurrent.py": "dfa: test accuracy",
 }
 
 
@@ -36,7 +37,7 @@ def _quick(monkeypatch, tmp_path):
     torch.set_num_threads(threads)
 
 
-IN_PROCESS = ["mlp.py", "lenet.py", "mlp_mixer.py", "compare_algorithms.py"]
+IN_PROCESS = ["mlp.py", "lenet.py", "mlp_mixer.py", "compare_algorithms.py", "recurrent.py"]
 
 
 @pytest.mark.parametrize("script", IN_PROCESS)
