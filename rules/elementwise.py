@@ -1,7 +1,8 @@
 """Elementwise math ops y = f(x) that are not activations: exp, log, sqrt, rsqrt, reciprocal, abs,
 sin, cos, log1p, expm1, erf, the piecewise constant round, floor, ceil, trunc and sign, and clamp
-(``clamp_min``, ``clamp_max``; bounds that are tensors get autograd's vjp) (Llama's and T5's RMSNorm is ``x * rsqrt(mean(x^2) + eps)``, rotary embeddings
-and gates use the others); dtype casts; ``detach``.
+(also ``clamp_min`` / ``clamp_max``; bounds that are tensors get autograd's vjp). Llama's and T5's
+RMSNorm is ``x * rsqrt(mean(x^2) + eps)``; rotary embeddings and gates use the others. Also dtype
+casts and ``detach``.
 
 Each op's Jacobian is diagonal, J_F = diag(f'(x)), so J_F^T = J_F and the T rule is
 
