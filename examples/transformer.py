@@ -12,19 +12,14 @@ spellings. Error mode is first checked against autograd in float64 (the class to
 FBCOMPILE_EXAMPLE_QUICK=1 makes it a seconds-long run.
 """
 import os
-from dataclasses import replace
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fbcompile
-from fbcompile.data import load_dataset
-from fbcompile.frontends import frontend_of
-from fbcompile.training import Trainer
-from fbcompile.verify.checks import autograd_gradients, relative_error
-
-QUICK = bool(os.environ.get("FBCOMPILE_EXAMPLE_QUICK"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digit_runs import QUICK, check_error_mode, digits, train_each  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -73,34 +68,7 @@ class DigitViT(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(dim=1))     # mean over the class token and patches
 
 
-data = load_dataset("digits")
-if QUICK:
-    data = replace(data, train_x=data.train_x[:128], train_y=data.train_y[:128], test_x=data.test_x[:128],
-                   test_y=data.test_y[:128])
-
-# 1. capture and check error mode against autograd, float64
-torch.manual_seed(0)
-model = DigitViT().double()
-x = data.train_x[:4].double()
-program = fbcompile.compile(model, x)
-used, note = frontend_of(program.traced)
-print(f"captured with {used}: {note}")
-error = torch.randn(4, 10, dtype=torch.float64)
-reference_input, reference_params = autograd_gradients(model, x, error)
-model.zero_grad(set_to_none=True)
-ours = program.propagate_error(x, error)
-worst = max(relative_error(p.grad, reference_params[n]) for n, p in model.named_parameters())
-print(f"error mode vs autograd (float64): input {relative_error(ours, reference_input[0]):.1e}, "
-      f"worst of {len(reference_params)} parameters {worst:.1e}")
-
-# 2. train with each algorithm from the same initialisation
-EPOCHS = 1 if QUICK else 8
-for algorithm, lr in (("bp", 3e-3), ("dtp", 1e-3), ("dfa", 1e-3), ("mf", 3e-3)):
-    torch.manual_seed(0)
-    model = DigitViT().train()
-    learner = fbcompile.learner(fbcompile.compile(model, data.train_x[:2]), algorithm, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    trainer = Trainer(learner, optimizer, data, batch_size=64, progress=False,
-                      log=lambda line, name=algorithm: print(f"{name:4s} {line}"))
-    history = trainer.fit(EPOCHS)
-    print(f"{algorithm}: test accuracy {100 * history[-1]['test_accuracy']:.1f}% after {EPOCHS} epoch(s)")
+data = digits()
+check_error_mode(DigitViT, data.train_x[:4])       # 1. error mode against autograd, float64
+# 2. each algorithm trains a fresh copy from the same initialisation
+train_each(DigitViT, data, {"bp": 3e-3, "dtp": 1e-3, "dfa": 1e-3, "mf": 3e-3}, epochs=1 if QUICK else 8)

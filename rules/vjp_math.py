@@ -34,7 +34,7 @@ from torch import nn
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
-from .vjp_ops import _apart, _keeps_samples_apart, _refused_options, autograd_vjp, mixes_samples
+from .vjp_ops import _apart, _correction, _keeps_samples_apart, _refused_options, autograd_vjp, mixes_samples
 
 UNARY = {"sinh": (torch.sinh,), "cosh": (torch.cosh,), "tan": (torch.tan,), "asin": (torch.asin, torch.arcsin),
          "acos": (torch.acos, torch.arccos), "atan": (torch.atan, torch.arctan), "asinh": (torch.asinh, torch.arcsinh),
@@ -147,10 +147,6 @@ def var_mean(input, dim=None, unbiased=None, keepdim=False, correction=None):
 
 def std_mean(input, dim=None, unbiased=None, keepdim=False, correction=None):
     return torch.std_mean(input, dim, correction=_correction(unbiased, correction), keepdim=keepdim)
-
-
-def _correction(unbiased, correction):
-    return correction if correction is not None else (0 if unbiased is False else 1)
 
 
 def aminmax(input, dim=None, keepdim=False):

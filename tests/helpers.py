@@ -92,6 +92,20 @@ def compare_with_autograd(model, x, *, program=None, output_error=None):
     return relative_error(ours, ref_inputs[0]), worst
 
 
+def assert_equals_autograd_under_one_seed(model, program, x, error, seed):
+    """Input and parameter gradients of ``program.propagate_error`` equal autograd's when both runs
+    start from the same seed (random ops draw the same masks), float64 tolerances."""
+    torch.manual_seed(seed)
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(model(leaf), [leaf, *model.parameters()], error)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    ours = program.propagate_error(x, error)
+    assert torch.allclose(ours, expected[0], rtol=1e-12, atol=1e-14)
+    for param, grad in zip(model.parameters(), expected[1:]):
+        assert torch.allclose(param.grad, grad, rtol=1e-12, atol=1e-14)
+
+
 def snapshot(model, learner):
     """Parameters, .grad, buffers and the learner's state, copied."""
     return ({n: p.detach().clone() for n, p in model.named_parameters()},

@@ -11,7 +11,7 @@ import fbcompile
 from fbcompile.errors import ConditionError
 from fbcompile.verify.checks import rule_errors
 
-from helpers import randomise_vectors
+from helpers import assert_equals_autograd_under_one_seed, randomise_vectors
 from test_conditions import assert_condition
 from test_rules_elementwise import dtp_angle
 
@@ -74,15 +74,7 @@ def test_train_mode_draws_the_models_own_masks(name, frontend):
     model, x = _net(name, True), X()
     program = fbcompile.compile(model, x, frontend=frontend)
     error = torch.randn(6, 2, dtype=torch.float64)
-    torch.manual_seed(11)
-    leaf = x.clone().requires_grad_()
-    expected = torch.autograd.grad(model(leaf), [leaf, *model.parameters()], error)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(11)
-    ours = program.propagate_error(x, error)
-    assert torch.allclose(ours, expected[0], rtol=1e-12, atol=1e-14)
-    for param, grad in zip(model.parameters(), expected[1:]):
-        assert torch.allclose(param.grad, grad, rtol=1e-12, atol=1e-14)
+    assert_equals_autograd_under_one_seed(model, program, x, error, seed=11)
 
 
 def test_alpha_dropout_of_everything_gives_zero_and_zero_feedback():

@@ -12,7 +12,7 @@ import fbcompile
 from fbcompile.errors import UnsupportedOpError
 from fbcompile.verify.checks import rule_errors
 
-from helpers import compare_with_autograd, step_grads
+from helpers import assert_equals_autograd_under_one_seed, compare_with_autograd, step_grads
 from test_conditions import Fn, assert_condition
 from fbcompile.runtime.diagnostics import angle
 
@@ -236,15 +236,7 @@ def test_channel_dropout_in_train_mode_draws_autograds_mask(cls, shape, frontend
     x = torch.randn(*shape, dtype=torch.float64)
     program = fbcompile.compile(model, x, frontend=frontend)
     error = torch.randn(shape[0], 2, dtype=torch.float64)
-    torch.manual_seed(7)
-    leaf = x.clone().requires_grad_()
-    expected = torch.autograd.grad(model(leaf), [leaf, *model.parameters()], error)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    ours = program.propagate_error(x, error)
-    assert torch.allclose(ours, expected[0], rtol=1e-12, atol=1e-14)
-    for param, grad in zip(model.parameters(), expected[1:]):
-        assert torch.allclose(param.grad, grad, rtol=1e-12, atol=1e-14)
+    assert_equals_autograd_under_one_seed(model, program, x, error, seed=7)
 
 
 def test_fanout_sums_feedback():
