@@ -2,6 +2,7 @@
 
     python examples/bench_models.py [--models resnet18,mobilenetv2] [--configs bp,dtp,dfa,drtp,drtp-in-step,bp+inductor]
                                     [--rounds 10] [--batch 32] [--threads 2] [--skip-time] [--skip-memory]
+                                    [--autocast bfloat16]
 
 ResNet-18 and MobileNetV2 as torchvision defines them (fbcompile.zoo_models; torchvision is not
 needed), 3x32x32 inputs, batch 32, train mode (BatchNorm on batch statistics, MobileNetV2's dropout
@@ -11,7 +12,8 @@ its updates to ``.grad`` like the others; "drtp-in-step" applies each unit's upd
 with plain SGD (``learner.step(..., optimizer=)``, :mod:`fbcompile.runtime.in_step`), so the step
 holds no gradient per parameter: it runs the step twice (a checking pass, then the applying pass)
 so that a failed step still changes nothing; "mf" and "mf-in-step" are Mono-Forward (paper 004) the
-same two ways.
+same two ways. ``--autocast DTYPE``: every configuration, the autograd baseline included, is
+compiled and run under ``torch.autocast`` (mixed precision; :func:`fbcompile.autocast_guard.mixed_precision`).
 
 1. Time: the plain autograd step (``.grad`` cleared, forward, backward) and every configuration of
    one model interleaved in this one process (:func:`fbcompile.bench.interleaved_times`), medians
@@ -39,6 +41,7 @@ import time
 
 import torch
 
+from fbcompile.autocast_guard import AUTOCAST_DTYPES
 from fbcompile.bench import MODEL_CONFIGS, in_subprocess, interleaved_times, model_step
 
 MODELS = {"resnet18": "resnet18-imagenet", "mobilenetv2": "mobilenet-v2"}
@@ -47,23 +50,25 @@ GOALS = {("resnet18", "bp"): (1.05, 1.05), ("resnet18", "dtp"): (1.25, 1.30), ("
          ("mobilenetv2", "bp"): (1.10, 1.10)}
 
 
-def time_ratios(model: str, configs: list, rounds: int, batch: int, statistic=statistics.median) -> dict:
+def time_ratios(model: str, configs: list, rounds: int, batch: int, statistic=statistics.median,
+                autocast: str | None = None) -> dict:
     """{configuration: (ms per step, ratio to autograd)} for one model, interleaved."""
     steps = {}
     for config in ["autograd"] + configs:
         start = time.perf_counter()
-        steps[config] = model_step(MODELS[model], config, batch=batch)
+        steps[config] = model_step(MODELS[model], config, batch=batch, autocast=autocast)
         steps[config]()
         print(f"  {model} {config}: built, first step {time.perf_counter() - start:.2f} s", flush=True)
     times = interleaved_times(steps, rounds=rounds, warmup=2, statistic=statistic)
     return {c: (t * 1e3, t / times["autograd"]) for c, t in times.items()}
 
 
-def memory_ratios(model: str, configs: list, batch: int, threads: int) -> dict:
+def memory_ratios(model: str, configs: list, batch: int, threads: int, autocast: str | None = None) -> dict:
     """{configuration: (peak MB, ratio to autograd)}, each in a fresh process."""
     peaks = {}
     for config in ["autograd"] + configs:
-        peak, net = in_subprocess("fbcompile.bench", "model_memory", MODELS[model], config, [3, 32, 32], batch, threads)
+        peak, net = in_subprocess("fbcompile.bench", "model_memory", MODELS[model], config, [3, 32, 32], batch, threads,
+                                  autocast)
         peaks[config] = peak
         print(f"  {model} {config}: peak {peak / 2 ** 20:.1f} MB (net {net / 2 ** 20:.1f} MB)", flush=True)
     return {c: (p / 2 ** 20, p / peaks["autograd"]) for c, p in peaks.items()}
@@ -114,6 +119,8 @@ def main(argv=None):
     parser.add_argument("--min", action="store_true", help="report each configuration's fastest round instead of "
                         "the median (on a machine busy with other work)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--autocast", choices=AUTOCAST_DTYPES, default=None,
+                        help="compile and run every configuration, the baseline included, under torch.autocast")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = args.configs.split(",")
@@ -126,9 +133,10 @@ def main(argv=None):
         return
     for model in args.models.split(","):
         statistic = min if args.min else statistics.median
-        times = {} if args.skip_time else time_ratios(model, configs, args.rounds, args.batch, statistic)
-        memory = {} if args.skip_memory else memory_ratios(model, configs, args.batch, args.threads)
-        print(f"\n## {model} ({MODELS[model]}), 3x32x32, batch {args.batch}, train mode")
+        times = {} if args.skip_time else time_ratios(model, configs, args.rounds, args.batch, statistic, args.autocast)
+        memory = {} if args.skip_memory else memory_ratios(model, configs, args.batch, args.threads, args.autocast)
+        precision = f", torch.autocast {args.autocast}" if args.autocast else ""
+        print(f"\n## {model} ({MODELS[model]}), 3x32x32, batch {args.batch}, train mode{precision}")
         print(f"{'configuration':14s} {'ms/step':>9s} {'time x ag':>10s} {'goal':>8s} {'peak MB':>9s} "
               f"{'mem x ag':>9s} {'goal':>8s}")
         for config in ["autograd"] + configs:

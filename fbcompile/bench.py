@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Callable
 
+from .autocast_guard import mixed_precision, under_mixed_precision
 from .errors import BenchmarkError
 
 
@@ -149,29 +150,34 @@ def model_batch(model_name: str, shape=(3, 32, 32), batch: int = 32, num_classes
     return model, x.to(device), y.to(device)
 
 
-def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, seed: int = 0) -> Callable:
+def model_step(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, seed: int = 0,
+               autocast: str | None = None) -> Callable:
     """One training step of ``config`` ("autograd" or a key of :data:`MODEL_CONFIGS`, optionally
     followed by ``+BACKEND``: its feedback modules under that torch.compile backend, e.g.
-    "bp+inductor") on a fresh copy of ``model_name`` with cross-entropy."""
+    "bp+inductor") on a fresh copy of ``model_name`` with cross-entropy; with ``autocast`` (a dtype
+    name), compiled and run under torch.autocast (:func:`fbcompile.autocast_guard.mixed_precision`)."""
     import torch.nn.functional as F
 
     from . import compile as compile_program
     from . import learner as make_learner
     model, x, y = model_batch(model_name, shape, batch, seed=seed)
     if config == "autograd":
-        return autograd_step(model, x, y, F.cross_entropy)
+        return under_mixed_precision(autograd_step(model, x, y, F.cross_entropy), x.device.type, autocast)
     config, _, backend = config.partition("+")
     algorithm, options = MODEL_CONFIGS[config]
-    program = compile_program(model, x[:2], backend=backend or None)
+    with mixed_precision(x.device.type, autocast):
+        program = compile_program(model, x[:2], backend=backend or None)
     optimizer = in_step_optimizer(model) if config.endswith(IN_STEP) else None
-    return learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy, optimizer)
+    step = learner_step(make_learner(program, algorithm, seed=seed, **options), x, y, F.cross_entropy, optimizer)
+    return under_mixed_precision(step, x.device.type, autocast)
 
 
-def model_memory(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, threads: int = 2) -> list:
+def model_memory(model_name: str, config: str, shape=(3, 32, 32), batch: int = 32, threads: int = 2,
+                 autocast: str | None = None) -> list:
     """``[peak, net]`` tensor bytes of one step of ``config`` after one warm-up step (run it in a fresh
     process: :func:`in_subprocess`)."""
     import torch
     torch.set_num_threads(threads)
-    step = model_step(model_name, config, tuple(shape), batch)
+    step = model_step(model_name, config, tuple(shape), batch, autocast=autocast)
     step()
     return list(memory_ledger(step))

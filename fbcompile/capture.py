@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .autocast_guard import autocast_state
 from .autograd_functions import custom_functions_refused
 from .errors import FBCompileError, UntraceableModelError
 from .hook_guard import check_capturable
@@ -32,7 +33,7 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
-        self.grad_mode, self.autocast = _grad_mode(), _autocast_state()
+        self.grad_mode, self.autocast = _grad_mode(), autocast_state()
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         """Every node, refused when ``forward`` changed the grad mode or autocast around it: fx
@@ -45,7 +46,7 @@ class _Tracer(fx.Tracer):
                                         "inference_mode), which torch.fx does not record; the values computed "
                                         "inside would wrongly carry feedback. Compute them outside forward, or "
                                         "use .detach()")
-        if _autocast_state() != self.autocast:
+        if autocast_state() != self.autocast:
             raise UntraceableModelError("forward enters or leaves torch.autocast, which torch.fx does not record; "
                                         "the program would compute that block in another precision than the model. "
                                         "Cast explicitly (x.to(torch.bfloat16)) or autocast around the whole step")
@@ -70,10 +71,6 @@ class _Tracer(fx.Tracer):
 
 def _grad_mode() -> tuple:
     return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-
-def _autocast_state() -> tuple:
-    return tuple((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda"))
 
 
 def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.GraphModule:
@@ -102,9 +99,21 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
             "forward(), make the branch depend on constructor arguments, or wrap the offending "
             "submodule in a module class that fbcompile has a rule for.") from exc
     _drop_specialised(graph, given, model)
+    _dtype_methods_as_to(graph)
     _flatten_output(graph)
     redirect_in_place_results(graph, tracer.root)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+_DTYPE_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_methods_as_to(graph: fx.Graph) -> None:
+    """``x.float()``, ``x.double()``, ``x.half()``, ``x.bfloat16()`` written as ``x.to(dtype)``, the
+    spelling the cast op binds (torch.export records them as ``aten.to`` already)."""
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target in _DTYPE_METHODS and len(node.args) == 1 and not node.kwargs:
+            node.target, node.args = "to", (node.args[0], _DTYPE_METHODS[node.target])
 
 
 def _flatten_output(graph: fx.Graph) -> None:

@@ -12,6 +12,7 @@ from .passes.feedback import FeedbackGraph, emit_feedback, family_of
 from .passes.direct_graph import UnitGradients, unit_gradients
 from .passes.prune import GradientSubgraph, prune_outputs
 from .executable import Executable
+from .autocast_guard import META as AUTOCAST_META
 from .input_shapes import META as SHAPES_META
 from .hook_guard import META as HOOK_META
 from .structure_guard import META as STRUCTURE_META
@@ -46,8 +47,9 @@ class FeedbackProgram:
       (:mod:`fbcompile.mode_guard`); ``hook_guard``: the model's hooks at capture
       (:mod:`fbcompile.hook_guard`); ``structure_guard``: its submodules, parameters and buffers
       (:mod:`fbcompile.structure_guard`); ``input_shapes``: None, or the input shapes a torch.export
-      capture holds for (:mod:`fbcompile.input_shapes`). :meth:`check_model` refuses to run when
-      any of them changed.
+      capture holds for (:mod:`fbcompile.input_shapes`); ``autocast_guard``: the autocast state at
+      capture (:mod:`fbcompile.autocast_guard`). :meth:`check_model` refuses to run when any of them
+      changed.
     - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
       unit_error modes; "target": target, difference and the unit target modes), chosen with the
       family's ``variants[family]``. ``rules`` is the target family's (the Jacobian matching that
@@ -67,6 +69,7 @@ class FeedbackProgram:
         self.hook_guard = traced.meta.get(HOOK_META) if hasattr(traced, "meta") else None
         self.input_shapes = traced.meta.get(SHAPES_META) if hasattr(traced, "meta") else None
         self.structure_guard = traced.meta.get(STRUCTURE_META) if hasattr(traced, "meta") else None
+        self.autocast_guard = traced.meta.get(AUTOCAST_META) if hasattr(traced, "meta") else None
         self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
         self._derived = {}
@@ -83,9 +86,10 @@ class FeedbackProgram:
         flags than at capture, an FBCompileError if hooks were added or removed since
         (:mod:`fbcompile.hook_guard`) or a submodule, parameter or buffer replaced
         (:mod:`fbcompile.structure_guard`), or if ``inputs`` have a shape the program was not
-        captured for (:mod:`fbcompile.input_shapes`). Every run of the captured forward on the model
-        checks this first: :meth:`propagate_error`, and a learner when it opens a step's transaction
-        (before anything changes)."""
+        captured for (:mod:`fbcompile.input_shapes`), or if the autocast state is not the one at
+        capture (:mod:`fbcompile.autocast_guard`). Every run of the captured forward on the model
+        checks this first: :meth:`propagate_error`, and a learner when it opens
+        a step's transaction (before anything changes)."""
         if self.mode_guard is not None:
             self.mode_guard.check()
         if self.hook_guard is not None:
@@ -94,6 +98,8 @@ class FeedbackProgram:
             self.structure_guard.check()
         if self.input_shapes is not None and inputs is not None:
             self.input_shapes.check(inputs)
+        if self.autocast_guard is not None:
+            self.autocast_guard.check()
 
     def executable(self, *modes: str) -> Executable:
         """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``
@@ -308,14 +314,15 @@ def check_output_feedback(program: FeedbackProgram, output, feedback: tuple) -> 
 def accumulate_grads(params: dict, names: list, grads) -> None:
     """Add ``grads`` into ``.grad`` of the named parameters, as autograd's backward does: a first
     gradient laid out like its parameter is stored as it is (callers pass tensors nothing else
-    keeps, e.g. autograd.grad results), any other is copied into the parameter's layout; a frozen
-    parameter (``requires_grad=False``) gets none."""
+    keeps, e.g. autograd.grad results), any other is copied into the parameter's layout and dtype
+    (under autocast a float32 weight's gradient is computed in bfloat16 and stored in float32, as
+    autograd's cast does); a frozen parameter (``requires_grad=False``) gets none."""
     for name, grad in zip(names, grads):
         param = params[name]
         if grad is None or not param.requires_grad:
             continue
         if param.grad is None:
-            owned = (not grad.requires_grad and grad.stride() == param.stride()
+            owned = (not grad.requires_grad and grad.stride() == param.stride() and grad.dtype == param.dtype
                      and grad.untyped_storage().data_ptr() != param.untyped_storage().data_ptr())
             param.grad = grad if owned else torch.empty_like(param).copy_(grad.detach())
         else:

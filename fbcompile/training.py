@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .autocast_guard import mixed_precision
 from .data import Dataset, batches
 from .errors import DataError, FBCompileError
+from .runtime.base import model_device
 from .safe_load import load_torch_data
 
 CHECKPOINT = "checkpoint.pt"
@@ -56,12 +58,17 @@ class Trainer:
     ``progress``: tqdm bars on stderr; ``log``: where the one-line epoch summaries go (None: nowhere).
     ``in_step_updates``: ``learner.step(..., optimizer=)`` applies the updates inside the step
     (:mod:`fbcompile.runtime.in_step`) instead of ``learner.step`` then ``optimizer.step()``.
+    ``autocast``: a dtype name ("bfloat16", "float16"): every step, evaluation and diagnostic runs
+    under ``torch.autocast`` on the model's device (the program must have been compiled under it:
+    :mod:`fbcompile.autocast_guard`), each in its own context and the optimizer step outside, as
+    torch.amp prescribes.
     """
 
     def __init__(self, learner, optimizer, dataset: Dataset, *, loss_fn=None, batch_size: int = 64,
                  seed: int = 0, out_dir=None, config: dict | None = None, diagnostics: bool = False,
                  diagnostics_size: int = 64, predict: dict | None = None, progress: bool = True,
-                 log=print, eval_batch_size: int = 1000, in_step_updates: bool = False):
+                 log=print, eval_batch_size: int = 1000, in_step_updates: bool = False,
+                 autocast: str | None = None):
         import torch.nn.functional as F
         self.learner, self.optimizer, self.dataset = learner, optimizer, dataset
         self.model = learner.model
@@ -72,7 +79,7 @@ class Trainer:
         self.diagnostics, self.diagnostics_size = diagnostics, diagnostics_size
         self.predict_options = dict(predict or {})
         self.progress, self.log = progress, log
-        self.in_step_updates = in_step_updates
+        self.in_step_updates, self.autocast = in_step_updates, autocast
         if in_step_updates:
             from .runtime.in_step import check_can_apply
             check_can_apply(learner, optimizer)
@@ -116,9 +123,11 @@ class Trainer:
                     xb, yb = torch.tensor_split(xb, self.world)[self.rank], torch.tensor_split(yb, self.world)[self.rank]
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.in_step_updates:
-                    result = self.learner.step(xb, yb, self.loss_fn, optimizer=self.optimizer)
+                    with self.mixed_precision():
+                        result = self.learner.step(xb, yb, self.loss_fn, optimizer=self.optimizer)
                 else:
-                    result = self.learner.step(xb, yb, self.loss_fn)
+                    with self.mixed_precision():
+                        result = self.learner.step(xb, yb, self.loss_fn)
                     self.optimizer.step()
                 loss_sum += result.loss * len(xb)
                 seen += len(xb)
@@ -145,7 +154,7 @@ class Trainer:
         self.model.eval()
         loss_sum = correct = 0.0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.mixed_precision():
                 for start in range(0, len(x), self.eval_batch_size):
                     xb, yb = x[start:start + self.eval_batch_size], y[start:start + self.eval_batch_size]
                     scores = self.learner.predict(xb, **self.predict_options)
@@ -160,10 +169,15 @@ class Trainer:
         """Per-unit angle (degrees) and norm ratio of the learner's update to the BP gradient, on
         the first ``diagnostics_size`` training samples; changes no state."""
         n = self.diagnostics_size
-        report = self.learner.diagnostics(self.dataset.train_x[:n], self.dataset.train_y[:n], self.loss_fn)
+        with self.mixed_precision():
+            report = self.learner.diagnostics(self.dataset.train_x[:n], self.dataset.train_y[:n], self.loss_fn)
         rows = getattr(report, "rows", [])
         keep = ("unit", "name", "angle_bp", "norm_ratio", "angle_gn", "feedback_angle")
         return [{k: row.get(k) for k in keep if k in row} for row in rows]
+
+    def mixed_precision(self):
+        """The torch.autocast context of one step, evaluation or diagnostic (none without ``autocast``)."""
+        return mixed_precision(model_device(self.model).type, self.autocast)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict:

@@ -42,6 +42,7 @@ from fbcompile.registry import register_rule
 
 from .conv_position import one_output_position, padding_pairs, single_position_backward
 from .dense import dense_inverse_apply, dense_size_problem
+from .kernel_dtypes import as_autocast_ran
 
 aten = torch.ops.aten
 
@@ -88,8 +89,10 @@ def conv_adjoint(g, weight, stride, dilation, pads, output_padding, groups, in_s
 
 
 def conv_backward(g, x, weight, stride, dilation, pads, groups, has_bias, input_grad=True):
-    """(dx, dW, db) from one aten.convolution_backward (dx None unless ``input_grad``). Asymmetric
-    padding is applied to x explicitly and cut off dx again."""
+    """(dx, dW, db) from one aten.convolution_backward (dx None unless ``input_grad``), on the
+    operands autocast gave the forward (:mod:`fbcompile.rules.kernel_dtypes`). Asymmetric padding is
+    applied to x explicitly and cut off dx again."""
+    g, x, weight = as_autocast_ran(g, x, weight)
     padding = [l for l, _ in pads]
     asymmetric = any(l != r for l, r in pads)
     if asymmetric:

@@ -19,6 +19,8 @@ from torch import nn
 from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
+from .kernel_dtypes import as_autocast_ran
+
 aten = torch.ops.aten
 TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -44,7 +46,9 @@ def _tuple(value, n):
 
 
 def transposed_backward(g, x, weight, stride, padding, output_padding, dilation, groups, has_bias, mask):
-    """(dx, dW, db) of conv_transpose by autograd's kernel; ``mask`` picks which are computed."""
+    """(dx, dW, db) of conv_transpose by autograd's kernel, on the operands autocast gave the
+    forward (:mod:`fbcompile.rules.kernel_dtypes`); ``mask`` picks which are computed."""
+    g, x, weight = as_autocast_ran(g, x, weight)
     n = weight.dim() - 2
     bias_sizes = [weight.shape[1] * groups] if has_bias else None
     return aten.convolution_backward(g, x, weight, bias_sizes, _tuple(stride, n), _tuple(padding, n),

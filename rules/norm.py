@@ -57,6 +57,8 @@ from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 from fbcompile.trace import info
 
+from .kernel_dtypes import like
+
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -164,10 +166,11 @@ def batch_norm_backward(g, x, weight, running_mean, running_var, mean, invstd, t
 
         dbeta = sum g,  dgamma = sum g x_hat,  dx = gamma invstd (g - dbeta / N - x_hat dgamma / N)
 
-    (the full transpose, statistics differentiated); in eval mode dx = gamma g / sqrt(running_var + eps)."""
+    (the full transpose, statistics differentiated); in eval mode dx = gamma g / sqrt(running_var + eps).
+    The kernel takes the error in x's dtype (:mod:`fbcompile.rules.kernel_dtypes`)."""
     batch = uses_batch_statistics(training, running_mean)
-    return torch.ops.aten.native_batch_norm_backward(g, x, weight, running_mean, running_var, mean, invstd, batch,
-                                                     eps, [True, True, True])
+    return torch.ops.aten.native_batch_norm_backward(like(g, x), x, weight, running_mean, running_var, mean, invstd,
+                                                     batch, eps, [True, True, True])
 
 
 def _per_channel(weight, x):

@@ -26,6 +26,7 @@ from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
 from .dense import dense_inverse_apply, dense_size_problem
+from .kernel_dtypes import like
 
 aten = torch.ops.aten
 
@@ -173,7 +174,9 @@ def _sizes(value, fill, n):
 
 
 def avg_pool_adjoint(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, n):
-    """The adjoint of average pooling; 1d pooling runs as 2d over a unit-height plane."""
+    """The adjoint of average pooling; 1d pooling runs as 2d over a unit-height plane. The kernel
+    takes the error in the input's dtype (:mod:`fbcompile.rules.kernel_dtypes`)."""
+    g = like(g, input)
     kernel = _sizes(kernel_size, None, n)
     stride, padding = _sizes(stride, kernel, n), _sizes(padding, 0, n)
     if n == 1:
@@ -185,6 +188,7 @@ def avg_pool_adjoint(g, input, kernel_size, stride, padding, ceil_mode, count_in
 
 
 def adaptive_adjoint(g, input, n):
+    g = like(g, input)
     if n == 1:
         return aten._adaptive_avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2)).squeeze(-2)
     backward = aten._adaptive_avg_pool2d_backward if n == 2 else aten._adaptive_avg_pool3d_backward

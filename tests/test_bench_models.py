@@ -78,6 +78,13 @@ def test_model_step_helper_runs_every_configuration():
         step()
 
 
+def test_model_step_helper_runs_the_baseline_and_a_learner_under_autocast():
+    """``--autocast``: the baseline and the learner, compiled and stepped under torch.autocast (a
+    program compiled outside it would refuse the step)."""
+    for config in ("autograd", "bp"):
+        model_step("lenet", config, (1, 16, 16), 8, autocast="bfloat16")()
+
+
 @pytest.mark.cpu_only("tensor memory from the profiler's CPU ledger")
 def test_model_memory_helper_measures_a_step():
     peak, net = model_memory("lenet", "bp", [1, 16, 16], 8, 1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..autocast_guard import AUTOCAST_DTYPES
 from ..data import spec_help
 from ..runtime.base import model_device
 from ..runtime.options import OPTIMIZER_CLASSES
@@ -74,6 +75,13 @@ def add_training(parser: argparse.ArgumentParser, *, epochs: int = 10) -> None:
     group.add_argument("--in-step-updates", action="store_true",
                        help="apply each unit's update inside the step as soon as it is made (update-unlocked "
                             "drtp, shallow and mf only): no gradient per parameter is held, for about twice the step time")
+    add_autocast(group)
+
+
+def add_autocast(parser) -> None:
+    parser.add_argument("--autocast", choices=AUTOCAST_DTYPES, default=None,
+                        help="mixed precision: compile and run every step under torch.autocast with this dtype "
+                             "on the model's device")
 
 
 def model_options(args) -> dict:
@@ -99,7 +107,8 @@ def run_config(args, algorithm: str, *, options: dict | None = None, seed: int |
                      momentum=args.momentum, weight_decay=args.weight_decay,
                      seed=args.seed if seed is None else seed, data_seed=args.data_seed, subset=args.subset,
                      diagnostics=getattr(args, "diagnostics", False), predict=predict,
-                     in_step_updates=getattr(args, "in_step_updates", False))
+                     in_step_updates=getattr(args, "in_step_updates", False),
+                     autocast=getattr(args, "autocast", None))
 
 
 def model_from_args(args, *, dtype=None, batch: int = 2):

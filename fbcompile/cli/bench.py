@@ -13,6 +13,7 @@ configuration whose first step takes longer than --max-step-seconds (default 60,
 11M-parameter ResNet-18) is skipped with a line saying so, unless --all. With --in-step-updates, each
 algorithm that can apply its updates inside the step (update-unlocked: drtp, shallow, mf) gets a
 second row, "NAME (in-step)": ``learner.step(..., optimizer=)`` with plain SGD, no ``.grad`` kept.
+``--autocast DTYPE``: the baseline and every algorithm compiled and run under torch.autocast.
 Real-size models: ``--model resnet18-imagenet --input-shape 3,32,32 --batch-size 32 --algos bp,dtp,dfa,drtp``
 (torchvision's architectures, :mod:`fbcompile.zoo_models`; ``mobilenet-v2`` likewise).
 """
@@ -51,6 +52,7 @@ def add_parser(commands):
                         help="also measure each update-unlocked algorithm with its updates applied inside the step")
     parser.add_argument("--backend", metavar="NAME", help="torch.compile backend of the generated feedback modules "
                         "(e.g. inductor; compile time is paid at the first step; fbcompile.backends)")
+    arguments.add_autocast(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -64,6 +66,7 @@ def setup(args_dict: dict):
     import torch.nn.functional as F
     from .. import compile as compile_program
     from .. import learner as make_learner
+    from ..autocast_guard import mixed_precision, under_mixed_precision
     from ..bench import autograd_step, in_step_optimizer, learner_step
     from ..runtime.base import model_device
     from ..recommended import recommended
@@ -82,7 +85,8 @@ def setup(args_dict: dict):
     baseline = _fresh(args)
     device = model_device(baseline)                                       # torch's default device
     x, y = x.to(device), y.to(device)
-    steps[BASELINE] = autograd_step(baseline, x, y, loss_fn)
+    autocast = getattr(args, "autocast", None)            # the baseline and every learner under it
+    steps[BASELINE] = under_mixed_precision(autograd_step(baseline, x, y, loss_fn), device.type, autocast)
     _first_step(args, BASELINE, steps, skipped)
     shared = resolve.learner_options(args)
     for name in args.algos:
@@ -91,16 +95,18 @@ def setup(args_dict: dict):
             try:
                 model = _fresh(args)
                 rec = recommended(name, model)
-                program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
-                                          variants=tuple(args.variant), frontend=args.frontend,
-                                          backend=getattr(args, "backend", None))
+                with mixed_precision(device.type, autocast):
+                    program = compile_program(model, x[:2], condition=args.condition or rec.condition.value,
+                                              variants=tuple(args.variant), frontend=args.frontend,
+                                              backend=getattr(args, "backend", None))
                 learner = make_learner(program, name, **{"seed": args.seed, **rec.learner_options(),
                                                          **resolve.options_for(name, shared)})
                 if in_step and not learner.executor.hands_over:
                     break                                  # cannot apply inside the step: no second row
                 optimizer = in_step_optimizer(model) if in_step else None
                 own_loss = rec.loss_fn() if loss_fn is F.cross_entropy else loss_fn
-                steps[label] = learner_step(learner, x, y, own_loss, optimizer)
+                steps[label] = under_mixed_precision(learner_step(learner, x, y, own_loss, optimizer), device.type,
+                                                     autocast)
                 _first_step(args, label, steps, skipped)   # fails here if the algorithm cannot train this model
             except FBCompileError as exc:
                 steps.pop(label, None)

@@ -25,6 +25,7 @@ import torch
 
 from .. import compile as compile_program
 from .. import learner as make_learner
+from ..autocast_guard import mixed_precision
 from ..data import Dataset, load_dataset
 from ..errors import FBCompileError, OptionError
 from ..runtime.base import model_device
@@ -60,6 +61,7 @@ class RunConfig:
     provenance: dict = field(default_factory=dict)    # value -> "user" or its source
     world_size: int = 1                 # processes of the (latest) run; batch_size is the global batch
     in_step_updates: bool = False       # learner.step(optimizer=): updates applied inside the step
+    autocast: str | None = None         # "bfloat16" / "float16": compiled and trained under torch.autocast
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,14 +112,17 @@ def input_shape_for(config: RunConfig, dataset: Dataset) -> tuple:
 
 def build_program(spec: str, input_shape, num_classes: int, *, model_options=None, seed: int = 0,
                   condition: str = "T", variants=(), example: torch.Tensor | None = None,
-                  dtype=torch.float32, frontend: str = "auto"):
-    """(model, program): MODEL built, checked on an example batch and compiled."""
+                  dtype=torch.float32, frontend: str = "auto", autocast: str | None = None):
+    """(model, program): MODEL built, checked on an example batch and compiled (under torch.autocast
+    when ``autocast`` names a dtype: the program then runs only under it)."""
     model = resolve.build(spec, input_shape, num_classes, model_options, seed=seed).to(dtype)
     if example is None:
         example = torch.randn(2, *input_shape, device="cpu", generator=torch.Generator().manual_seed(seed))
     example = example.to(model_device(model), dtype)     # the model's device (torch's default)
     resolve.check_forward(model, example, spec)
-    return model, compile_program(model, example, condition=condition, variants=tuple(variants), frontend=frontend)
+    with mixed_precision(example.device.type, autocast):
+        return model, compile_program(model, example, condition=condition, variants=tuple(variants),
+                                      frontend=frontend)
 
 
 TP_CONDITION_T = ("plain TP (no difference correction) with condition T propagates targets through "
@@ -193,7 +198,7 @@ def build_run(config: RunConfig, dataset: Dataset | None = None, *, warn=None, d
     shape = input_shape_for(config, dataset)
     model, program = build_program(config.model, shape, dataset.num_classes, model_options=config.model_options,
                                    seed=config.seed, condition=config.condition, variants=config.variants,
-                                   frontend=config.frontend,
+                                   frontend=config.frontend, autocast=config.autocast,
                                    example=dataset.train_x[:2])
     _check_outputs(model, dataset, config.model)
     options = {"seed": config.seed, **config.options}
@@ -244,7 +249,7 @@ def trainer_for(run: Run, **kwargs):
     torch.manual_seed(c.seed)
     return Trainer(run.learner, run.optimizer, run.dataset, loss_fn=run.loss_fn, batch_size=c.batch_size,
                    seed=c.seed, config=c.to_dict(), diagnostics=c.diagnostics, predict=c.predict,
-                   in_step_updates=c.in_step_updates, **kwargs)
+                   in_step_updates=c.in_step_updates, autocast=c.autocast, **kwargs)
 
 
 def check_positive(name: str, value, minimum=1) -> None:

@@ -29,7 +29,7 @@ from .runs import RunConfig, build_run, check_divisible, launched, trainer_for, 
 FIXED = ("model", "data", "algo", "input_shape", "model_option", "condition", "variant", "batch_size", "lr", "optimizer",
          "loss",
          "momentum", "weight_decay", "seed", "data_seed", "subset", "beta", "option", "predict_mode", "diagnostics",
-         "in_step_updates")
+         "in_step_updates", "autocast")
 
 
 def add_parser(commands):

@@ -23,11 +23,13 @@ show the user's source line.
 from __future__ import annotations
 
 import inspect
+import operator
 
 import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ..autocast_guard import autocast_state
 from ..autograd_functions import check_recorded_functions, custom_functions_recorded
 from ..input_shapes import META as SHAPES_META, InputShape, InputShapes
 from ..errors import FBCompileError
@@ -107,77 +109,133 @@ def _is_view(value) -> bool:
 
 def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int) -> fx.GraphModule:
     """The exported program as a GraphModule over the model's own parameters and buffers."""
-    sig = ep.graph_signature
-    kinds = {spec.arg.name: spec for spec in sig.input_specs}
-    source = ep.graph_module.graph
-    batch_norms = _module_batch_norms(model, source, kinds)
-    counters = {f"{q}.num_batches_tracked" for q in batch_norms.values()}
-    graph, env, attrs = fx.Graph(), {}, {}
-    # a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight) may be lifted under any
-    # of its names: use the one named_parameters() / named_buffers() gives, as everything else does
-    canonical = {id(v): name for name, v in [*model.named_parameters(), *model.named_buffers()]}
-    user_inputs = 0
-    for node in source.nodes:
-        if node.op == "placeholder":
-            spec = kinds[node.name]
-            if spec.kind == InputKind.USER_INPUT:
-                env[node] = graph.placeholder(node.name)
-                user_inputs += 1
-                continue
-            if spec.kind == InputKind.PARAMETER:
-                value = model.get_parameter(spec.target)
-            elif spec.kind == InputKind.BUFFER:
-                value = model.get_buffer(spec.target)
-            elif spec.kind == InputKind.CONSTANT_TENSOR:
-                value = ep.constants[spec.target]
-            else:
-                raise FBCompileError(f"torch.export lifted {node.name} as a {spec.kind.name}, which fbcompile "
-                                     "cannot map back to the model")
-            qualname = (canonical.get(id(value), spec.target) if spec.kind != InputKind.CONSTANT_TENSOR
-                        else f"_export_constant_{len(attrs)}")
-            attrs[qualname] = value
-            env[node] = graph.get_attr(qualname)
-            env[node].meta.update(node.meta)
-        elif node.op == "output":
-            outputs = [env[o] for o, spec in zip(node.args[0], sig.output_specs)      # None and constants dropped
-                       if spec.kind == OutputKind.USER_OUTPUT and isinstance(o, fx.Node)]
-            graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-        elif node.op == "call_function":
-            if node.target in _DROPPED and not node.users:
-                continue
-            module_call = batch_norms.get(node) or _dropout_module(model, node)
-            if module_call is not None:
-                refuse_hooks_on_called_module(model.get_submodule(module_call), module_call)
-                env[node] = graph.call_module(module_call, (env[node.args[0]],))
-                env[node].meta.update(node.meta)
-                continue
-            if node.target in _DECOMPOSED:
-                env[node] = _DECOMPOSED[node.target](graph, node, env)
-                continue
-            written = _buffer_written(node, kinds)
-            if written is not None:
-                if written in counters and not node.users:
-                    continue   # num_batches_tracked += 1: the BatchNorm module does it
-                raise FBCompileError(f"{node.format_node()} writes buffer {written!r} in place; the export front "
-                                     f"end supports in-place buffer updates only inside nn.BatchNorm modules"
-                                     + _line(node))
-            env[node] = graph.node_copy(node, lambda n: env[n])
-        else:
-            raise FBCompileError(f"the exported program of {type(model).__name__} holds {node.op} node "
-                                 f"{node.format_node()} ({_kept_block(node)}); fbcompile supports straight-line "
-                                 "exported programs only" + _line(next(iter(node.users), node)))
-    if user_inputs != given:
-        raise FBCompileError(f"the exported program of {type(model).__name__} takes {user_inputs} tensor input(s) "
-                             f"but {given} example input(s) were given (non-tensor inputs are specialised)")
+    copy = _ProgramCopy(model, ep)
+    for node in ep.graph_module.graph.nodes:
+        copy.node(node, ep.graph_module)
+    if copy.user_inputs != given:
+        raise FBCompileError(f"the exported program of {type(model).__name__} takes {copy.user_inputs} tensor "
+                             f"input(s) but {given} example input(s) were given (non-tensor inputs are specialised)")
+    graph = copy.graph
     for node in reversed(list(graph.nodes)):   # unused lifted values, and size arithmetic of dropped guards
         if not node.users and (node.op == "get_attr" or (node.op == "call_function" and _symbolic(node))):
             graph.erase_node(node)
-    root = {n.target: (attrs[n.target] if n.op == "get_attr" else model.get_submodule(n.target))
+    root = {n.target: (copy.attrs[n.target] if n.op == "get_attr" else model.get_submodule(n.target))
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     graph.lint()
     traced = fx.GraphModule(root, graph, class_name=type(model).__name__)
     traced.meta[SHAPES_META] = input_shapes(ep, type(model).__name__)
     return traced
+
+
+class _ProgramCopy:
+    """Copies an exported program's nodes into ``graph``, mapping lifted parameters and buffers back
+    to the model's own objects (``env``: exported node -> new node). Blocks that turn autocast off
+    are copied inline (:mod:`fbcompile.autocast_guard`)."""
+
+    def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram):
+        self.model, self.sig = model, ep.graph_signature
+        self.kinds = {spec.arg.name: spec for spec in self.sig.input_specs}
+        self.constants = ep.constants
+        self.batch_norms = _module_batch_norms(model, ep.graph_module.graph, self.kinds)
+        self.counters = {f"{q}.num_batches_tracked" for q in self.batch_norms.values()}
+        self.graph, self.env, self.attrs = fx.Graph(), {}, {}
+        # a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight) may be lifted under any
+        # of its names: use the one named_parameters() / named_buffers() gives, as everything else does
+        self.canonical = {id(v): name for name, v in [*model.named_parameters(), *model.named_buffers()]}
+        self.user_inputs = 0
+
+    def node(self, node: fx.Node, owner: nn.Module) -> None:
+        if node.op == "placeholder":
+            self.placeholder(node)
+        elif node.op == "output":
+            outputs = [self.env[o] for o, spec in zip(node.args[0], self.sig.output_specs)  # None, constants dropped
+                       if spec.kind == OutputKind.USER_OUTPUT and isinstance(o, fx.Node)]
+            self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        elif node.op == "call_function":
+            self.call(node, owner)
+        elif not (node.op == "get_attr" and node.users and all(map(_autocast_off, node.users))):
+            raise FBCompileError(f"the exported program of {type(self.model).__name__} holds {node.op} node "
+                                 f"{node.format_node()} ({_kept_block(node)}); fbcompile supports straight-line "
+                                 "exported programs only" + _line(next(iter(node.users), node)))
+
+    def placeholder(self, node: fx.Node) -> None:
+        spec, graph = self.kinds[node.name], self.graph
+        if spec.kind == InputKind.USER_INPUT:
+            self.env[node] = graph.placeholder(node.name)
+            self.user_inputs += 1
+            return
+        if spec.kind == InputKind.PARAMETER:
+            value = self.model.get_parameter(spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            value = self.model.get_buffer(spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            value = self.constants[spec.target]
+        else:
+            raise FBCompileError(f"torch.export lifted {node.name} as a {spec.kind.name}, which fbcompile "
+                                 "cannot map back to the model")
+        qualname = (self.canonical.get(id(value), spec.target) if spec.kind != InputKind.CONSTANT_TENSOR
+                    else f"_export_constant_{len(self.attrs)}")
+        self.attrs[qualname] = value
+        self.env[node] = graph.get_attr(qualname)
+        self.env[node].meta.update(node.meta)
+
+    def call(self, node: fx.Node, owner: nn.Module) -> None:
+        env, graph = self.env, self.graph
+        if node.target in _DROPPED and not node.users:
+            return
+        if _autocast_off(node):
+            env[node] = self.inline_block(node, owner)
+            return
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]        # an output of an inlined block
+            return
+        module_call = self.batch_norms.get(node) or _dropout_module(self.model, node)
+        if module_call is not None:
+            refuse_hooks_on_called_module(self.model.get_submodule(module_call), module_call)
+            env[node] = graph.call_module(module_call, (env[node.args[0]],))
+            env[node].meta.update(node.meta)
+            return
+        if node.target in _DECOMPOSED:
+            env[node] = _DECOMPOSED[node.target](graph, node, env)
+            return
+        written = _buffer_written(node, self.kinds)
+        if written is not None:
+            if written in self.counters and not node.users:
+                return   # num_batches_tracked += 1: the BatchNorm module does it
+            raise FBCompileError(f"{node.format_node()} writes buffer {written!r} in place; the export front "
+                                 f"end supports in-place buffer updates only inside nn.BatchNorm modules"
+                                 + _line(node))
+        env[node] = graph.node_copy(node, lambda n: env[n])
+
+    def inline_block(self, node: fx.Node, owner: nn.Module) -> tuple:
+        """The nodes of a ``torch.autocast(enabled=False)`` block, copied in place of the block: the
+        values of its outputs. Exact with autocast off, the state of the capture, which every run
+        of the program checks (:mod:`fbcompile.autocast_guard`); refused in a capture under autocast.
+        A BatchNorm inside one is refused (its module mapping is top-level)."""
+        if any(enabled for enabled, _ in autocast_state()):
+            raise FBCompileError("forward turns torch.autocast off in a block, and this capture runs under autocast: "
+                                 "the program cannot keep that block at full precision. Compile and train without "
+                                 "torch.autocast, or cast explicitly" + _line(next(iter(node.users), node)))
+        block = getattr(owner, node.args[4].target)
+        operands = iter(node.args[5:])
+        for inner in block.graph.nodes:
+            if inner.op == "placeholder":
+                self.env[inner] = self.env[next(operands)]
+            elif inner.op == "output":
+                return tuple(self.env[o] for o in inner.args[0])
+            elif inner.target in _BATCH_NORMS:
+                raise FBCompileError("a BatchNorm inside a torch.autocast(enabled=False) block is not supported "
+                                     "by the export front end: move it out of the block" + _line(inner))
+            else:
+                self.node(inner, block)
+        raise AssertionError("an exported block without an output node")
+
+
+def _autocast_off(node: fx.Node) -> bool:
+    """Whether ``node`` is torch.export's call of a ``torch.autocast(..., enabled=False)`` block."""
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "wrap_with_autocast" \
+        and len(node.args) > 4 and node.args[2] is False
 
 
 def input_shapes(ep: torch.export.ExportedProgram, model_name: str) -> InputShapes:
