@@ -8,6 +8,7 @@ inputs nothing reads any more also removes the cost of gathering them on every c
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from torch import fx
@@ -44,25 +45,24 @@ class GradientSubgraph:
 
 
 def gradient_subgraph(graph: FeedbackGraph, params) -> GradientSubgraph:
-    """Prune ``graph`` to the gradients of ``params`` and drop the inputs that are no longer read."""
+    """Prune ``graph`` to the gradients of ``params`` and drop the inputs that are no longer read.
+
+    Only what those gradients need is copied (:func:`copy_needed`): a direct learner builds one
+    subgraph per unit, and copying the whole graph each time made that quadratic in the model's
+    size (timm's Sequencer, its LSTMs unrolled: minutes)."""
     wanted = tuple(params)
     unknown = [name for name in wanted if name not in graph.params]
     if unknown:
         raise FBCompileError(f"the {graph.mode!r} feedback graph returns no gradient for {unknown}")
-    module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
-    out = _output_node(module.graph)
-    by_name = dict(zip(graph.params, out.args[0][1]))
-    out.args = (tuple(by_name[name] for name in wanted),)
-    module.graph.eliminate_dead_code()
-    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-    inputs = []
-    for placeholder, source in zip(placeholders, graph.inputs):
-        if placeholder.users:
-            inputs.append(source)
-        else:
-            module.graph.erase_node(placeholder)
-    module.recompile()
-    return GradientSubgraph(module, tuple(inputs), wanted)
+    source = graph.module.graph
+    by_name = dict(zip(graph.params, _output_node(source).args[0][1]))
+    results = tuple(by_name[name] for name in wanted)
+    new, env = copy_needed(source, [r for r in results if isinstance(r, fx.Node)])
+    new.output(tuple(env[r] if isinstance(r, fx.Node) else r for r in results))
+    placeholders = source.find_nodes(op="placeholder")            # in graph order, as graph.inputs
+    inputs = tuple(source_input for node, source_input in zip(placeholders, graph.inputs) if node in env)
+    module = fx.GraphModule(graph.module, new)
+    return GradientSubgraph(module, inputs, wanted)
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -71,6 +71,32 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     for node in graph.nodes:
         env[node] = new.node_copy(node, lambda n: env[n])
     return new
+
+
+def copy_needed(graph: fx.Graph, roots: list) -> tuple[fx.Graph, dict]:
+    """A new graph of the nodes ``roots`` depend on, with the impure ones (in-place writes) and what
+    they depend on, as dead-code elimination would keep them, in their order; no output node.
+    Returns it and the map from old nodes to new (placeholders nothing needs are not in it)."""
+    needed, stack = set(), list(roots) + _impure_nodes(graph)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    new, env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node in needed:
+            env[node] = new.node_copy(node, env.__getitem__)
+    return new, env
+
+
+_IMPURE = weakref.WeakKeyDictionary()     # fx.Graph -> its impure nodes (a feedback graph never changes once emitted)
+
+
+def _impure_nodes(graph: fx.Graph) -> list:
+    if graph not in _IMPURE:
+        _IMPURE[graph] = [n for n in graph.nodes if n.op not in ("placeholder", "output") and n.is_impure()]
+    return _IMPURE[graph]
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:
