@@ -30,6 +30,7 @@ from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
 from .arith import product_kind, sum_to
+from .vjp_ops import autograd_vjp
 
 
 def matmul(input, other):
@@ -162,13 +163,10 @@ def _einsum_plan(ctx) -> tuple[list, str]:
     return explicit_subscripts(ctx.const("equation"), ranks)
 
 
-def _einsum_supported(ctx):
+def _repeats_a_letter(ctx) -> bool:
+    """A letter twice within one operand (``bii->bi``: a diagonal, ``ii->``: a trace)."""
     subscripts, _ = _einsum_plan(ctx)
-    repeated = [s for s in subscripts if len(set(s)) != len(s)]
-    if repeated:
-        return (f"einsum {ctx.const('equation')!r} repeats a letter within one operand ({repeated[0]!r}: a "
-                "diagonal or trace); its transpose is not implemented")
-    return None
+    return any(len(set(s)) != len(s) for s in subscripts)
 
 
 def _einsum_batch_local(ctx) -> bool:
@@ -182,10 +180,13 @@ def _einsum_batch_local(ctx) -> bool:
 EINSUM = declare_op("einsum", einsum, functions=[torch.einsum], batch_local=_einsum_batch_local)
 
 
-@register_rule(EINSUM, conditions="T", kind=product_kind, supports=_einsum_supported)
+@register_rule(EINSUM, conditions="T", kind=product_kind)
 def einsum_transpose(ctx, g):
     """G_i(g) = einsum(out, s_j (j != i) -> s_i; g, X_j) for each active operand i
-    (:func:`einsum_feedback`)."""
+    (:func:`einsum_feedback`). An operand that repeats a letter (a diagonal or a trace) has no such
+    einsum (its feedback is zero off the diagonal): autograd's vjp (:mod:`fbcompile.rules.vjp_ops`)."""
+    if _repeats_a_letter(ctx):
+        return autograd_vjp(ctx, g)
     subscripts, out = _einsum_plan(ctx)
     operands = ctx.forward_args()["operands"]
     feedback = [None] * len(operands)

@@ -45,7 +45,8 @@ clamp_min passes the gradient at n = eps), J = (I - y y^T) / n, else J = I / eps
 T: J^T g = (g - y <y, g>) / max(n, eps) (the y term only where n >= eps); target map the
 linearisation x + J^T (t - h), kind "linearised" (the norm is lost: no inverse). P: I - y y^T is an
 orthogonal projector (|y| = 1), so J^+ g = max(n, eps) (g - y <y, g>) (again the y term only where
-n >= eps). I is refused where n >= eps (J y = 0). Other p are refused.
+n >= eps). I is refused where n >= eps (J y = 0). Other p: T is autograd's vjp (same linearised
+target map), P and I are refused.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from fbcompile.registry import register_rule
 from fbcompile.trace import info
 
 from .kernel_dtypes import like
+from .vjp_ops import autograd_vjp
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -317,6 +319,9 @@ def unit_norm_feedback(g, x, y, dims, eps, pinv):
 
 
 def _normalize_map(ctx, g, pinv):
+    """J^T g (J^+ g when ``pinv``); for p != 2 (T only) autograd's vjp (:mod:`fbcompile.rules.vjp_ops`)."""
+    if ctx.const("p", 2.0) != 2:
+        return autograd_vjp(ctx, g)["input"]
     return ctx.call(unit_norm_feedback, g, ctx.saved("input"), ctx.saved("output"), _normalize_dims(ctx),
                     ctx.const("eps", 1e-12), pinv)
 
@@ -324,7 +329,7 @@ def _normalize_map(ctx, g, pinv):
 def _two_norm_only(ctx):
     p = ctx.const("p", 2.0)
     if p != 2:
-        return f"F.normalize with p={p!r}: only the Euclidean norm (p=2) has a rule"
+        return f"F.normalize with p={p!r}: only the Euclidean norm (p=2) has a condition-P or -I rule; use condition T"
     return None
 
 
@@ -335,10 +340,9 @@ def _linearised_target(pinv):
     return target
 
 
-@register_rule(NORMALIZE, conditions="T", kind="linearised", supports=_two_norm_only, affine=True,
-               target=_linearised_target(False))
+@register_rule(NORMALIZE, conditions="T", kind="linearised", affine=True, target=_linearised_target(False))
 def normalize_transpose(ctx, g):
-    """J^T g = (g - y <y, g>) / max(n, eps)."""
+    """J^T g = (g - y <y, g>) / max(n, eps) for p = 2; autograd's vjp for other p."""
     return {"input": _normalize_map(ctx, g, False)}
 
 

@@ -13,6 +13,8 @@ J^T and I holds too; the others drop entries and I is refused. cummax and cummin
 (the running extreme), J J^T is not diagonal and only T is claimed.
 
 The indices output is an integer tensor: no feedback reaches it; only the values carry g.
+``median(input)`` / ``nanmedian(input)`` over all entries return the value alone, and autograd
+splits its feedback evenly among tied entries: T is autograd's vjp (:mod:`fbcompile.rules.vjp_ops`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
+
+from .vjp_ops import autograd_vjp
 
 
 def sort(input, dim=-1, descending=False, stable=False):
@@ -83,7 +87,10 @@ def scatter_to_indices(g, input, indices, dim):
 
 
 def to_indices(ctx, g):
-    """G(g) = J^T g: each value's feedback goes to the entry it was selected from."""
+    """G(g) = J^T g: each value's feedback goes to the entry it was selected from. ``median(input)``
+    over all entries returns no index (autograd splits its feedback among ties): autograd's vjp."""
+    if _over_all_entries(ctx):
+        return autograd_vjp(ctx, g)
     values_feedback = g[0] if isinstance(g, (list, tuple)) else g
     if values_feedback is None:
         return {"input": None}
@@ -91,10 +98,14 @@ def to_indices(ctx, g):
                               _dim(ctx))}
 
 
+def _over_all_entries(ctx) -> bool:
+    return ctx.op_call.spec in MEDIANS and ctx.const("dim") is None
+
+
 def _over_a_dim(ctx):
-    if ctx.op_call.spec in MEDIANS and ctx.const("dim") is None:
+    if _over_all_entries(ctx):
         return (f"{ctx.name}: torch.{ctx.op_call.spec.name}(input) over all entries (autograd splits it among ties) "
-                f"is not supported; only {ctx.op_call.spec.name}(input, dim)")
+                f"has a condition-T rule only; condition P needs {ctx.op_call.spec.name}(input, dim)")
     return None
 
 
@@ -104,7 +115,8 @@ def _not_invertible(ctx):
 
 register_rule(SORT, conditions="TPI")(to_indices)
 for _op in DISTINCT[1:]:
-    register_rule(_op, conditions="TP", supports=_over_a_dim)(to_indices)
+    register_rule(_op, conditions="T")(to_indices)
+    register_rule(_op, conditions="P", supports=_over_a_dim)(to_indices)
     register_rule(_op, conditions="I", supports=_not_invertible)(to_indices)
 for _op in CUMULATIVE:
     register_rule(_op, conditions="T")(to_indices)

@@ -2,11 +2,12 @@
 the rule, kind "linearised", and why it keeps DTP's small-beta limit):
 
 - elementwise math: hyperbolic and inverse trigonometric functions, ``tan``, ``exp2``, ``log2``,
-  ``log10``, ``sinc``, ``erfc``, ``erfinv``, ``lgamma``, ``digamma``, ``polygamma``, ``i0``, ``sgn``,
-  ``frac``, ``deg2rad`` / ``rad2deg``, ``logit``, ``nan_to_num``, ``float_power``, and the binary
-  ``xlogy``, ``logaddexp`` / ``logaddexp2``, ``copysign``, ``fmod``, ``remainder``;
+  ``log10``, ``sinc``, ``erfc``, ``special.erfcx``, ``erfinv``, ``lgamma``, ``digamma``, ``polygamma``,
+  ``i0``, ``sgn``, ``frac``, ``deg2rad`` / ``rad2deg``, ``logit``, ``nan_to_num``, ``float_power``, and
+  the binary ``xlogy``, ``special.xlog1py``, ``logaddexp`` / ``logaddexp2``, ``copysign``, ``fmod``,
+  ``remainder``; ``atleast_1d`` / ``atleast_2d`` / ``atleast_3d`` (reshapes of one tensor);
 - products: ``baddbmm``, ``addbmm``, ``addmv``, ``addr``, ``tensordot``, ``kron``;
-- matrices: ``trace``, ``diag``, ``diag_embed``, ``det``, ``logdet``, ``inverse``, ``linalg.solve``,
+- matrices: ``trace``, ``diag``, ``diag_embed``, ``block_diag``, ``det``, ``logdet``, ``inverse``, ``linalg.solve``,
   ``matrix_exp``, ``linalg.norm``, ``linalg.matrix_norm``, ``cdist``, ``renorm``;
 - rearrangements and scans: ``rot90``, ``take_along_dim``, ``logcumsumexp``;
 - statistics returning two tensors: ``var_mean``, ``std_mean``, ``aminmax`` (feedback may arrive at
@@ -44,10 +45,11 @@ UNARY = {"sinh": (torch.sinh,), "cosh": (torch.cosh,), "tan": (torch.tan,), "asi
          "i0": (torch.i0, torch.special.i0), "sgn": (torch.sgn,), "frac": (torch.frac,),
          "deg2rad": (torch.deg2rad,), "rad2deg": (torch.rad2deg,), "trace": (torch.trace,),
          "det": (torch.det, torch.linalg.det), "logdet": (torch.logdet,),
-         "inverse": (torch.inverse, torch.linalg.inv), "matrix_exp": (torch.matrix_exp, torch.linalg.matrix_exp)}
+         "inverse": (torch.inverse, torch.linalg.inv), "matrix_exp": (torch.matrix_exp, torch.linalg.matrix_exp),
+         "special_erfcx": (torch.special.erfcx,)}
 BINARY = {"xlogy": (torch.xlogy,), "logaddexp": (torch.logaddexp,), "logaddexp2": (torch.logaddexp2,),
           "copysign": (torch.copysign,), "fmod": (torch.fmod,), "remainder": (torch.remainder,),
-          "kron": (torch.kron,)}
+          "kron": (torch.kron,), "special_xlog1py": (torch.special.xlog1py,)}
 #: ops that read the whole input as one matrix or one vector: a batch in front is not separated
 WHOLE_TENSOR = {"trace", "kron"}
 
@@ -224,6 +226,16 @@ def broadcast_tensors(*tensors):
     return torch.broadcast_tensors(*tensors)
 
 
+def _atleast(k, fn):
+    """``torch.atleast_{k}d``: the input itself from rank k on; below, size-1 dims around it (a batch
+    of rank < 2 leaves dim 0)."""
+    return _named(f"atleast_{k}d", fn, lambda input: fn(input))
+
+
+def block_diag(*tensors):
+    return torch.block_diag(*tensors)
+
+
 def multi_dot(tensors):
     return torch.linalg.multi_dot(tensors)
 
@@ -334,6 +346,9 @@ MATH_OPS = [
         ("dsplit", torch.dsplit, None))),
     _declared("broadcast_tensors", broadcast_tensors, [torch.broadcast_tensors], batch_local=mixes_samples),
     _declared("multi_dot", multi_dot, [torch.linalg.multi_dot], batch_local=mixes_samples),
+    _declared("block_diag", block_diag, [torch.block_diag], batch_local=mixes_samples),
+    *(_declared(f"atleast_{k}d", _atleast(k, fn), [fn], batch_local=lambda ctx: len(ctx.shape("input")) >= 2)
+      for k, fn in ((1, torch.atleast_1d), (2, torch.atleast_2d), (3, torch.atleast_3d))),
     _declared("chain_matmul", chain_matmul, [torch.chain_matmul], batch_local=mixes_samples),
     _declared("diff", diff, [torch.diff], ["diff"], batch_local=_keeps_samples_apart),
     _declared("dot", dot, [torch.dot], ["dot"], batch_local=mixes_samples),

@@ -250,11 +250,17 @@ def test_products_of_activations_are_refused_under_p_and_i(condition):
 
 @pytest.mark.parametrize("fn,match", [
     (lambda x, y: torch.div(x, y, rounding_mode="floor"), "rounding_mode='floor'"),
-    (lambda x, y: torch.einsum("ii->i", x), "repeats a letter"),
 ])
 def test_unsupported_products_are_refused_with_a_reason(fn, match):
     with pytest.raises(FBCompileError, match=match):
         fbcompile.compile(Two(fn).double(), (_randn((3, 3)), _randn((3, 3))))
+
+
+@pytest.mark.parametrize("equation", ["bii->bi", "bii->b", "bij,bjj->bi", "bii,bik->bk"])
+def test_einsum_repeating_a_letter_takes_autograds_vjp(equation):
+    """A diagonal or trace within one operand has no transposed einsum; autograd's vjp is exact."""
+    operands = [_randn((3, 4, 4)) for _ in range(equation.count(",") + 1)]
+    assert_exact(_einsum_model(equation, len(operands)), tuple(operands), units="op")
 
 
 # -- embedding ------------------------------------------------------------------------------------

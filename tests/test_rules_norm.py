@@ -317,11 +317,25 @@ def test_normalize_at_the_clamp_takes_torchs_side():
     assert max(compare_with_autograd(model, x, program=fbcompile.compile(model, x))) < TOL
 
 
-@pytest.mark.parametrize("p,condition,reason", [(1.0, "T", "only the Euclidean norm"), (2.0, "I", "singular")])
-def test_normalize_refusals_name_the_reason(p, condition, reason):
-    class OtherNorm(nn.Module):
-        def forward(self, x):
-            return F.normalize(x, p=p)
+class OtherNorm(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
 
+    def forward(self, x):
+        return F.normalize(torch.tanh(x), p=self.p, dim=1) * x
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0, float("inf")])
+def test_normalize_with_another_p_takes_autograds_vjp(p):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    program = fbcompile.compile(OtherNorm(p), x)
+    (residual, gap), = [v for k, v in rule_errors(program, x).items() if "normalize" in k]
+    assert residual < TOL and gap < TOL
+    assert max(compare_with_autograd(OtherNorm(p), x, program=program)) < TOL
+
+
+@pytest.mark.parametrize("p,condition,reason", [(1.0, "P", "only the Euclidean norm"), (2.0, "I", "singular")])
+def test_normalize_refusals_name_the_reason(p, condition, reason):
     with pytest.raises(fbcompile.FBCompileError, match=reason):
-        fbcompile.compile(OtherNorm(), torch.randn(2, 3, dtype=torch.float64), condition=condition)
+        fbcompile.compile(OtherNorm(p), torch.randn(2, 3, dtype=torch.float64), condition=condition)

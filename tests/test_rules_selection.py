@@ -92,11 +92,21 @@ def test_cumulative_extremes_claim_only_the_transpose(condition):
         fbcompile.compile(Fn(lambda h: h.cummax(1).values), torch.randn(3, 5, dtype=torch.float64), condition=condition)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("op", ["median", "nanmedian"])
-def test_median_of_all_entries_is_refused_by_name(op):
-    fn = (lambda h: h * h.median()) if op == "median" else (lambda h: h * torch.nanmedian(h))
-    problems = fbcompile.coverage(Fn(fn), torch.randn(3, 5), frontend="fx")
-    assert len(problems) == 1 and f"torch.{op}(input) over all entries" in problems[0].reason
+def test_median_of_all_entries_equals_autograd_and_splits_ties_as_autograd(op, frontend):
+    """No index is returned: T is autograd's vjp, which spreads the feedback over tied entries."""
+    reduce = torch.median if op == "median" else torch.nanmedian
+    model = randomise_vectors(Case(lambda h: h * reduce(h)).double())
+    assert_matches_autograd(model, torch.randn(5, 4, dtype=torch.float64), frontend, ops=[op])
+    fn = lambda h: h.sin() * reduce(h)   # noqa: E731  (TIES holds its median, 0.5, three times)
+    x = TIES.clone()
+    g = torch.randn_like(fn(x))
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(fn(leaf), leaf, g)[0]
+    assert torch.equal(fbcompile.compile(Fn(fn), x, frontend=frontend).propagate_error(x, g), expected)
+    with pytest.raises(UnsupportedOpError, match=f"torch.{op}\\(input\\) over all entries"):
+        fbcompile.compile(Fn(lambda h: h * reduce(h)), torch.randn(3, 5, dtype=torch.float64), condition="P")
 
 
 @pytest.mark.parametrize("name", ["sort", "topk", "median", "cummax"])

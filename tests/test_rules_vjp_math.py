@@ -78,6 +78,13 @@ CASES = {
     "diff": lambda m, h: torch.cat([torch.diff(h, dim=1), h[:, :1]], 1),
     "multi_dot": lambda m, h: torch.linalg.multi_dot([h, m.w, torch.tanh(m.w)]),
     "chain_matmul": lambda m, h: torch.chain_matmul(h, m.w, m.w.flip(0)),
+    "block_diag": lambda m, h: torch.cat([h[:, :6] @ torch.block_diag(m.w[:2, :2], m.w[2:6, 2:6]),
+                                          torch.block_diag(h[:, 6:7], m.w[:1, :1])[:h.shape[0]]], 1),
+    "atleast_1d": lambda m, h: h * torch.atleast_1d(h.sum()),
+    "atleast_2d": lambda m, h: h * torch.atleast_2d(h[:, 0]).t(),
+    "atleast_3d": lambda m, h: torch.atleast_3d(h).flatten(1) * h,
+    "special_erfcx": lambda m, h: torch.special.erfcx(h),
+    "special_xlog1py": lambda m, h: torch.special.xlog1py(h, POSITIVE(h.flip(-1))),
     "dot": lambda m, h: h * torch.dot(m.w[0], m.w[1]) + torch.vdot(m.w[2], m.w[3]),
     "pdist": lambda m, h: h * F.pdist(m.w).sum(),
     "bilinear": lambda m, h: m.bilinear(h, h.flip(1)) + F.bilinear(h, torch.tanh(h), m.w.view(8, 8, 1).expand(
