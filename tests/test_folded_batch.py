@@ -1,7 +1,8 @@
 """Models that fold the batch into dim 0 with tokens or windows (GPT-2's Conv1D ``view(-1, C)`` /
 addmm / ``view(N, T, C)``; a Swin-style window partition): the direct learners and Mono-Forward
-train them, with the projection and the head reading each sample's k rows; a fold in another order
-than batch-major is refused, naming the node."""
+train them, with the projection and the head reading each sample's k rows, batch-major or
+batch-minor (time-major: nn.MultiheadAttention's projections); a fold in any other order is
+refused, naming the node."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from torch import nn
 
 import fbcompile
 from fbcompile.errors import FBCompileError
-from fbcompile.passes.batch_layout import gather_samples, place_batch_axis
+from fbcompile.passes.batch_layout import Fold, gather_samples, place_batch_axis
 from helpers import step_grads
 
 
@@ -100,6 +101,9 @@ def test_place_and_gather_are_inverse_and_batch_major():
     assert tuple(inner.shape) == (3, 8)
     assert torch.equal(inner[:, 4:8], per_sample[1])
     assert torch.equal(gather_samples(inner, (1, 4)), per_sample)
+    minor = place_batch_axis(per_sample, Fold(0, 3, minor=True))       # row j*N + i holds sample i's row j
+    assert torch.equal(minor[1::2], per_sample[1])
+    assert torch.equal(gather_samples(minor, Fold(0, 3, minor=True)), per_sample)
 
 
 @pytest.mark.parametrize("name,node,shape", [("tokens", "view_2", (4, 8)), ("windows", "reshape", (4, 4, 8))])
@@ -107,7 +111,7 @@ def test_folded_unit_output_gets_a_per_sample_projection(name, node, shape):
     model, x = _model(name)
     learner = fbcompile.learner(fbcompile.compile(model, x), "dfa", seed=1)
     first = learner.plan.projections[0]
-    assert (first.node, first.shape, first.batch_axis) == (node, shape, (0, shape[0]))
+    assert (first.node, first.shape, first.batch_axis) == (node, shape, Fold(0, shape[0]))
     assert tuple(learner.projections.weights[0].shape) == (5, *shape)
 
 
@@ -115,7 +119,7 @@ def test_a_mono_forward_head_reads_each_samples_rows_of_a_fold():
     model, x = _model("tokens")
     learner = fbcompile.learner(fbcompile.compile(model, x), "mf", seed=1)
     head = next(iter(learner.heads))
-    assert (head.node.name, head.shape, head.batch_axis) == ("view_2", (4, 8), (0, 4))
+    assert (head.node.name, head.shape, head.batch_axis) == ("view_2", (4, 8), Fold(0, 4))
     value = torch.tanh(model.fc(x)).view(-1, 8)                                      # (N*T, H), T = 4
     z = head.features(value)
     assert tuple(z.shape) == (3, 32)
@@ -167,14 +171,60 @@ def test_first_hidden_update_is_the_reshaped_projected_signal_pulled_back(name, 
     assert not torch.allclose(torch.autograd.grad((value * wrong).sum(), params[:1])[0], expected[0])
 
 
+@pytest.mark.parametrize("algorithm", ["dfa", "drtp"])
+def test_a_time_major_fold_is_found_and_its_update_is_the_projection_pulled_back(algorithm):
+    """``transpose(0, 1).reshape(-1, H)``: sample i's rows are t*N + i (batch-minor)."""
+    torch.manual_seed(0)
+    model, x, y = InterleavedFold().double(), torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([1, 0, 4])
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=3)
+    first, B = learner.plan.projections[0], learner.projections.weights[0]          # B: (C, k, H)
+    assert (first.node, first.shape, first.batch_axis) == ("reshape", (4, 8), Fold(0, 4, minor=True))
+    grads = step_grads(learner, model, x, y)
+    with torch.no_grad():
+        error = (torch.softmax(model(x), 1) - F.one_hot(y, 5)) / len(x)
+        signal = error if algorithm == "dfa" else -F.one_hot(y, 5).double() / len(x)
+        per_sample = (signal @ B.reshape(5, -1)).reshape(len(x), 4, 8)               # (N, T, H)
+        delta = per_sample.transpose(0, 1).reshape(-1, 8)                            # row t*N + i: sample i
+    value = torch.tanh(model.fc(x)).transpose(0, 1).reshape(-1, 8)
+    expected = torch.autograd.grad((value * delta).sum(), [model.fc.weight, model.fc.bias])
+    for n, g in zip(["fc.weight", "fc.bias"], expected):
+        torch.testing.assert_close(grads[n], g, rtol=1e-12, atol=1e-14)
+
+
+class ReversedFold(InterleavedFold):
+    """The (N*T, H) rows reversed: sample i's rows are neither [i*T, (i+1)*T) nor t*N + i."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)).reshape(-1, self.fc.out_features).flip(0)
+        out = torch.addmm(self.proj.bias, h, self.proj.weight)
+        return self.head(torch.tanh(out).view(-1, self.tokens * out.shape[-1]))
+
+
 @pytest.mark.parametrize("algorithm", ["dfa", "mf"])
 def test_a_fold_in_another_order_is_refused_naming_the_node(algorithm):
     torch.manual_seed(0)
-    model, x = InterleavedFold().double(), torch.randn(3, 4, 6, dtype=torch.float64)
+    model, x = ReversedFold().double(), torch.randn(3, 4, 6, dtype=torch.float64)
     program = fbcompile.compile(model, x)
-    refusal = r"'reshape', whose axis 0 grows as 4\*batch, but it is not a batch-major fold"
+    refusal = r"'flip', whose axis 0 grows as 4\*batch, but its rows follow neither a batch-major nor a batch-minor"
     with pytest.raises(FBCompileError, match=refusal):
         fbcompile.learner(program, algorithm)
+
+
+def test_direct_learners_train_torchs_transformer_encoder_layer():
+    """nn.MultiheadAttention (batch_first=True) projects time-major (L*N, E) rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                          nn.Linear(5 * 8, 3)).double()
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    program = fbcompile.compile(model, x)
+    for algorithm in ("dfa", "drtp", "mf"):
+        learner = fbcompile.learner(program, algorithm, seed=0)
+        layouts = [p.batch_axis for p in learner.plan.projections] if algorithm != "mf" else \
+            [head.batch_axis for head in learner.heads]
+        assert any(isinstance(a, Fold) and a.minor for a in layouts), (algorithm, layouts)
+        grads = step_grads(learner, model, x, y)
+        assert grads["0.self_attn.in_proj_weight"] is not None
+        assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
 
 
 def test_the_fold_check_passes_train_mode_batchnorm_and_dropout_and_leaves_state_alone():

@@ -7,15 +7,19 @@ to know which entries of the value belong to which sample. Dim 0 of every model 
 - an int ``a``: the samples run along axis ``a`` (sample i is ``value.select(a, i)``); the
   per-sample shape is the value's shape without axis ``a`` (``a = 1`` for a time-first ``(L, N, E)``
   sequence);
-- a pair ``(a, k)``, a *batch-major fold*: axis ``a`` has size k*N and sample i's entries are exactly
-  the k rows ``[i*k, (i+1)*k)`` of it. Hugging Face GPT-2's Conv1D computes ``x.view(-1, C)`` of a
-  ``(N, T, C)`` input (a fold with k = T), torchvision swin_t's window partition reshapes
-  ``(N, H, W, C)`` into ``(N*nW, ws*ws, C)`` (k = nW windows). The per-sample shape is the value's
-  shape with axis ``a`` of size k: ``(k, *rest)`` for ``a = 0``.
+- a :class:`Fold` ``(a, k)``, a *batch-major fold*: axis ``a`` has size k*N and sample i's entries
+  are exactly the k rows ``[i*k, (i+1)*k)`` of it. Hugging Face GPT-2's Conv1D computes
+  ``x.view(-1, C)`` of a ``(N, T, C)`` input (a fold with k = T), torchvision swin_t's window partition
+  reshapes ``(N, H, W, C)`` into ``(N*nW, ws*ws, C)`` (k = nW windows). The per-sample shape is the
+  value's shape with axis ``a`` of size k: ``(k, *rest)`` for ``a = 0``;
+- a :class:`Fold` ``(a, k, minor=True)``, a *batch-minor fold*: sample i's entries are the k rows
+  ``j*N + i`` (a time-major ``(T, N, C)`` sequence flattened: ``nn.MultiheadAttention`` projects
+  ``(L*N, E)`` rows so, also with ``batch_first=True``). Same per-sample shape.
 
 :func:`place_batch_axis` lays a batch-first per-sample tensor ``P`` of shape ``(N, *S)`` out like the
 value, :func:`gather_samples` is its inverse. For a fold, ``P`` is moved to ``(.., N, k, ..)`` and axes
-a, a+1 are merged: row ``i*k + j`` of the value gets ``P[i, .., j, ..]``.
+a, a+1 are merged: row ``i*k + j`` of the value gets ``P[i, .., j, ..]``; for a batch-minor fold to
+``(.., k, N, ..)``: row ``j*N + i`` gets it.
 
 :func:`batch_axes` finds the layout of traced values by running the model once more, on random
 inputs of another batch size M (2, or N + 1 for N <= 2): the layout's axis is the one axis whose
@@ -25,10 +29,10 @@ exactly one axis of size N taken to keep its samples there.
 
 Every fold is then *verified*, not assumed: on a float64 copy of the model, with a batch of three
 random samples, each sample i in turn is replaced by a random other one, and the value must change
-only in that sample's rows ``[i*k, (i+1)*k)`` (every other row within 1e-10 of the value's largest
-entry). A permuted fold (``x.transpose(0, 1).reshape(-1, C)``: sample i's entries are the rows
-``t*N + i``) or samples mixed with each other (a functional batch norm on batch statistics) fail, and
-the value is refused with an error naming its node. BatchNorm modules run on their running
+only in that sample's rows: ``[i*k, (i+1)*k)`` (batch-major) or else ``j*N + i`` (batch-minor), the
+same order for every sample (every other row within 1e-10 of the value's largest entry). Rows in
+any other order (reversed, shuffled) or samples mixed with each other (a functional batch norm on
+batch statistics) fail, and the value is refused with an error naming its node. BatchNorm modules run on their running
 statistics in these runs: in train mode their batch statistics couple all samples, which says
 nothing about where each sample's rows are (the layout is the same in both modes). The model's
 parameters, buffers and random state are left as they were: the checks run on copies, with the CPU
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
@@ -50,10 +55,24 @@ FOLD_CHECK_BATCH = 3                # samples in the fold check's runs
 FOLD_CHECK_TOLERANCE = 1e-10        # allowed change outside a sample's rows, relative to the value's size
 
 
+class Fold(NamedTuple):
+    """A value whose axis ``axis`` holds k*N rows, k per sample: rows ``[i*k, (i+1)*k)`` of sample i,
+    or rows ``j*N + i`` (j < k) when ``minor`` (see the module docstring)."""
+    axis: int
+    k: int
+    minor: bool = False
+
+    def rows(self, sample: int, batch: int) -> list:
+        """The rows of ``sample`` along the folded axis, at batch size ``batch``."""
+        if self.minor:
+            return [j * batch + sample for j in range(self.k)]
+        return list(range(sample * self.k, (sample + 1) * self.k))
+
+
 def per_sample_shape(shape: tuple, layout) -> tuple:
     """The shape of one sample's part of a value of ``shape`` with batch layout ``layout``."""
     if isinstance(layout, tuple):
-        axis, k = layout
+        axis, k = layout[:2]
         return tuple(k if i == axis else size for i, size in enumerate(shape))
     return tuple(size for i, size in enumerate(shape) if i != layout)
 
@@ -61,16 +80,18 @@ def per_sample_shape(shape: tuple, layout) -> tuple:
 def place_batch_axis(per_sample: torch.Tensor, batch_axis) -> torch.Tensor:
     """A batch-first ``(N, *S)`` tensor laid out like a value of batch layout ``batch_axis``."""
     if isinstance(batch_axis, tuple):
-        axis, _ = batch_axis
-        return per_sample.movedim(0, axis).flatten(axis, axis + 1)
+        fold = Fold(*batch_axis)
+        return per_sample.movedim(0, fold.axis + fold.minor).flatten(fold.axis, fold.axis + 1)
     return per_sample if batch_axis == 0 else per_sample.movedim(0, batch_axis)
 
 
 def gather_samples(value: torch.Tensor, batch_axis) -> torch.Tensor:
     """The inverse of :func:`place_batch_axis`: a value of batch layout ``batch_axis`` as ``(N, *S)``."""
     if isinstance(batch_axis, tuple):
-        axis, k = batch_axis
-        return value.unflatten(axis, (-1, k)).movedim(axis, 0)
+        fold = Fold(*batch_axis)
+        if fold.minor:
+            return value.unflatten(fold.axis, (fold.k, -1)).movedim(fold.axis + 1, 0)
+        return value.unflatten(fold.axis, (-1, fold.k)).movedim(fold.axis, 0)
     return value if batch_axis == 0 else value.movedim(batch_axis, 0)
 
 
@@ -105,17 +126,18 @@ def batch_axes(traced: fx.GraphModule, nodes: list, purpose: str) -> dict:
             raise FBCompileError(f"{purpose} needs the batch axis of {describe(node)}, but its shape {shape} "
                                  f"(batch {batch}) became {bigger} at batch {other}: no single axis has the "
                                  "batch's size N or a multiple k*N at both batch sizes")
-        axes[node] = grew[0] if k == 1 else (grew[0], k)
+        axes[node] = grew[0] if k == 1 else Fold(grew[0], k)
         if k > 1:
             folds[node] = axes[node]
     if folds:
-        check_batch_major(traced, folds, purpose)
+        axes.update(fold_orders(traced, folds, purpose))
     return axes
 
 
-def check_batch_major(traced: fx.GraphModule, folds: dict, purpose: str) -> None:
-    """Refuse every value of ``folds`` ({node: (axis, k)}) whose samples are not the batch-major
-    blocks ``[i*k, (i+1)*k)`` of its axis (the check of the module docstring)."""
+def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
+    """{node: its :class:`Fold`, batch-major or batch-minor} for every value of ``folds`` ({node:
+    Fold}): the order in which the samples' rows change (the check of the module docstring); a value
+    whose rows follow neither is refused."""
     n = FOLD_CHECK_BATCH
     try:
         model = copy.deepcopy(traced).to(torch.float64)
@@ -129,30 +151,40 @@ def check_batch_major(traced: fx.GraphModule, folds: dict, purpose: str) -> None
     generator = torch.Generator().manual_seed(12345)
     base = _inputs(model, n, generator, torch.float64)
     reference = _values(model, base, by_name, purpose)
+    orders = {node: [folds[node], folds[node]._replace(minor=True)] for node in folds}   # the candidates left
+    first_failure = {}
     for sample in range(n):
         changed = [x.clone() for x in base]
         for x, other in zip(changed, _inputs(model, n, generator, torch.float64)):
             x[sample] = other[sample] if x.is_floating_point() else (x[sample] == 0).to(x.dtype)
         values = _values(model, changed, by_name, purpose)
         for name, node in by_name.items():
-            axis, k = folds[node]
+            fold = folds[node]
             before, after = reference[name], values[name]
-            if before.shape[axis] != k * n:
-                raise FBCompileError(f"{purpose}: {node.name!r} folds the batch into axis {axis} as {k} rows per "
-                                     f"sample, but at batch {n} that axis has size {before.shape[axis]}; the node: "
-                                     f"{describe(node)}")
-            change = (after - before).abs().movedim(axis, 0).reshape(k * n, -1).amax(1)
-            outside = torch.cat([change[:sample * k], change[(sample + 1) * k:]])
+            if before.shape[fold.axis] != fold.k * n:
+                raise FBCompileError(f"{purpose}: {node.name!r} folds the batch into axis {fold.axis} as {fold.k} rows "
+                                     f"per sample, but at batch {n} that axis has size {before.shape[fold.axis]}; the "
+                                     f"node: {describe(node)}")
+            change = (after - before).abs().movedim(fold.axis, 0).reshape(fold.k * n, -1).amax(1)
             limit = FOLD_CHECK_TOLERANCE * max(float(before.abs().max()), float(after.abs().max()), 1e-300)
-            if not bool((outside <= limit).all()):          # NaN counts as a change
-                rows = [r for r in range(k * n) if not sample * k <= r < (sample + 1) * k
-                        and not float(change[r]) <= limit]
-                raise FBCompileError(
-                    f"{purpose} needs each sample's part of {node.name!r}, whose axis {axis} grows as {k}*batch, but "
-                    f"it is not a batch-major fold: changing sample {sample} of a batch of {n} changed its rows "
-                    f"{rows[:8]}{' ...' if len(rows) > 8 else ''} outside that sample's rows [{sample * k}, "
-                    f"{(sample + 1) * k}) (samples folded in another order, or mixed with each other as by "
-                    f"batch statistics outside an nn.BatchNorm module); the node: {describe(node)}")
+            for order in list(orders[node]):
+                own = set(order.rows(sample, n))
+                outside = [r for r in range(fold.k * n) if r not in own and not float(change[r]) <= limit]  # NaN: changed
+                if outside:
+                    orders[node].remove(order)
+                    first_failure.setdefault(node, (sample, outside))
+    found = {}
+    for node, left in orders.items():
+        if not left:
+            fold, (sample, rows) = folds[node], first_failure[node]
+            raise FBCompileError(
+                f"{purpose} needs each sample's part of {node.name!r}, whose axis {fold.axis} grows as {fold.k}*batch, "
+                f"but its rows follow neither a batch-major nor a batch-minor fold: changing sample {sample} of a "
+                f"batch of {n} changed its rows {rows[:8]}{' ...' if len(rows) > 8 else ''} outside that sample's "
+                f"rows [{sample * fold.k}, {(sample + 1) * fold.k}) (samples folded in another order, or mixed with "
+                f"each other as by batch statistics outside an nn.BatchNorm module); the node: {describe(node)}")
+        found[node] = left[0]
+    return found
 
 
 def _values(model: fx.GraphModule, inputs: list, by_name: dict, purpose: str) -> dict:

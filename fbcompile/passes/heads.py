@@ -79,7 +79,7 @@ class Head(nn.Module):
         """z: (B, n). Spatial values are projected per channel: z[b, c*d + i] = sum_s A[c, i, s] u[b, c, s]
         (``a`` gathered into (B, *shape) first when its samples run along another axis or are folded
         into dim 0 with tokens or windows: a (B*k, *rest) value becomes (B, k, *rest))."""
-        axis, fold = self.batch_axis if isinstance(self.batch_axis, tuple) else (self.batch_axis, 1)
+        axis, fold = self.batch_axis[:2] if isinstance(self.batch_axis, tuple) else (self.batch_axis, 1)
         a = gather_samples(a, self.batch_axis) if a.dim() > axis and a.shape[axis] % fold == 0 else a
         if tuple(a.shape[1:]) != self.shape:
             raise FBCompileError(f"the head of unit {self.index} ({self.node.name!r}) was built for values of "
