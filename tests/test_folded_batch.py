@@ -101,9 +101,13 @@ def test_place_and_gather_are_inverse_and_batch_major():
     assert tuple(inner.shape) == (3, 8)
     assert torch.equal(inner[:, 4:8], per_sample[1])
     assert torch.equal(gather_samples(inner, (1, 4)), per_sample)
-    minor = place_batch_axis(per_sample, Fold(0, 3, minor=True))       # row j*N + i holds sample i's row j
+    minor = place_batch_axis(per_sample, Fold(0, 3, outer=3))       # row j*N + i holds sample i's row j
     assert torch.equal(minor[1::2], per_sample[1])
-    assert torch.equal(gather_samples(minor, Fold(0, 3, minor=True)), per_sample)
+    assert torch.equal(gather_samples(minor, Fold(0, 3, outer=3)), per_sample)
+    per_sample = torch.arange(2 * 6 * 4.).reshape(2, 6, 4)            # k = 6 as (outer 3, N, inner 2)
+    grid = place_batch_axis(per_sample, Fold(0, 6, outer=3))
+    assert torch.equal(grid[[2, 3, 6, 7, 10, 11]], per_sample[1])       # rows o*N*2 + 1*2 + r
+    assert torch.equal(gather_samples(grid, Fold(0, 6, outer=3)), per_sample)
 
 
 @pytest.mark.parametrize("name,node,shape", [("tokens", "view_2", (4, 8)), ("windows", "reshape", (4, 4, 8))])
@@ -178,7 +182,7 @@ def test_a_time_major_fold_is_found_and_its_update_is_the_projection_pulled_back
     model, x, y = InterleavedFold().double(), torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([1, 0, 4])
     learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, seed=3)
     first, B = learner.plan.projections[0], learner.projections.weights[0]          # B: (C, k, H)
-    assert (first.node, first.shape, first.batch_axis) == ("reshape", (4, 8), Fold(0, 4, minor=True))
+    assert (first.node, first.shape, first.batch_axis) == ("reshape", (4, 8), Fold(0, 4, outer=4))
     grads = step_grads(learner, model, x, y)
     with torch.no_grad():
         error = (torch.softmax(model(x), 1) - F.one_hot(y, 5)) / len(x)
@@ -205,7 +209,7 @@ def test_a_fold_in_another_order_is_refused_naming_the_node(algorithm):
     torch.manual_seed(0)
     model, x = ReversedFold().double(), torch.randn(3, 4, 6, dtype=torch.float64)
     program = fbcompile.compile(model, x)
-    refusal = r"'flip', whose axis 0 grows as 4\*batch, but its rows follow neither a batch-major nor a batch-minor"
+    refusal = r"'flip', whose axis 0 grows as 4\*batch, but its rows follow no \(outer, batch, inner\) fold"
     with pytest.raises(FBCompileError, match=refusal):
         fbcompile.learner(program, algorithm)
 
@@ -221,7 +225,7 @@ def test_direct_learners_train_torchs_transformer_encoder_layer():
         learner = fbcompile.learner(program, algorithm, seed=0)
         layouts = [p.batch_axis for p in learner.plan.projections] if algorithm != "mf" else \
             [head.batch_axis for head in learner.heads]
-        assert any(isinstance(a, Fold) and a.minor for a in layouts), (algorithm, layouts)
+        assert any(isinstance(a, Fold) and a.outer == a.k for a in layouts), (algorithm, layouts)
         grads = step_grads(learner, model, x, y)
         assert grads["0.self_attn.in_proj_weight"] is not None
         assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)

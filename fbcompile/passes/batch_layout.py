@@ -12,14 +12,16 @@ to know which entries of the value belong to which sample. Dim 0 of every model 
   ``x.view(-1, C)`` of a ``(N, T, C)`` input (a fold with k = T), torchvision swin_t's window partition
   reshapes ``(N, H, W, C)`` into ``(N*nW, ws*ws, C)`` (k = nW windows). The per-sample shape is the
   value's shape with axis ``a`` of size k: ``(k, *rest)`` for ``a = 0``;
-- a :class:`Fold` ``(a, k, minor=True)``, a *batch-minor fold*: sample i's entries are the k rows
-  ``j*N + i`` (a time-major ``(T, N, C)`` sequence flattened: ``nn.MultiheadAttention`` projects
-  ``(L*N, E)`` rows so, also with ``batch_first=True``). Same per-sample shape.
+- a :class:`Fold` ``(a, k, outer)`` in general: axis ``a`` is laid out as ``(outer, N, k / outer)``,
+  sample i's rows being ``o*N*(k/outer) + i*(k/outer) + r``. ``outer = 1`` is the batch-major fold;
+  ``outer = k`` the *batch-minor* one, rows ``t*N + i`` (a time-major ``(T, N, C)`` sequence
+  flattened: ``nn.MultiheadAttention`` projects ``(L*N, E)`` rows so, also with ``batch_first=True``);
+  in between, windows that keep the batch inside (grid partitions). Same per-sample shape.
 
 :func:`place_batch_axis` lays a batch-first per-sample tensor ``P`` of shape ``(N, *S)`` out like the
-value, :func:`gather_samples` is its inverse. For a fold, ``P`` is moved to ``(.., N, k, ..)`` and axes
-a, a+1 are merged: row ``i*k + j`` of the value gets ``P[i, .., j, ..]``; for a batch-minor fold to
-``(.., k, N, ..)``: row ``j*N + i`` gets it.
+value, :func:`gather_samples` is its inverse. For a fold, ``P``'s axis k is split into
+``(outer, k / outer)``, N is moved between the two and the three are merged: for ``outer = 1`` row
+``i*k + j`` of the value gets ``P[i, .., j, ..]``, for ``outer = k`` row ``j*N + i`` does.
 
 :func:`batch_axes` finds the layout of traced values by running the model once more, on random
 inputs of another batch size M (2, or N + 1 for N <= 2): the layout's axis is the one axis whose
@@ -29,10 +31,10 @@ exactly one axis of size N taken to keep its samples there.
 
 Every fold is then *verified*, not assumed: on a float64 copy of the model, with a batch of three
 random samples, each sample i in turn is replaced by a random other one, and the value must change
-only in that sample's rows: ``[i*k, (i+1)*k)`` (batch-major) or else ``j*N + i`` (batch-minor), the
-same order for every sample (every other row within 1e-10 of the value's largest entry). Rows in
-any other order (reversed, shuffled) or samples mixed with each other (a functional batch norm on
-batch statistics) fail, and the value is refused with an error naming its node. BatchNorm modules run on their running
+only in that sample's rows of one ``outer`` (each divisor of k is tried, batch-major first), the
+same for every sample (every other row within 1e-10 of the value's largest entry). Rows in any other
+order (reversed, shuffled) or samples mixed with each other (a functional batch norm on batch
+statistics) fail, and the value is refused with an error naming its node. BatchNorm modules run on their running
 statistics in these runs: in train mode their batch statistics couple all samples, which says
 nothing about where each sample's rows are (the layout is the same in both modes). The model's
 parameters, buffers and random state are left as they were: the checks run on copies, with the CPU
@@ -56,17 +58,20 @@ FOLD_CHECK_TOLERANCE = 1e-10        # allowed change outside a sample's rows, re
 
 
 class Fold(NamedTuple):
-    """A value whose axis ``axis`` holds k*N rows, k per sample: rows ``[i*k, (i+1)*k)`` of sample i,
-    or rows ``j*N + i`` (j < k) when ``minor`` (see the module docstring)."""
+    """A value whose axis ``axis`` holds k*N rows, k per sample, laid out as ``(outer, N, k / outer)``:
+    sample i's rows are ``[i*k, (i+1)*k)`` for ``outer = 1``, ``t*N + i`` for ``outer = k`` (see the
+    module docstring)."""
     axis: int
     k: int
-    minor: bool = False
+    outer: int = 1
+
+    @property
+    def inner(self) -> int:
+        return self.k // self.outer
 
     def rows(self, sample: int, batch: int) -> list:
         """The rows of ``sample`` along the folded axis, at batch size ``batch``."""
-        if self.minor:
-            return [j * batch + sample for j in range(self.k)]
-        return list(range(sample * self.k, (sample + 1) * self.k))
+        return [o * batch * self.inner + sample * self.inner + r for o in range(self.outer) for r in range(self.inner)]
 
 
 def per_sample_shape(shape: tuple, layout) -> tuple:
@@ -81,7 +86,8 @@ def place_batch_axis(per_sample: torch.Tensor, batch_axis) -> torch.Tensor:
     """A batch-first ``(N, *S)`` tensor laid out like a value of batch layout ``batch_axis``."""
     if isinstance(batch_axis, tuple):
         fold = Fold(*batch_axis)
-        return per_sample.movedim(0, fold.axis + fold.minor).flatten(fold.axis, fold.axis + 1)
+        split = per_sample.unflatten(fold.axis + 1, (fold.outer, fold.inner))
+        return split.movedim(0, fold.axis + 1).flatten(fold.axis, fold.axis + 2)
     return per_sample if batch_axis == 0 else per_sample.movedim(0, batch_axis)
 
 
@@ -89,9 +95,8 @@ def gather_samples(value: torch.Tensor, batch_axis) -> torch.Tensor:
     """The inverse of :func:`place_batch_axis`: a value of batch layout ``batch_axis`` as ``(N, *S)``."""
     if isinstance(batch_axis, tuple):
         fold = Fold(*batch_axis)
-        if fold.minor:
-            return value.unflatten(fold.axis, (fold.k, -1)).movedim(fold.axis + 1, 0)
-        return value.unflatten(fold.axis, (-1, fold.k)).movedim(fold.axis, 0)
+        split = value.unflatten(fold.axis, (fold.outer, -1, fold.inner)).movedim(fold.axis + 1, 0)
+        return split.flatten(fold.axis + 1, fold.axis + 2)
     return value if batch_axis == 0 else value.movedim(batch_axis, 0)
 
 
@@ -135,9 +140,9 @@ def batch_axes(traced: fx.GraphModule, nodes: list, purpose: str) -> dict:
 
 
 def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
-    """{node: its :class:`Fold`, batch-major or batch-minor} for every value of ``folds`` ({node:
-    Fold}): the order in which the samples' rows change (the check of the module docstring); a value
-    whose rows follow neither is refused."""
+    """{node: its :class:`Fold`, with the ``outer`` its rows follow} for every value of ``folds``
+    ({node: batch-major Fold}): the order in which the samples' rows change (the check of the module
+    docstring); a value whose rows follow none is refused."""
     n = FOLD_CHECK_BATCH
     try:
         model = copy.deepcopy(traced).to(torch.float64)
@@ -151,7 +156,8 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
     generator = torch.Generator().manual_seed(12345)
     base = _inputs(model, n, generator, torch.float64)
     reference = _values(model, base, by_name, purpose)
-    orders = {node: [folds[node], folds[node]._replace(minor=True)] for node in folds}   # the candidates left
+    orders = {node: [folds[node]._replace(outer=o) for o in range(1, folds[node].k + 1) if folds[node].k % o == 0]
+              for node in folds}                     # the candidates left, batch-major first
     first_failure = {}
     for sample in range(n):
         changed = [x.clone() for x in base]
@@ -179,7 +185,7 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
             fold, (sample, rows) = folds[node], first_failure[node]
             raise FBCompileError(
                 f"{purpose} needs each sample's part of {node.name!r}, whose axis {fold.axis} grows as {fold.k}*batch, "
-                f"but its rows follow neither a batch-major nor a batch-minor fold: changing sample {sample} of a "
+                f"but its rows follow no (outer, batch, inner) fold: changing sample {sample} of a "
                 f"batch of {n} changed its rows {rows[:8]}{' ...' if len(rows) > 8 else ''} outside that sample's "
                 f"rows [{sample * fold.k}, {(sample + 1) * fold.k}) (samples folded in another order, or mixed with "
                 f"each other as by batch statistics outside an nn.BatchNorm module); the node: {describe(node)}")

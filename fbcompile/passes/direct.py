@@ -66,7 +66,7 @@ PROJECTION_FANS = ("features", "signal")
 class Projection:
     """One direct projection: output signal (C) -> the value of ``node`` (per-sample shape ``shape``).
     ``batch_axis`` is the value's batch layout (:mod:`.batch_layout`): an axis, whose removal gives
-    ``shape``, or a :class:`~.batch_layout.Fold` ``(axis, k, minor)``, whose axis of size k*N becomes k
+    ``shape``, or a :class:`~.batch_layout.Fold` ``(axis, k, outer)``, whose axis of size k*N becomes k
     in ``shape``."""
     index: int
     unit: int
@@ -183,7 +183,7 @@ def draw_projections(plan: DirectPlan, *, init: str, fan: str, scale: float, see
 def project_dense(signal: torch.Tensor, projection: torch.Tensor, batch_axis=0) -> torch.Tensor:
     """delta = reshape(s B, (N, *S)) for a dense signal s (N, C) and B stored as (C, *S), laid out
     like the value it is the delta of (batch layout ``batch_axis``: for a fold ``(0, k)``,
-    S = (k, *rest) and the delta is laid out as (N*k, *rest), batch-major or batch-minor)."""
+    S = (k, *rest) and the delta is laid out as (N*k, *rest) in the fold's order)."""
     matrix = projection if projection.dim() == 2 else projection.reshape(projection.shape[0], -1)
     dense = signal if signal.dtype == matrix.dtype else signal.to(matrix.dtype)
     delta = dense @ matrix
