@@ -49,7 +49,8 @@ class _Tracer(fx.Tracer):
         if autocast_state() != self.autocast:
             raise UntraceableModelError("forward enters or leaves torch.autocast, which torch.fx does not record; "
                                         "the program would compute that block in another precision than the model. "
-                                        "Cast explicitly (x.to(torch.bfloat16)), or compile and train inside one torch.autocast context")
+                                        "Cast explicitly (x.to(torch.bfloat16)), or compile and train inside one "
+                                        "torch.autocast context")
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def _filter_traceback_frames(self, user_stack_summary):
