@@ -173,12 +173,13 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
                                      f"node: {describe(node)}")
             change = (after - before).abs().movedim(fold.axis, 0).reshape(fold.k * n, -1).amax(1)
             limit = FOLD_CHECK_TOLERANCE * max(float(before.abs().max()), float(after.abs().max()), 1e-300)
+            changed = ~(change <= limit)                                    # NaN counts as a change
             for order in list(orders[node]):
-                own = set(order.rows(sample, n))
-                outside = [r for r in range(fold.k * n) if r not in own and not float(change[r]) <= limit]  # NaN: changed
-                if outside:
+                outside = changed.clone()
+                outside[order.rows(sample, n)] = False
+                if bool(outside.any()):
                     orders[node].remove(order)
-                    first_failure.setdefault(node, (sample, outside))
+                    first_failure.setdefault(node, (sample, outside.nonzero().flatten().tolist()))
     found = {}
     for node, left in orders.items():
         if not left:
