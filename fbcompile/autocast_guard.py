@@ -23,6 +23,7 @@ dtype, as with autograd.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,10 +43,12 @@ def mixed_precision(device_type: str, dtype: str | None):
 
 
 def under_mixed_precision(fn: Callable, device_type: str, dtype: str | None) -> Callable:
-    """``fn`` run inside :func:`mixed_precision` (``fn`` itself for None)."""
+    """``fn`` run inside :func:`mixed_precision` (``fn`` itself for None; ``fn`` is the result's
+    ``__wrapped__``)."""
     if dtype is None:
         return fn
 
+    @functools.wraps(fn)
     def mixed(*args, **kwargs):
         with mixed_precision(device_type, dtype):
             return fn(*args, **kwargs)
@@ -57,7 +60,7 @@ def autocast_state() -> tuple:
     return tuple((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in _DEVICES)
 
 
-def describe(state: tuple) -> str:
+def _state_text(state: tuple) -> str:
     on = [f"{device} ({str(dtype).replace('torch.', '')})" for device, (enabled, dtype) in zip(_DEVICES, state)
           if enabled]
     return f"torch.autocast on for {', '.join(on)}" if on else "torch.autocast off"
@@ -78,7 +81,7 @@ class CapturedAutocast:
         now = autocast_state()
         if now != self.state:
             raise FBCompileError(
-                f"{self.model_name} was captured with {describe(self.state)}, and this run has {describe(now)}. "
+                f"{self.model_name} was captured with {_state_text(self.state)}, and this run has {_state_text(now)}. "
                 "The capture evaluated forward's Python once, so what it decides from the autocast state or from "
                 "dtypes that autocast sets (full-precision blocks, masking constants such as "
                 "torch.finfo(x.dtype).min) holds only for that state: compile inside the same torch.autocast "

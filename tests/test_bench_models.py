@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbcompile
+from fbcompile.autocast_guard import under_mixed_precision
 from fbcompile.bench import MODEL_CONFIGS, model_batch, model_memory, model_step
+from fbcompile.errors import FBCompileError
 from fbcompile.cli import main
 from fbcompile.models import build_model
 from fbcompile.zoo_models import make_divisible, mobilenet_v2, resnet18_imagenet
@@ -81,8 +83,14 @@ def test_model_step_helper_runs_every_configuration():
 def test_model_step_helper_runs_the_baseline_and_a_learner_under_autocast():
     """``--autocast``: the baseline and the learner, compiled and stepped under torch.autocast (a
     program compiled outside it would refuse the step)."""
+    device = torch.empty(0).device.type
+    state = lambda: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))  # noqa: E731
+    assert under_mixed_precision(state, device, "bfloat16")() == (True, torch.bfloat16)
+    assert under_mixed_precision(state, device, None) is state and not state()[0]
     for config in ("autograd", "bp"):
-        model_step("lenet", config, (1, 16, 16), 8, autocast="bfloat16")()
+        model_step("lenet", config, (1, 16, 16), 8, autocast="bfloat16")()      # raises if not under autocast
+    with pytest.raises(FBCompileError, match="captured with torch.autocast on"):   # the learner's program was
+        model_step("lenet", "bp", (1, 16, 16), 8, autocast="bfloat16").__wrapped__()  # captured under autocast
 
 
 @pytest.mark.cpu_only("tensor memory from the profiler's CPU ledger")

@@ -19,17 +19,16 @@ from .feedback import FeedbackGraph
 
 def prune_outputs(graph: FeedbackGraph, returns: str, parameter_free: frozenset) -> fx.GraphModule:
     """A copy of ``graph.module`` whose boundary outputs are None where not wanted (``returns``
-    "units": the positions in ``parameter_free``; "params": every boundary value)."""
+    "units": the positions in ``parameter_free``; "params": every boundary value), with only the work
+    the rest needs; it takes the same arguments as ``graph.module``."""
     if returns not in ("units", "params"):
         raise FBCompileError(f"returns={returns!r}; use 'all', 'units' or 'params'")
-    module = fx.GraphModule(graph.module, copy_graph(graph.module.graph))
-    out = _output_node(module.graph)
-    values, grads = out.args[0]
+    values, grads = _output_node(graph.module.graph).args[0]
     kept = [None if (returns == "params" or i in parameter_free) else v for i, v in enumerate(values)]
-    out.args = ((tuple(kept), grads),)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
+    wanted = [n for n in (*kept, *grads) if isinstance(n, fx.Node)]
+    new, env = copy_needed(graph.module.graph, wanted, every_placeholder=True)
+    new.output(fx.node.map_arg((tuple(kept), tuple(grads)), env.__getitem__))
+    return fx.GraphModule(graph.module, new)
 
 
 @dataclass(frozen=True)
@@ -65,18 +64,11 @@ def gradient_subgraph(graph: FeedbackGraph, params) -> GradientSubgraph:
     return GradientSubgraph(module, inputs, wanted)
 
 
-def copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    env = {}
-    for node in graph.nodes:
-        env[node] = new.node_copy(node, lambda n: env[n])
-    return new
-
-
-def copy_needed(graph: fx.Graph, roots: list) -> tuple[fx.Graph, dict]:
+def copy_needed(graph: fx.Graph, roots: list, every_placeholder: bool = False) -> tuple[fx.Graph, dict]:
     """A new graph of the nodes ``roots`` depend on, with the impure ones (in-place writes) and what
     they depend on, as dead-code elimination would keep them, in their order; no output node.
-    Returns it and the map from old nodes to new (placeholders nothing needs are not in it)."""
+    Returns it and the map from old nodes to new (placeholders nothing needs are left out, unless
+    ``every_placeholder``: the copy then takes the same arguments as ``graph``)."""
     needed, stack = set(), list(roots) + _impure_nodes(graph)
     while stack:
         node = stack.pop()
@@ -85,7 +77,7 @@ def copy_needed(graph: fx.Graph, roots: list) -> tuple[fx.Graph, dict]:
             stack.extend(node.all_input_nodes)
     new, env = fx.Graph(), {}
     for node in graph.nodes:
-        if node in needed:
+        if node in needed or (every_placeholder and node.op == "placeholder"):
             env[node] = new.node_copy(node, env.__getitem__)
     return new, env
 
