@@ -7,6 +7,7 @@ the example inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
@@ -19,9 +20,11 @@ from torch.nn.utils import parametrize
 
 from .autocast_guard import autocast_state
 from .autograd_functions import custom_functions_refused
+from .buffer_writes import get_attr_buffer, rewrite_counter_increments
 from .errors import FBCompileError, UntraceableModelError
 from .hook_guard import check_capturable
 from .mutation import redirect_in_place_results
+from .random_guard import draws_refused
 from .ops import declare_optional_spellings, lookup_module
 from .trace import describe
 
@@ -33,6 +36,7 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = True
         self.grad_mode, self.autocast = _grad_mode(), autocast_state()
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -85,7 +89,7 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     tracer = _Tracer()
     fixed = constant_arguments(model, given, constants or {})
     try:
-        with custom_functions_refused("torch.fx"):
+        with custom_functions_refused("torch.fx"), draws_refused(type(model).__name__, "torch.fx"):
             graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
         where = _failure_line(exc)
@@ -102,6 +106,7 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     _drop_specialised(graph, given, model)
     _dtype_methods_as_to(graph)
     _flatten_output(graph)
+    rewrite_counter_increments(graph, get_attr_buffer(tracer.root))
     redirect_in_place_results(graph, tracer.root)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
@@ -183,7 +188,7 @@ def _drop_specialised(graph: fx.Graph, given: int, model: nn.Module) -> None:
 def _failure_line(exc: BaseException) -> str:
     """The innermost user frame of a tracing failure (``File ..., line n, in forward: code``)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if _TORCH_DIR not in f.filename and _PACKAGE_DIR not in f.filename]
+              if _TORCH_DIR not in f.filename and _PACKAGE_DIR not in f.filename and f.filename != contextlib.__file__]
     if not frames:
         return ""
     f = frames[-1]

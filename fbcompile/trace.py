@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .buffer_writes import BufferWrites
 from .errors import FBCompileError
 from .mutation import WriteCheck
 from .ops import OpSpec
@@ -99,26 +100,30 @@ def describe(node: fx.Node) -> str:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
-    """Run something on ``model`` with its buffers (BatchNorm statistics) swapped for copies and
-    the CPU RNG forked. Afterwards the original buffer tensors are back, never written in place:
-    autograd may have saved them (a train-mode BatchNorm backward reads the running statistics)."""
-    swapped = []
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                swapped.append((module, name, buf))
-                module._buffers[name] = buf.detach().clone()
+    """Run something on ``model`` with its buffers (BatchNorm statistics, counters) on private copies
+    of their data and the CPU RNG forked. Each buffer object keeps its identity and points at a
+    copy for the block, so whatever holds the object reads and writes the copy: the model's
+    modules, and the graph modules of a program, whose ``get_attr`` containers hold the buffer
+    objects themselves (a functional ``F.batch_norm(x, self.running_mean, ...)``). Afterwards each
+    buffer's own memory is back, never written, and its version counter as it was: autograd may
+    have saved it (a BatchNorm backward reads the running statistics)."""
+    buffers = list(model.buffers())
+    saved = [(b, b.data, b._version) for b in buffers]
+    for buffer in buffers:
+        buffer.data = buffer.detach().clone()
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
-            for module, name, buf in swapped:
-                module._buffers[name] = buf
+            for buffer, data, _ in saved:
+                buffer.data = data
+            torch._C._autograd._unsafe_set_version_counter(buffers, [version for _, _, version in saved])
 
 
 def propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
     """Record role, activity, shape and dtype of every node by running the example inputs; refuse
-    an in-place write that a later read would miss (:class:`~fbcompile.mutation.WriteCheck`)."""
+    an in-place write that a later read would miss (:class:`~fbcompile.mutation.WriteCheck`) and a
+    write to a buffer that a program cannot keep (:class:`~fbcompile.buffer_writes.BufferWrites`)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise FBCompileError(f"{type(model).__name__}.forward takes {len(placeholders)} input(s) "
@@ -136,10 +141,12 @@ def propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> No
                 raise FBCompileError(f"running the example inputs failed at node {describe(node)}: "
                                      f"{type(exc).__name__}: {exc}") from exc
             node.meta[META] = _value_info(node, value, model, params)
+            buffer_writes.after(node)
             writes.after(node, read, self.env, lambda n: info(n).active)
             return value
 
     with preserved_state(model), torch.no_grad():
+        buffer_writes = BufferWrites(model)     # the versions of the copies the run writes
         Recorder(gm).run(*example_inputs)
 
 

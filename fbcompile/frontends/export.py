@@ -14,8 +14,10 @@ Dropout modules become ``call_module`` nodes of the user's ``nn.Dropout`` the sa
 BatchNorm: training IR writes ``nn.BatchNorm2d`` as ``aten.batch_norm`` updating the running
 statistics in place, plus ``aten.add_`` on ``num_batches_tracked``. Both are replaced by one
 ``call_module`` node of the user's BatchNorm module, which then updates its own buffers exactly as
-the model's forward would (and verification can run it on copies of them). Any other in-place
-write to a buffer is refused: the compiled programs could not keep it away from the user's state.
+the model's forward would (and verification can run it on copies of them). A counter incremented
+in place (an integer buffer += a constant, as timm's ``BatchNormAct2d`` counts its batches) becomes
+a ``count_up`` node (:mod:`fbcompile.buffer_writes`). Any other in-place write to a buffer is
+refused: the compiled programs could not keep it away from the user's state.
 
 Every node keeps export's ``stack_trace`` metadata, so ``explain()``, ``coverage()`` and errors
 show the user's source line.
@@ -31,9 +33,11 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..autocast_guard import autocast_state
 from ..autograd_functions import check_recorded_functions, custom_functions_recorded
+from ..buffer_writes import count_up, counter_increment
 from ..input_shapes import META as SHAPES_META, InputShape, InputShapes
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module
+from ..random_guard import draws_refused
 from ..ops import lookup_module
 from .recurrent import recurrent_modules_unrolled
 
@@ -61,7 +65,8 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
     if kwargs:
         names = [p for p in inspect.signature(model.forward).parameters][:len(example_inputs)]
         dynamic = {**dict(zip(names, dynamic)), **{k: None for k in kwargs}}
-    with custom_functions_recorded() as functions, recurrent_modules_unrolled(model):
+    with custom_functions_recorded() as functions, recurrent_modules_unrolled(model), \
+            draws_refused(type(model).__name__, "torch.export"):
         exported = torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
                                        dynamic_shapes=dynamic)
     check_recorded_functions(functions)
@@ -203,10 +208,21 @@ class _ProgramCopy:
         if written is not None:
             if written in self.counters and not node.users:
                 return   # num_batches_tracked += 1: the BatchNorm module does it
+            if counter_increment(node, self.buffer_of) is not None:
+                env[node] = graph.call_function(count_up, (env[node.args[0]], node.args[1]))
+                env[node].meta.update(node.meta)
+                return
             raise FBCompileError(f"{node.format_node()} writes buffer {written!r} in place; the export front "
-                                 f"end supports in-place buffer updates only inside nn.BatchNorm modules"
-                                 + _line(node))
+                                 f"end supports in-place buffer updates only inside nn.BatchNorm modules and "
+                                 f"counters (an integer buffer += a constant)" + _line(node))
         env[node] = graph.node_copy(node, lambda n: env[n])
+
+    def buffer_of(self, value: fx.Node):
+        """(qualified name, tensor) of the buffer an exported placeholder is, else None."""
+        spec = self.kinds.get(value.name)
+        if value.op != "placeholder" or spec is None or spec.kind != InputKind.BUFFER:
+            return None
+        return spec.target, self.model.get_buffer(spec.target)
 
     def inline_block(self, node: fx.Node, owner: nn.Module) -> tuple:
         """The nodes of a ``torch.autocast(enabled=False)`` block, copied in place of the block: the

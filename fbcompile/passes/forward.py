@@ -184,7 +184,8 @@ def build_unit_forwards(gm: fx.GraphModule, partition, taps: dict | None = None)
     that reads them. With ``taps`` (unit index -> tap keys ``(node name, extra or None)`` of values
     the unit's forward computes or reads) every module returns ``(outputs, tap values)`` instead,
     the keys listed in ``stage.taps``: what a compiled local backward of the unit needs."""
-    plans = [_stage_plan(gm, unit, partition) for unit in partition.units]
+    effects = _side_effects_by_unit(gm, partition)
+    plans = [_stage_plan(gm, unit, partition, effects.get(unit.index, ())) for unit in partition.units]
     read_elsewhere = {src for _, _, inputs in plans for src in inputs}
     stages = []
     for unit, order, inputs in plans:
@@ -207,9 +208,26 @@ def build_unit_forwards(gm: fx.GraphModule, partition, taps: dict | None = None)
     return stages
 
 
-def _stage_plan(gm: fx.GraphModule, unit, partition) -> tuple:
+def _side_effects_by_unit(gm: fx.GraphModule, partition) -> dict:
+    """{unit index: side-effectful nodes in no unit (a buffer's counter, :mod:`fbcompile.buffer_writes`)}:
+    each runs in the unit whose first node follows it in graph order (the last unit after them all),
+    so the unit forwards together make every state change the whole forward makes, once."""
+    effects, pending = {}, []
+    for node in gm.graph.nodes:
+        unit = partition.unit_of.get(node)
+        if unit is None and node.op == "call_function" and node.is_impure():
+            pending.append(node)
+        elif unit is not None and pending:
+            effects.setdefault(unit.index, []).extend(pending)
+            pending = []
+    if pending:
+        effects.setdefault(partition.units[-1].index, []).extend(pending)
+    return effects
+
+
+def _stage_plan(gm: fx.GraphModule, unit, partition, effects=()) -> tuple:
     """(unit, the nodes its forward runs in graph order, the values it reads from outside)."""
-    members = _with_helpers(unit.nodes, partition)
+    members = _with_helpers(list(unit.nodes) + list(effects), partition)
     order = [n for n in gm.graph.nodes if n in members]
     inputs = []
     for node in order:

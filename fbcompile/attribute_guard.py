@@ -1,0 +1,62 @@
+"""Attribute guard: the plain Python attributes of the model's modules are the values captured.
+
+A capture evaluates ``forward``'s Python once, and the op bindings read module hyperparameters
+once: ``if self.drop_prob == 0.`` (timm's DropPath), ``x / self.temperature``, a dropout's ``p`` or a
+convolution's ``stride`` become constants of the program. Changing one on the model afterwards (a
+drop-path or dropout schedule, an annealed temperature) changed what the model computes but not
+what the program computes: a silent difference. :class:`AttributeGuard` holds, for every module,
+the values at capture of its public attributes that are plain values (numbers, strings, None,
+dtypes, devices and tuples of them; a list, which can change in place, is not one); its check, run with the other guards before every step and
+every ``propagate_error``, raises naming the first attribute that changed, its value then and now.
+The training flag is the mode guard's (:mod:`fbcompile.mode_guard`); tensors, parameters and
+submodules the structure guard's (:mod:`fbcompile.structure_guard`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import FBCompileError
+
+META = "fbcompile_attributes"
+_PLAIN = (bool, int, float, complex, str, type(None), torch.dtype, torch.device)
+_MISSING = object()
+
+
+@dataclass(frozen=True, eq=False)
+class AttributeGuard:
+    model_name: str
+    keys: tuple = field(repr=False)        # (module.__dict__, module qualified name, attribute name)
+    values: tuple = field(repr=False)
+
+    def check(self) -> None:
+        """Raise :class:`FBCompileError` when an attribute captured changed or was deleted."""
+        now = tuple(attributes.get(name, _MISSING) for attributes, _, name in self.keys)
+        if now == self.values:
+            return
+        (_, module, name), then, value = next((key, a, b) for key, a, b in zip(self.keys, self.values, now) if a != b)
+        where = f"{module}.{name}" if module else name
+        shown = "deleted" if value is _MISSING else f"{value!r}"
+        raise FBCompileError(
+            f"attribute {where} of {self.model_name} is {shown} but was {then!r} when the model was compiled. A "
+            "program holds the values forward and the op bindings read at capture (a drop-path rate, a dropout "
+            "probability, a temperature), so it would still compute with the old one. Compile it again after "
+            "changing it")
+
+
+def attribute_guard(model: nn.Module) -> AttributeGuard:
+    keys, values = [], []
+    for qualname, module in model.named_modules():
+        for name, value in vars(module).items():
+            if not name.startswith("_") and name != "training" and _plain(value):
+                keys.append((vars(module), qualname, name))
+                values.append(value)
+    return AttributeGuard(type(model).__name__, tuple(keys), tuple(values))
+
+
+def _plain(value) -> bool:
+    if isinstance(value, tuple):
+        return all(map(_plain, value))
+    return isinstance(value, _PLAIN)
