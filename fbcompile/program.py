@@ -16,6 +16,7 @@ from .autocast_guard import META as AUTOCAST_META
 from .input_shapes import META as SHAPES_META
 from .hook_guard import META as HOOK_META
 from .structure_guard import META as STRUCTURE_META
+from .attribute_guard import META as ATTRIBUTE_META
 from .mode_guard import mode_guard_of
 from .passes.forward import build_cut_forward, build_resume_forward, build_unit_forwards
 from .trace import active_outputs, depends_on_parameters, info
@@ -48,7 +49,8 @@ class FeedbackProgram:
       (:mod:`fbcompile.hook_guard`); ``structure_guard``: its submodules, parameters and buffers
       (:mod:`fbcompile.structure_guard`); ``input_shapes``: None, or the input shapes a torch.export
       capture holds for (:mod:`fbcompile.input_shapes`); ``autocast_guard``: the autocast state at
-      capture (:mod:`fbcompile.autocast_guard`). :meth:`check_model` refuses to run when any of them
+      capture (:mod:`fbcompile.autocast_guard`); ``attribute_guard``: the modules' plain attributes
+      (:mod:`fbcompile.attribute_guard`). :meth:`check_model` refuses to run when any of them
       changed.
     - ``rule_sets[family]``: ``{forward node: rule}`` per mode family ("error": the error and
       unit_error modes; "target": target, difference and the unit target modes), chosen with the
@@ -70,6 +72,7 @@ class FeedbackProgram:
         self.input_shapes = traced.meta.get(SHAPES_META) if hasattr(traced, "meta") else None
         self.structure_guard = traced.meta.get(STRUCTURE_META) if hasattr(traced, "meta") else None
         self.autocast_guard = traced.meta.get(AUTOCAST_META) if hasattr(traced, "meta") else None
+        self.attribute_guard = traced.meta.get(ATTRIBUTE_META) if hasattr(traced, "meta") else None
         self.backend = None            # torch.compile backend of the feedback modules (fbcompile.backends)
         self.feedback, self.slots = {}, []
         self._derived = {}
@@ -87,7 +90,8 @@ class FeedbackProgram:
         (:mod:`fbcompile.hook_guard`) or a submodule, parameter or buffer replaced
         (:mod:`fbcompile.structure_guard`), or if ``inputs`` have a shape the program was not
         captured for (:mod:`fbcompile.input_shapes`), or if the autocast state is not the one at
-        capture (:mod:`fbcompile.autocast_guard`). Every run of the captured forward on the model
+        capture (:mod:`fbcompile.autocast_guard`), or a module's plain attribute changed
+        (:mod:`fbcompile.attribute_guard`). Every run of the captured forward on the model
         checks this first: :meth:`propagate_error`, and a learner when it opens
         a step's transaction (before anything changes)."""
         if self.mode_guard is not None:
@@ -100,6 +104,8 @@ class FeedbackProgram:
             self.input_shapes.check(inputs)
         if self.autocast_guard is not None:
             self.autocast_guard.check()
+        if self.attribute_guard is not None:
+            self.attribute_guard.check()
 
     def executable(self, *modes: str) -> Executable:
         """What a learner runs: the forward with exactly the taps the feedback graphs of ``modes``

@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from .. import aten_spellings  # noqa: F401  (binds the ATen overloads)
+from ..attribute_guard import META as ATTRIBUTE_META, attribute_guard
 from ..autocast_guard import META as AUTOCAST_META, CapturedAutocast, autocast_state
 from ..capture import capture, constant_arguments
 from ..errors import FBCompileError, OptionError, UntraceableModelError, choices_text
@@ -73,6 +74,7 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
         traced.meta[MODE_META] = mode_guard(model, traced, recapture)
     traced.meta[HOOK_META] = hook_guard(model)
     traced.meta[STRUCTURE_META] = structure_guard(model)
+    traced.meta[ATTRIBUTE_META] = attribute_guard(model)
     traced.meta[AUTOCAST_META] = CapturedAutocast(type(model).__name__, autocast_state())
     return traced
 
