@@ -19,7 +19,7 @@ from fbcompile.trace import preserved_state
 from helpers import compare_with_autograd, randomise_vectors
 
 FRONTENDS = ["fx", "export"]
-LEARNERS = ["bp", "fa", "dfa", "sdfa", "drtp", "shallow", "dtp", "mf"]
+LEARNERS = ["bp", "fa", "dfa", "sdfa", "drtp", "shallow", "dtp", "tp", "ddtp-linear", "ddtp-rhl", "mf", "mf-dd"]
 
 
 class ScaledByBuffer(nn.Module):
