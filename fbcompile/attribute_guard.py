@@ -6,8 +6,9 @@ convolution's ``stride`` become constants of the program. Changing one on the mo
 drop-path or dropout schedule, an annealed temperature) changed what the model computes but not
 what the program computes: a silent difference. :class:`AttributeGuard` holds, for every module,
 the values at capture of its public attributes that are plain values (numbers, strings, None,
-dtypes, devices and tuples of them; a list, which can change in place, is not one); its check, run with the other guards before every step and
-every ``propagate_error``, raises naming the first attribute that changed, its value then and now.
+dtypes, devices and tuples of them; a list, which can change in place, is not one); its check,
+run with the other guards before every step and every ``propagate_error``, raises naming the
+first attribute that changed, its value then and now.
 The training flag is the mode guard's (:mod:`fbcompile.mode_guard`); tensors, parameters and
 submodules the structure guard's (:mod:`fbcompile.structure_guard`).
 """

@@ -29,6 +29,7 @@ from .errors import FBCompileError
 
 aten = torch.ops.aten
 
+
 @has_side_effect
 def count_up(counter: torch.Tensor, amount) -> None:
     """``counter += amount`` in place: an integer buffer counting forward calls (side-effectful, so
