@@ -193,6 +193,12 @@ class RuleContext:
     def call(self, fn: Callable, *args, **kwargs):
         raise NotImplementedError
 
+    def weight_without_slot(self) -> None:
+        """Note that this node's input feedback goes through the forward value of a weight made of
+        parameters that has no feedback slot (a weight computed from parameters, a parameter operand
+        of einsum or of an op differentiated by autograd): learners whose feedback weights stand in
+        for the forward weights refuse the program (:class:`~fbcompile.runtime.feedback_weights.FeedbackWeights`)."""
+
     def forward_args(self) -> dict:
         """Every canonical argument as a value: graph values saved, model attributes, constants."""
         resolved = {}
@@ -291,11 +297,14 @@ class ProxyContext(RuleContext):
         qualname = self._attr_name(name)
         return None if qualname is None else self.builder.attr(qualname)
 
+    def weight_without_slot(self):
+        self.builder.unslotted_weights.append(self.node.name)
+
     def weight(self, name):
         if self.computed(name):
             # a weight computed from parameters (F.linear(x, self.w.t())): the forward value; no
             # slot, so feedback-weight learners refuse the program (FeedbackWeights)
-            self.builder.computed_weights.append(self.node.name)
+            self.weight_without_slot()
             return self.saved(name)
         qualname = self._attr_name(name)
         if qualname is None:

@@ -23,15 +23,16 @@ from .errors import UntraceableModelError
 
 @contextlib.contextmanager
 def draws_refused(model_name: str, frontend: str, torch_generator: bool = True):
-    """Raise after the block when it drew from torch's CPU generator (``torch_generator``), Python's
-    ``random`` or NumPy's global generator (see the module docstring)."""
+    """Raise after the block when it drew from torch's generators (``torch_generator``: the CPU's and
+    those of CUDA devices in use), Python's ``random`` or NumPy's global generator (see the module
+    docstring)."""
     before = _states(torch_generator)
     yield
     moved = [name for name, state in _states(torch_generator).items() if not _same(state, before[name])]
     if moved:
         _restore(before)          # the user's random streams as they were before the capture
         remedy = ("draw from a traced value instead (torch.rand_like(x), torch.rand(x.shape)), which the program "
-                  "records" if moved == ["torch"] else "draw with torch from a traced value "
+                  "records" if set(moved) <= {"torch", "cuda"} else "draw with torch from a traced value "
                   "(torch.rand_like(x)), which the program records, or pass the random values in as an input")
         raise UntraceableModelError(
             f"forward of {model_name} draws random numbers from {' and '.join(_NAMES[m] for m in moved)} while "
@@ -39,7 +40,8 @@ def draws_refused(model_name: str, frontend: str, torch_generator: bool = True):
             f"the program, where the model draws anew at every call. To compile it, {remedy}")
 
 
-_NAMES = {"torch": "torch's generator (a torch random op on no traced value)", "python": "Python's random module",
+_NAMES = {"torch": "torch's generator (a torch random op on no traced value)",
+          "cuda": "a CUDA generator (a torch random op on no traced value)", "python": "Python's random module",
           "numpy": "NumPy's global generator"}
 
 
@@ -47,6 +49,8 @@ def _states(torch_generator: bool) -> dict:
     states = {"python": random.getstate()}
     if torch_generator:
         states["torch"] = torch.random.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         states["numpy"] = numpy.random.get_state(legacy=False)
@@ -57,6 +61,8 @@ def _restore(states: dict) -> None:
     random.setstate(states["python"])
     if "torch" in states:
         torch.random.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
     if "numpy" in states:
         sys.modules["numpy"].random.set_state(states["numpy"])
 
@@ -64,6 +70,8 @@ def _restore(states: dict) -> None:
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
+    if isinstance(a, list):                                   # CUDA's states, one per device
+        return len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if hasattr(a, "shape") and hasattr(a, "dtype"):          # a NumPy array in NumPy's state

@@ -30,7 +30,7 @@ from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
 from .arith import product_kind, sum_to
-from .vjp_ops import autograd_vjp
+from .vjp_ops import autograd_vjp, note_parameter_weights
 
 
 def matmul(input, other):
@@ -63,13 +63,17 @@ def matmul_feedback(g, a, b, wrt: str):
     return sum_to(a2.transpose(-1, -2) @ g, b2.shape).reshape(b.shape)
 
 
-def _operand(ctx, name):
-    return ctx.param(name) if name in ctx.op_call.params else ctx.saved(name)
+def _operand(ctx, name, weight: bool):
+    """An operand's forward value; with ``weight`` (input feedback), a parameter operand is the
+    rule's weight (:meth:`~fbcompile.context.RuleContext.weight`: feedback weights stand in for it)."""
+    if name not in ctx.op_call.params:
+        return ctx.saved(name)
+    return ctx.weight(name) if weight else ctx.param(name)
 
 
-def _matmul_grads(ctx, g, names) -> dict:
+def _matmul_grads(ctx, g, names, weight: bool = False) -> dict:
     first, second = ctx.op_call.spec.signature.parameters
-    a, b = _operand(ctx, first), _operand(ctx, second)
+    a, b = _operand(ctx, first, weight), _operand(ctx, second, weight)
     return {name: ctx.call(matmul_feedback, g, a, b, name) for name in names}
 
 
@@ -105,8 +109,11 @@ BMM = _declare_product("bmm", bmm, [torch.bmm], [tensor_method("bmm")])
 @register_rule(MM, conditions="T", kind=product_kind)
 @register_rule(BMM, conditions="T", kind=product_kind)
 def transpose(ctx, g):
-    """G(g) = (g B^T, A^T g), each summed to its operand's shape, for the active operands."""
-    return _matmul_grads(ctx, g, [arg for arg, _, _ in ctx.op_call.active])
+    """G(g) = (g B^T, A^T g), each summed to its operand's shape, for the active operands. A
+    parameter operand is the rule's weight (``x @ self.W``: FA's B stands in for W); one computed
+    from parameters has no slot (:func:`note_parameter_weights`)."""
+    note_parameter_weights(ctx, slotted=tuple(ctx.op_call.params))
+    return _matmul_grads(ctx, g, [arg for arg, _, _ in ctx.op_call.active], weight=True)
 
 
 # -- einsum ----------------------------------------------------------------------------------------
@@ -187,6 +194,7 @@ def einsum_transpose(ctx, g):
     einsum (its feedback is zero off the diagonal): autograd's vjp (:mod:`fbcompile.rules.vjp_ops`)."""
     if _repeats_a_letter(ctx):
         return autograd_vjp(ctx, g)
+    note_parameter_weights(ctx)
     subscripts, out = _einsum_plan(ctx)
     operands = ctx.forward_args()["operands"]
     feedback = [None] * len(operands)

@@ -35,7 +35,8 @@ from torch import nn
 from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
-from .vjp_ops import _apart, _correction, _keeps_samples_apart, _refused_options, autograd_vjp, mixes_samples
+from .vjp_ops import (LINEAR_MAPS, _apart, _correction, _keeps_samples_apart, _refused_options, autograd_vjp,
+                      mixes_samples)
 
 UNARY = {"sinh": (torch.sinh,), "cosh": (torch.cosh,), "tan": (torch.tan,), "asin": (torch.asin, torch.arcsin),
          "acos": (torch.acos, torch.arccos), "atan": (torch.atan, torch.arctan), "asinh": (torch.asinh, torch.arcsinh),
@@ -368,5 +369,7 @@ def _differentiable(ctx):
 
 
 MATH_OPS_BY_NAME = {op.name: op for op in MATH_OPS}
+LINEAR_MAPS.update(MATH_OPS_BY_NAME[name] for name in ("baddbmm", "addbmm", "addmv", "addr", "tensordot", "kron",
+                                                       "linalg_solve", "multi_dot", "chain_matmul", "dot", "vdot"))
 for _op in MATH_OPS:
     register_rule(_op, conditions="T", kind="linearised", supports=_differentiable)(autograd_vjp)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from fbcompile.ops import declare_op, get_op, substituted, tensor_method
+from fbcompile.trace import info
 from fbcompile.registry import register_rule
 
 
@@ -354,9 +355,32 @@ def _refused_options(ctx):
     return None
 
 
+def note_parameter_weights(ctx, slotted: tuple = ()) -> None:
+    """Tell the context when an input-dependent operand meets a trainable parameter operand (a
+    parameter, or a value computed from parameters only) whose forward value the feedback reads
+    with no feedback slot (:meth:`~fbcompile.context.RuleContext.weight_without_slot`): fixed random
+    or learned feedback cannot stand in for it, so learners with feedback weights refuse the program
+    instead of silently feeding back through the true weight. ``slotted``: the arguments the rule
+    reads through ``ctx.weight`` (matmul's ``x @ self.W``), which have slots."""
+    operands = [(name, v) for name, value in ctx.op_call.args.items()
+                for v in (value if isinstance(value, (list, tuple)) else (value,)) if isinstance(v, fx.Node)]
+    weights = [v for name, v in operands if info(v).param_only and not (name in slotted and v.op == "get_attr")]
+    if weights and any(info(v).from_input for _, v in operands):
+        ctx.weight_without_slot()
+
+
+# products whose parameter operand is a linear map of the input, a weight in FA's sense (filled in by
+# the modules declaring them); elsewhere a parameter is a gain or a shape of the op (an exponent, an
+# interpolation weight), read as it is, as elementwise scales and normalisation gains are
+LINEAR_MAPS: set = set()
+
+
 def autograd_vjp(ctx, g):
     """J_G g = J_F(x)^T g by autograd's vjp at the saved inputs, for every active argument (each
-    active element of a list argument: ``{name: [feedback or None per element]}``)."""
+    active element of a list argument: ``{name: [feedback or None per element]}``). A product's
+    parameter operands are read at their forward values (:func:`note_parameter_weights`)."""
+    if ctx.op_call.spec in LINEAR_MAPS:
+        note_parameter_weights(ctx)
     slots = tuple(dict.fromkeys((name, index) for name, index, _ in ctx.op_call.active))
     grads = ctx.call(vjp_at, ctx.op_call.spec.name, ctx.forward_args(), slots, g)
     feedback = {}

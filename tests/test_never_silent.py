@@ -148,7 +148,7 @@ def test_parameter_paths_learn_under_every_learner(algorithm):
 
 def test_feedback_weights_refuse_a_weight_computed_from_parameters():
     model, x = TokenModel(), torch.randn(3, 4, 6)
-    with pytest.raises(FBCompileError, match="node\\(s\\) linear is computed from parameters"):
+    with pytest.raises(FBCompileError, match="node\\(s\\) linear feed back through a weight with no feedback slot"):
         fbcompile.learner(fbcompile.compile(model, x), "fa")
 
 

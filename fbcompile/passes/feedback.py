@@ -72,7 +72,7 @@ class FeedbackGraph:
     params: list                      # qualified names of returned parameter gradients
     emitted: dict = field(default_factory=dict)   # forward node name -> feedback node names
     slot_params: dict = field(default_factory=dict)  # slot key -> qualified name of the forward weight
-    computed_weights: list = field(default_factory=list)  # nodes whose ctx.weight is computed from parameters
+    unslotted_weights: list = field(default_factory=list)  # nodes feeding back through a parameter weight without a slot
 
 
 class _NamingTracer(GraphAppendingTracer):
@@ -106,7 +106,7 @@ class FeedbackBuilder:
         self.tracer = _NamingTracer(self.graph)
         self.taps, self.slots, self.attrs, self.slot_params = {}, {}, {}, {}
         self.call_memo = {}           # ProxyContext.call_once: (node, fn, arguments) -> its one call
-        self.computed_weights = []
+        self.unslotted_weights = []
         self.fanin = FanIn(self._sum, lambda node: self._label(node, None, "fanout"))
         self.base_memo, self.at_base_memo = {}, {}
         self.param_parts = defaultdict(list)
@@ -170,7 +170,7 @@ class FeedbackBuilder:
         inputs = [n.meta[META]["input"] for n in self.graph.nodes if n.op == "placeholder"]
         emitted = {name: [n.name for n in nodes] for name, nodes in self.emitted.items()}
         return FeedbackGraph(module, self.emitted_mode, inputs, boundary, params, emitted, dict(self.slot_params),
-                             sorted(set(self.computed_weights)))
+                             sorted(set(self.unslotted_weights)))
 
     def _emit(self, node: fx.Node) -> None:
         g = self.incoming(node)

@@ -27,12 +27,15 @@ class FeedbackWeights(nn.Module):
     def __init__(self, program, *, init: str, scale: float, seed: int, trainable: bool, sign: str = "none",
                  slots=None):
         super().__init__()
-        computed = program.feedback["error"].computed_weights
-        if computed:
-            raise OptionError(f"feedback weights replace forward weights that are parameters, but the weight of "
-                              f"node(s) {', '.join(computed)} is computed from parameters (e.g. self.w.t()); "
-                              "fixed random or learned feedback cannot stand in for it. Pass the parameter to "
-                              "the op directly, or use an algorithm with the forward weights (bp, dtp analytic)")
+        unslotted = program.feedback["error"].unslotted_weights
+        if unslotted:
+            raise OptionError(f"feedback weights replace forward weights that are parameters, but node(s) "
+                              f"{', '.join(unslotted)} feed back through a weight with no feedback slot: one computed "
+                              "from parameters (e.g. self.w.t()), or a parameter operand of einsum or of an op "
+                              "differentiated by autograd (baddbmm, tensordot, ...); fixed random or learned "
+                              "feedback cannot stand in for it. Pass the parameter itself to nn.Linear, F.linear, "
+                              "a convolution or matmul (x @ self.w), or use an algorithm with the forward weights "
+                              "(bp, dtp analytic)")
         self.program, self.sign, self.seed, self.init, self.scale = program, sign, seed, init, scale
         self.keys = [s.key for s in (slots if slots is not None else program.slots)]
         self.qualnames = {s.key: s.qualname for s in program.slots}
