@@ -70,3 +70,19 @@ def test_a_parameter_weight_without_a_slot_is_refused_by_feedback_weight_learner
         fbcompile.learner(program, name, **options)
     result = fbcompile.learner(program, "bp").step(x, torch.randint(0, 3, (4,)), F.cross_entropy)
     assert result.loss > 0                      # the forward weights' learners are unaffected
+
+
+def test_opting_in_feeds_back_through_the_forward_value_of_a_weight_without_a_slot():
+    model = ProductModel(PRODUCTS["einsum"]).double()
+    x, target = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    learner = fbcompile.learner(fbcompile.compile(model, x), "fa", unslotted="forward")
+    feedback = {learner.feedback.qualnames[key]: b for key, b in learner.feedback.mapping().items()}
+    assert set(feedback) == {"lin.weight", "head.weight"}
+    model.zero_grad(set_to_none=True)
+    learner.step(x, target, F.mse_loss)
+    h1 = torch.tanh(model.lin(x))
+    h2 = torch.tanh(h1 @ model.W)
+    e = 2 * (model.head(h2) - target) / target.numel()
+    d2 = (e @ feedback["head.weight"]) * (1 - h2 ** 2)
+    d1 = (d2 @ model.W.detach().t()) * (1 - h1 ** 2)          # W's own value: it has no slot
+    assert torch.allclose(model.lin.weight.grad, d1.t() @ x, rtol=1e-12, atol=1e-14)

@@ -19,7 +19,7 @@ from ..errors import NonFiniteError, OptionError
 from .base import Executor, Learner, StepResult
 from .losses import output_error
 from ..initialisation import INITS
-from .feedback_weights import SIGNS, FeedbackWeights
+from .feedback_weights import SIGNS, UNSLOTTED, UNSLOTTED_HELP, FeedbackWeights
 from .options import Option, non_negative, one_of
 from .registry import register_algorithm
 
@@ -71,13 +71,14 @@ class FeedbackAlignment(ErrorPropagation):
         "feedback_init": Option("kaiming", one_of(*INITS[:-1]), "initialisation of the fixed feedback matrices"),
         "feedback_scale": Option(1.0, non_negative, "scale for feedback_init 'uniform' / 'normal'"),
         "sign": Option("none", one_of(*SIGNS), "sign-symmetric variant: usf, frsf or brsf"),
+        "unslotted": Option("refuse", one_of(*UNSLOTTED), UNSLOTTED_HELP),
     }
 
     def __init__(self, program, **options):
         super().__init__(program, **options)
         o = self.options
         self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"], seed=o["seed"],
-                                        trainable=False, sign=o["sign"])
+                                        trainable=False, sign=o["sign"], unslotted=o["unslotted"])
 
     def checked_compute(self, inputs, targets, loss_fn):
         """The step, with a non-finite update explained: a normalisation after a weight (conv ->

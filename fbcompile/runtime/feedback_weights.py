@@ -19,23 +19,27 @@ from ..errors import FBCompileError, OptionError
 from ..initialisation import draw
 
 SIGNS = ("none", "usf", "frsf", "brsf")
+UNSLOTTED = ("refuse", "forward")        # weights without a slot: refuse the program, or their forward values
+UNSLOTTED_HELP = ("weights with no feedback slot (einsum or autograd-product parameter operands, computed "
+                  "weights): 'refuse' the program, or feed back through their 'forward' values")
 
 
 class FeedbackWeights(nn.Module):
     """Per-slot feedback weights for a program (``trainable`` makes them nn.Parameters)."""
 
     def __init__(self, program, *, init: str, scale: float, seed: int, trainable: bool, sign: str = "none",
-                 slots=None):
+                 slots=None, unslotted: str = "refuse"):
         super().__init__()
-        unslotted = program.feedback["error"].unslotted_weights
-        if unslotted:
+        unslotted_nodes = program.feedback["error"].unslotted_weights
+        if unslotted_nodes and unslotted == "refuse":
             raise OptionError(f"feedback weights replace forward weights that are parameters, but node(s) "
-                              f"{', '.join(unslotted)} feed back through a weight with no feedback slot: one computed "
+                              f"{', '.join(unslotted_nodes)} feed back through a weight with no feedback slot: one computed "
                               "from parameters (e.g. self.w.t()), or a parameter operand of einsum or of an op "
                               "differentiated by autograd (baddbmm, tensordot, ...); fixed random or learned "
                               "feedback cannot stand in for it. Pass the parameter itself to nn.Linear, F.linear, "
-                              "a convolution or matmul (x @ self.w), or use an algorithm with the forward weights "
-                              "(bp, dtp analytic)")
+                              "a convolution or matmul (x @ self.w); or pass unslotted='forward' to feed back "
+                              "through those weights' forward values (e.g. learned position tables read like "
+                              "activations); or use an algorithm with the forward weights (bp, dtp analytic)")
         self.program, self.sign, self.seed, self.init, self.scale = program, sign, seed, init, scale
         self.keys = [s.key for s in (slots if slots is not None else program.slots)]
         self.qualnames = {s.key: s.qualname for s in program.slots}

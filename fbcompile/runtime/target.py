@@ -28,7 +28,7 @@ from .base import Executor, Learner, StepResult
 from .finite import all_finite
 from .losses import output_error
 from ..initialisation import INITS
-from .feedback_weights import FeedbackWeights
+from .feedback_weights import UNSLOTTED, UNSLOTTED_HELP, FeedbackWeights
 from .options import Option, boolean, make_optimizer, non_negative, one_of, optimizer_option, positive, positive_int
 from .reconstruction import cut_reconstruction, difference_reconstruction
 from .registry import register_algorithm
@@ -39,7 +39,7 @@ SOURCES = ("analytic", "random") + LEARNED
 DEFAULT_FEEDBACK_STEPS = {"lrl": 1, "drl": 1, "ldrl": 20}
 _LEARNED_ONLY = ("sigma", "feedback_steps", "feedback_lr", "feedback_weight_decay", "feedback_optimizer",
                  "input_feedback")
-_WEIGHTED_ONLY = ("feedback_init", "feedback_scale")
+_WEIGHTED_ONLY = ("feedback_init", "feedback_scale", "unslotted")
 
 
 @register_algorithm
@@ -56,6 +56,7 @@ class TargetPropagation(Learner):
         "correction": Option("op", one_of("op", "unit"), "DTP difference correction at every op or per unit"),
         "feedback_init": Option("kaiming", one_of(*INITS[:-1], "forward"), "initial feedback weights"),
         "feedback_scale": Option(1e-3, non_negative, "scale for feedback_init 'uniform'/'normal' (FWDTP: 1e-3)"),
+        "unslotted": Option("refuse", one_of(*UNSLOTTED), UNSLOTTED_HELP),
         "sigma": Option(0.1, positive, "noise std of the reconstruction losses"),
         "feedback_steps": Option(None, lambda v: None if v is None else positive_int(v),
                                  "feedback training iterations per batch (lrl 1, drl 1, ldrl 20)"),
@@ -78,7 +79,7 @@ class TargetPropagation(Learner):
         self.feedback = None
         if source != "analytic":
             self.feedback = FeedbackWeights(program, init=o["feedback_init"], scale=o["feedback_scale"],
-                                            seed=o["seed"], trainable=source in LEARNED)
+                                            seed=o["seed"], trainable=source in LEARNED, unslotted=o["unslotted"])
         self.feedback_optimizer = None
         if source in LEARNED:
             self.feedback_optimizer = make_optimizer(o["feedback_optimizer"], list(self.feedback.parameters()),
