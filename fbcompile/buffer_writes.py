@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.fx.node import has_side_effect
 
 from .errors import FBCompileError
+from .tensor_attributes import state_tensors
 
 aten = torch.ops.aten
 
@@ -84,7 +85,7 @@ class BufferWrites:
     is refused (module docstring)."""
 
     def __init__(self, model: nn.Module):
-        self.buffers = list(model.named_buffers())
+        self.buffers = state_tensors(model)
         self.versions = [b._version for _, b in self.buffers]
 
     def after(self, node: fx.Node) -> None:

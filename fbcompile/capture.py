@@ -20,13 +20,14 @@ from torch.nn.utils import parametrize
 
 from .autocast_guard import autocast_state
 from .autograd_functions import custom_functions_refused
-from .buffer_writes import get_attr_buffer, rewrite_counter_increments
+from .buffer_writes import count_up, get_attr_buffer, rewrite_counter_increments
 from .errors import FBCompileError, UntraceableModelError
 from .hook_guard import check_capturable
 from .mutation import redirect_in_place_results
 from .random_guard import draws_refused
+from .tensor_attributes import traced_as_buffers
 from .ops import declare_optional_spellings, lookup_module
-from .trace import describe
+from .trace import describe, user_line
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -88,9 +89,42 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     check_capturable(model, "fx")
     tracer = _Tracer()
     fixed = constant_arguments(model, given, constants or {})
+    with traced_as_buffers(model) as assigned:
+        graph = _trace(tracer, model, fixed)
+    for where, value in assigned:
+        _assigned_counter(graph, where, value, type(model).__name__)
+    _drop_specialised(graph, given, model)
+    _dtype_methods_as_to(graph)
+    _flatten_output(graph)
+    rewrite_counter_increments(graph, get_attr_buffer(tracer.root))
+    redirect_in_place_results(graph, tracer.root)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _assigned_counter(graph: fx.Graph, where: str, value, model_name: str) -> None:
+    """An assignment to model state during the trace, as a :func:`count_up` node where it is a
+    counter's ``self.steps += 1`` (which fx records as ``steps + 1`` assigned back: an integer state
+    tensor plus a constant, read by nothing later); any other is refused."""
+    node = value.node if isinstance(value, fx.Proxy) else None
+    if (node is not None and node.op == "call_function" and node.target in (operator.add, operator.iadd)
+            and not node.users and len(node.args) == 2 and not node.kwargs
+            and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" and node.args[0].target == where
+            and isinstance(node.args[1], int) and not isinstance(node.args[1], bool)):
+        node.target = count_up
+        return
+    line = user_line(node) if node is not None else ""
+    raise UntraceableModelError(
+        f"{model_name}.forward assigns {'a traced value' if node is not None else type(value).__name__} to "
+        f"{where!r}; a program cannot keep assignments to the model's parameters, buffers or tensor attributes "
+        "(only BatchNorm's running statistics and counters, self.counter += 1). Update it outside forward "
+        "(e.g. after the optimizer step)" + (f"\n  at {line}" if line else ""))
+
+
+def _trace(tracer: _Tracer, model: nn.Module, fixed: dict) -> fx.Graph:
+    """``tracer.trace(model)``; an exception becomes an UntraceableModelError naming the line."""
     try:
         with custom_functions_refused("torch.fx"), draws_refused(type(model).__name__, "torch.fx"):
-            graph = tracer.trace(model, concrete_args=fixed or None)
+            return tracer.trace(model, concrete_args=fixed or None)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
         where = _failure_line(exc)
         if isinstance(exc, UntraceableModelError):       # our own refusal: its reason, without fx's hint
@@ -103,12 +137,6 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
             "(if x.sum() > 0, loops over x.shape[0] of a traced value, ...). Move that logic out of "
             "forward(), make the branch depend on constructor arguments, or wrap the offending "
             "submodule in a module class that fbcompile has a rule for.") from exc
-    _drop_specialised(graph, given, model)
-    _dtype_methods_as_to(graph)
-    _flatten_output(graph)
-    rewrite_counter_increments(graph, get_attr_buffer(tracer.root))
-    redirect_in_place_results(graph, tracer.root)
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
 _DTYPE_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .buffer_writes import BufferWrites
+from .tensor_attributes import state_tensors
 from .errors import FBCompileError
 from .mutation import WriteCheck
 from .ops import OpSpec
@@ -106,8 +107,9 @@ def preserved_state(model: nn.Module):
     modules, and the graph modules of a program, whose ``get_attr`` containers hold the buffer
     objects themselves (a functional ``F.batch_norm(x, self.running_mean, ...)``). Afterwards each
     buffer's own memory is back, never written, and its version counter as it was: autograd may
-    have saved it (a BatchNorm backward reads the running statistics)."""
-    buffers = list(model.buffers())
+    have saved it (a BatchNorm backward reads the running statistics). Plain tensor attributes
+    (:mod:`fbcompile.tensor_attributes`) are treated the same way."""
+    buffers = list({id(t): t for _, t in state_tensors(model)}.values())
     saved = [(b, b.data, b._version) for b in buffers]
     for buffer in buffers:
         buffer.data = buffer.detach().clone()

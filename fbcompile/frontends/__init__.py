@@ -38,6 +38,8 @@ from ..errors import FBCompileError, OptionError, UntraceableModelError, choices
 from ..hook_guard import META as HOOK_META, check_capturable, hook_guard
 from ..mode_guard import META as MODE_META, mode_guard
 from ..structure_guard import META as STRUCTURE_META, structure_guard
+from ..tensor_attributes import refuse_untrained_tensors
+from ..trace import preserved_state
 from .export import export_program, from_exported
 
 FRONTENDS = ("auto", "fx", "export")
@@ -73,7 +75,8 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
             torch.cuda.set_rng_state(state, device)
         traced.meta[MODE_META] = mode_guard(model, traced, recapture)
     traced.meta[HOOK_META] = hook_guard(model)
-    traced.meta[STRUCTURE_META] = structure_guard(model)
+    refuse_untrained_tensors(model, traced)
+    traced.meta[STRUCTURE_META] = structure_guard(model, traced)
     traced.meta[ATTRIBUTE_META] = attribute_guard(model)
     traced.meta[AUTOCAST_META] = CapturedAutocast(type(model).__name__, autocast_state())
     return traced
@@ -121,7 +124,8 @@ def capture_export(model: nn.Module, example_inputs: tuple, constants: dict | No
     check_capturable(model, "export")
     constant_arguments(model, len(example_inputs), constants or {})   # the same checks as fx
     try:
-        exported = export_program(model, example_inputs, constants or {})
+        with preserved_state(model):       # export runs forward's writes on plain tensor attributes
+            exported = export_program(model, example_inputs, constants or {})
     except Exception as exc:   # noqa: BLE001  (export raises many types: UserError, GuardOnDataDependent, ...)
         text = "\n".join(str(exc).strip().splitlines()[:12])
         raise UntraceableModelError(f"torch.export could not capture {type(model).__name__}: "

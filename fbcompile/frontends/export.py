@@ -115,6 +115,7 @@ def _is_view(value) -> bool:
 def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int) -> fx.GraphModule:
     """The exported program as a GraphModule over the model's own parameters and buffers."""
     copy = _ProgramCopy(model, ep)
+    _drop_copies_onto_themselves(ep.graph_module.graph, copy.kinds)
     for node in ep.graph_module.graph.nodes:
         copy.node(node, ep.graph_module)
     if copy.user_inputs != given:
@@ -218,11 +219,12 @@ class _ProgramCopy:
         env[node] = graph.node_copy(node, lambda n: env[n])
 
     def buffer_of(self, value: fx.Node):
-        """(qualified name, tensor) of the buffer an exported placeholder is, else None."""
+        """(qualified name, tensor) of the buffer or tensor attribute an exported placeholder is, else None."""
         spec = self.kinds.get(value.name)
-        if value.op != "placeholder" or spec is None or spec.kind != InputKind.BUFFER:
+        if value.op != "placeholder" or spec is None or spec.kind not in _STATE:
             return None
-        return spec.target, self.model.get_buffer(spec.target)
+        return spec.target, (self.model.get_buffer(spec.target) if spec.kind == InputKind.BUFFER
+                             else self.constants[spec.target])
 
     def inline_block(self, node: fx.Node, owner: nn.Module) -> tuple:
         """The nodes of a ``torch.autocast(enabled=False)`` block, copied in place of the block: the
@@ -337,15 +339,32 @@ def _line(node: fx.Node) -> str:
     return f"\n  at {line}" if line else ""
 
 
+def _drop_copies_onto_themselves(graph: fx.Graph, kinds: dict) -> None:
+    """``self.steps += 1`` on a buffer exports as ``add_(steps, 1)`` and then ``copy_(steps, add_)``,
+    the assignment back of the same tensor: a copy of the state onto itself, dropped so that the
+    increment reads as the counter it is."""
+    for node in list(graph.nodes):
+        source = node.args[1] if node.target is torch.ops.aten.copy_.default and len(node.args) == 2 else None
+        written = _buffer_written(node, kinds) if isinstance(source, fx.Node) else None
+        if written is not None and source.args and source.args[0] is node.args[0] \
+                and _buffer_written(source, kinds) == written:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+#: lifted inputs that are model state: buffers, and the tensor attributes torch.export lifts as constants
+_STATE = (InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
 def _buffer_written(node: fx.Node, kinds: dict) -> str | None:
-    """The qualified name of a buffer an in-place ATen overload writes, else None."""
+    """The qualified name of a buffer or tensor attribute an in-place ATen overload writes, else None."""
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return None
     for argument, value in zip(schema.arguments, node.args):
         if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, fx.Node):
             spec = kinds.get(value.name)
-            if value.op == "placeholder" and spec is not None and spec.kind == InputKind.BUFFER:
+            if value.op == "placeholder" and spec is not None and spec.kind in _STATE:
                 return spec.target
     return None
 

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import FBCompileError
 from ..program import accumulate_grads, as_tuple
+from ..tensor_attributes import state_tensors
 from .options import Option, integer, parse_options
 from .registry import other_algorithms_with
 from .distributed import resolve_group
@@ -81,7 +82,7 @@ class Learner:
         self.generator = torch.Generator().manual_seed(self.options["seed"])
         self.steps = 0
         self.last = {}
-        self.buffers = dict(self.model.named_buffers())
+        self.buffers = dict(state_tensors(self.model))      # buffers and tensor attributes: rolled back
         self._executor = None
         self.sink = None            # in-step updates: takes each unit's update as it is handed over
         self.communicator = None

@@ -1,0 +1,166 @@
+"""Plain tensor attributes and assignments to model state in forward (fbcompile.tensor_attributes).
+
+Each case here was silently wrong before:
+- torch.fx computed a value derived from a plain tensor attribute (``self.scale.exp()``) once, at
+  trace time, so an in-place change afterwards did not reach the program;
+- replacing the attribute (``model.scale = torch.tensor(3.)``) left both front ends computing with
+  the old object;
+- ``self.steps += 1`` on a buffer left an fx Proxy in the user's module (compile corrupted the
+  model), and torch.export refused it, although it is the same counter as ``add_(1)``;
+- torch.export ran forward's writes on plain tensor attributes while capturing (a counter advanced
+  by compile), and a counter held as a plain tensor attribute was not rolled back by a failed step.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fbcompile
+from fbcompile.errors import FBCompileError, NonFiniteError, UntraceableModelError
+from helpers import compare_with_autograd
+
+FRONTENDS = ["fx", "export"]
+
+
+class ScaledByAttribute(nn.Module):
+    """y = (W x + b) * exp(s) + t with s, t plain tensor attributes (not registered buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.log_scale = torch.randn(4)
+        self.shift = torch.randn(4)
+
+    def forward(self, x):
+        return self.lin(x) * self.log_scale.exp() + self.shift
+
+
+class Counting(nn.Module):
+    """A counter spelled ``+=`` (fx records ``steps + 1`` assigned back), as a buffer or as a plain
+    tensor attribute."""
+
+    def __init__(self, registered: bool):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        if registered:
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        else:
+            self.steps = torch.zeros((), dtype=torch.long)
+
+    def forward(self, x):
+        self.steps += 1
+        return self.lin(x)
+
+
+def double_model():
+    torch.manual_seed(0)
+    model = ScaledByAttribute().double()
+    model.log_scale, model.shift = model.log_scale.double(), model.shift.double()
+    return model
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_values_computed_from_a_tensor_attribute_follow_in_place_changes(frontend):
+    model = double_model()
+    program = fbcompile.compile(model, torch.randn(2, 5, dtype=torch.float64), frontend=frontend)
+    with torch.no_grad():
+        model.log_scale.copy_(torch.randn(4))            # a schedule, or a checkpoint loaded after compiling
+        model.shift.copy_(torch.randn(4))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    result = fbcompile.learner(program, "bp").step(x, torch.randn(3, 4, dtype=torch.float64), F.mse_loss)
+    assert torch.allclose(result.output, model(x), rtol=1e-14, atol=1e-14)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_replacing_a_tensor_attribute_is_refused_by_name(frontend):
+    model = double_model()
+    learner = fbcompile.learner(fbcompile.compile(model, torch.randn(2, 5, dtype=torch.float64),
+                                                  frontend=frontend), "bp")
+    weight = model.lin.weight.detach().clone()
+    model.log_scale = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(FBCompileError, match="tensor attribute log_scale .*replaced"):
+        learner.step(torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), F.mse_loss)
+    assert torch.equal(model.lin.weight, weight)
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_capture_leaves_tensor_attributes_plain_and_unwritten(frontend):
+    model = Counting(registered=False)
+    keys = list(model.state_dict())
+    steps = model.steps
+    fbcompile.compile(model, torch.randn(2, 5), frontend=frontend)
+    assert vars(model)["steps"] is steps and "steps" not in model._buffers
+    assert list(model.state_dict()) == keys
+    assert int(model.steps) == 0                          # compile ran forward, but counted nothing
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["buffer", "attribute"])
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_a_counter_spelled_plus_equals_counts_once_per_step(frontend, registered):
+    torch.manual_seed(2)
+    model = Counting(registered)
+    steps = model.steps
+    program = fbcompile.compile(model, torch.randn(2, 5), frontend=frontend)
+    assert model.steps is steps and int(steps) == 0
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    for algorithm in ("bp", "drtp", "dtp"):
+        fbcompile.learner(program, algorithm).step(x, y, F.cross_entropy)
+    assert model.steps is steps and int(steps) == 3
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        fbcompile.learner(program, "bp").step(bad, y, F.cross_entropy)
+    assert int(steps) == 3                                # the failed step rolled the count back
+
+
+def test_forward_assigning_model_state_is_refused_and_the_model_left_intact():
+    class Averaging(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+            self.register_buffer("mean", torch.zeros(3))
+
+        def forward(self, x):
+            y = self.lin(x)
+            self.mean = 0.9 * self.mean + 0.1 * y.detach().mean(0)
+            return y
+
+    model = Averaging()
+    mean = model.mean
+    with pytest.raises(UntraceableModelError, match="assigns a traced value to 'mean'"):
+        fbcompile.compile(model, torch.randn(2, 5), frontend="fx")
+    assert model.mean is mean and torch.equal(mean, torch.zeros(3))
+
+
+def test_an_attribute_forward_sets_to_a_traced_value_is_not_left_behind():
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+            self.kept = None
+
+        def forward(self, x):
+            y = self.lin(x)
+            self.kept, self.last = y, y                   # for inspection: not model state
+            return y
+
+    model = Recording()
+    fbcompile.compile(model, torch.randn(2, 5), frontend="fx")
+    assert model.kept is None and "last" not in vars(model)
+    assert not any(isinstance(v, fx.Proxy) for m in model.modules() for v in vars(m).values())
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_a_tensor_that_requires_grad_but_is_no_parameter_is_refused(frontend):
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+            self.temperature = torch.tensor(2.0, requires_grad=True)    # trained by autograd, not registered
+
+        def forward(self, x):
+            return self.lin(x) / self.temperature
+
+    with pytest.raises(FBCompileError, match="'temperature', a tensor that requires grad"):
+        fbcompile.compile(Tempered(), torch.randn(2, 5), frontend=frontend)
