@@ -22,7 +22,7 @@ from .autocast_guard import autocast_state
 from .autograd_functions import custom_functions_refused
 from .buffer_writes import count_up, get_attr_buffer, rewrite_counter_increments
 from .errors import FBCompileError, UntraceableModelError
-from .hook_guard import check_capturable
+from .hook_guard import TENSOR_HOOK_REFUSAL, TENSOR_HOOKS, check_capturable
 from .mutation import redirect_in_place_results
 from .random_guard import draws_refused
 from .tensor_attributes import traced_as_buffers
@@ -57,6 +57,13 @@ class _Tracer(fx.Tracer):
                                         "Cast explicitly (x.to(torch.bfloat16)), or compile and train inside one "
                                         "torch.autocast context")
         return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **options):
+        """Every value, refused when it is a gradient hook's registration (fx would trip over the
+        hook function; a program could not run it anyway: :mod:`fbcompile.hook_guard`)."""
+        if kind == "call_method" and target in TENSOR_HOOKS:
+            raise UntraceableModelError(TENSOR_HOOK_REFUSAL)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **options)
 
     def _filter_traceback_frames(self, user_stack_summary):
         """fx's user frames of a node's stack trace, without :meth:`create_node`'s own frame."""

@@ -12,7 +12,10 @@ compute the model's function and its feedback must be autograd's, so:
 - torch.export traces forward hooks, except on the modules the export front end calls as modules
   (BatchNorm, Dropout: their hooks would run twice), which are refused.
 - Backward hooks (module, global or on a parameter) are refused by both: compiled feedback does not
-  run them, and a hook that edits a gradient would be ignored without a word.
+  run them, and a hook that edits a gradient would be ignored without a word. So is a gradient hook
+  that ``forward`` registers on a tensor it computes (``h.register_hook(lambda g: -g)``, a gradient
+  reversal written that way): torch.fx cannot trace the call, and torch.export traced it without
+  recording it (:func:`tensor_hooks_refused`).
 
 Hooks registered after compilation would change the model under the program: :class:`HookGuard`
 records how many hooks of each kind every module and parameter had at capture, and its check (run
@@ -21,9 +24,11 @@ changed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
@@ -67,6 +72,29 @@ def check_capturable(model: nn.Module, frontend: str) -> None:
     if forward and frontend == "fx":
         raise UntraceableModelError(f"torch.fx does not run module hooks, and {type(model).__name__} has "
                                     f"{_listing(forward)} (torch.export traces them: frontend='export' or 'auto')")
+
+
+@contextlib.contextmanager
+def tensor_hooks_refused(model_name: str):
+    """Raise when the block (a torch.export capture of ``forward``) registers a gradient hook on a
+    tensor: the exported program would not hold it."""
+    def refuse(tensor, *args, **kwargs):
+        raise UntraceableModelError(f"{model_name}.{TENSOR_HOOK_REFUSAL}")
+
+    saved = {name: getattr(torch.Tensor, name) for name in TENSOR_HOOKS}
+    try:
+        for name in TENSOR_HOOKS:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+TENSOR_HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
+TENSOR_HOOK_REFUSAL = ("forward registers a gradient hook on a tensor (Tensor.register_hook), which a captured "
+                       "program does not record: the feedback would leave out what the hook does to the gradient. "
+                       "Write it as a module with a feedback rule, or remove the hook")
 
 
 def refuse_hooks_on_called_module(module: nn.Module, qualname: str) -> None:

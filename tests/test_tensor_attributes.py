@@ -164,3 +164,31 @@ def test_a_tensor_that_requires_grad_but_is_no_parameter_is_refused(frontend):
 
     with pytest.raises(FBCompileError, match="'temperature', a tensor that requires grad"):
         fbcompile.compile(Tempered(), torch.randn(2, 5), frontend=frontend)
+
+
+class ListedLayer(nn.Module):
+    """A layer held in a plain list: not registered, so not among model.parameters()."""
+
+    def __init__(self, trainable: bool):
+        super().__init__()
+        self.layers = [nn.Linear(5, 4).requires_grad_(trainable)]
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.layers[0](x)))
+
+
+def test_a_trainable_layer_in_a_plain_list_is_refused_under_export():
+    """torch.export lifts its weight as a detached alias: autograd would give it a gradient, a
+    program none."""
+    with pytest.raises(FBCompileError, match=r"'layers\[0\]\.weight', a tensor that requires grad"):
+        fbcompile.compile(ListedLayer(trainable=True), torch.randn(2, 5), frontend="export")
+
+
+def test_a_frozen_layer_in_a_plain_list_compiles_under_export_and_equals_autograd():
+    torch.manual_seed(4)
+    model = ListedLayer(trainable=False).double()
+    model.layers[0].double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend="export")
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12

@@ -206,6 +206,27 @@ def test_backward_hooks_are_refused_by_both_front_ends():
         fbcompile.compile(model, torch.randn(3, 4, dtype=torch.float64))
 
 
+class GradientReversal(nn.Module):
+    """A gradient hook registered in forward on an intermediate tensor (torch.export used to trace
+    the call without recording it: the feedback had the gradient's sign wrong upstream)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h.register_hook(lambda g: -g)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_gradient_hooks_registered_in_forward_are_refused(frontend):
+    with pytest.raises(FBCompileError, match="registers a gradient hook on a tensor"):
+        fbcompile.compile(GradientReversal().double(), torch.randn(3, 4, dtype=torch.float64), frontend=frontend)
+    assert torch.Tensor.register_hook is not None and "hook_guard" not in torch.Tensor.register_hook.__module__
+
+
 def test_a_hook_added_after_compilation_refuses_the_next_step_and_changes_nothing():
     model = _mlp()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])

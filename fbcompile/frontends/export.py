@@ -36,7 +36,7 @@ from ..autograd_functions import check_recorded_functions, custom_functions_reco
 from ..buffer_writes import count_up, counter_increment
 from ..input_shapes import META as SHAPES_META, InputShape, InputShapes
 from ..errors import FBCompileError
-from ..hook_guard import refuse_hooks_on_called_module
+from ..hook_guard import refuse_hooks_on_called_module, tensor_hooks_refused
 from ..random_guard import draws_refused
 from ..ops import lookup_module
 from .recurrent import recurrent_modules_unrolled
@@ -66,7 +66,7 @@ def export_program(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tor
         names = [p for p in inspect.signature(model.forward).parameters][:len(example_inputs)]
         dynamic = {**dict(zip(names, dynamic)), **{k: None for k in kwargs}}
     with custom_functions_recorded() as functions, recurrent_modules_unrolled(model), \
-            draws_refused(type(model).__name__, "torch.export"):
+            draws_refused(type(model).__name__, "torch.export"), tensor_hooks_refused(type(model).__name__):
         exported = torch.export.export(model, tuple(example_inputs), kwargs=kwargs or None, strict=False,
                                        dynamic_shapes=dynamic)
     check_recorded_functions(functions)
