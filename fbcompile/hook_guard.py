@@ -74,6 +74,12 @@ def check_capturable(model: nn.Module, frontend: str) -> None:
                                     f"{_listing(forward)} (torch.export traces them: frontend='export' or 'auto')")
 
 
+TENSOR_HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
+TENSOR_HOOK_REFUSAL = ("forward registers a gradient hook on a tensor (Tensor.register_hook), which a captured "
+                       "program does not record: the feedback would leave out what the hook does to the gradient. "
+                       "Write it as a module with a feedback rule, or remove the hook")
+
+
 @contextlib.contextmanager
 def tensor_hooks_refused(model_name: str):
     """Raise when the block (a torch.export capture of ``forward``) registers a gradient hook on a
@@ -89,12 +95,6 @@ def tensor_hooks_refused(model_name: str):
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
-
-
-TENSOR_HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
-TENSOR_HOOK_REFUSAL = ("forward registers a gradient hook on a tensor (Tensor.register_hook), which a captured "
-                       "program does not record: the feedback would leave out what the hook does to the gradient. "
-                       "Write it as a module with a feedback rule, or remove the hook")
 
 
 def refuse_hooks_on_called_module(module: nn.Module, qualname: str) -> None:
