@@ -11,7 +11,7 @@ batch (dim 0) a symbolic size and every other size fixed, and keeps its guards a
 
 The export front end records the batch sizes its program holds for (torch.export's range
 constraints, or the one size the model fixes) and every input's other sizes
-(``traced.meta["fbcompile_input_shapes"]``, :func:`fbcompile.frontends.export.input_shapes`); every
+(``traced.meta["fbcompile_input_shapes"]``, :func:`exported_input_shapes`); every
 run of the program on inputs checks them first (:meth:`FeedbackProgram.check_model`).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.export.graph_signature import InputKind
 
 from .errors import FBCompileError
 
@@ -62,3 +63,34 @@ class InputShapes:
                     f"{shape.dim0_text}: its forward depends on that size beyond them (a branch on x.shape[0], or a "
                     f"size it fixed), so the program computes the model only there; this one has {x.shape[0]}. "
                     "Compile with an example batch of the size you run")
+
+
+def exported_input_shapes(ep: torch.export.ExportedProgram, model_name: str) -> InputShapes:
+    """The input shapes the exported program computes the model for: per tensor input, the sizes
+    of dim 0 where the model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed;
+    otherwise 2 or more, dim 0 being exported as ``Dim.AUTO``), and its sizes after dim 0."""
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    shapes = []
+    for node in ep.graph.nodes:
+        spec = specs.get(node.name)
+        if node.op != "placeholder" or spec is None or spec.kind != InputKind.USER_INPUT:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.dim():
+            shapes.append(None)
+            continue
+        size, low, high = value.shape[0], 2, None
+        if isinstance(size, int) or size.node.expr.is_number:          # the model fixed it
+            low = high = int(size)
+        elif (bounds := ep.range_constraints.get(size.node.expr)) is not None:
+            low, high = int(bounds.lower), _finite(bounds.upper)
+        shapes.append(InputShape(low, high, tuple(int(s) for s in value.shape[1:])))
+    return InputShapes(model_name, tuple(shapes))
+
+
+def _finite(bound) -> int | None:
+    """A range bound as an int, None for infinity (torch's own symbolic infinity type)."""
+    try:
+        return int(bound)
+    except (OverflowError, TypeError, AttributeError):
+        return None

@@ -34,7 +34,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from ..autocast_guard import autocast_state
 from ..autograd_functions import check_recorded_functions, custom_functions_recorded
 from ..buffer_writes import count_up, counter_increment
-from ..input_shapes import META as SHAPES_META, InputShape, InputShapes
+from ..input_shapes import META as SHAPES_META, exported_input_shapes
 from ..errors import FBCompileError
 from ..hook_guard import refuse_hooks_on_called_module, tensor_hooks_refused
 from ..random_guard import draws_refused
@@ -129,7 +129,7 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, given: int
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     graph.lint()
     traced = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    traced.meta[SHAPES_META] = input_shapes(ep, type(model).__name__)
+    traced.meta[SHAPES_META] = exported_input_shapes(ep, type(model).__name__)
     return traced
 
 
@@ -256,29 +256,6 @@ def _autocast_off(node: fx.Node) -> bool:
         and len(node.args) > 4 and node.args[2] is False
 
 
-def input_shapes(ep: torch.export.ExportedProgram, model_name: str) -> InputShapes:
-    """The input shapes the exported program computes the model for: per tensor input, the sizes
-    of dim 0 where the model's forward narrowed them (a branch on ``x.shape[0]``, a size it fixed;
-    otherwise 2 or more, dim 0 being exported as ``Dim.AUTO``), and its sizes after dim 0."""
-    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
-    shapes = []
-    for node in ep.graph.nodes:
-        spec = specs.get(node.name)
-        if node.op != "placeholder" or spec is None or spec.kind != InputKind.USER_INPUT:
-            continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or not value.dim():
-            shapes.append(None)
-            continue
-        size, low, high = value.shape[0], 2, None
-        if isinstance(size, int) or size.node.expr.is_number:          # the model fixed it
-            low = high = int(size)
-        elif (bounds := ep.range_constraints.get(size.node.expr)) is not None:
-            low, high = int(bounds.lower), _finite(bounds.upper)
-        shapes.append(InputShape(low, high, tuple(int(s) for s in value.shape[1:])))
-    return InputShapes(model_name, tuple(shapes))
-
-
 _KEPT_BLOCKS = {"wrap_with_autocast": "a torch.autocast block inside forward",
                 "wrap_with_set_grad_enabled": "a torch.no_grad() / set_grad_enabled block inside forward",
                 "cond": "torch.cond control flow", "while_loop": "a torch.while_loop"}
@@ -291,14 +268,6 @@ def _kept_block(node: fx.Node) -> str:
         if name in _KEPT_BLOCKS:
             return f"{_KEPT_BLOCKS[name]}, kept by torch.export as a submodule"
     return "control flow or a submodule call kept by torch.export"
-
-
-def _finite(bound) -> int | None:
-    """A range bound as an int, None for infinity (torch's own symbolic infinity type)."""
-    try:
-        return int(bound)
-    except (OverflowError, TypeError, AttributeError):
-        return None
 
 
 def _baddbmm(graph: fx.Graph, node: fx.Node, env: dict) -> fx.Node:
