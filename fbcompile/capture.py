@@ -26,6 +26,7 @@ from .hook_guard import TENSOR_HOOK_REFUSAL, TENSOR_HOOKS, check_capturable
 from .mutation import redirect_in_place_results
 from .random_guard import draws_refused
 from .tensor_attributes import traced_as_buffers
+from .contained_tensors import eager_reads_refused
 from .ops import declare_optional_spellings, lookup_module
 from .trace import describe, user_line
 
@@ -96,7 +97,7 @@ def capture(model: nn.Module, given: int, constants: dict | None = None) -> fx.G
     check_capturable(model, "fx")
     tracer = _Tracer()
     fixed = constant_arguments(model, given, constants or {})
-    with traced_as_buffers(model) as assigned:
+    with traced_as_buffers(model) as assigned, eager_reads_refused(model):
         graph = _trace(tracer, model, fixed)
     for where, value in assigned:
         _assigned_counter(graph, where, value, type(model).__name__)

@@ -13,7 +13,8 @@ Replacing one (``model.scale = torch.tensor(3.)``) leaves a program of either fr
 the old object: the structure guard (:mod:`fbcompile.structure_guard`) compares their identities.
 Writes to them in forward are refused like other buffer writes (:mod:`fbcompile.buffer_writes`),
 but for counters. A tensor the graph reads that requires grad without being a parameter is refused
-(:func:`refuse_untrained_tensors`): autograd trains it, a program would leave it out.
+(:func:`refuse_untrained_tensors`): autograd trains it, a program would leave it out. Tensors held
+in plain lists and dicts are :mod:`fbcompile.contained_tensors`'.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import contextlib
 import torch
 from torch import fx, nn
 
+from .contained_tensors import storage_of, trainable_by_storage
 from .errors import FBCompileError
 
 
@@ -60,9 +62,9 @@ def refuse_untrained_tensors(model: nn.Module, traced: fx.GraphModule) -> None:
     a program trains ``named_parameters()`` only, so it would be skipped silently."""
     params = {id(p) for p in model.parameters()}
     names = {id(t): name for name, t in state_tensors(model)}
-    unregistered = _unregistered_trainable(model, params)
+    unregistered = trainable_by_storage(model, params)
     for target, tensor in read_tensors(traced):
-        held = unregistered.get(_storage(tensor)) if not tensor.requires_grad and _storage(tensor) else None
+        held = unregistered.get(storage_of(tensor)) if not tensor.requires_grad and storage_of(tensor) else None
         if (tensor.requires_grad and id(tensor) not in params) or held is not None:
             raise FBCompileError(
                 f"{type(model).__name__}.forward reads {held or names.get(id(tensor), target)!r}, a tensor that "
@@ -70,40 +72,6 @@ def refuse_untrained_tensors(model: nn.Module, traced: fx.GraphModule) -> None:
                 "model.parameters(), so it would be left out silently. Register it as an nn.Parameter, or its "
                 "module in an nn.ModuleList / nn.ModuleDict rather than a plain list or dict (or detach it, if it "
                 "is not meant to learn)")
-
-
-def _unregistered_trainable(model: nn.Module, params: set) -> dict:
-    """{storage address: where} of tensors that require grad, are not parameters of ``model``, and
-    are held in plain lists, tuples and dicts of its modules (a module in a Python list): torch.export
-    lifts them as detached aliases, so only their memory tells them apart."""
-    found = {}
-
-    def note(tensor, where):
-        if tensor.requires_grad and id(tensor) not in params and _storage(tensor):
-            found.setdefault(_storage(tensor), where)
-
-    def visit(value, where, depth):
-        if isinstance(value, nn.Module):
-            for name, p in value.named_parameters():
-                note(p, f"{where}.{name}")
-        elif torch.is_tensor(value):
-            note(value, where)
-        elif depth < 3 and isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                visit(item, f"{where}[{i}]", depth + 1)
-        elif depth < 3 and isinstance(value, dict):
-            for key, item in value.items():
-                visit(item, f"{where}[{key!r}]", depth + 1)
-
-    for qualname, module in model.named_modules():
-        for name, value in vars(module).items():
-            if isinstance(value, (list, tuple, dict)) and not name.startswith("_"):
-                visit(value, f"{qualname}.{name}" if qualname else name, 0)
-    return found
-
-
-def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided and tensor.device.type != "meta" else 0
 
 
 @contextlib.contextmanager

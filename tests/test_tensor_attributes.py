@@ -192,3 +192,35 @@ def test_a_frozen_layer_in_a_plain_list_compiles_under_export_and_equals_autogra
     x = torch.randn(3, 5, dtype=torch.float64)
     program = fbcompile.compile(model, x, frontend="export")
     assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+
+
+class ListedScale(nn.Module):
+    """A scale held in a plain list: torch.fx sees an ordinary tensor, not model state."""
+
+    def __init__(self, derived: bool):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.scales = [torch.randn(4)]
+        self.derived = derived
+
+    def forward(self, x):
+        scale = self.scales[0]
+        assert scale.shape[0] == 4 and scale.dtype.is_floating_point      # metadata reads are fine
+        return self.lin(x) * (scale.exp() if self.derived else scale)
+
+
+def test_a_value_computed_from_a_tensor_in_a_plain_list_is_refused_by_fx():
+    with pytest.raises(UntraceableModelError, match=r"computes exp on scales\[0\], a tensor held in a plain list"):
+        fbcompile.compile(ListedScale(derived=True), torch.randn(2, 5), frontend="fx")
+
+
+@pytest.mark.parametrize("derived,frontend", [(True, "auto"), (False, "fx"), (False, "export")])
+def test_tensors_in_a_plain_list_follow_in_place_changes(derived, frontend):
+    torch.manual_seed(5)
+    model = ListedScale(derived).double()
+    model.scales[0] = model.scales[0].double()
+    program = fbcompile.compile(model, torch.randn(2, 5, dtype=torch.float64), frontend=frontend)
+    with torch.no_grad():
+        model.scales[0].copy_(torch.randn(4))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12
