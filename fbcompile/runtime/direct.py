@@ -196,7 +196,7 @@ class DirectLearner(Learner):
 
     def updated_params(self) -> set:
         """Names of the model parameters this learner updates."""
-        return {name for unit in self.trained_units() for name in self.plan.params[unit]}
+        return set(self._trainable([name for unit in self.trained_units() for name in self.plan.params[unit]]))
 
     def stored_forward(self):
         """The model with every unit's input detached, returning ``(output, (), values of the
@@ -233,11 +233,16 @@ class DirectLearner(Learner):
                      retain: bool = False) -> None:
         """Add unit ``unit``'s update: its projected signals pulled back through its own graph
         (``retain``: keep the graph's saved tensors, see :meth:`_shares_graph`)."""
-        names = self.plan.params[unit]
+        names = self._trainable(self.plan.params[unit])
         grads = torch.autograd.grad(outputs, [self.program.params[n] for n in names],
                                     [self.delta(p, signal) for p in projections], allow_unused=True,
                                     retain_graph=retain)
         accumulate(updates, names, grads)
+
+    def _trainable(self, names) -> list:
+        """Of ``names``, the parameters that require grad now: one frozen after the learner was built
+        gets no update, as autograd gives it none."""
+        return [n for n in names if self.program.params[n].requires_grad]
 
     def _shares_graph(self, names) -> bool:
         """Whether, in the stored forward, a unit with parameters ``names`` may share graph nodes
@@ -304,7 +309,7 @@ class DirectLearner(Learner):
         """(loss, e = dL/d outputs, the output units' update), from ONE backward of the loss that
         stops at the output units' detached inputs: the output units learn from their local gradient."""
         outs = as_tuple(output)
-        names = [name for unit in self.plan.output_units for name in self.plan.params[unit]]
+        names = self._trainable([name for unit in self.plan.output_units for name in self.plan.params[unit]])
         with torch.enable_grad():
             loss = scalar_loss(loss_fn, outs, targets)
             grads = torch.autograd.grad(loss, [*outs, *(self.program.params[n] for n in names)], allow_unused=True,

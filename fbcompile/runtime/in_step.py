@@ -54,6 +54,7 @@ class UnitSink:
         """Take ``names`` out of ``updates`` (``averaged``: already the ranks' mean, as the updates a
         step returns are)."""
         taken = {name: updates.pop(name) for name in names if name in updates}
+        taken = {name: u for name, u in taken.items() if self.params[name].requires_grad}   # as accumulate_grads
         if not taken:
             return
         if self.optimizer is not None and not averaged:

@@ -77,10 +77,21 @@ class MonoForwardDD(MonoForwardBase):
         super().__init__(program, **options)
         self.immediate = immediate
         size = self.options["chunk_size"]
-        self.chunks = {s.unit.index: unit_chunks(s.unit, program.params, size) for s in self.stages if s.head}
+        self._unit_chunks = None
         self.head_chunks = {h.index: row_chunks("weight", *h.weight.shape, size) for h in self.heads
                             if h.weight is not None}
         self._final = {}
+
+    @property
+    def chunks(self) -> dict:
+        """Unit index -> the chunks of its parameters that require grad now: made again when a
+        parameter was frozen or unfrozen since (perturbing a frozen one, "immediate" stepped it)."""
+        key = tuple(p.requires_grad for p in self.program.params.values())
+        if self._unit_chunks is None or self._unit_chunks[0] != key:
+            size = self.options["chunk_size"]
+            self._unit_chunks = (key, {s.unit.index: unit_chunks(s.unit, self.program.params, size)
+                                       for s in self.stages if s.head})
+        return self._unit_chunks[1]
 
     def _make_head_optimizer(self):
         return None if self.options["update"] == "immediate" else super()._make_head_optimizer()
