@@ -83,6 +83,7 @@ class Learner:
         self.steps = 0
         self.last = {}
         self.buffers = dict(state_tensors(self.model))      # buffers and tensor attributes: rolled back
+        self.unplanned = ()         # see check_set_up
         self._executor = None
         self.sink = None            # in-step updates: takes each unit's update as it is handed over
         self.communicator = None
@@ -222,7 +223,20 @@ class Learner:
         check that the model is the one captured, its training flags and hooks, and the batch size
         of ``inputs`` (every step, diagnostic and feedback training opens one)."""
         self.program.check_model(inputs)
+        self.check_set_up()
         return Transaction(self, always_restore)
+
+    def check_set_up(self) -> None:
+        """Raise when a parameter that was frozen when the learner was built requires grad now, and
+        the learner would train it but set up nothing for it then (``self.unplanned``, (name,
+        parameter) pairs: a direct learner's projections and a Mono-Forward learner's heads are made
+        for the units trainable at construction). Unfreezing it would otherwise leave it untrained."""
+        late = [name for name, param in self.unplanned if param.requires_grad]
+        if late:
+            raise FBCompileError(
+                f"parameter {late[0]!r} was frozen (requires_grad=False) when learner {self.name!r} was built and "
+                "requires grad now; the learner set up its feedback for the parameters trainable then, so it would "
+                "not train this one. Build the learner again after unfreezing (or freeze it again)")
 
 
 def model_device(model) -> torch.device:

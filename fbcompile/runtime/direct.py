@@ -115,6 +115,10 @@ class DirectLearner(Learner):
     def __init__(self, program, **options):
         super().__init__(program, **options)
         self.plan = plan_direct(program.traced, program.partition, program.params)
+        planned, outputs = {n for names in self.plan.params.values() for n in names}, set(program.outputs)
+        self.unplanned = [(q, program.params[q]) for u in program.partition.units
+                          if self.hidden_learn or any(node in outputs for node in u.nodes)
+                          for q in u.params if q not in planned]
         self._fused = {}
         self.order = None           # unit indices in execution order, for update-unlocked execution
         self._final_updates = None  # final_updates(), found at the first update-unlocked step
@@ -240,8 +244,7 @@ class DirectLearner(Learner):
         accumulate(updates, names, grads)
 
     def _trainable(self, names) -> list:
-        """Of ``names``, the parameters that require grad now: one frozen after the learner was built
-        gets no update, as autograd gives it none."""
+        """Of ``names``, those that require grad now (frozen since the learner was built: no update)."""
         return [n for n in names if self.program.params[n].requires_grad]
 
     def _shares_graph(self, names) -> bool:

@@ -78,6 +78,7 @@ class MonoForwardBase(Learner):
                                           classes, d=o["d"], attach=o["attach"], init=o["head_init"],
                                           output_head=o["output_head"], seed=o["seed"])
         self.stages = execution_order(program, stages, self.name)
+        self.unplanned = [(q, program.params[q]) for s in self.stages if s.head is None for q in s.unit.params]
         self.head_optimizer = self._make_head_optimizer()
         self.executor = self.choose_executor()
 
