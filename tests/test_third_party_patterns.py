@@ -316,3 +316,12 @@ def test_detach_and_piecewise_constant_ops_equal_autograd(frontend):
     program, worst = matches_autograd(model, x, frontend)
     assert worst < 1e-12 and {"detach", "round"} <= {program.rules[n].op for n in program.rules}
     assert dtp_angle(model, x) < 0.01
+
+
+@pytest.mark.parametrize("wrap,inner", [(torch.compile, "_orig_mod"), (nn.DataParallel, "module")],
+                         ids=["torch.compile", "DataParallel"])
+def test_a_wrapped_model_is_refused_naming_the_module_to_pass(wrap, inner):
+    model = _mlp()
+    with pytest.raises(FBCompileError, match=f"pass the module it wraps, model.{inner}"):
+        fbcompile.compile(wrap(model), torch.randn(3, 4, dtype=torch.float64))
+    fbcompile.compile(getattr(wrap(model), inner), torch.randn(3, 4, dtype=torch.float64))

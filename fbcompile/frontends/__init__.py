@@ -61,6 +61,7 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
     """The traced GraphModule of ``model`` by ``frontend``. ``analyse(traced)`` runs propagation,
     canonicalization and rule selection and returns the unsupported nodes ("auto" uses it to choose).
     Its training-mode guard (None when the graph does not depend on the mode) is recorded in its meta."""
+    refuse_wrappers(model)
     devices = _cuda_devices(model)
     with torch.random.fork_rng(devices=devices):     # torch's RNG as it was afterwards
         start = torch.random.get_rng_state()
@@ -80,6 +81,25 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
     traced.meta[ATTRIBUTE_META] = attribute_guard(model)
     traced.meta[AUTOCAST_META] = CapturedAutocast(type(model).__name__, autocast_state())
     return traced
+
+
+#: wrapper module class -> (the attribute holding the wrapped module, what to do instead)
+_WRAPPERS = {"OptimizedModule": ("_orig_mod", "torch.compile's wrapper; fbcompile captures the module itself "
+                                              "(compile(..., backend=) compiles the feedback)"),
+             "DataParallel": ("module", "torch.nn.DataParallel; fbcompile's learners run data parallel with "
+                                        "learner(..., process_group=)"),
+             "DistributedDataParallel": ("module", "DistributedDataParallel, whose gradient hooks a program would "
+                                                   "not run; fbcompile's learners run data parallel with "
+                                                   "learner(..., process_group=)")}
+
+
+def refuse_wrappers(model: nn.Module) -> None:
+    """Refuse a model wrapped for execution (torch.compile, DataParallel, DDP), naming the module to
+    pass: neither front end can capture through the wrapper, and what it adds a learner does itself."""
+    found = _WRAPPERS.get(type(model).__name__)
+    if found is not None and isinstance(getattr(model, found[0], None), nn.Module):
+        raise UntraceableModelError(f"{type(model).__name__} is {found[1]}: pass the module it wraps, "
+                                    f"model.{found[0]}")
 
 
 def _cuda_devices(model: nn.Module) -> list:
