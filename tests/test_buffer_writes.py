@@ -140,8 +140,9 @@ def test_a_counter_outside_batch_norm_is_kept(frontend):
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("write", ["ema", "copy", "item"])
+@pytest.mark.parametrize("write", ["ema", "copy", "item", "assign"])
 def test_other_writes_to_a_buffer_are_refused_by_name(frontend, write):
+    """Refused by name, with the model left intact ("assign": fx used to leave its Proxy in the module)."""
     class Writing(nn.Module):
         def __init__(self):
             super().__init__()
@@ -154,12 +155,18 @@ def test_other_writes_to_a_buffer_are_refused_by_name(frontend, write):
                 self.mean.mul_(0.9).add_(0.1 * y.detach().mean(0))
             elif write == "copy":
                 self.mean.copy_(y.detach().mean(0))
-            else:
+            elif write == "item":
                 self.mean[0] = 1.0
+            else:
+                self.mean = 0.9 * self.mean + 0.1 * y.detach().mean(0)
             return y
 
-    with pytest.raises(FBCompileError, match="mean"):
-        fbcompile.compile(Writing(), torch.randn(2, 5), frontend=frontend)
+    model = Writing()
+    mean = model.mean
+    named = "assigns a traced value to 'mean'" if (frontend, write) == ("fx", "assign") else "mean"
+    with pytest.raises(FBCompileError, match=named):
+        fbcompile.compile(model, torch.randn(2, 5), frontend=frontend)
+    assert model.mean is mean and torch.equal(mean, torch.zeros(3))
 
 
 def test_a_counter_that_sets_the_averaging_factor_is_refused():

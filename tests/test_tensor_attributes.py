@@ -114,25 +114,6 @@ def test_a_counter_spelled_plus_equals_counts_once_per_step(frontend, registered
     assert int(steps) == 3                                # the failed step rolled the count back
 
 
-def test_forward_assigning_model_state_is_refused_and_the_model_left_intact():
-    class Averaging(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(5, 3)
-            self.register_buffer("mean", torch.zeros(3))
-
-        def forward(self, x):
-            y = self.lin(x)
-            self.mean = 0.9 * self.mean + 0.1 * y.detach().mean(0)
-            return y
-
-    model = Averaging()
-    mean = model.mean
-    with pytest.raises(UntraceableModelError, match="assigns a traced value to 'mean'"):
-        fbcompile.compile(model, torch.randn(2, 5), frontend="fx")
-    assert model.mean is mean and torch.equal(mean, torch.zeros(3))
-
-
 def test_an_attribute_forward_sets_to_a_traced_value_is_not_left_behind():
     class Recording(nn.Module):
         def __init__(self):
