@@ -22,11 +22,15 @@
   independently; verification then measures per-sample Jacobian blocks. Default: yes, as long as
   inputs and outputs all lead with the batch. Ops that can reduce, concatenate, split or move dim 0,
   or that use batch statistics, declare it.
+- ``apart``: for ops that can couple the samples through batch statistics (a functional BatchNorm
+  call in train mode), ``arguments -> value``: the same call with the statistics held fixed, so
+  each sample is mapped on its own. The batch-layout check (:mod:`fbcompile.passes.batch_layout`)
+  runs it instead: which rows hold a sample does not depend on the statistics' values.
 
 These come in three groups, each a small frozen record that ``declare_op`` takes whole or as the
 flat keywords above: :class:`Spellings` (modules, functions, methods, inplace: how code writes the
 op), :class:`TappedForward` (tapped, extras, replay: what feedback and verification read) and
-:class:`Training` (param_grads, batch_local, shape_only).
+:class:`Training` (param_grads, batch_local, shape_only, apart).
 
 What an op *is* (its traits, e.g. :attr:`OpSpec.weights`, the weight arguments its signature names)
 is read off the declaration; policies built on traits live with their pass (TP units:
@@ -62,6 +66,7 @@ class OpSpec:
     param_grads: Callable | None = None
     batch_local: Callable | None = None
     shape_only: tuple = ()
+    apart: Callable | None = None
     signature: inspect.Signature = field(init=False)
 
     def __post_init__(self):
@@ -119,15 +124,17 @@ class Training:
     """How the op's parameters learn and how verification measures it: ``param_grads`` and
     ``batch_local`` (see the module docstring); ``shape_only`` names the arguments read only for
     their shape or dtype (``x.reshape_as(other)``): nothing learns or gets feedback through them,
-    even when a parameter is passed there."""
+    even when a parameter is passed there; ``apart`` (see the module docstring)."""
     param_grads: Callable | None = None
     batch_local: Callable | None = None
     shape_only: tuple = ()
+    apart: Callable | None = None
 
 
 _FLAT_KEYWORDS = {"modules": "spellings", "functions": "spellings", "methods": "spellings",
                   "inplace": "spellings", "extras": "tapped", "replay": "tapped", "param_grads": "training",
-                  "batch_local": "training", "shape_only": "training"}
+                  "batch_local": "training", "shape_only": "training",
+                  "apart": "training"}
 
 
 def declare_op(name: str, apply: Callable, spellings: Spellings | None = None, *,
@@ -137,8 +144,8 @@ def declare_op(name: str, apply: Callable, spellings: Spellings | None = None, *
 
     The groups' fields may also be given as keywords, as before the groups existed: ``modules``,
     ``functions``, ``methods``, ``inplace`` (:class:`Spellings`); ``tapped=forward`` with ``extras``
-    and ``replay`` (:class:`TappedForward`); ``param_grads``, ``batch_local``, ``shape_only``
-    (:class:`Training`).
+    and ``replay`` (:class:`TappedForward`); ``param_grads``, ``batch_local``, ``shape_only``,
+    ``apart`` (:class:`Training`).
     """
     if name in _OPS and not replace:
         raise RuleError(f"op {name!r} is already declared; pass replace=True to redeclare it")
@@ -146,7 +153,7 @@ def declare_op(name: str, apply: Callable, spellings: Spellings | None = None, *
     spec = OpSpec(name, apply, dict(spellings.modules), tuple(spellings.functions), tuple(spellings.methods),
                   tuple(spellings.inplace), tapped and tapped.forward, tapped.extras if tapped else (),
                   tapped and tapped.replay, training.param_grads or autograd_param_grads, training.batch_local,
-                  tuple(training.shape_only))
+                  tuple(training.shape_only), training.apart)
     for fn in (*spec.functions, *spec.methods, *spec.inplace):
         owner = _BY_CALLABLE.get(fn)
         if owner is not None and owner[0].name != name and not replace:

@@ -204,9 +204,20 @@ def batch_norm_param_grads(ctx, g):
     return {"weight": grads[1], "bias": grads[2]}
 
 
+def batch_norm_apart(arguments: dict):
+    """The call on fixed statistics, each sample mapped on its own (the op's ``apart``): the running
+    ones, or mean 0 and variance 1 where the call keeps none."""
+    x = arguments["input"]
+    mean, var = arguments.get("running_mean"), arguments.get("running_var")
+    if mean is None or var is None:
+        mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+    return F.batch_norm(x, mean, var, arguments.get("weight"), arguments.get("bias"), False, 0.0,
+                        arguments.get("eps", 1e-5))
+
+
 BATCH_NORM = declare_op("batch_norm", batch_norm, functions=[F.batch_norm],
                         modules={nn.BatchNorm1d: _bn_module, nn.BatchNorm2d: _bn_module, nn.BatchNorm3d: _bn_module},
-                        tapped=batch_norm_tapped, extras=("mean", "invstd"),
+                        tapped=batch_norm_tapped, extras=("mean", "invstd"), apart=batch_norm_apart,
                         param_grads=batch_norm_param_grads, batch_local=lambda ctx: _bn_kind(ctx) == "exact")
 
 

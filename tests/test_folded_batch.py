@@ -247,3 +247,55 @@ def test_the_fold_check_passes_train_mode_batchnorm_and_dropout_and_leaves_state
     assert all(p.dtype == torch.float64 and p.grad is None for p in model.parameters())
     grads = step_grads(learner, model, x, y)
     assert grads["2.fc.weight"] is not None and float(grads["2.fc.weight"].abs().sum()) > 0
+
+
+class FunctionalBatchNorm(nn.BatchNorm1d):
+    """timm's BatchNormAct2d pattern: the mode is read in forward, so tracing records a functional
+    ``F.batch_norm(..., training=True)`` whose batch statistics no module ``.eval()`` can switch off."""
+
+    def forward(self, x):
+        batch_statistics = self.training or self.running_mean is None
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, batch_statistics, 0.1,
+                            self.eps)
+
+
+class NormedWindows(WindowFold):
+    """A batch norm over the channels (``norm``: the module, or the functional pattern) before the
+    window partition of :class:`WindowFold`."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return super().forward(self.norm(x.flatten(1, 2).transpose(1, 2)).transpose(1, 2).unflatten(1, (4, 4)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("running", [True, False])
+@pytest.mark.parametrize("algorithm", ["dfa", "mf"])
+def test_a_functional_train_mode_batchnorm_before_a_fold_gives_the_modules_updates(frontend, running, algorithm):
+    """The fold check holds the functional call's statistics fixed, as it puts a BatchNorm module in
+    eval mode: the functional pattern finds the same fold, and its learner the module's updates; the
+    model's state is left as it was."""
+    models = []
+    for norm in (nn.BatchNorm1d(3, track_running_stats=running), FunctionalBatchNorm(3, track_running_stats=running)):
+        torch.manual_seed(0)
+        models.append(NormedWindows(norm).double().train())
+        with torch.no_grad():
+            models[-1].norm.weight.normal_(1.0, 0.3), models[-1].norm.bias.normal_(0.0, 0.3)
+    x, y = torch.randn(3, 4, 4, 3, dtype=torch.float64), torch.tensor([0, 3, 4])
+    updates, layouts = [], []
+    for model in models:
+        program = fbcompile.compile(model, x, frontend=frontend)
+        state = {n: v.clone() for n, v in model.state_dict().items()}
+        learner = fbcompile.learner(program, algorithm, seed=2)
+        assert all(torch.equal(v, state[n]) for n, v in model.state_dict().items())
+        parts = learner.plan.projections if algorithm == "dfa" else learner.heads
+        layouts.append([p.batch_axis for p in parts])
+        updates.append(step_grads(learner, model, x, y))
+    assert Fold(0, 4) in layouts[0] and layouts[1] == layouts[0]
+    assert updates[1].keys() == updates[0].keys()
+    for name, grad in updates[0].items():
+        assert float(grad.abs().sum()) > 0, name
+        torch.testing.assert_close(updates[1][name], grad, rtol=1e-12, atol=1e-14)

@@ -33,13 +33,14 @@ Every fold is then *verified*, not assumed: on a float64 copy of the model, with
 random samples, each sample i in turn is replaced by a random other one, and the value must change
 only in that sample's rows of one ``outer`` (each divisor of k is tried, batch-major first), the
 same for every sample (every other row within 1e-10 of the value's largest entry). Rows in any other
-order (reversed, shuffled) or samples mixed with each other (a functional batch norm on batch
-statistics) fail, and the value is refused with an error naming its node. BatchNorm modules run on their running
-statistics in these runs: in train mode their batch statistics couple all samples, which says
-nothing about where each sample's rows are (the layout is the same in both modes). The model's
-parameters, buffers and random state are left as they were: the checks run on copies, with the CPU
-RNG (and the model device's) forked for every run, so each starts from the same random state and
-train-mode dropout draws the same masks in all.
+order (reversed, shuffled) or samples mixed with each other (statistics over the batch computed op by
+op) fail, and the value is refused with an error naming its node. In these runs, the calls of an op
+that declares ``apart`` run that instead: BatchNorm on fixed statistics, as a module (also one
+without running statistics) or as the functional ``F.batch_norm`` call timm's BatchNormAct2d traces
+to. Batch statistics couple all samples, which says nothing about where each sample's rows are (the
+layout is the same with any statistics). The model's parameters, buffers and random state are left
+as they were: the checks run on copies, with the CPU RNG (and the model device's) forked for every
+run, so each starts from the same random state and train-mode dropout draws the same masks in all.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import FBCompileError
-from ..trace import describe, info, preserved_state
+from ..trace import META, AttrRef, describe, info, preserved_state
 
 FOLD_CHECK_BATCH = 3                # samples in the fold check's runs
 FOLD_CHECK_TOLERANCE = 1e-10        # allowed change outside a sample's rows, relative to the value's size
@@ -149,9 +150,6 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
     except Exception as exc:   # noqa: BLE001  (a module that cannot be copied)
         raise FBCompileError(f"{purpose}: checking how {', '.join(node.name for node in folds)} fold the batch needs a "
                              f"float64 copy of the model, which failed: {type(exc).__name__}: {exc}") from exc
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()       # batch statistics couple all samples; the check asks where each one's rows are
     by_name = {node.name: node for node in folds}
     generator = torch.Generator().manual_seed(12345)
     base = _inputs(model, n, generator, torch.float64)
@@ -189,18 +187,26 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
                 f"but its rows follow no (outer, batch, inner) fold: changing sample {sample} of a "
                 f"batch of {n} changed its rows {rows[:8]}{' ...' if len(rows) > 8 else ''} outside that sample's "
                 f"rows [{sample * fold.k}, {(sample + 1) * fold.k}) (samples folded in another order, or mixed with "
-                f"each other as by batch statistics outside an nn.BatchNorm module); the node: {describe(node)}")
+                f"each other, as by batch statistics computed op by op rather than by a BatchNorm); the node: {describe(node)}")
         found[node] = left[0]
     return found
 
 
 def _values(model: fx.GraphModule, inputs: list, by_name: dict, purpose: str) -> dict:
     """{name: value of that node} for one float64 run (from the same random state as every other)."""
-    found = {}
+    found, nodes = {}, {node.name: node for node in model.graph.nodes}
 
     class Recorder(fx.Interpreter):
+        def arguments(self, canonical: dict) -> dict:
+            """A call's canonical arguments in this run: a copied node's record names the nodes and
+            attributes of the graph and model it came from, found here by name."""
+            return {name: self.env[nodes[value.name]] if isinstance(value, fx.Node)
+                    else _attribute(model, value.qualname) if isinstance(value, AttrRef) else value
+                    for name, value in canonical.items()}
+
         def run_node(self, node):
-            value = super().run_node(node)
+            apart = _apart_call(node)
+            value = apart.spec.apart(self.arguments(apart.args)) if apart else super().run_node(node)
             if node.name in by_name:
                 found[node.name] = value.detach().clone()
             return value
@@ -213,6 +219,24 @@ def _values(model: fx.GraphModule, inputs: list, by_name: dict, purpose: str) ->
                              f"float64 on random inputs of batch {FOLD_CHECK_BATCH}: {type(exc).__name__}: "
                              f"{exc}") from exc
     return found
+
+
+def _apart_call(node: fx.Node):
+    """The canonical call of a node whose op runs with the samples kept apart in the fold check (its
+    ``apart``: BatchNorm on fixed statistics, as a module or as the functional call timm's
+    BatchNormAct2d traces to), else None."""
+    record = node.meta.get(META)
+    call = record.call if record is not None else None
+    if call is None or call.spec.apart is None or record.is_tuple:
+        return None
+    return call
+
+
+def _attribute(model: nn.Module, qualname: str):
+    value = model
+    for name in qualname.split("."):
+        value = getattr(value, name)
+    return value
 
 
 @contextlib.contextmanager
