@@ -80,6 +80,9 @@ def transformers_models(t) -> dict:
         "opt": (t.OPTForSequenceClassification, t.OPTConfig(
             use_cache=False, vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
             max_position_embeddings=32, num_labels=3, pad_token_id=0, word_embed_proj_dim=16), ids),
+        "fnet": (t.FNetForSequenceClassification, t.FNetConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, intermediate_size=32, max_position_embeddings=32,
+            num_labels=3, pad_token_id=0, use_tpu_fourier_optimizations=False), ids),
         "bloom": (t.BloomForSequenceClassification, t.BloomConfig(
             use_cache=False, vocab_size=50, hidden_size=16, n_layer=2, n_head=2, num_labels=3, pad_token_id=0), ids),
         "vit": (t.ViTForImageClassification, t.ViTConfig(**vit), image),

@@ -218,6 +218,9 @@ TABLE = {
         ("margin_ranking_loss", "margin_ranking_loss.default"), ("soft_margin_loss", "soft_margin_loss.default"),
         ("hinge_embedding_loss", "hinge_embedding_loss.default"),
         ("triplet_margin_loss", "triplet_margin_loss.default"))).items()},
+    **{name: [(f"{name}.default", PLAIN, False)] for name in (
+        *(f"fft_{kind}{dims}" for kind in ("fft", "ifft", "rfft", "irfft") for dims in ("", "2", "n")),
+        "fft_hfft", "fft_ihfft", "real", "imag", "view_as_real", "view_as_complex", "complex")},
     "tensor_split": [("tensor_split.sections", renamed(rename={"sections": "indices_or_sections"}), False),
                      ("tensor_split.indices", renamed(rename={"indices": "indices_or_sections"}), False)],
     **{name: [(f"{name}.int", renamed(rename={"sections": "indices_or_sections"}), False),

@@ -20,7 +20,7 @@ from .trace import META, AttrRef, NodeInfo, OpCall, info
 
 def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
     """Attach an :class:`OpCall` to every active op node (or a ``problem`` when there is none)."""
-    names, spread = _qualified_names(model), False
+    names, rewritten = _qualified_names(model), False
     for node in gm.graph.nodes:
         record = info(node)
         if record.role != "op" or not record.active:
@@ -34,13 +34,13 @@ def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
             except FBCompileError as exc:
                 record.problem = str(exc)
             continue
-        spread = _spread_tuple_arguments(gm, node) or spread
+        rewritten = _spread_tuple_arguments(gm, node) or _complex_part_as_function(node) or rewritten
         try:
             record.call = _bind(node, gm, names)
         except FBCompileError as exc:
             record.problem = str(exc)
-    if spread:
-        gm.recompile()      # the graph gained element selects
+    if rewritten:
+        gm.recompile()      # the graph gained element selects, or z.real became torch.real(z)
 
 
 _NAMED_ELEMENTS = {"values": 0, "indices": 1, "min": 0, "max": 1}   # torch.return_types (max, sort, aminmax, ...)
@@ -56,6 +56,15 @@ def _selects_element(node: fx.Node) -> bool:
         node.args = (node.args[0], _NAMED_ELEMENTS[node.args[1]])
         node.target = operator.getitem
     return node.target is operator.getitem
+
+
+def _complex_part_as_function(node: fx.Node) -> bool:
+    """``z.real`` / ``z.imag`` (fx records ``getattr``) rewritten to ``torch.real(z)`` / ``torch.imag(z)``,
+    so both spellings are one op (:mod:`rules.fourier`). Whether it was one."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("real", "imag"):
+        node.target, node.args = getattr(torch, node.args[1]), node.args[:1]
+        return True
+    return False
 
 
 def _element_index(index, length: int):

@@ -235,11 +235,24 @@ def select_rules(traced: fx.GraphModule, condition: str, variants=()) -> tuple[d
                           + (f" (it has {', '.join(available)})" if available else ""))
             else:
                 reason = rule.supports(RuleContext(node)) if rule.supports else None
+                reason = reason or _complex_refusal(node, rule)
                 rules[node] = rule
         if reason is not None:
             canonical = record.call.spec.name if record.call is not None else ""
             problems.append(Unsupported(node.name, node.op, _target_name(node), reason, record.source, canonical))
     return rules, problems
+
+
+def _complex_refusal(node: fx.Node, rule) -> str | None:
+    """Why ``rule`` cannot serve ``node``: it holds complex values and the rule is written for real
+    ones (a product's transpose would miss its conjugation), else None."""
+    record = info(node)
+    values = [record.dtype, *(info(arg).dtype for _, _, arg in record.call.active)]
+    if rule.complex_values or not any(d is not None and d.is_complex for d in values):
+        return None
+    return (f"op {record.call.spec.name!r} on complex values: its rule {rule.name!r} is written for real tensors; "
+            "complex values are supported through torch.fft, real / imag, view_as_real / view_as_complex, "
+            "torch.complex and the ops whose rule is autograd's vjp")
 
 
 def _target_name(node: fx.Node) -> str:

@@ -45,6 +45,7 @@ class Rule:
     affine: bool = False
     supports: Callable | None = None
     variant: str | None = None
+    complex_values: bool = False
 
     @property
     def linear(self) -> bool:
@@ -66,12 +67,15 @@ _RULES: dict[tuple[str, str, str | None], Rule] = {}
 
 def register_rule(op: OpSpec | str, *, conditions: str = "T", kind="exact", target=None,
                   affine: bool = False, supports=None, variant: str | None = None,
-                  name: str | None = None, replace: bool = False):
+                  name: str | None = None, replace: bool = False, complex_values: bool = False):
     """Decorator registering ``error(ctx, g)`` as the feedback rule of ``op`` under each condition
     in ``conditions`` (e.g. ``"TPI"`` for orthogonal structural ops).
 
     ``supports(ctx)`` may return a reason string when a particular call cannot be handled (e.g. a
     product of two activations); the node is then reported as unsupported with that reason.
+    ``complex_values=True`` declares ``error`` right for complex values too, in autograd's convention
+    (feedback dL/dRe z + i dL/dIm z, so a product's transpose conjugates; :mod:`rules.fourier`);
+    any other rule is refused at a node whose output or active input is complex.
     The rule's name, printed by ``explain()``, is ``"<op>.<def name>"``, so it greps to its ``def``;
     ``name`` overrides it (the rule library never does: tests/test_rule_library.py).
     Registering the same (op, condition, variant) twice raises unless ``replace=True``.
@@ -92,7 +96,7 @@ def register_rule(op: OpSpec | str, *, conditions: str = "T", kind="exact", targ
                                 f"{op_name!r} is already registered ({_RULES[key].name}); "
                                 "pass replace=True to override it")
             _RULES[key] = Rule(name or f"{op_name}.{error.__name__}", op_name, condition, kind, error,
-                               target, affine, supports, variant)
+                               target, affine, supports, variant, complex_values)
         return error
 
     return decorate

@@ -372,4 +372,5 @@ MATH_OPS_BY_NAME = {op.name: op for op in MATH_OPS}
 LINEAR_MAPS.update(MATH_OPS_BY_NAME[name] for name in ("baddbmm", "addbmm", "addmv", "addr", "tensordot", "kron",
                                                        "linalg_solve", "multi_dot", "chain_matmul", "dot", "vdot"))
 for _op in MATH_OPS:
-    register_rule(_op, conditions="T", kind="linearised", supports=_differentiable)(autograd_vjp)
+    register_rule(_op, conditions="T", kind="linearised", supports=_differentiable,
+                  complex_values=True)(autograd_vjp)

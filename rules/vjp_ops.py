@@ -393,4 +393,4 @@ def autograd_vjp(ctx, g):
 
 
 for _op in VJP_OPS:
-    register_rule(_op, conditions="T", kind="linearised", supports=_refused_options)(autograd_vjp)
+    register_rule(_op, conditions="T", kind="linearised", supports=_refused_options, complex_values=True)(autograd_vjp)

@@ -111,9 +111,24 @@ class Problem:
     forward: object         # f(*inputs) -> tuple of outputs
     feedback: object        # g(*output_feedback) -> tuple of input feedback (zeros where none)
     vjp_only: bool = False  # J_F^T from vjp of F only (autograd's convention), never from jvp columns
+    complex_outputs: tuple = ()     # per output: complex (measured in real coordinates, see below)
 
     def __post_init__(self):    # a copy (expand) may alias its elements: forward AD cannot take it as a primal
         self.inputs = [x if x.is_contiguous() else x.contiguous() for x in self.inputs]
+        if any(self.complex_outputs) or any(x.is_complex() for x in self.inputs):
+            self._in_real_coordinates()
+
+    def _in_real_coordinates(self) -> None:
+        """Complex inputs and outputs as their real pairs (``view_as_real``): z = a + ib is (a, b), and
+        its feedback in autograd's convention dL/da + i dL/db is (dL/da, dL/db), so J_F and J_G are
+        the real Jacobians of F and G over those coordinates and every metric measures them."""
+        complex_in = [x.is_complex() for x in self.inputs]
+        complex_out = list(self.complex_outputs) or [False] * len(self.output_shapes)
+        forward, feedback = self.forward, self.feedback
+        self.inputs = list(_as_real(self.inputs, complex_in))
+        self.output_shapes = [tuple(s) + (2,) if c else s for s, c in zip(self.output_shapes, complex_out)]
+        self.forward = lambda *xs: _as_real(forward(*_as_complex(xs, complex_in)), complex_out)
+        self.feedback = lambda *gs: _as_real(feedback(*_as_complex(gs, complex_out)), complex_in)
 
     @functools.cached_property
     def reverse_only(self) -> bool:
@@ -136,6 +151,16 @@ class Problem:
     @property
     def n_out(self):
         return sum(math.prod(s) for s in self.output_shapes)
+
+
+def _as_real(values, flags) -> tuple:
+    """Each value whose flag is set as its real pair (a real one with imaginary part zero)."""
+    return tuple(torch.view_as_real(v.resolve_conj() if v.is_complex() else torch.complex(v, torch.zeros_like(v)))
+                 if flag else v for v, flag in zip(values, flags))
+
+
+def _as_complex(values, flags) -> tuple:
+    return tuple(torch.view_as_complex(v.contiguous()) if flag else v for v, flag in zip(values, flags))
 
 
 # -- values of any structure ------------------------------------------------------------------
@@ -260,7 +285,8 @@ def node_problem(program, node: fx.Node, values: dict, sample: int | None = None
 
     suffix = "" if path == ACTIVATION else f" ({path} path)"
     return Problem(node.name + suffix, [p for v in given for p in pieces(v)],
-                   [tuple(p.shape) for p in pieces(output)], forward, feedback, vjp_only=path == PARAMETER)
+                   [tuple(p.shape) for p in pieces(output)], forward, feedback, vjp_only=path == PARAMETER,
+                   complex_outputs=tuple(p.is_complex() for p in pieces(output)))
 
 
 # -- one unit ------------------------------------------------------------------------------------
@@ -319,7 +345,7 @@ def unit_problem(program, unit, values: dict, sample: int | None = None) -> Prob
 
     shapes = [tuple(p.shape) for value in outputs for p in pieces(value)]
     return Problem(f"unit {unit.index} ({unit.name})", [p for v in given for p in pieces(v)], shapes,
-                   forward, feedback)
+                   forward, feedback, complex_outputs=tuple(p.is_complex() for value in outputs for p in pieces(value)))
 
 
 def _leading(shape) -> list:

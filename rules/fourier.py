@@ -1,0 +1,91 @@
+"""Fourier transforms and complex values: ``torch.fft``'s transforms (``fft`` / ``ifft``, ``fft2`` /
+``ifft2``, ``fftn`` / ``ifftn``, their real forms ``rfft*`` / ``irfft*`` and ``hfft`` / ``ihfft``),
+the parts of a complex tensor (``torch.real`` / ``torch.imag``, and ``z.real`` / ``z.imag``, which
+canonicalization spells so), ``view_as_real``, ``view_as_complex`` and ``torch.complex``. FNet mixes
+its tokens with ``fftn(h, dim=(1, 2)).real``; spectral filters (GFNet, Fourier neural operators)
+transform, scale and transform back.
+
+The feedback of a complex value z follows autograd's convention: for a real loss L it is
+dL/dRe z + i dL/dIm z. A map z = A x, linear over the complex numbers, then sends feedback g back as
+A^H g (conjugate transpose), and a real input keeps the real part: for ``y = fft(x).real`` with x
+real, the feedback at the transform's output is g + 0i and at x Re(conj(F) g) = Re(F g), F the
+(symmetric) DFT matrix. A rule written for real tensors would skip that conjugation, so every other
+rule is refused on complex values (:func:`fbcompile.compiler.select_rules`).
+
+T (kind "linearised"): J_F(x)^T g by autograd's vjp at the saved inputs (:func:`rules.vjp_ops.autograd_vjp`),
+so error mode equals autograd to rounding. A transform over dims that leave out the batch dim 0
+keeps the samples apart (``batch_local``); ``fftn`` without ``dim`` transforms the batch too.
+"""
+from __future__ import annotations
+
+import torch
+
+from fbcompile.ops import declare_op
+from fbcompile.registry import register_rule
+
+from .vjp_ops import _apart, autograd_vjp
+
+
+def _one_dim(fn):
+    def apply(input, n=None, dim=-1, norm=None):
+        return fn(input, n, dim, norm)
+    return apply
+
+
+def _two_dims(fn):
+    def apply(input, s=None, dim=(-2, -1), norm=None):
+        return fn(input, s, dim, norm)
+    return apply
+
+
+def _n_dims(fn):
+    def apply(input, s=None, dim=None, norm=None):
+        return fn(input, s, dim, norm)
+    return apply
+
+
+#: transform name -> (how its apply takes the transformed dims, their default)
+TRANSFORMS = {**{name: (_one_dim, -1) for name in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")},
+              **{name: (_two_dims, (-2, -1)) for name in ("fft2", "ifft2", "rfft2", "irfft2")},
+              **{name: (_n_dims, None) for name in ("fftn", "ifftn", "rfftn", "irfftn")}}
+
+
+def real(input):
+    return torch.real(input)
+
+
+def imag(input):
+    return torch.imag(input)
+
+
+def view_as_real(input):
+    return torch.view_as_real(input)
+
+
+def view_as_complex(input):
+    return torch.view_as_complex(input)
+
+
+def complex(real, imag):     # noqa: A001  (torch's name)
+    return torch.complex(real, imag)
+
+
+def _transform(name: str):
+    shape, default = TRANSFORMS[name]
+    fn = getattr(torch.fft, name)
+    apply = shape(fn)
+    apply.__name__ = apply.__qualname__ = f"fft_{name}"
+    return declare_op(f"fft_{name}", apply, functions=[fn], batch_local=_apart(default=default))
+
+
+FOURIER_OPS = [
+    *(_transform(name) for name in TRANSFORMS),
+    declare_op("real", real, functions=[torch.real]),
+    declare_op("imag", imag, functions=[torch.imag]),
+    declare_op("view_as_real", view_as_real, functions=[torch.view_as_real]),
+    declare_op("view_as_complex", view_as_complex, functions=[torch.view_as_complex],
+               batch_local=lambda ctx: len(ctx.shape("input")) > 2),
+    declare_op("complex", complex, functions=[torch.complex]),
+]
+for _op in FOURIER_OPS:
+    register_rule(_op, conditions="T", kind="linearised", complex_values=True)(autograd_vjp)

@@ -1,0 +1,124 @@
+"""Ops of rules/fourier.py (torch.fft's transforms, real / imag parts, view_as_real / view_as_complex,
+torch.complex; T rule: autograd's vjp) in float64 through both front ends: every rule's TJML
+residual and adjoint gap with random vectors, input and parameter gradients equal to autograd's,
+FNet's token mixing ``fftn(h, dim=(1, 2)).real`` in both spellings of ``.real``, DTP's small-beta
+limit, and the refusal, by name, of a rule written for real tensors on complex values."""
+import pytest
+import torch
+from torch import nn
+
+import fbcompile
+from fbcompile.errors import UnsupportedOpError
+
+from helpers import randomise_vectors
+from test_rules_elementwise import assert_matches_autograd, dtp_angle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ONE_DIM = ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")
+TWO_DIMS = ("fft2", "ifft2", "rfft2", "irfft2")
+N_DIMS = ("fftn", "ifftn", "rfftn", "irfftn")
+#: how each transform's output (real or complex) becomes real again
+AS_REAL = {"real": torch.real, "imag": torch.imag, "view_as_real": torch.view_as_real}
+
+
+class Spectral(nn.Module):
+    """Linear -> (N, 4, 6) -> ``transform`` over the token and feature dims (or the last) with an
+    ``options`` dict -> a real part of it -> Linear. A complex input (``complex_input``) is
+    ``torch.complex`` of two linear maps of x; the head is sized on a first call."""
+
+    def __init__(self, transform, options=None, part="real", complex_input=False):
+        super().__init__()
+        self.transform, self.options, self.part = getattr(torch.fft, transform), options or {}, part
+        self.a, self.b = nn.Linear(5, 24), nn.Linear(5, 24)
+        self.complex_input, self.complex_output = complex_input, None
+        with torch.no_grad():
+            self.complex_output = self.transformed(torch.randn(2, 5)).is_complex()
+            self.head = nn.Linear(self.features(torch.randn(2, 5)).shape[1], 3)
+
+    def transformed(self, x):
+        h = self.a(x).view(-1, 4, 6)
+        if self.complex_input:
+            h = torch.complex(h, self.b(x).view(-1, 4, 6))
+        return self.transform(h, **self.options)
+
+    def features(self, x):
+        z = self.transformed(x)
+        return (AS_REAL[self.part](z) if self.complex_output else z).flatten(1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _model(*args, **kwargs):
+    torch.manual_seed(0)
+    return randomise_vectors(Spectral(*args, **kwargs)).double()
+
+
+CASES = [(name, {}, False) for name in ONE_DIM] + [(name, {"dim": (1, 2)}, False) for name in TWO_DIMS + N_DIMS] + [
+    ("fft", {"n": 8, "norm": "ortho"}, False), ("rfft2", {"s": (3, 4), "dim": (1, 2), "norm": "forward"}, False),
+    ("irfft", {"n": 9}, False), ("fftn", {"dim": (1, 2)}, True), ("ifft2", {"dim": (1, 2), "norm": "ortho"}, True),
+    ("hfft", {}, True), ("irfftn", {"dim": (1, 2)}, True)]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("transform,options,complex_input", CASES)
+def test_transforms_equal_autograd(transform, options, complex_input, frontend):
+    model = _model(transform, options, complex_input=complex_input)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    ops = [f"fft_{transform}"] + (["complex"] if complex_input else [])
+    assert_matches_autograd(model, x, frontend, ops=ops)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("part", ["real", "imag", "view_as_real"])
+def test_each_part_of_a_complex_value_equals_autograd(part, frontend):
+    model = _model("fft2", {"dim": (1, 2)}, part=part, complex_input=True)
+    assert_matches_autograd(model, torch.randn(3, 5, dtype=torch.float64), frontend,
+                            ops=["fft_fft2", "complex", part])
+
+
+class FourierMixing(nn.Module):
+    """FNet's block: tokens and features mixed by ``fftn(h, dim=(1, 2))``, its real part taken as
+    ``z.real`` (an attribute, rewritten to torch.real) or ``torch.real(z)``; then a residual, tanh
+    and a Linear head."""
+
+    def __init__(self, attribute: bool):
+        super().__init__()
+        self.attribute = attribute
+        self.embed, self.head = nn.Linear(6, 8), nn.Linear(5 * 8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        z = torch.fft.fftn(h, dim=(1, 2))
+        return self.head(torch.tanh(h + (z.real if self.attribute else torch.real(z))).flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("attribute", [True, False])
+def test_fnet_mixing_equals_autograd_and_keeps_dtps_small_beta_limit(attribute, frontend):
+    torch.manual_seed(0)
+    model, x = randomise_vectors(FourierMixing(attribute)).double(), torch.randn(4, 5, 6, dtype=torch.float64)
+    assert_matches_autograd(model, x, frontend, ops=["fft_fftn", "real"])
+    assert dtp_angle(model, x) < 1e-3
+
+
+class SpectralFilter(nn.Module):
+    """GFNet's global filter: rfft2, times a complex weight, irfft2. The product's rule is written
+    for real tensors (its transpose would not conjugate the weight), so the model is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 24), nn.Linear(24, 3)
+        self.weight = nn.Parameter(torch.randn(4, 4, 2))
+
+    def forward(self, x):
+        z = torch.fft.rfft2(self.a(x).view(-1, 4, 6), dim=(1, 2)) * torch.view_as_complex(self.weight)
+        return self.head(torch.fft.irfft2(z, s=(4, 6), dim=(1, 2)).flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_rule_for_real_tensors_is_refused_on_complex_values_by_name(frontend):
+    with pytest.raises(UnsupportedOpError, match=r"op 'mul' on complex values: its rule '[\w.]+' is written for "
+                                                 "real tensors"):
+        fbcompile.compile(SpectralFilter().double(), torch.randn(3, 5, dtype=torch.float64), frontend=frontend)
