@@ -5,7 +5,7 @@ the rule, kind "linearised", and why it keeps DTP's small-beta limit):
   ``log10``, ``sinc``, ``erfc``, ``special.erfcx``, ``erfinv``, ``lgamma``, ``digamma``, ``polygamma``,
   ``i0``, ``sgn``, ``frac``, ``deg2rad`` / ``rad2deg``, ``logit``, ``nan_to_num``, ``float_power``, and
   the binary ``xlogy``, ``special.xlog1py``, ``logaddexp`` / ``logaddexp2``, ``copysign``, ``fmod``,
-  ``remainder``; ``atleast_1d`` / ``atleast_2d`` / ``atleast_3d`` (reshapes of one tensor);
+  ``remainder``, ``fmax`` / ``fmin`` (NaN-ignoring maximum and minimum); ``atleast_1d`` / ``atleast_2d`` / ``atleast_3d`` (reshapes of one tensor);
 - products: ``baddbmm``, ``addbmm``, ``addmv``, ``addr``, ``tensordot``, ``kron``;
 - matrices: ``trace``, ``diag``, ``diag_embed``, ``block_diag``, ``det``, ``logdet``, ``inverse``, ``linalg.solve``,
   ``matrix_exp``, ``linalg.norm``, ``linalg.matrix_norm``, ``cdist``, ``renorm``;
@@ -50,6 +50,7 @@ UNARY = {"sinh": (torch.sinh,), "cosh": (torch.cosh,), "tan": (torch.tan,), "asi
          "special_erfcx": (torch.special.erfcx,)}
 BINARY = {"xlogy": (torch.xlogy,), "logaddexp": (torch.logaddexp,), "logaddexp2": (torch.logaddexp2,),
           "copysign": (torch.copysign,), "fmod": (torch.fmod,), "remainder": (torch.remainder,),
+          "fmax": (torch.fmax,), "fmin": (torch.fmin,),
           "kron": (torch.kron,), "special_xlog1py": (torch.special.xlog1py,)}
 #: ops that read the whole input as one matrix or one vector: a batch in front is not separated
 WHOLE_TENSOR = {"trace", "kron"}

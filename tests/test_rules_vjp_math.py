@@ -34,6 +34,7 @@ CASES = {
     **{name: (lambda fn: lambda m, h: fn(h))(fn) for name, fn in UNARY.items()},
     "xlogy": lambda m, h: torch.xlogy(h, POSITIVE(h.flip(-1))), "logaddexp": lambda m, h: torch.logaddexp(h, h.flip(-1)),
     "logaddexp2": lambda m, h: torch.logaddexp2(h, 0.5 * h), "copysign": lambda m, h: torch.copysign(h, h.roll(1, -1)),
+    "fmax": lambda m, h: torch.fmax(h, 0.5 * h.flip(-1)), "fmin": lambda m, h: torch.fmin(h, 0.5 * h.flip(-1)),
     "fmod": lambda m, h: torch.fmod(h, 0.3), "remainder": lambda m, h: torch.remainder(h, torch.full_like(h, 0.7)),
     "kron": lambda m, h: h * torch.kron(m.w[:2, :2], m.w[2:4, 2:4]).flatten()[:8],
     "trace": lambda m, h: h * torch.trace(m.w), "baddbmm": lambda m, h: torch.baddbmm(

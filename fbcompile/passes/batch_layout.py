@@ -187,7 +187,8 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
                 f"but its rows follow no (outer, batch, inner) fold: changing sample {sample} of a "
                 f"batch of {n} changed its rows {rows[:8]}{' ...' if len(rows) > 8 else ''} outside that sample's "
                 f"rows [{sample * fold.k}, {(sample + 1) * fold.k}) (samples folded in another order, or mixed with "
-                f"each other, as by batch statistics computed op by op rather than by a BatchNorm); the node: {describe(node)}")
+                f"each other, as by batch statistics computed op by op rather than by a BatchNorm); the node: "
+                f"{describe(node)}")
         found[node] = left[0]
     return found
 
