@@ -10,7 +10,9 @@
 - mul / div of two active values (gating, SwiGLU, squeeze-excitation, layer scale): T per operand,
   g y and g x (div: g / y and -g x / y^2), summed to each operand's shape; the other operand is held
   at its forward value (:func:`product_transpose`). P and I are refused unless one factor is
-  constant for the input.
+  constant for the input. A complex product (a spectral filter) reads the conjugate of the other
+  factor, in autograd's convention (:mod:`fbcompile.rules.fourier`); a real operand of it gets the
+  real part.
 - neg: T = P = I: -g.
 - mean / sum over dims: :mod:`fbcompile.rules.reduce`.
 
@@ -224,18 +226,34 @@ def _mul_supported(ctx):
     return _rounding_refused(ctx) or _no_single_factor(ctx)
 
 
-def product_feedback(g, x, y, wrt: str, divide: bool, shape):
+def product_feedback(g, x, y, wrt: str, divide: bool, shape, conjugate: bool = False, real: bool = False):
     """Transposed Jacobian of z = x * y (or x / y) applied to g, for operand ``wrt`` ("input" is x,
     "other" is y), summed to that operand's ``shape`` (broadcast dimensions, autograd's sum_to):
 
         mul: dz/dx^T g = g y,  dz/dy^T g = g x;   div: dz/dx^T g = g / y,  dz/dy^T g = -g x / y^2.
 
-    Only the values the formula reads are passed (x is None for mul's and div's dz/dx)."""
+    Only the values the formula reads are passed (x is None for mul's and div's dz/dx). A complex
+    product (``conjugate``) reads conj(x) and conj(y), as autograd's convention asks
+    (:mod:`rules.fourier`), and a real operand of it (``real``) keeps the real part."""
+    if conjugate:
+        x, y = _conj(x), _conj(y)
     if wrt == "input":
         term = g / y if divide else g * y
     else:
         term = -g * x / (y * y) if divide else g * x
-    return sum_to(term, shape)
+    return sum_to(term.real if real else term, shape)
+
+
+def _conj(value):
+    return value.conj() if isinstance(value, torch.Tensor) else value.conjugate() if value is not None else None
+
+
+def _is_complex(ctx, name) -> bool:
+    value = ctx.op_call.args[name]
+    if isinstance(value, fx.Node):
+        return info(value).dtype is not None and info(value).dtype.is_complex
+    value = value.value if isinstance(value, AttrRef) else value
+    return value.is_complex() if isinstance(value, torch.Tensor) else isinstance(value, complex)
 
 
 def _operand_shape(ctx, name):
@@ -246,11 +264,13 @@ def _operand_shape(ctx, name):
 def _product_grads(ctx, g, names) -> dict:
     """Per operand: dz/dx reads y and x's shape, dz/dy reads x (and y for div) and y's shape."""
     divide = ctx.op_call.spec is DIV
+    conjugate = ctx.dtype() is not None and ctx.dtype().is_complex
     grads = {}
     for name in names:
         x = _operand(ctx, "input") if name == "other" else None
         y = _operand(ctx, "other") if name == "input" or divide else None
-        grads[name] = ctx.call(product_feedback, g, x, y, name, divide, _operand_shape(ctx, name))
+        grads[name] = ctx.call(product_feedback, g, x, y, name, divide, _operand_shape(ctx, name), conjugate,
+                               conjugate and not _is_complex(ctx, name))
     return grads
 
 
@@ -266,8 +286,8 @@ def _rounding_refused(ctx):
     return None
 
 
-@register_rule(MUL, conditions="T", kind=product_kind)
-@register_rule(DIV, conditions="T", kind=product_kind, supports=_rounding_refused)
+@register_rule(MUL, conditions="T", kind=product_kind, complex_values=True)
+@register_rule(DIV, conditions="T", kind=product_kind, supports=_rounding_refused, complex_values=True)
 def product_transpose(ctx, g):
     """J = [diag(y) S_x, diag(x) S_y] (mul) or [diag(1/y) S_x, -diag(x/y^2) S_y] (div), S broadcasting
     an operand to the output: each active operand gets its row of J^T g (:func:`product_feedback`).

@@ -398,5 +398,5 @@ def promoted_operand_dtype(src: fx.Node, node: fx.Node):
 
 
 def cast_feedback(value, dtype):
-    """``value`` in ``dtype`` (feedback for an operand its op promoted)."""
-    return value.to(dtype)
+    """``value`` in ``dtype`` (feedback for an operand its op promoted; a real one keeps the real part)."""
+    return (value.real if value.is_complex() and not dtype.is_complex else value).to(dtype)
