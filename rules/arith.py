@@ -63,11 +63,14 @@ def sum_to(g, shape):
 
 
 def _param_grads(ctx, g):
-    """A parameter operand of add/sub (e.g. a position embedding) gets g (or -alpha g) summed."""
+    """A parameter operand of add/sub (e.g. a position embedding) gets g (or -alpha g) summed; a
+    real one added to complex values gets the real part."""
     grads = {}
     for name, sign in (("input", 1), ("other", _other_sign(ctx))):
         if name in ctx.op_call.params:
-            grads[name] = ctx.call(sum_to, g * sign if sign != 1 else g, ctx.shape(name))
+            grads[name] = ctx.call(sum_to, g * _conj(sign) if sign != 1 else g, ctx.shape(name))
+            if _complex_output(ctx) and not _is_complex(ctx, name):
+                grads[name] = ctx.call(torch.real, grads[name])
     return grads
 
 
@@ -109,15 +112,15 @@ def _scaled_to(ctx, g, name, scale):
     which alone could broadcast at another batch size), else ``ctx.saved_shape`` (no tap of the value)."""
     if not ctx.is_active(name):
         return None
-    g = g * scale if scale != 1 else g
+    g = g * _conj(scale) if scale != 1 else g
     shape, out = tuple(ctx.shape(name)), tuple(ctx.shape())
     if shape == out and 1 not in shape:
         return g
     return ctx.call(sum_to, g, ctx.saved_shape(name))
 
 
-@register_rule(ADD, conditions="T")
-@register_rule(SUB, conditions="T")
+@register_rule(ADD, conditions="T", complex_values=True)
+@register_rule(SUB, conditions="T", complex_values=True)
 def add_transpose(ctx, g):
     """Each active operand receives g (times its coefficient), summed to its shape."""
     return {name: _scaled_to(ctx, g, name, s) for name, s in _both_scales(ctx).items()}
@@ -248,6 +251,10 @@ def _conj(value):
     return value.conj() if isinstance(value, torch.Tensor) else value.conjugate() if value is not None else None
 
 
+def _complex_output(ctx) -> bool:
+    return ctx.dtype() is not None and ctx.dtype().is_complex
+
+
 def _is_complex(ctx, name) -> bool:
     value = ctx.op_call.args[name]
     if isinstance(value, fx.Node):
@@ -264,7 +271,7 @@ def _operand_shape(ctx, name):
 def _product_grads(ctx, g, names) -> dict:
     """Per operand: dz/dx reads y and x's shape, dz/dy reads x (and y for div) and y's shape."""
     divide = ctx.op_call.spec is DIV
-    conjugate = ctx.dtype() is not None and ctx.dtype().is_complex
+    conjugate = _complex_output(ctx)
     grads = {}
     for name in names:
         x = _operand(ctx, "input") if name == "other" else None
@@ -344,7 +351,7 @@ def div_inverse(ctx, g):
     return {"input": ctx.call(sum_to, g * _scale_of(ctx)[0], ctx.saved_shape("input"))}
 
 
-@register_rule(NEG, conditions="TPI")
+@register_rule(NEG, conditions="TPI", complex_values=True)
 def neg_back(ctx, g):
     """J = -I: G(g) = -g."""
     return {"input": -g}

@@ -61,13 +61,13 @@ def _reduction_back(ctx, g, scale):
                               ctx.const("keepdim", False), scale)}
 
 
-@register_rule(MEAN, conditions="T")
+@register_rule(MEAN, conditions="T", complex_values=True)
 def mean_transpose(ctx, g):
     """J = (1/n) 1^T: G(g) = g / n broadcast over the reduced dims (paper 002 eq. 37)."""
     return _reduction_back(ctx, g, 1.0 / _count(ctx))
 
 
-@register_rule(SUM, conditions="T")
+@register_rule(SUM, conditions="T", complex_values=True)
 def sum_transpose(ctx, g):
     """J = 1^T: G(g) = g broadcast over the reduced dims."""
     return _reduction_back(ctx, g, 1.0)

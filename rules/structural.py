@@ -130,16 +130,16 @@ def reshape_back(ctx, g):
 
 
 for _op in (RESHAPE, FLATTEN, UNFLATTEN, SQUEEZE, UNSQUEEZE):
-    register_rule(_op, conditions="TPI")(reshape_back)
+    register_rule(_op, conditions="TPI", complex_values=True)(reshape_back)
 
 
-@register_rule(TRANSPOSE, conditions="TPI")
+@register_rule(TRANSPOSE, conditions="TPI", complex_values=True)
 def transpose_back(ctx, g):
     """G(g) = g^T over the same two dims (a transposition is its own inverse)."""
     return {"input": g.transpose(ctx.const("dim0", 0), ctx.const("dim1", -1))}
 
 
-@register_rule(PERMUTE, conditions="TPI")
+@register_rule(PERMUTE, conditions="TPI", complex_values=True)
 def permute_back(ctx, g):
     """G(g) = g permuted by the inverse permutation."""
     dims = [d % len(ctx.shape()) for d in _as_shape(ctx.const("dims"))]
@@ -147,13 +147,13 @@ def permute_back(ctx, g):
     return {"input": g.permute(inverse)}
 
 
-@register_rule(IDENTITY, conditions="TPI")
+@register_rule(IDENTITY, conditions="TPI", complex_values=True)
 def identity_back(ctx, g):
     """G(g) = g."""
     return {"input": g}
 
 
-@register_rule(CAT, conditions="TPI")
+@register_rule(CAT, conditions="TPI", complex_values=True)
 def cat_back(ctx, g):
     """G(g) = g sliced along ``dim`` at the inputs' sizes (their shapes only: ``ctx.saved_shape``)."""
     tensors = ctx.op_call.args["tensors"]
@@ -166,8 +166,8 @@ def split_sizes(g, sizes, dim):
     return torch.split(g, list(sizes), dim)
 
 
-@register_rule(SPLIT, conditions="TPI")
-@register_rule(CHUNK, conditions="TPI")
+@register_rule(SPLIT, conditions="TPI", complex_values=True)
+@register_rule(CHUNK, conditions="TPI", complex_values=True)
 def pieces_back(ctx, g):
     """G(g_1, ..., g_k) = cat(g_1, ..., g_k) along ``dim``; pieces without feedback count as zeros."""
     by_size = ctx.op_call.spec is SPLIT
@@ -210,9 +210,9 @@ def register_copy_rules(op, transpose, inverse_problem, supports=None):
     ``supports(ctx)`` (a reason or None) applies to all three."""
     either = lambda ctx: (supports and supports(ctx)) or inverse_problem(ctx)
     _COPY_TRANSPOSES[op] = transpose
-    register_rule(op, conditions="T", supports=supports)(transpose)
-    register_rule(op, conditions="P", supports=supports)(pinv_by_counts)
-    register_rule(op, conditions="I", supports=either)(transpose)
+    register_rule(op, conditions="T", supports=supports, complex_values=True)(transpose)
+    register_rule(op, conditions="P", supports=supports, complex_values=True)(pinv_by_counts)
+    register_rule(op, conditions="I", supports=either, complex_values=True)(transpose)
 
 
 def _same_size(ctx):
@@ -346,7 +346,7 @@ ATTRIBUTE = declare_op("attribute", attribute, functions=[builtins.getattr],
                        batch_local=lambda ctx: ctx.const("name") in ("mT", "mH") and len(ctx.shape()) > 2)
 
 
-@register_rule(ROLL, conditions="TPI")
+@register_rule(ROLL, conditions="TPI", complex_values=True)
 def roll_back(ctx, g):
     """G(g) = roll(g, -shifts, dims): a cyclic shift is orthogonal, its inverse shifts back."""
     shifts = ctx.const("shifts")
@@ -354,16 +354,16 @@ def roll_back(ctx, g):
     return {"input": torch.roll(g, back, ctx.const("dims"))}
 
 
-@register_rule(FLIP, conditions="TPI")
-@register_rule(FLIPLR, conditions="TPI")
-@register_rule(FLIPUD, conditions="TPI")
+@register_rule(FLIP, conditions="TPI", complex_values=True)
+@register_rule(FLIPLR, conditions="TPI", complex_values=True)
+@register_rule(FLIPUD, conditions="TPI", complex_values=True)
 def flip_back(ctx, g):
     """G(g) = the same flip of g (a reversal is its own inverse and orthogonal)."""
     spec = ctx.op_call.spec
     return {"input": torch.flip(g, _as_shape(ctx.const("dims"))) if spec is FLIP else spec.apply(g)}
 
 
-@register_rule(UNBIND, conditions="TPI")
+@register_rule(UNBIND, conditions="TPI", complex_values=True)
 def stack_back(ctx, g):
     """G(g_1, ..., g_k) = stack(g_1, ..., g_k) along ``dim``; pieces without feedback count as zeros."""
     return {"input": ctx.call(stack_or_zeros, g, ctx.const("dim", 0))}
@@ -374,7 +374,7 @@ def stack_or_zeros(pieces, dim):
     return torch.stack([present.new_zeros(present.shape) if p is None else p for p in pieces], dim)
 
 
-@register_rule(STACK, conditions="TPI")
+@register_rule(STACK, conditions="TPI", complex_values=True)
 def unbind_back(ctx, g):
     """G(g) = unbind(g, dim): entry i goes back to the i-th stacked tensor."""
     parts = ctx.call(torch.unbind, g, ctx.const("dim", 0))
@@ -390,7 +390,7 @@ def _transposing_attribute(ctx):
     return None
 
 
-@register_rule(ATTRIBUTE, conditions="TPI", supports=_transposing_attribute)
+@register_rule(ATTRIBUTE, conditions="TPI", supports=_transposing_attribute, complex_values=True)
 def attribute_back(ctx, g):
     """``.T``/``.H`` reverse all dims, ``.mT``/``.mH`` swap the last two (real tensors: no conjugation);
     both are permutations, so G(g) = g permuted back by the same (self-inverse) permutation."""

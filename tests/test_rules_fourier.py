@@ -120,6 +120,7 @@ class SpectralFilter(nn.Module):
         return self.head(torch.fft.irfft2(z, s=(4, 6), dim=(1, 2), norm="ortho").flatten(1))
 
 
+@pytest.mark.filterwarnings("error:Casting complex values to real")
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("gain", [False, True])
 def test_a_spectral_filter_with_a_complex_weight_equals_autograd(gain, frontend):
@@ -147,3 +148,30 @@ def test_a_rule_for_real_tensors_is_refused_on_complex_values_by_name(frontend):
     with pytest.raises(UnsupportedOpError, match=r"op 'tanh' on complex values: its rule '[\w.]+' is written for "
                                                  "real tensors"):
         fbcompile.compile(ComplexActivation().double(), torch.randn(3, 5, dtype=torch.float64), frontend=frontend)
+
+
+class ComplexPlumbing(nn.Module):
+    """A spectrum sliced, permuted, reshaped, concatenated, negated, reduced, shifted by a real
+    parameter (a real operand of a complex sum: its feedback is the real part), expanded and
+    flipped: every structural rule maps with real coefficients, the same for complex values."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 24), nn.Linear(2 * 11 * 2, 3)
+        self.shift = nn.Parameter(torch.randn(11))
+
+    def forward(self, x):
+        z = torch.fft.rfft(self.a(x).view(-1, 4, 6))[:, 1:, :3]                 # (N, 3, 3) complex
+        z = z.permute(0, 2, 1).reshape(-1, 9)
+        z = torch.cat([z, -z[:, :2]], 1)
+        z = z - z.mean(1, keepdim=True) + 0.1 * z.sum(1, keepdim=True) + self.shift
+        return self.head(torch.view_as_real(z.unsqueeze(1).expand(-1, 2, -1).flip(1)).flatten(1))
+
+
+@pytest.mark.filterwarnings("error:Casting complex values to real")     # a real operand's feedback: .real
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_structural_rules_carry_complex_values_as_autograd(frontend):
+    torch.manual_seed(0)
+    model, x = ComplexPlumbing().double(), torch.randn(3, 5, dtype=torch.float64)
+    assert_matches_autograd(model, x, frontend, ops=["index", "permute", "cat", "neg", "mean", "sum", "add", "sub"])
+    assert dtp_angle(model, x) < 1e-3
