@@ -245,10 +245,14 @@ def _overload(dotted: str):
     return getattr(getattr(aten, packet), name)
 
 
+#: overloads autograd cannot differentiate (forward programs call the op's ``apply``)
+WITHOUT_DERIVATIVE = {"copy.default"}
+
+
 def declare_all() -> None:
     for op_name, spellings in TABLE.items():
         for dotted, adapter, inplace in spellings:
-            declare_aten(_overload(dotted), op_name, adapter, inplace)
+            declare_aten(_overload(dotted), op_name, adapter, inplace, differentiable=dotted not in WITHOUT_DERIVATIVE)
 
 
 declare_all()

@@ -28,6 +28,10 @@ INITS = ("kaiming", "xavier", "uniform", "normal", "forward-scale", "forward")  
 
 
 def fans(shape: tuple) -> tuple[int, int]:
+    """(fan in, fan out) of a weight of ``shape``; a vector (a direct projection onto one number per
+    sample) is one column."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
     receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
     return shape[1] * receptive, shape[0] * receptive
 

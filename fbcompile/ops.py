@@ -256,22 +256,25 @@ def lookup_callable(target) -> tuple[OpSpec, bool] | None:
 class AtenSpelling:
     """How one ATen overload (``torch.ops.aten.linear.default``) spells a canonical op: ``adapter(node,
     *args, **kwargs)`` returns the canonical arguments (names of the op's ``apply``) or raises
-    FBCompileError naming the argument it cannot express; ``inplace`` marks ``relu_``-style overloads."""
+    FBCompileError naming the argument it cannot express; ``inplace`` marks ``relu_``-style overloads;
+    ``differentiable=False`` an overload autograd has no derivative for (``aten.copy``): forward
+    programs call the op's ``apply`` instead, so learners that differentiate the forward can."""
     op: str
     adapter: Callable
     inplace: bool = False
+    differentiable: bool = True
 
 
 _BY_ATEN: dict[Any, AtenSpelling] = {}
 
 
-def declare_aten(overload, op_name: str, adapter: Callable, inplace: bool = False) -> None:
+def declare_aten(overload, op_name: str, adapter: Callable, inplace: bool = False, differentiable: bool = True) -> None:
     """Bind an ATen OpOverload (matched by identity) to the canonical op ``op_name``. One overload
     spells one op: declaring it again for another op raises."""
     owner = _BY_ATEN.get(overload)
     if owner is not None and owner.op != op_name:
         raise RuleError(f"{overload} already spells op {owner.op!r}; cannot also spell {op_name!r}")
-    _BY_ATEN[overload] = AtenSpelling(op_name, adapter, inplace)
+    _BY_ATEN[overload] = AtenSpelling(op_name, adapter, inplace, differentiable)
 
 
 def lookup_aten(target) -> AtenSpelling | None:

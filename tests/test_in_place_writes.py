@@ -8,7 +8,7 @@ from torch import nn
 
 import fbcompile
 from fbcompile.errors import FBCompileError
-from helpers import compare_with_autograd
+from helpers import compare_with_autograd, randomise_vectors
 
 FRONTENDS = ["fx", "export"]
 
@@ -173,3 +173,46 @@ def test_a_write_through_a_view_beside_a_batch_norm_is_still_refused_naming_the_
     """A functional BatchNorm has no mapping back to the module: that program keeps its writes."""
     with pytest.raises(FBCompileError, match="is read afterwards"):
         fbcompile.compile(NormalisedThenWritten().double(), torch.randn(5, 6, dtype=torch.float64), frontend="export")
+
+
+@pytest.mark.parametrize("algorithm", ["mf", "dfa", "drtp", "ddtp-linear", "mf-dd"])
+def test_learners_that_differentiate_the_forward_train_an_exported_item_assignment(algorithm):
+    """torch.export writes ``h[:, 0] = v`` as ``aten.copy``, which autograd cannot differentiate: the
+    forward programs call the op's own (differentiable) form, so Mono-Forward's local losses reach
+    through it. ``v`` is one number per sample: its direct projection is a vector (C,). Every
+    parameter gets a finite, nonzero update (before: mf raised autograd's "derivative for aten::copy
+    is not implemented", the direct learners an IndexError drawing that projection)."""
+    model = Writes(_item_assigned).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
+    learner = fbcompile.learner(fbcompile.compile(model, x, frontend="export"), algorithm, seed=1)
+    model.zero_grad(set_to_none=True)
+    learner.step(x, y, F.cross_entropy)
+    for name, param in model.named_parameters():
+        assert param.grad is not None and bool(torch.isfinite(param.grad).all()), name
+        assert float(param.grad.abs().sum()) > 0, name
+
+
+@pytest.mark.parametrize("algorithm", ["dfa", "drtp"])
+def test_a_projection_onto_one_number_per_sample_is_the_signal_pulled_back(algorithm):
+    """The exported item assignment ``h = a(x).clone(); h[:, 0] = b(x)[:, 1]``: the unit of ``a`` has
+    three outputs, ``clone`` (h), ``select_1`` (h[:, 0], one number per sample: its B is a vector
+    (C,)) and ``slice_3`` (h); a's update is sum_u <value_u, s B_u> differentiated, b's (the output
+    unit) <b(x)[:, 1], e[:, 0]>."""
+    model = randomise_vectors(Writes(_item_assigned).double())
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
+    learner = fbcompile.learner(fbcompile.compile(model, x, frontend="export"), algorithm, seed=2)
+    model.zero_grad(set_to_none=True)
+    learner.step(x, y, F.cross_entropy)
+    with torch.no_grad():
+        error = (torch.softmax(model(x), 1) - F.one_hot(y, 4)) / len(x)
+        signal = error if algorithm == "dfa" else -F.one_hot(y, 4).double() / len(x)
+    h = model.a(x)
+    values = {"clone": h, "select_1": h[:, 0], "slice_3": h}
+    assert [(p.node, p.shape) for p in learner.plan.projections] == [("clone", (4,)), ("select_1", ()),
+                                                                     ("slice_3", (4,))]
+    local = sum((values[p.node] * (signal @ B.reshape(4, -1)).reshape(values[p.node].shape)).sum()
+                for p, B in zip(learner.plan.projections, learner.projections.weights))
+    expected = torch.autograd.grad(local, [model.a.weight, model.a.bias])
+    expected += torch.autograd.grad((model.b(x)[:, 1] * error[:, 0]).sum(), [model.b.weight, model.b.bias])
+    for param, grad in zip([model.a.weight, model.a.bias, model.b.weight, model.b.bias], expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-12, atol=1e-14)

@@ -1,12 +1,14 @@
 """Build forward programs from the traced model.
 
 Every forward program runs the model's own nodes (modules keep their live state: BatchNorm
-statistics update in train mode, ``.train()`` / ``.eval()`` apply) with two rewrites:
+statistics update in train mode, ``.train()`` / ``.eval()`` apply) with three rewrites:
 
 - in-place spellings (``relu_``, ``+=``, ``nn.ReLU(inplace=True)``) run out of place, so no saved
   activation is ever overwritten;
 - ops with a tapped forward (max-pool, dropout, LayerNorm) call it, and its extras (indices, mask,
-  statistics) become available as taps.
+  statistics) become available as taps;
+- ATen spellings autograd cannot differentiate (``aten.copy``, torch.export's item assignment) call
+  the op's ``apply``, so learners that differentiate the forward (Mono-Forward's local losses) can.
 
 Variants:
 
@@ -28,7 +30,13 @@ from torch import fx
 
 from ..context import SHAPE
 from ..errors import FBCompileError
+from ..ops import lookup_aten
 from ..trace import AttrRef, active_outputs, info
+
+
+def _differentiable(node: fx.Node) -> bool:
+    spelling = lookup_aten(node.target)
+    return spelling is None or spelling.differentiable
 
 
 class _Copier:
@@ -48,7 +56,7 @@ class _Copier:
     def copy(self, node: fx.Node):
         call = info(node).call
         transform = lambda src: self.source(node, src)
-        if call is not None and (call.inplace or call.spec.tapped is not None):
+        if call is not None and (call.inplace or call.spec.tapped is not None or not _differentiable(node)):
             args, kwargs = call.spec.split(_canonical_arguments(call, transform, self.get_attr))
             if call.spec.tapped is not None:
                 result = self.graph.call_function(call.spec.tapped, args, kwargs, name=f"{node.name}_tapped")
