@@ -27,6 +27,7 @@ import torch
 from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 
+from .vjp_math import _unary
 from .vjp_ops import _apart, autograd_vjp
 
 
@@ -54,22 +55,6 @@ TRANSFORMS = {**{name: (_one_dim, -1) for name in ("fft", "ifft", "rfft", "irfft
               **{name: (_n_dims, None) for name in ("fftn", "ifftn", "rfftn", "irfftn")}}
 
 
-def real(input):
-    return torch.real(input)
-
-
-def imag(input):
-    return torch.imag(input)
-
-
-def view_as_real(input):
-    return torch.view_as_real(input)
-
-
-def view_as_complex(input):
-    return torch.view_as_complex(input)
-
-
 def complex(real, imag):     # noqa: A001  (torch's name)
     return torch.complex(real, imag)
 
@@ -84,11 +69,10 @@ def _transform(name: str):
 
 FOURIER_OPS = [
     *(_transform(name) for name in TRANSFORMS),
-    declare_op("real", real, functions=[torch.real]),
-    declare_op("imag", imag, functions=[torch.imag]),
-    declare_op("view_as_real", view_as_real, functions=[torch.view_as_real]),
-    declare_op("view_as_complex", view_as_complex, functions=[torch.view_as_complex],
-               batch_local=lambda ctx: len(ctx.shape("input")) > 2),
+    *(declare_op(name, _unary(name, fn), functions=[fn]) for name, fn in (
+        ("real", torch.real), ("imag", torch.imag), ("view_as_real", torch.view_as_real))),
+    declare_op("view_as_complex", _unary("view_as_complex", torch.view_as_complex),
+               functions=[torch.view_as_complex], batch_local=lambda ctx: len(ctx.shape("input")) > 2),
     declare_op("complex", complex, functions=[torch.complex]),
 ]
 for _op in FOURIER_OPS:

@@ -175,3 +175,35 @@ def test_structural_rules_carry_complex_values_as_autograd(frontend):
     model, x = ComplexPlumbing().double(), torch.randn(3, 5, dtype=torch.float64)
     assert_matches_autograd(model, x, frontend, ops=["index", "permute", "cat", "neg", "mean", "sum", "add", "sub"])
     assert dtp_angle(model, x) < 1e-3
+
+
+class ComplexRearranged(nn.Module):
+    """The other rules marked for complex values: transpose, flatten / unflatten, squeeze /
+    unsqueeze, chunk / split, stack / unbind, roll, narrow, select, gather, index_select, repeat
+    and clone, on a spectrum, then its real pair to a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 24), nn.Linear(50, 3)
+        self.register_buffer("gathered", torch.tensor([[0, 4, 4]]))
+        self.register_buffer("selected", torch.tensor([1, 1, 5]))
+
+    def forward(self, x):
+        z = torch.fft.fft(self.a(x).view(-1, 4, 6)).transpose(1, 2).flatten(1).unflatten(1, (6, 4))   # (N, 6, 4)
+        first, second = torch.chunk(z, 2, 1)
+        left, right = torch.split(z.unsqueeze(1).squeeze(1), [1, 3], 2)
+        parts = torch.stack([first, torch.roll(second, 1, 2)], 1).unbind(1)                  # 2 x (N, 3, 4)
+        picked = torch.cat([parts[0].narrow(2, 0, 2).flatten(1), parts[1].select(1, 2), left.flatten(1),
+                            torch.gather(right.flatten(1), 1, self.gathered.expand(x.shape[0], 3)),
+                            torch.index_select(right.flatten(1), 1, self.selected),
+                            first[:, :1, :1].repeat(1, 1, 3).flatten(1).clone()], 1)          # (N, 25)
+        return self.head(torch.view_as_real(picked).flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_rearranging_rules_carry_complex_values_as_autograd(frontend):
+    torch.manual_seed(0)
+    model, x = ComplexRearranged().double(), torch.randn(3, 5, dtype=torch.float64)
+    ops = ["transpose", "flatten", "unflatten", "chunk", "split", "stack", "unbind", "roll", "narrow", "select",
+           "gather", "index_select", "repeat"] if frontend == "fx" else ["fft_fft", "cat"]
+    assert_matches_autograd(model, x, frontend, ops=ops)
