@@ -105,30 +105,34 @@ def test_fnet_mixing_equals_autograd_and_keeps_dtps_small_beta_limit(attribute, 
 
 class SpectralFilter(nn.Module):
     """GFNet's global filter: rfft2, times a complex weight (``view_as_complex`` of a real parameter),
-    irfft2; with ``gain``, also times a real parameter broadcast over the spectrum (a real operand of
-    a complex product: its feedback is the real part)."""
+    irfft2 (``divide``: divided by it); with ``gain``, also times a real parameter broadcast over the
+    spectrum (a real operand of a complex product: its feedback is the real part)."""
 
-    def __init__(self, gain=False):
+    def __init__(self, gain=False, divide=False):
         super().__init__()
         self.a, self.head = nn.Linear(5, 24), nn.Linear(24, 3)
-        self.weight = nn.Parameter(torch.randn(4, 4, 2))
+        self.weight = nn.Parameter(torch.randn(4, 4, 2) + (2.0 if divide else 0.0))     # away from 0 to divide
         self.gain = nn.Parameter(torch.randn(4, 1)) if gain else None
+        self.divide = divide
 
     def forward(self, x):
-        z = torch.fft.rfft2(self.a(x).view(-1, 4, 6), dim=(1, 2), norm="ortho") * torch.view_as_complex(self.weight)
+        z = torch.fft.rfft2(self.a(x).view(-1, 4, 6), dim=(1, 2), norm="ortho")
+        weight = torch.view_as_complex(self.weight)
+        z = z / weight if self.divide else z * weight
         z = z * self.gain if self.gain is not None else z
         return self.head(torch.fft.irfft2(z, s=(4, 6), dim=(1, 2), norm="ortho").flatten(1))
 
 
 @pytest.mark.filterwarnings("error:Casting complex values to real")
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-@pytest.mark.parametrize("gain", [False, True])
-def test_a_spectral_filter_with_a_complex_weight_equals_autograd(gain, frontend):
+@pytest.mark.parametrize("gain,divide", [(False, False), (True, False), (True, True)])
+def test_a_spectral_filter_with_a_complex_weight_equals_autograd(gain, divide, frontend):
     """The product's transpose conjugates the other factor: without it the gradients are off by a
     relative 1.2 (measured with the conjugation removed)."""
     torch.manual_seed(0)
-    model, x = SpectralFilter(gain).double(), torch.randn(3, 5, dtype=torch.float64)
-    assert_matches_autograd(model, x, frontend, ops=["fft_rfft2", "mul", "view_as_complex", "fft_irfft2"])
+    model, x = SpectralFilter(gain, divide).double(), torch.randn(3, 5, dtype=torch.float64)
+    ops = ["fft_rfft2", "div" if divide else "mul", "view_as_complex", "fft_irfft2"]
+    assert_matches_autograd(model, x, frontend, ops=ops)
     assert dtp_angle(model, x) < 1e-3
 
 
