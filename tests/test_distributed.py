@@ -139,3 +139,32 @@ def test_process_group_needs_an_initialised_torch_distributed():
     with pytest.raises(OptionError, match="initialised first"):
         fbcompile.learner(program, "bp", process_group="world")
     assert fbcompile.learner(program, "bp", process_group=None).world_size == 1
+
+
+LAUNCH_THEN_COMPILE = """
+import os, sys, torch, fbcompile
+from fbcompile.cli.runs import launched
+assert "torch._dynamo" not in sys.modules        # else this check would not test the order of imports
+def gloo_threads():
+    names = (open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task"))
+    return sum("gloo" in name for name in names)
+with launched() as group:
+    fbcompile.compile(torch.nn.Linear(3, 2), torch.zeros(2, 3))     # imports torch._dynamo
+    print(gloo_threads())
+print(gloo_threads())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names in /proc/self/task")
+def test_a_launch_ends_with_gloos_threads_joined(tmp_path):
+    """gloo's worker threads still running at interpreter exit can abort a rank (see launched())."""
+    import socket
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = dict(_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    done = subprocess.run([sys.executable, "-c", LAUNCH_THEN_COMPILE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    during, after = map(int, done.stdout.split())
+    assert during > 0 and after == 0, f"{after} of gloo's {during} threads outlived destroy_process_group()"

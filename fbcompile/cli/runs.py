@@ -270,7 +270,12 @@ def launched():
     if not under_torchrun():
         yield None
         return
+    import torch._dynamo  # noqa: F401  (before the group exists: see below)
     import torch.distributed as dist
+    # Importing torch._dynamo after init_process_group leaves references to the default group that
+    # destroy_process_group() cannot clear, so gloo's worker threads outlive it; at interpreter exit
+    # one of them may still be releasing the barrier's tensors and aborts the rank ("terminate called
+    # without an active exception"). compile() imports torch._dynamo, so it is imported here first.
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     if dist.get_rank() != 0:             # for the rest of this process: its error is printed by rank 0
