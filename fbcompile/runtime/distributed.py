@@ -40,6 +40,10 @@ failing rank and its message, inside the step's transaction, so no rank's parame
 learner state change. Not covered: a rank failing between the collectives that SyncBatchNorm's
 forward and feedback make (rules/sync_norm.py) leaves the others waiting in them until the
 backend's timeout.
+
+Teardown: torch._dynamo (which compile() imports) imported after ``init_process_group`` keeps the
+default group alive past ``destroy_process_group()``; gloo's threads then outlive it and can abort
+the process at exit. Import it (or compile) first, as the CLI's ``launched()`` does.
 """
 from __future__ import annotations
 
