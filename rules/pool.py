@@ -5,6 +5,8 @@ maximum (the forward's indices). T (exact): G(g) = MaxUnpool with those indices,
 scatter-*add*: with overlapping windows (stride < kernel) one input can be the maximum of several
 windows and its feedback is the sum of theirs (a plain MaxUnpool would overwrite). Padding and
 ceil_mode need no special care: indices refer to unpadded input positions.
+A model's own return_indices=True makes the output the pair (values, indices); the indices are an
+integer tensor that no feedback reaches (a MaxUnpool reading them: :mod:`fbcompile.rules.unpool`).
 P (exact): J_F has orthogonal columns, J^T J = diag(c) with c the number of windows selecting each
 input, so J^+ = diag(1/c) J^T: the same scatter-add divided by the counts (0 where c = 0).
 
@@ -32,27 +34,66 @@ aten = torch.ops.aten
 
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return F.max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return F.max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=bool(return_indices))
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-def max_pool1d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return F.max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
-
-
-def max_pool2d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=bool(return_indices))
 
 
 def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return F.max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return F.max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=bool(return_indices))
+
+
+def max_pool1d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return with_indices(max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, True), return_indices)
+
+
+def max_pool2d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    return with_indices(max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True), return_indices)
 
 
 def max_pool3d_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    return F.max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    return with_indices(max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, True), return_indices)
+
+
+def with_indices(pooled: tuple, return_indices) -> tuple:
+    """A tapped max pool's ``(out, indices)``: ``out`` is what the model's call returns, the values
+    alone or, with return_indices=True, the (values, indices) pair itself."""
+    values, indices = pooled
+    return (pooled if return_indices else values), indices
+
+
+# F.max_pool2d(..., return_indices=True) reaches fx as F.max_pool2d_with_indices, which returns the
+# pair whatever its return_indices says: its own op, sharing the max pool's feedback.
+def max_pool1d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=True):
+    return max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=True):
+    return max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def max_pool3d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=True):
+    return max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def max_pool1d_with_indices_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                                   return_indices=True):
+    return max_pool1d_tapped(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def max_pool2d_with_indices_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                                   return_indices=True):
+    return max_pool2d_tapped(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def max_pool3d_with_indices_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                                   return_indices=True):
+    return max_pool3d_tapped(input, kernel_size, stride, padding, dilation, ceil_mode, True)
 
 
 def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -98,6 +139,13 @@ MAX_POOL2D = declare_op("max_pool2d", max_pool2d, functions=[F.max_pool2d], modu
                         tapped=max_pool2d_tapped, extras=("indices",))
 MAX_POOL3D = declare_op("max_pool3d", max_pool3d, functions=[F.max_pool3d], modules={nn.MaxPool3d: _max_module},
                         tapped=max_pool3d_tapped, extras=("indices",))
+MAX_POOLS_WITH_INDICES = [
+    declare_op(f"max_pool{n}d_with_indices", apply, functions=[function], tapped=tapped, extras=("indices",))
+    for n, apply, function, tapped in (
+        (1, max_pool1d_with_indices, F.max_pool1d_with_indices, max_pool1d_with_indices_tapped),
+        (2, max_pool2d_with_indices, F.max_pool2d_with_indices, max_pool2d_with_indices_tapped),
+        (3, max_pool3d_with_indices, F.max_pool3d_with_indices, max_pool3d_with_indices_tapped))]
+MAX_POOLS = {MAX_POOL1D: 1, MAX_POOL2D: 2, MAX_POOL3D: 3, **{op: n + 1 for n, op in enumerate(MAX_POOLS_WITH_INDICES)}}
 AVG_POOL3D = declare_op("avg_pool3d", avg_pool3d, functions=[F.avg_pool3d], modules={nn.AvgPool3d: _avg_module})
 ADAPTIVE3D = declare_op("adaptive_avg_pool3d", adaptive_avg_pool3d, functions=[F.adaptive_avg_pool3d],
                         modules={nn.AdaptiveAvgPool3d: lambda m: {"output_size": m.output_size}})
@@ -125,7 +173,7 @@ def unpool_add(g, indices, shape, n_spatial: int, normalise: bool):
 
 
 # spatial dims of each pooling op (1d pooling runs on 2d kernels over a unit-height plane)
-SPATIAL_DIMS = {MAX_POOL1D: 1, MAX_POOL2D: 2, MAX_POOL3D: 3, AVG_POOL1D: 1, AVG_POOL2D: 2, AVG_POOL3D: 3,
+SPATIAL_DIMS = {**MAX_POOLS, AVG_POOL1D: 1, AVG_POOL2D: 2, AVG_POOL3D: 3,
                 ADAPTIVE1D: 1, ADAPTIVE2D: 2, ADAPTIVE3D: 3}
 
 
@@ -133,38 +181,32 @@ def _n_spatial(ctx):
     return SPATIAL_DIMS[ctx.op_call.spec]
 
 
-def _no_user_indices(ctx):
-    if ctx.const("return_indices", False):
-        return "max pooling with return_indices=True in the model is not supported"
-    return None
+def _unpooled(ctx, g, normalise: bool) -> dict:
+    values_feedback = g[0] if isinstance(g, (list, tuple)) else g      # a (values, indices) output
+    if values_feedback is None:
+        return {"input": None}
+    return {"input": ctx.call(unpool_add, values_feedback, ctx.saved("indices"), ctx.saved_shape("input"),
+                              _n_spatial(ctx), normalise)}
 
 
-@register_rule(MAX_POOL1D, conditions="T", supports=_no_user_indices)
-@register_rule(MAX_POOL2D, conditions="T", supports=_no_user_indices)
-@register_rule(MAX_POOL3D, conditions="T", supports=_no_user_indices)
 def unpool(ctx, g):
     """G(g) = J^T g: MaxUnpool with the forward indices, overlapping windows adding up."""
-    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved_shape("input"), _n_spatial(ctx), False)}
+    return _unpooled(ctx, g, False)
 
 
-@register_rule(MAX_POOL1D, conditions="P", supports=_no_user_indices)
-@register_rule(MAX_POOL2D, conditions="P", supports=_no_user_indices)
-@register_rule(MAX_POOL3D, conditions="P", supports=_no_user_indices)
 def unpool_pinv(ctx, g):
     """G(g) = J^+ g = diag(1/c) J^T g, c = number of windows choosing each input."""
-    return {"input": ctx.call(unpool_add, g, ctx.saved("indices"), ctx.saved_shape("input"), _n_spatial(ctx), True)}
+    return _unpooled(ctx, g, True)
 
 
 def _not_invertible(ctx):
     return f"{ctx.op_call.spec.name} is not invertible (it drops entries); use condition P or T"
 
 
-@register_rule(MAX_POOL1D, conditions="I", supports=_not_invertible)
-@register_rule(MAX_POOL2D, conditions="I", supports=_not_invertible)
-@register_rule(MAX_POOL3D, conditions="I", supports=_not_invertible)
-def inverse(ctx, g):
-    """Refused (max pooling drops entries); were it allowed, J^+ g as :func:`unpool_pinv`."""
-    return unpool_pinv(ctx, g)
+for _op in MAX_POOLS:
+    register_rule(_op, conditions="T")(unpool)
+    register_rule(_op, conditions="P")(unpool_pinv)
+    register_rule(_op, conditions="I", supports=_not_invertible)(unpool_pinv)
 
 
 def _sizes(value, fill, n):

@@ -32,6 +32,7 @@ paper's 1e-3; 1e-2 trained faster in examples/mono_forward_results.py.
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from ..errors import FBCompileError, NonFiniteError, OptionError, choices_text
 from ..passes.heads import ATTACH_POINTS, HEAD_INITS, OUTPUT_HEADS, attach_heads
@@ -244,7 +245,7 @@ class MonoForward(MonoForwardBase):
             if head.weight is not None and found[-1] is not None:
                 head_grads[head] = found[-1]
             losses[stage.unit.index] = float(loss.detach())
-            return tuple(o.detach() for o in outputs)
+            return tuple(tree_map_only(torch.Tensor, torch.Tensor.detach, o) for o in outputs)  # (values, indices)
 
         output = self.run(inputs, visit)
         self.apply_head_grads(head_grads)
