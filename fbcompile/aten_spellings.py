@@ -23,6 +23,8 @@ from .aten_adapters import (
     where_args)
 from .ops import declare_aten
 
+FRACTIONAL = renamed(rename={"random_samples": "_random_samples"})   # the window offsets torch drew
+
 aten = torch.ops.aten
 
 
@@ -122,6 +124,8 @@ TABLE = {
     "max_pool3d_with_indices": [("max_pool3d_with_indices.default", max_pool_args, False)],
     "max_unpool2d": [("max_unpool2d.default", PLAIN, False)],
     "max_unpool3d": [("max_unpool3d.default", PLAIN, False)],
+    "fractional_max_pool2d_with_indices": [("fractional_max_pool2d.default", FRACTIONAL, False)],
+    "fractional_max_pool3d_with_indices": [("fractional_max_pool3d.default", FRACTIONAL, False)],
     "avg_pool1d": [("avg_pool1d.default", max_pool_args, False)],
     "avg_pool2d": [("avg_pool2d.default", max_pool_args, False)],
     "avg_pool3d": [("avg_pool3d.default", max_pool_args, False)],
