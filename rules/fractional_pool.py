@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fbcompile.ops import declare_op
-from fbcompile.registry import register_rule
 
-from .pool import unpool_add, with_indices
+from .pool import register_max_pool_rules, with_indices
 
 KERNELS = {2: F.fractional_max_pool2d_with_indices, 3: F.fractional_max_pool3d_with_indices}
 
@@ -77,29 +76,4 @@ for (_n, _pair_always), (_functions, _modules) in SPELLINGS.items():
                                 extras=("indices", "samples"), replay=_replay)] = _n
 
 
-def _scattered(ctx, g, normalise: bool) -> dict:
-    values_feedback = g[0] if isinstance(g, (list, tuple)) else g      # a (values, indices) output
-    if values_feedback is None:
-        return {"input": None}
-    return {"input": ctx.call(unpool_add, values_feedback, ctx.saved("indices"), ctx.saved_shape("input"),
-                              FRACTIONAL_POOLS[ctx.op_call.spec], normalise)}
-
-
-def transpose(ctx, g):
-    """G(g) = J^T g: g scattered (added) to each window's maximum."""
-    return _scattered(ctx, g, False)
-
-
-def pinv(ctx, g):
-    """G(g) = J^+ g = diag(1/c) J^T g, c = number of windows choosing each input."""
-    return _scattered(ctx, g, True)
-
-
-def _not_invertible(ctx):
-    return f"{ctx.op_call.spec.name} is not invertible (it drops entries); use condition P or T"
-
-
-for _op in FRACTIONAL_POOLS:
-    register_rule(_op, conditions="T")(transpose)
-    register_rule(_op, conditions="P")(pinv)
-    register_rule(_op, conditions="I", supports=_not_invertible)(pinv)
+register_max_pool_rules(FRACTIONAL_POOLS)

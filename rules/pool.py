@@ -203,10 +203,18 @@ def _not_invertible(ctx):
     return f"{ctx.op_call.spec.name} is not invertible (it drops entries); use condition P or T"
 
 
-for _op in MAX_POOLS:
-    register_rule(_op, conditions="T")(unpool)
-    register_rule(_op, conditions="P")(unpool_pinv)
-    register_rule(_op, conditions="I", supports=_not_invertible)(unpool_pinv)
+def register_max_pool_rules(ops: dict) -> None:
+    """Max pooling's T, P and I (refused) rules for ``ops`` ({op: spatial dims}), ops whose tapped
+    forward saves the flat per-plane ``indices`` of each window's maximum (fractional and adaptive
+    max pooling too)."""
+    SPATIAL_DIMS.update(ops)
+    for op in ops:
+        register_rule(op, conditions="T")(unpool)
+        register_rule(op, conditions="P")(unpool_pinv)
+        register_rule(op, conditions="I", supports=_not_invertible)(unpool_pinv)
+
+
+register_max_pool_rules(MAX_POOLS)
 
 
 def _sizes(value, fill, n):

@@ -6,8 +6,7 @@ with each instance's statistics), ``local_response_norm``, ``pixel_shuffle`` / `
 ``unfold`` / ``fold``, ``maximum`` / ``minimum``, ``addcmul``, ``addcdiv``, ``lerp``, ``triu`` /
 ``tril``, ``softmin`` (torch.fx; ATen writes it as a softmax), ``mv``, ``outer``, ``threshold``,
 ``channel_shuffle``, ``cosine_similarity``, ``pairwise_distance``, ``atan2``, ``hypot``, ``diagonal``,
-``movedim``, ``cumprod``, ``repeat_interleave``, sliding windows (``Tensor.unfold``), adaptive max pooling (without
-indices) and ``embedding_bag`` (without ``max_norm``, dense gradients).
+``movedim``, ``cumprod``, ``repeat_interleave``, sliding windows (``Tensor.unfold``) and ``embedding_bag`` (without ``max_norm``, dense gradients).
 
 T (kind "linearised"): J_G g = J_F(x)^T g, computed by ``torch.func.vjp`` of the op at its saved
 inputs, so error mode gives autograd's gradient to rounding (ties of maximum/minimum split as
@@ -206,12 +205,6 @@ def unfold_windows(input, dimension, size, step):
     return input.unfold(dimension, size, step)
 
 
-def _adaptive_max_pool(pool):
-    def adaptive_max_pool(input, output_size, return_indices=False):
-        return pool(input, output_size)
-    return adaptive_max_pool
-
-
 def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
                   sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
     return F.embedding_bag(input, weight, offsets, None, norm_type, scale_grad_by_freq, mode, False,
@@ -318,10 +311,6 @@ VJP_OPS = [
                batch_local=_keeps_samples_apart),
     declare_op("repeat_interleave", repeat_interleave, functions=[torch.repeat_interleave],
                methods=[tensor_method("repeat_interleave")], batch_local=_keeps_samples_apart),
-    *(declare_op(f"adaptive_max_pool{n}d", _adaptive_max_pool(pool), functions=[pool], modules={module: lambda m: {
-        "output_size": m.output_size, "return_indices": m.return_indices}}) for n, pool, module in (
-        (1, F.adaptive_max_pool1d, nn.AdaptiveMaxPool1d), (2, F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d),
-        (3, F.adaptive_max_pool3d, nn.AdaptiveMaxPool3d))),
     declare_op("unfold_windows", unfold_windows, methods=[tensor_method("unfold")],
                batch_local=lambda ctx: ctx.const("dimension") % len(ctx.shape("input")) != 0),
     declare_op("embedding_bag", embedding_bag, functions=[F.embedding_bag], modules={nn.EmbeddingBag: _embedding_bag_module},
@@ -347,7 +336,7 @@ def _refused_options(ctx):
     if args.get("running_mean") is not None or args.get("use_input_stats") is False:
         return (f"{ctx.name}: instance normalisation with running statistics (track_running_stats=True) is not "
                 "supported; each instance's own statistics are")
-    refused = {"return_indices": "returning the indices of the maxima", "max_norm": "max_norm (it renormalises "
+    refused = {"max_norm": "max_norm (it renormalises "
                "rows of the weight in place during the forward)", "sparse": "sparse=True (sparse gradients)"}
     for name, what in refused.items():
         if args.get(name) not in (None, False):

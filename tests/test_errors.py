@@ -173,10 +173,18 @@ def test_failing_example_run_names_the_node_and_line():
 
 
 def test_unsupported_hyperparameters_are_reported_per_node():
-    model = nn.Sequential(nn.InstanceNorm1d(1, track_running_stats=True), nn.AdaptiveMaxPool1d(2, return_indices=True))
-    problems = fbcompile.coverage(model, torch.randn(2, 1, 8))
-    assert [(p.node, p.canonical) for p in problems] == [("_0", "instance_norm"), ("_1", "adaptive_max_pool1d")]
-    assert "track_running_stats=True" in problems[0].reason and "indices" in problems[1].reason
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.InstanceNorm1d(1, track_running_stats=True)
+            self.embed = nn.Embedding(8, 8, max_norm=1.0)
+
+        def forward(self, x):
+            return self.embed(x.argmax(-1)) + self.norm(x)
+
+    problems = fbcompile.coverage(Model(), torch.randn(2, 1, 8))
+    assert [(p.node, p.canonical) for p in problems] == [("embed", "embedding"), ("norm", "instance_norm")]
+    assert "max_norm" in problems[0].reason and "track_running_stats=True" in problems[1].reason
 
 
 def test_unknown_rule_variant_is_refused_with_the_registered_ones():

@@ -1,8 +1,10 @@
 """Property tests of the pooling and reduction rules (float64): max pooling (padding, ceil_mode,
 dilation, overlapping windows whose feedback must add), average pooling (padding, ceil_mode,
-count_include_pad), adaptive average pooling (global, overlapping bins) and mean/sum over dims."""
+count_include_pad), adaptive average pooling (global, overlapping bins), adaptive max pooling (its
+indices scattered to, with and without returning them) and mean/sum over dims."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
@@ -154,3 +156,41 @@ def test_global_average_pool_mean_feedback_is_broadcast_one_over_d():
     g = torch.randn(2, 3, dtype=torch.float64)
     fb = program.rules[node].error(EagerContext(node, forward_values(program, (x,)), program.model), g)["input"]
     assert torch.allclose(fb, g[:, :, None, None].expand(2, 3, 4, 5) / 20)
+
+
+class AdaptiveMax(nn.Module):
+    """Adaptive max pooling in one of its spellings; the indices, when returned, are read as values."""
+
+    def __init__(self, n, out, spelling):
+        super().__init__()
+        self.n, self.out, self.spelling = n, out, spelling
+        self.pool = getattr(nn, f"AdaptiveMaxPool{n}d")(out, return_indices=spelling == "module_with_indices")
+
+    def forward(self, x):
+        if self.spelling == "functional_with_indices":
+            values, indices = getattr(F, f"adaptive_max_pool{self.n}d")(x, self.out, return_indices=True)
+        elif self.spelling == "module_with_indices":
+            values, indices = self.pool(x)
+        else:
+            return torch.tanh(self.pool(x))
+        return torch.tanh(values) + 0.01 * indices.to(values.dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([1, 2, 3]), st.data(), st.sampled_from(["module", "module_with_indices",
+                                                               "functional_with_indices"]))
+def test_adaptive_max_pool_scatters_to_its_indices_exactly(n, data, spelling):
+    """Output sizes up to above the input size (overlapping bins add their feedback)."""
+    sizes = tuple(data.draw(st.integers(1, 6)) for _ in range(n))
+    out = tuple(data.draw(st.integers(1, s + 2)) for s in sizes)
+    x = torch.randn(2, 3, *sizes, dtype=torch.float64)
+    assert_exact(AdaptiveMax(n, out, spelling), x)
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional_with_indices"])
+def test_adaptive_max_pool_under_export_and_its_pseudo_inverse(spelling):
+    model, x = AdaptiveMax(2, (3, 2), spelling), torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend="export")
+    assert max(compare_with_autograd(model, x, program=program)) < TOL
+    rows = fbcompile.verify(fbcompile.compile(model, x, condition="P"), x, pinv_limit=10_000).rows
+    assert next(row for row in rows if row["op"].startswith("adaptive_max_pool"))["pjml_rel"] < 1e-9

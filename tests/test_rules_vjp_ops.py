@@ -56,15 +56,13 @@ CASES = {
     "movedim": lambda m, h: torch.movedim(h.view(-1, 2, 4), 1, 2).flatten(1) * h,
     "cumprod": lambda m, h: torch.cumprod(torch.tanh(h) + 1.2, 1),
     "repeat_interleave": lambda m, h: h.view(-1, 4, 2)[:, :, 0].repeat_interleave(2, dim=1) * h,
-    "adaptive_max_pool1d": lambda m, h: F.adaptive_max_pool1d(h.view(-1, 2, 4), 2).flatten(1).repeat(1, 2) + h,
     "embedding_bag": lambda m, h: h * m.bag(m.ids).sum(),
     "unfold_windows": lambda m, h: h.unfold(1, 3, 2).flatten(1)[:, :8] * h,
 }
 
 
 # ATen returns these with their indices as a tuple; torch.fx keeps the module or function call
-EXPORT_REFUSED = {"adaptive_max_pool1d": "adaptive_max_pool1d returns (values, indices) in ATen",
-                  "embedding_bag": "embedding_bag returns four tensors in ATen"}
+EXPORT_REFUSED = {"embedding_bag": "embedding_bag returns four tensors in ATen"}
 
 
 class Case(nn.Module):
@@ -134,10 +132,3 @@ def test_embedding_bag_options_it_cannot_follow_are_refused_by_name(module, reas
     model.bag = module
     problems = fbcompile.coverage(model, torch.randn(3, 4), frontend="fx")
     assert len(problems) == 1 and reason in problems[0].reason
-
-
-def test_adaptive_max_pool_with_indices_is_refused_by_name():
-    model = Case(lambda m, h: m.pool(h.view(-1, 2, 4))[0].flatten(1).repeat(1, 2) + h)
-    model.pool = nn.AdaptiveMaxPool1d(2, return_indices=True)
-    problems = fbcompile.coverage(model, torch.randn(3, 4), frontend="fx")
-    assert len(problems) == 1 and "indices" in problems[0].reason
