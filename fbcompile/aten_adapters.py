@@ -111,6 +111,12 @@ def max_pool_args(node, *args, **kwargs):
     return out
 
 
+def stft_args(node, *args, **kwargs):
+    out = renamed()(node, *args, **kwargs)
+    out.setdefault("center", False)      # aten.stft.default has no centring: export writes the pad before it
+    return out
+
+
 def constant_pad_args(node, *args, **kwargs):
     a = schema_arguments(node.target, args, kwargs)
     return {"input": a["self"], "pad": a["pad"], "mode": "constant", "value": a.get("value", 0)}

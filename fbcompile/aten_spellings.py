@@ -19,8 +19,8 @@ import torch
 from .aten_adapters import (
     DROPOUT, NO_CUDNN, PLAIN, all_dims_reversed_args, cast_args, cdist_args, constant_pad_args, einsum_args,
     embedding_args, grid_sampler_args, index_args, last_two_swapped_args, loss_args, max_pool_args, renamed,
-    rsub_args, same_dtype_args, slice_args, softmax_args, tensordot_args, transpose_2d_args, upsample_args,
-    where_args)
+    rsub_args, same_dtype_args, slice_args, softmax_args, stft_args, tensordot_args, transpose_2d_args,
+    upsample_args, where_args)
 from .ops import declare_aten
 
 FRACTIONAL = renamed(rename={"random_samples": "_random_samples"})   # the window offsets torch drew
@@ -127,6 +127,8 @@ TABLE = {
     "adaptive_max_pool1d_with_indices": [("adaptive_max_pool1d.default", PLAIN, False)],
     "adaptive_max_pool2d_with_indices": [("adaptive_max_pool2d.default", PLAIN, False)],
     "adaptive_max_pool3d_with_indices": [("adaptive_max_pool3d.default", PLAIN, False)],
+    "stft": [("stft.default", stft_args, False), ("stft.center", stft_args, False)],
+    "istft": [("istft.default", PLAIN, False)],
     "fractional_max_pool2d_with_indices": [("fractional_max_pool2d.default", FRACTIONAL, False)],
     "fractional_max_pool3d_with_indices": [("fractional_max_pool3d.default", FRACTIONAL, False)],
     "avg_pool1d": [("avg_pool1d.default", max_pool_args, False)],

@@ -132,7 +132,8 @@ def _declare(name: str, forward, spellings: tuple, reads: str, derivative):
     spec = declare_op(name, apply, functions=[forward, *spellings], methods=[tensor_method(name)],
                       inplace=[tensor_method(f"{name}_")])
     _BY_OP[spec] = (reads, derivative)
-    register_rule(spec, conditions="T", kind="linearised")(diagonal)
+    # |z|'s derivative g sgn(z) is autograd's for a complex z too (sgn(z) = z / |z|); the others' are not
+    register_rule(spec, conditions="T", kind="linearised", complex_values=name == "abs")(diagonal)
     return spec
 
 

@@ -1,7 +1,8 @@
 """Fourier transforms and complex values: ``torch.fft``'s transforms (``fft`` / ``ifft``, ``fft2`` /
 ``ifft2``, ``fftn`` / ``ifftn``, their real forms ``rfft*`` / ``irfft*`` and ``hfft`` / ``ihfft``),
 the parts of a complex tensor (``torch.real`` / ``torch.imag``, and ``z.real`` / ``z.imag``, which
-canonicalization spells so), ``view_as_real``, ``view_as_complex`` and ``torch.complex``. FNet mixes
+canonicalization spells so), ``view_as_real``, ``view_as_complex``, ``torch.complex`` and the
+short-time transforms ``torch.stft`` / ``torch.istft`` (a spectrogram inside the model). FNet mixes
 its tokens with ``fftn(h, dim=(1, 2)).real``; spectral filters (GFNet, Fourier neural operators)
 transform, scale and transform back.
 
@@ -12,7 +13,7 @@ real, the feedback at the transform's output is g + 0i and at x Re(conj(F) g) = 
 (symmetric) DFT matrix. A rule written for real tensors would skip that conjugation, so only rules
 registered with ``complex_values=True`` serve complex values: these, every rule that is autograd's
 vjp, mul / div (:mod:`rules.arith`: GFNet's filter, a spectrum times a complex weight), add / sub /
-neg, sum / mean, and the structural and selection rules (reshapes, permutations, cat / split,
+neg, sum / mean, abs (g sgn z, autograd's formula for complex z), and the structural and selection rules (reshapes, permutations, cat / split,
 indexing, expand / repeat, flips), which map with real coefficients, so that A^H = A^T. Any other is
 refused on complex values, naming the op (:func:`fbcompile.compiler.select_rules`).
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from fbcompile.ops import declare_op
+from fbcompile.ops import declare_op, tensor_method
 from fbcompile.registry import register_rule
 
 from .vjp_math import _unary
@@ -59,6 +60,23 @@ def complex(real, imag):     # noqa: A001  (torch's name)
     return torch.complex(real, imag)
 
 
+def stft(input, n_fft, hop_length=None, win_length=None, window=None, center=True, pad_mode="reflect",
+         normalized=False, onesided=None, return_complex=None, align_to_window=None):
+    return torch.stft(input, n_fft, hop_length, win_length, window, center, pad_mode, normalized, onesided,
+                      return_complex, align_to_window)
+
+
+def istft(input, n_fft, hop_length=None, win_length=None, window=None, center=True, normalized=False,
+          onesided=None, length=None, return_complex=False):
+    return torch.istft(input, n_fft, hop_length, win_length, window, center, normalized, onesided, length,
+                       return_complex)
+
+
+def _batch_of_signals(ctx) -> bool:
+    """stft of (batch, time) and istft of (batch, freq, frames) keep the samples apart; one signal does not."""
+    return len(ctx.shape("input")) == (2 if ctx.op_call.spec.name == "stft" else 3)
+
+
 def _transform(name: str):
     shape, default = TRANSFORMS[name]
     fn = getattr(torch.fft, name)
@@ -74,6 +92,9 @@ FOURIER_OPS = [
     declare_op("view_as_complex", _unary("view_as_complex", torch.view_as_complex),
                functions=[torch.view_as_complex], batch_local=lambda ctx: len(ctx.shape("input")) > 2),
     declare_op("complex", complex, functions=[torch.complex]),
+    declare_op("stft", stft, functions=[torch.stft], methods=[tensor_method("stft")], batch_local=_batch_of_signals),
+    declare_op("istft", istft, functions=[torch.istft], methods=[tensor_method("istft")],
+               batch_local=_batch_of_signals),
 ]
 for _op in FOURIER_OPS:
     register_rule(_op, conditions="T", kind="linearised", complex_values=True)(autograd_vjp)

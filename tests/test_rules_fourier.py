@@ -211,3 +211,39 @@ def test_rearranging_rules_carry_complex_values_as_autograd(frontend):
     ops = ["transpose", "flatten", "unflatten", "chunk", "split", "stack", "unbind", "roll", "narrow", "select",
            "gather", "index_select", "repeat"] if frontend == "fx" else ["fft_fft", "cat"]
     assert_matches_autograd(model, x, frontend, ops=ops)
+
+
+class Spectrogram(nn.Module):
+    """A log-mel spectrogram inside the model: stft, |z|^2 (abs of complex values), a learned
+    filterbank, log1p, a classifier (torchaudio's front end, written out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("window", torch.hann_window(16))
+        self.mel = nn.Parameter(torch.rand(9, 4) + 0.1)
+        self.head = nn.Linear(4 * 9, 3)
+
+    def forward(self, x):
+        z = torch.stft(x, 16, hop_length=4, window=self.window, return_complex=True)      # (N, 9, 9) complex
+        return self.head(torch.log1p(z.abs().pow(2).transpose(1, 2) @ self.mel).flatten(1))
+
+
+class SpectralGate(nn.Module):
+    """stft, a learned complex gain per frequency, istft back to the signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("window", torch.hann_window(16))
+        self.gain = nn.Parameter(torch.randn(9, 1, dtype=torch.cdouble))       # .double() leaves complex alone
+
+    def forward(self, x):
+        z = torch.stft(x, 16, hop_length=4, window=self.window, return_complex=True)
+        return torch.istft(z * self.gain, 16, hop_length=4, window=self.window, length=x.shape[-1])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("make,ops", [(Spectrogram, ("stft", "abs")), (SpectralGate, ("stft", "istft"))])
+def test_short_time_transforms_and_complex_magnitudes_equal_autograd(make, ops, frontend):
+    torch.manual_seed(0)
+    model = make().double()
+    assert_matches_autograd(model, torch.randn(3, 32, dtype=torch.float64), frontend, ops=ops)

@@ -84,10 +84,11 @@ def autograd_gradients(model, inputs, output_error) -> tuple[tuple, dict]:
 
 
 def relative_error(a, b) -> float:
-    """||a - b|| / ||b|| (0 when both are zero), over tensors or matching sequences of tensors."""
+    """||a - b|| / ||b|| (0 when both are zero), over tensors or matching sequences of tensors, real or
+    complex."""
     a_list, b_list = as_tuple(a), as_tuple(b)
-    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a_list, b_list)) ** 0.5
-    den = sum(float(y.pow(2).sum()) for y in b_list) ** 0.5
+    num = sum(float((x - y).abs().pow(2).sum()) for x, y in zip(a_list, b_list)) ** 0.5
+    den = sum(float(y.abs().pow(2).sum()) for y in b_list) ** 0.5
     return 0.0 if num == 0 else num / den if den > 0 else float("inf")
 
 
