@@ -13,9 +13,10 @@ real, the feedback at the transform's output is g + 0i and at x Re(conj(F) g) = 
 (symmetric) DFT matrix. A rule written for real tensors would skip that conjugation, so only rules
 registered with ``complex_values=True`` serve complex values: these, every rule that is autograd's
 vjp, mul / div (:mod:`rules.arith`: GFNet's filter, a spectrum times a complex weight), add / sub /
-neg, sum / mean, abs (g sgn z, autograd's formula for complex z), and the structural and selection rules (reshapes, permutations, cat / split,
-indexing, expand / repeat, flips), which map with real coefficients, so that A^H = A^T. Any other is
-refused on complex values, naming the op (:func:`fbcompile.compiler.select_rules`).
+neg, sum / mean, abs (g sgn z, autograd's formula for complex z), and the structural and selection
+rules (reshapes, permutations, cat / split, indexing, expand / repeat, flips), which map with real
+coefficients, so that A^H = A^T. Any other is refused on complex values, naming the op
+(:func:`fbcompile.compiler.select_rules`).
 
 T (kind "linearised"): J_F(x)^T g by autograd's vjp at the saved inputs (:func:`rules.vjp_ops.autograd_vjp`),
 so error mode equals autograd to rounding. A transform over dims that leave out the batch dim 0
