@@ -64,36 +64,14 @@ def with_indices(pooled: tuple, return_indices) -> tuple:
     return (pooled if return_indices else values), indices
 
 
-# F.max_pool2d(..., return_indices=True) reaches fx as F.max_pool2d_with_indices, which returns the
-# pair whatever its return_indices says: its own op, sharing the max pool's feedback.
-def max_pool1d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                            return_indices=True):
-    return max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
-
-
-def max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                            return_indices=True):
-    return max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
-
-
-def max_pool3d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                            return_indices=True):
-    return max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
-
-
-def max_pool1d_with_indices_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                                   return_indices=True):
-    return max_pool1d_tapped(input, kernel_size, stride, padding, dilation, ceil_mode, True)
-
-
-def max_pool2d_with_indices_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                                   return_indices=True):
-    return max_pool2d_tapped(input, kernel_size, stride, padding, dilation, ceil_mode, True)
-
-
-def max_pool3d_with_indices_tapped(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                                   return_indices=True):
-    return max_pool3d_tapped(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+def _pair_always(fn, name: str):
+    """``fn`` (a max pool's apply or tapped forward) with return_indices forced on: the forward of
+    F.max_pool2d_with_indices, how fx records F.max_pool2d(..., return_indices=True), which returns
+    the (values, indices) pair whatever its own return_indices says."""
+    def pair(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=True):
+        return fn(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+    pair.__name__ = pair.__qualname__ = name
+    return pair
 
 
 def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -140,11 +118,11 @@ MAX_POOL2D = declare_op("max_pool2d", max_pool2d, functions=[F.max_pool2d], modu
 MAX_POOL3D = declare_op("max_pool3d", max_pool3d, functions=[F.max_pool3d], modules={nn.MaxPool3d: _max_module},
                         tapped=max_pool3d_tapped, extras=("indices",))
 MAX_POOLS_WITH_INDICES = [
-    declare_op(f"max_pool{n}d_with_indices", apply, functions=[function], tapped=tapped, extras=("indices",))
-    for n, apply, function, tapped in (
-        (1, max_pool1d_with_indices, F.max_pool1d_with_indices, max_pool1d_with_indices_tapped),
-        (2, max_pool2d_with_indices, F.max_pool2d_with_indices, max_pool2d_with_indices_tapped),
-        (3, max_pool3d_with_indices, F.max_pool3d_with_indices, max_pool3d_with_indices_tapped))]
+    declare_op(f"max_pool{n}d_with_indices", _pair_always(apply, f"max_pool{n}d_with_indices"), functions=[function],
+               tapped=_pair_always(tapped, f"max_pool{n}d_with_indices_tapped"), extras=("indices",))
+    for n, apply, function, tapped in ((1, max_pool1d, F.max_pool1d_with_indices, max_pool1d_tapped),
+                                       (2, max_pool2d, F.max_pool2d_with_indices, max_pool2d_tapped),
+                                       (3, max_pool3d, F.max_pool3d_with_indices, max_pool3d_tapped))]
 MAX_POOLS = {MAX_POOL1D: 1, MAX_POOL2D: 2, MAX_POOL3D: 3, **{op: n + 1 for n, op in enumerate(MAX_POOLS_WITH_INDICES)}}
 AVG_POOL3D = declare_op("avg_pool3d", avg_pool3d, functions=[F.avg_pool3d], modules={nn.AvgPool3d: _avg_module})
 ADAPTIVE3D = declare_op("adaptive_avg_pool3d", adaptive_avg_pool3d, functions=[F.adaptive_avg_pool3d],

@@ -3,6 +3,7 @@ learner to check that a failed step changes nothing."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -104,6 +105,19 @@ def assert_equals_autograd_under_one_seed(model, program, x, error, seed):
     assert torch.allclose(ours, expected[0], rtol=1e-12, atol=1e-14)
     for param, grad in zip(model.parameters(), expected[1:]):
         assert torch.allclose(param.grad, grad, rtol=1e-12, atol=1e-14)
+
+
+def assert_a_step_learns(model, learner, x, y, loss_fn):
+    """One step of ``learner``: a finite loss, finite ``.grad`` on some parameters, and an SGD step on
+    them that changes the parameters."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    result = learner.step(x, y, loss_fn)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert math.isfinite(result.loss) and grads
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def snapshot(model, learner):

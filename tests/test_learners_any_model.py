@@ -6,7 +6,6 @@ unit outputs feed several later units, dense blocks, residual blocks, conv outpu
 hidden unit or none, two outputs, an output that is also consumed. Each learner must take a finite
 step that changes the parameters, or refuse at construction with the FBCompileError listed for it.
 """
-import math
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.runtime import ALGORITHMS
 from fbcompile.runtime.diagnostics import angle
-from helpers import assert_failed_step_changes_nothing, same, step_grads
+from helpers import assert_a_step_learns, assert_failed_step_changes_nothing, same, step_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,15 +219,7 @@ def test_every_learner_steps_or_refuses_at_construction(model_name, algorithm, o
         with pytest.raises(FBCompileError, match=refusal.replace("<", ".").replace(">", ".")):
             fbcompile.learner(program, algorithm, **options)
         return
-    learner = fbcompile.learner(program, algorithm, **options)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    result = learner.step(x, y, loss_fn)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert math.isfinite(result.loss) and grads
-    assert all(torch.isfinite(g).all() for g in grads.values())
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert_a_step_learns(model, fbcompile.learner(program, algorithm, **options), x, y, loss_fn)
 
 
 # -- Dropout in Mono-Forward ------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """Fractional max pooling (float64): the forward draws the window offsets the model draws under one
 seed, T is exact and equals autograd (module, functional and with-indices spellings, 2d and 3d,
 fx and torch.export), P is exact, I is refused, and every learner steps on a CNN that uses it."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ from torch import nn
 import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.verify.checks import rule_errors
-from helpers import assert_equals_autograd_under_one_seed
+from helpers import assert_a_step_learns, assert_equals_autograd_under_one_seed
 from test_learners_any_model import LEARNERS, loss_fn
 
 TOL = 1e-10
@@ -93,10 +91,4 @@ def test_every_learner_steps(algorithm, options):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.FractionalMaxPool2d(2, output_ratio=0.5),
                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 1])
-    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, **options)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = learner.step(x, y, loss_fn)
-    assert math.isfinite(result.loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert_a_step_learns(model, fbcompile.learner(fbcompile.compile(model, x), algorithm, **options), x, y, loss_fn)

@@ -2,8 +2,6 @@
 float64: with distinct indices T and P are exact and T equals autograd (module and functional
 spellings, fx and torch.export); a repeated index (overlapping windows) fails the step, naming the
 node, and changes nothing; I is refused; every learner steps on a SegNet-style model."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +11,7 @@ from torch import nn
 import fbcompile
 from fbcompile.errors import FBCompileError
 from fbcompile.verify.checks import rule_errors
-from helpers import compare_with_autograd, same, snapshot
+from helpers import assert_a_step_learns, compare_with_autograd, same, snapshot
 from test_learners_any_model import LEARNERS, loss_fn
 from test_rules_pool import window
 
@@ -145,13 +143,7 @@ class SegNet(nn.Module):
 def test_every_learner_steps_on_a_segnet(algorithm, options):
     torch.manual_seed(0)
     model, x, y = SegNet().train(), torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 2, 3, 4, 1])
-    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm, **options)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = learner.step(x, y, loss_fn)
-    assert math.isfinite(result.loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert_a_step_learns(model, fbcompile.learner(fbcompile.compile(model, x), algorithm, **options), x, y, loss_fn)
 
 
 def test_bp_on_a_segnet_equals_autograd_in_train_mode():
