@@ -195,7 +195,7 @@ def register_max_pool_rules(ops: dict) -> None:
 register_max_pool_rules(MAX_POOLS)
 
 
-def _sizes(value, fill, n):
+def window_sizes(value, fill, n):
     """Pooling hyperparameter as an n-tuple (``None`` or empty means ``fill``)."""
     value = fill if value is None or value == [] or value == () else value
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
@@ -205,8 +205,8 @@ def avg_pool_adjoint(g, input, kernel_size, stride, padding, ceil_mode, count_in
     """The adjoint of average pooling; 1d pooling runs as 2d over a unit-height plane. The kernel
     takes the error in the input's dtype (:mod:`fbcompile.rules.kernel_dtypes`)."""
     g = like(g, input)
-    kernel = _sizes(kernel_size, None, n)
-    stride, padding = _sizes(stride, kernel, n), _sizes(padding, 0, n)
+    kernel = window_sizes(kernel_size, None, n)
+    stride, padding = window_sizes(stride, kernel, n), window_sizes(padding, 0, n)
     if n == 1:
         out = aten.avg_pool2d_backward(g.unsqueeze(-2), input.unsqueeze(-2), (1,) + kernel, (1,) + stride,
                                        (0,) + padding, ceil_mode, count_include_pad, None)

@@ -29,7 +29,7 @@ from fbcompile.ops import declare_op
 from fbcompile.registry import register_rule
 from fbcompile.trace import info
 
-from .pool import MAX_POOLS, _sizes
+from .pool import MAX_POOLS, window_sizes
 
 aten = torch.ops.aten
 
@@ -93,9 +93,9 @@ def _known_distinct(ctx) -> bool:
     if call is None or call.spec not in MAX_POOLS:
         return False
     n = MAX_POOLS[call.spec]
-    kernel = _sizes(call.args.get("kernel_size"), None, n)
-    stride = _sizes(call.args.get("stride"), kernel, n)
-    dilation = _sizes(call.args.get("dilation", 1), 1, n)
+    kernel = window_sizes(call.args.get("kernel_size"), None, n)
+    stride = window_sizes(call.args.get("stride"), kernel, n)
+    dilation = window_sizes(call.args.get("dilation", 1), 1, n)
     return all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
 
 
