@@ -133,7 +133,7 @@ def _declare(name: str, forward, spellings: tuple, reads: str, derivative):
                       inplace=[tensor_method(f"{name}_")])
     _BY_OP[spec] = (reads, derivative)
     # |z|'s derivative g sgn(z) is autograd's for a complex z too (sgn(z) = z / |z|); the others' are not
-    register_rule(spec, conditions="T", kind="linearised", complex_values=name == "abs")(diagonal)
+    register_rule(spec, conditions="T", kind="linearised", complex_values=derivative is abs_derivative)(diagonal)
     return spec
 
 
