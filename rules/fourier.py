@@ -73,9 +73,9 @@ def istft(input, n_fft, hop_length=None, win_length=None, window=None, center=Tr
                        return_complex)
 
 
-def _batch_of_signals(ctx) -> bool:
+def _batch_of_signals(rank: int):
     """stft of (batch, time) and istft of (batch, freq, frames) keep the samples apart; one signal does not."""
-    return len(ctx.shape("input")) == (2 if ctx.op_call.spec.name == "stft" else 3)
+    return lambda ctx: len(ctx.shape("input")) == rank
 
 
 def _transform(name: str):
@@ -93,9 +93,9 @@ FOURIER_OPS = [
     declare_op("view_as_complex", _unary("view_as_complex", torch.view_as_complex),
                functions=[torch.view_as_complex], batch_local=lambda ctx: len(ctx.shape("input")) > 2),
     declare_op("complex", complex, functions=[torch.complex]),
-    declare_op("stft", stft, functions=[torch.stft], methods=[tensor_method("stft")], batch_local=_batch_of_signals),
+    declare_op("stft", stft, functions=[torch.stft], methods=[tensor_method("stft")], batch_local=_batch_of_signals(2)),
     declare_op("istft", istft, functions=[torch.istft], methods=[tensor_method("istft")],
-               batch_local=_batch_of_signals),
+               batch_local=_batch_of_signals(3)),
 ]
 for _op in FOURIER_OPS:
     register_rule(_op, conditions="T", kind="linearised", complex_values=True)(autograd_vjp)
