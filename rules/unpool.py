@@ -10,7 +10,9 @@ autograd's derivative too. This is J's transpose only while the indices of a pla
 repeated index (overlapping pooling windows can select one position twice) makes MaxUnpool keep one
 of the writes, chosen by the kernel, and the other input gets no derivative at all. So the
 indices are known distinct (they come straight from a max pool whose windows do not overlap) or are
-checked at every step, and a repeat fails the step naming the node. Distinct indices make the
+checked at every step, and a repeat fails the step naming the node. Not covered: learners that
+differentiate a unit with autograd itself (Mono-Forward's and DDTP's local losses) get autograd's
+gather there, repeated index or not. Distinct indices make the
 columns orthonormal, J^T J = I and J^+ = J^T: P is the same gather. y has more entries than x, so
 there is no inverse (I is refused). Under torch.export the output size arrives resolved
 (aten.max_unpool2d/3d) and the kernel size is absent: the op then calls the ATen kernel itself.
