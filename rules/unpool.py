@@ -10,9 +10,9 @@ autograd's derivative too. This is J's transpose only while the indices of a pla
 repeated index (overlapping pooling windows can select one position twice) makes MaxUnpool keep one
 of the writes, chosen by the kernel, and the other input gets no derivative at all. So the
 indices are known distinct (they come straight from a max pool whose windows do not overlap) or are
-checked at every step, and a repeat fails the step naming the node. Not covered: learners that
-differentiate a unit with autograd itself (Mono-Forward's and DDTP's local losses) get autograd's
-gather there, repeated index or not. Distinct indices make the
+checked at every step, and a repeat fails the step naming the node. Learners that differentiate a
+unit with autograd itself (Mono-Forward's and DDTP's local losses) would get autograd's gather:
+the tapped forward checks the indices whenever autograd will differentiate it. Distinct indices make the
 columns orthonormal, J^T J = I and J^+ = J^T: P is the same gather. y has more entries than x, so
 there is no inverse (I is refused). Under torch.export the output size arrives resolved
 (aten.max_unpool2d/3d) and the kernel size is absent: the op then calls the ATen kernel itself.
@@ -52,28 +52,48 @@ def max_unpool3d(input, indices, kernel_size=None, stride=None, padding=0, outpu
     return F.max_unpool3d(input, indices, kernel_size, stride, padding, output_size)
 
 
+def _checked_under_autograd(apply, n_spatial: int):
+    """The tapped forward: ``apply``, its indices checked first when autograd will differentiate it
+    (Mono-Forward's and DDTP's local losses differentiate their units with autograd itself, whose
+    gather is wrong at a repeated index). Its one extra, ``checked``, is those indices."""
+    def tapped(input, indices, kernel_size=None, stride=None, padding=0, output_size=None):
+        if torch.is_grad_enabled() and input.requires_grad:
+            check_distinct(indices, n_spatial, f"max_unpool{n_spatial}d")
+        return apply(input, indices, kernel_size, stride, padding, output_size), indices
+    tapped.__name__ = tapped.__qualname__ = f"max_unpool{n_spatial}d_tapped"
+    return tapped
+
+
 def _module(m):
     return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding}
 
 
-MAX_UNPOOL1D = declare_op("max_unpool1d", max_unpool1d, functions=[F.max_unpool1d], modules={nn.MaxUnpool1d: _module})
-MAX_UNPOOL2D = declare_op("max_unpool2d", max_unpool2d, functions=[F.max_unpool2d], modules={nn.MaxUnpool2d: _module})
-MAX_UNPOOL3D = declare_op("max_unpool3d", max_unpool3d, functions=[F.max_unpool3d], modules={nn.MaxUnpool3d: _module})
+MAX_UNPOOL1D = declare_op("max_unpool1d", max_unpool1d, functions=[F.max_unpool1d], modules={nn.MaxUnpool1d: _module},
+                            tapped=_checked_under_autograd(max_unpool1d, 1), extras=("checked",))
+MAX_UNPOOL2D = declare_op("max_unpool2d", max_unpool2d, functions=[F.max_unpool2d], modules={nn.MaxUnpool2d: _module},
+                            tapped=_checked_under_autograd(max_unpool2d, 2), extras=("checked",))
+MAX_UNPOOL3D = declare_op("max_unpool3d", max_unpool3d, functions=[F.max_unpool3d], modules={nn.MaxUnpool3d: _module},
+                            tapped=_checked_under_autograd(max_unpool3d, 3), extras=("checked",))
 SPATIAL_DIMS = {MAX_UNPOOL1D: 1, MAX_UNPOOL2D: 2, MAX_UNPOOL3D: 3}
 
 
 def gather_at_indices(g, indices, n_spatial: int, check_distinct_at: str | None = None):
     """J^T g: the output error read at each input's flat position within its plane. With
     ``check_distinct_at`` (the node's name) the indices are first checked to be distinct per plane."""
-    flat_indices = indices.flatten(start_dim=-n_spatial)
     if check_distinct_at is not None:
-        ordered = flat_indices.sort(dim=-1).values
-        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-            raise FBCompileError(
-                f"{check_distinct_at}: max unpooling got one index twice within a plane (overlapping pooling "
-                f"windows can select one position twice); MaxUnpool then keeps one of the writes, chosen by the "
-                f"kernel, so J^T is not the gather autograd assumes. Use pooling windows that do not overlap")
+        check_distinct(indices, n_spatial, check_distinct_at)
+    flat_indices = indices.flatten(start_dim=-n_spatial)
     return g.flatten(start_dim=-n_spatial).gather(-1, flat_indices).reshape(indices.shape)
+
+
+def check_distinct(indices, n_spatial: int, where: str) -> None:
+    """Raise, naming ``where``, when a plane of ``indices`` holds one index twice."""
+    ordered = indices.flatten(start_dim=-n_spatial).sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise FBCompileError(
+            f"{where}: max unpooling got one index twice within a plane (overlapping pooling windows can "
+            f"select one position twice); MaxUnpool then keeps one of the writes, chosen by the kernel, so "
+            f"J^T is not the gather autograd assumes. Use pooling windows that do not overlap")
 
 
 def gather(ctx, g):

@@ -94,14 +94,35 @@ def test_non_overlapping_windows_meet_pjml():
     assert _unpool_row(program, x)["pjml_rel"] < 1e-9
 
 
-def test_a_repeated_index_fails_the_step_and_changes_nothing():
-    """Windows [0, 5] and [5, 1] both select the 5: unpooling writes two values to one place."""
-    model = PoolUnpool(1, {"kernel_size": 2, "stride": 1, "padding": 0}).double()
-    x, y = torch.tensor([[[0.0, 5.0, 1.0]] * 3], dtype=torch.float64), torch.tensor([1])
-    learner = fbcompile.learner(fbcompile.compile(model, x + 0.1), "bp")
+class SegNet(nn.Module):
+    """Conv-BN-ReLU, pool with indices, conv, unpool with the encoder's indices, conv, classifier."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.middle = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.unpool = nn.MaxUnpool2d(2)
+        self.decode = nn.Sequential(nn.Conv2d(4, 2, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(2 * 6 * 6, classes)
+
+    def forward(self, x):
+        values, indices = self.pool(self.encode(x))
+        return self.head(self.decode(self.unpool(self.middle(values), indices)).flatten(1))
+
+
+@pytest.mark.parametrize("algorithm", ["bp", "dtp", "ddtp-linear", "mf"])
+def test_a_repeated_index_fails_the_step_and_changes_nothing(algorithm):
+    """3x3 windows at stride 1 select some positions twice; unpooling writes two values to one place.
+    The rules check it (bp, dtp) and so does the forward where autograd differentiates the unit
+    itself (DDTP's and Mono-Forward's local losses)."""
+    torch.manual_seed(0)
+    model, x, y = SegNet().train(), torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 2, 3, 4, 1])
+    model.pool, model.unpool = nn.MaxPool2d(3, 1, padding=1, return_indices=True), nn.MaxUnpool2d(3, 1, padding=1)
+    learner = fbcompile.learner(fbcompile.compile(model, x), algorithm)
     before, rng = snapshot(model, learner), torch.random.get_rng_state()
-    with pytest.raises(FBCompileError, match="unpool: max unpooling got one index twice"):
-        learner.step(x, y, lambda out, target: out.sum(dim=(1, 2)).mean())
+    with pytest.raises(FBCompileError, match=r"unpool\w*: max unpooling got one index twice"):
+        learner.step(x, y, loss_fn)
     assert same(before, snapshot(model, learner)) and torch.equal(rng, torch.random.get_rng_state())
 
 
@@ -119,23 +140,6 @@ def test_indices_of_another_origin_are_checked_and_i_is_refused():
     assert _unpool_row(fbcompile.compile(UnpoolAtArgmax(), x, condition="P"), x)["pjml_rel"] < 1e-9
     with pytest.raises(FBCompileError, match="max_unpool2d has more outputs than inputs"):
         fbcompile.compile(UnpoolAtArgmax(), x, condition="I")
-
-
-class SegNet(nn.Module):
-    """Conv-BN-ReLU, pool with indices, conv, unpool with the encoder's indices, conv, classifier."""
-
-    def __init__(self, classes=5):
-        super().__init__()
-        self.encode = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.pool = nn.MaxPool2d(2, return_indices=True)
-        self.middle = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
-        self.unpool = nn.MaxUnpool2d(2)
-        self.decode = nn.Sequential(nn.Conv2d(4, 2, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(2 * 6 * 6, classes)
-
-    def forward(self, x):
-        values, indices = self.pool(self.encode(x))
-        return self.head(self.decode(self.unpool(self.middle(values), indices)).flatten(1))
 
 
 @pytest.mark.parametrize("algorithm, options", LEARNERS,
