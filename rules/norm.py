@@ -249,8 +249,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def group_norm_tapped(input, num_groups, weight=None, bias=None, eps=1e-5):
-    """(y, mean, rstd) with the (N, G) statistics, via torch.native_group_norm."""
+    """(y, mean, rstd) with the (N, G) statistics, via torch.native_group_norm (which, unlike
+    F.group_norm, takes only a contiguous input: timm's SHViT normalises a slice of the channels)."""
     n, c = input.shape[0], input.shape[1]
+    input = input if input.is_contiguous() else input.contiguous()
     return torch.native_group_norm(input, weight, bias, n, c, input[0, 0].numel(), num_groups, eps)
 
 

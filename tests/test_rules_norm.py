@@ -17,7 +17,7 @@ from fbcompile.context import EagerContext
 from fbcompile.verify.checks import autograd_gradients, relative_error, rule_errors
 from fbcompile.verify.evaluate import forward_values
 
-from helpers import compare_with_autograd
+from helpers import assert_a_step_learns, compare_with_autograd
 
 TOL = 1e-10
 
@@ -339,3 +339,30 @@ def test_normalize_with_another_p_takes_autograds_vjp(p):
 def test_normalize_refusals_name_the_reason(p, condition, reason):
     with pytest.raises(fbcompile.FBCompileError, match=reason):
         fbcompile.compile(OtherNorm(p), torch.randn(2, 3, dtype=torch.float64), condition=condition)
+
+
+class GroupNormOfASlice(nn.Module):
+    """timm's SHViT pattern: GroupNorm of the first channels of a tensor split along them, a view
+    contiguous in no memory format (torch.native_group_norm refused it at the first run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(2, 6, 1), nn.GroupNorm(2, 4), nn.Linear(6 * 9, 3)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        normalised, kept = torch.split(self.conv(x), [4, 2], dim=1)
+        return self.head(torch.tanh(torch.cat([self.norm(normalised), kept], 1)).flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_group_norm_of_a_non_contiguous_view_equals_autograd(frontend):
+    torch.manual_seed(4)
+    model, x = GroupNormOfASlice().double(), torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend, variants=("exact-statistics",))
+    assert max(compare_with_autograd(model, x, program=program)) < TOL
+    for algorithm in ("bp", "dtp", "dfa", "mf"):
+        assert_a_step_learns(model, fbcompile.learner(program, algorithm), x, torch.randint(0, 3, (5,)),
+                             F.cross_entropy)

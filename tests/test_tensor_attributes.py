@@ -84,6 +84,43 @@ def test_replacing_a_tensor_attribute_is_refused_by_name(frontend):
     assert torch.equal(model.lin.weight, weight)
 
 
+class LazyPositions(nn.Module):
+    """timm's ConViT pattern: a position buffer built in forward whenever the sequence length
+    changes (registered empty, so .to() moves it), read by a position projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(2, 4)
+        self.register_buffer("positions", torch.zeros(1, 1, 2), persistent=False)
+
+    def forward(self, x):
+        if self.positions.shape[1] != x.shape[1]:
+            self.positions = self.positions_for(x.shape[1])
+        return x + self.proj(self.positions)
+
+    def positions_for(self, length: int) -> torch.Tensor:
+        positions = torch.zeros(1, length, 2)
+        positions[:, :, 0] = torch.arange(length, dtype=torch.float32) / length
+        positions[:, :, 1] = 1.0
+        return positions.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+
+
+def test_a_buffer_forward_builds_for_itself_may_be_replaced_by_the_model_later():
+    """ConViT's propagate_error was refused after one eager forward of the model: export computes the
+    buffer in the graph, so the program never reads it, and the guard compared every buffer. It
+    compares the buffers the program reads (a buffer the graph reads is still guarded)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), LazyPositions(), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    program = fbcompile.compile(model, x)
+    model(x)                                            # builds a new buffer object
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+    program = fbcompile.compile(model, x, frontend="export")      # the buffer built: now read as a buffer
+    model[1].positions = model[1].positions.clone()
+    with pytest.raises(FBCompileError, match="buffer 1.positions of Sequential was replaced"):
+        program.propagate_error(x, torch.randn(3, 5, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_capture_leaves_tensor_attributes_plain_and_unwritten(frontend):
     model = Counting(registered=False)
