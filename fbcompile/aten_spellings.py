@@ -52,6 +52,7 @@ TABLE = {
              ("lerp.Tensor", renamed(rename={"weight": "fraction"}), False)],
     "embedding": [("embedding.default", embedding_args, False)],
     "dropout": [("dropout.default", DROPOUT, False), ("dropout_.default", DROPOUT, True)],
+    "native_dropout": [("native_dropout.default", PLAIN, False)],
     "feature_dropout": [("feature_dropout.default", DROPOUT, False), ("feature_dropout_.default", DROPOUT, True)],
     "alpha_dropout": [("alpha_dropout.default", DROPOUT, False), ("alpha_dropout_.default", DROPOUT, True)],
     "feature_alpha_dropout": [("feature_alpha_dropout.default", DROPOUT, False),
@@ -61,12 +62,17 @@ TABLE = {
     "scaled_dot_product_attention": [("scaled_dot_product_attention.default", PLAIN, False)],
     "softmax": [("softmax.int", softmax_args, False), ("_softmax.default", renamed(drop=("half_to_float",)), False)],
     "log_softmax": [("log_softmax.int", softmax_args, False)],
-    "add": [("add.Tensor", PLAIN, False), ("add.Scalar", PLAIN, False), ("add_.Tensor", PLAIN, True)],
-    "sub": [("sub.Tensor", PLAIN, False), ("sub.Scalar", PLAIN, False), ("sub_.Tensor", PLAIN, True),
-            ("rsub.Scalar", rsub_args, False), ("rsub.Tensor", rsub_args, False)],
-    "mul": [("mul.Tensor", PLAIN, False), ("mul.Scalar", PLAIN, False), ("mul_.Tensor", PLAIN, True)],
-    "div": [("div.Tensor", PLAIN, False), ("div.Scalar", PLAIN, False), ("div.Tensor_mode", PLAIN, False),
-            ("div_.Tensor", PLAIN, True)],
+    # torch.multiply / subtract / divide / true_divide are aliases ATen keeps under their own names
+    "add": [("add.Tensor", PLAIN, False), ("add.Scalar", PLAIN, False), ("add_.Tensor", PLAIN, True),
+            ("add_.Scalar", PLAIN, True)],
+    "sub": [(f"{name}{suffix}.{overload}", PLAIN, bool(suffix)) for name in ("sub", "subtract")
+            for suffix in ("", "_") for overload in ("Tensor", "Scalar")]
+           + [("rsub.Scalar", rsub_args, False), ("rsub.Tensor", rsub_args, False)],
+    "mul": [(f"{name}{suffix}.{overload}", PLAIN, bool(suffix)) for name in ("mul", "multiply")
+            for suffix in ("", "_") for overload in ("Tensor", "Scalar")],
+    "div": [(f"{name}{suffix}.{overload}", PLAIN, bool(suffix)) for name in ("div", "divide", "true_divide")
+            for suffix in ("", "_") for overload in ("Tensor", "Scalar")]
+           + [(f"{name}.Tensor_mode", PLAIN, False) for name in ("div", "divide")],
     "neg": [("neg.default", PLAIN, False)],
     "mean": [("mean.dim", PLAIN, False), ("mean.default", PLAIN, False)],
     "sum": [("sum.dim_IntList", PLAIN, False), ("sum.default", PLAIN, False)],

@@ -170,6 +170,45 @@ DROPOUTS.append(declare_op("rrelu", rrelu, functions=[F.rrelu],
                            tapped=rrelu_tapped, extras=("mask",), replay=rrelu_replay))
 
 
+def native_dropout(input, p, train=None):
+    """ATen's ``native_dropout``, how torch.export writes dropout once it decomposes a program (one
+    that writes through views): the pair (y, keep) with y = x keep / (1 - p) in train mode (``train``
+    None counts as train), keep a boolean map; (x, all true) in eval."""
+    return torch.native_dropout(input, p, train)
+
+
+def native_dropout_tapped(input, p, train=None):
+    """((y, keep), m) with m = keep / (1 - p) (0 where p = 1), None when nothing can be dropped."""
+    pair = torch.native_dropout(input, p, train)
+    if train is False or p == 0:
+        return pair, None
+    keep = pair[1].to(input.dtype)
+    return pair, keep / (1.0 - p) if p < 1 else keep
+
+
+def native_dropout_replay(extras, input, p, train=None):
+    m = extras["mask"]
+    return (input, torch.ones_like(input, dtype=torch.bool)) if m is None else (input * m, m != 0)
+
+
+NATIVE_DROPOUT = declare_op("native_dropout", native_dropout, functions=[torch.native_dropout],
+                            tapped=native_dropout_tapped, extras=("mask",), replay=native_dropout_replay)
+
+
+def _on_values(rule):
+    """``rule`` applied to the feedback of the values of a (values, keep) output."""
+    def on_values(ctx, g):
+        values = g[0] if isinstance(g, (list, tuple)) else g
+        return {"input": None} if values is None else rule(ctx, values)
+    on_values.__name__ = on_values.__qualname__ = rule.__name__
+    on_values.__doc__ = f"{rule.__doc__} (g: the feedback of the values, not of the keep map)"
+    return on_values
+
+
+register_rule(NATIVE_DROPOUT, conditions="T")(_on_values(mask))
+register_rule(NATIVE_DROPOUT, conditions="P")(_on_values(mask_pinv))
+register_rule(NATIVE_DROPOUT, conditions="I")(_on_values(mask_inverse))
+
 for _op in DROPOUTS:
     register_rule(_op, conditions="T")(mask)
     register_rule(_op, conditions="P")(mask_pinv)

@@ -72,3 +72,35 @@ def test_pow_of_an_activation_to_itself_gets_both_shares(frontend):
     leaf = x.clone().requires_grad_()
     reference = torch.autograd.grad((model(leaf) * u).sum(), leaf)[0]
     assert relative_error(ours, reference) < 1e-12
+
+
+class ArithmeticAliases(nn.Module):
+    """torch.multiply, subtract, divide and true_divide (Hugging Face ConvBERT multiplies with
+    torch.multiply), out of place, with scalars and in place: ATen keeps each under its own name."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h, k = torch.tanh(self.a(x)), torch.sigmoid(self.b(x)) + 0.5
+        y = torch.subtract(torch.multiply(h, k), torch.true_divide(h, k))
+        y = torch.divide(y, 3.0) + torch.multiply(k, 2.0) - torch.subtract(h, 0.5)
+        z = y.clone()
+        z.multiply_(k)
+        return z.subtract_(h).true_divide_(k)
+
+
+def test_arithmetic_aliases_are_their_ops_under_export():
+    torch.manual_seed(1)
+    model, x = ArithmeticAliases().double(), torch.randn(3, 4, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend="export")
+    assert {program.rules[n].op for n in program.rules} >= {"mul", "sub", "div"}
+    u = torch.randn(3, 4, dtype=torch.float64)
+    model.zero_grad(set_to_none=True)
+    ours = program.propagate_error(x, u)
+    leaf = x.clone().requires_grad_()
+    reference = torch.autograd.grad((model(leaf) * u).sum(), [leaf, *model.parameters()])
+    assert relative_error(ours, reference[0]) < 1e-12
+    for param, expected in zip(model.parameters(), reference[1:]):
+        assert relative_error(param.grad, expected) < 1e-12

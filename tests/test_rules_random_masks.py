@@ -1,5 +1,5 @@
-"""Alpha dropout (nn.AlphaDropout, nn.FeatureAlphaDropout) and the randomized leaky ReLU (nn.RReLU),
-rules/dropout.py, in float64 through both front ends: every rule's TJML residual and adjoint gap, the
+"""Alpha dropout (nn.AlphaDropout, nn.FeatureAlphaDropout), the randomized leaky ReLU (nn.RReLU) and
+ATen's native_dropout (what torch.export writes dropout as in a decomposed program), rules/dropout.py, in float64 through both front ends: every rule's TJML residual and adjoint gap, the
 same draws as the model's own under one seed (so train-mode gradients equal autograd's), the
 conditions P and I, and DTP's small-beta limit."""
 import pytest
@@ -11,7 +11,7 @@ import fbcompile
 from fbcompile.errors import ConditionError
 from fbcompile.verify.checks import rule_errors
 
-from helpers import assert_equals_autograd_under_one_seed, randomise_vectors
+from helpers import assert_a_step_learns, assert_equals_autograd_under_one_seed, randomise_vectors
 from test_conditions import assert_condition
 from test_rules_elementwise import dtp_angle
 
@@ -24,6 +24,7 @@ LAYERS = {
     "alpha_dropout_function": lambda: Functional(lambda h, training: F.alpha_dropout(h, 0.2, training)),
     "rrelu": lambda: nn.RReLU(0.1, 0.4),
     "rrelu_function": lambda: Functional(lambda h, training: F.rrelu(h, 0.2, 0.3, training)),
+    "native_dropout": lambda: Functional(lambda h, training: torch.native_dropout(h, 0.3, training)[0]),
 }
 OPS = {"alpha_dropout_function": "alpha_dropout", "rrelu_function": "rrelu"}
 
@@ -104,3 +105,30 @@ def test_alpha_dropout_pinv_and_its_refused_inverse():
 def test_eval_mode_meets_the_small_beta_limit(name):
     model = randomise_vectors(nn.Sequential(nn.Linear(4, 6), LAYERS[name](), nn.Linear(6, 3)))
     assert dtp_angle(model, torch.randn(5, 4, dtype=torch.float64)) < 0.01
+
+
+class DropoutThenAssigned(nn.Module):
+    """Hugging Face BART's pattern: dropout in a model that also assigns into a view (an item
+    assignment), so torch.export makes the program functional and writes the dropout as
+    aten.native_dropout, a (values, keep) pair (refused before: no op was declared for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.dropout(torch.tanh(self.a(x)), 0.4, self.training)
+        h[:, 0] = self.b(x)[:, 1]
+        return self.out(h)
+
+
+def test_a_decomposed_export_trains_its_native_dropout_exactly():
+    model, x = randomise_vectors(DropoutThenAssigned().double()).train(), torch.randn(7, 6, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend="export")
+    assert "native_dropout" in {rule.op for rule in program.rules.values()}
+    for node, (tjml, gap) in rule_errors(program, x).items():
+        assert tjml < TOL and gap < TOL, (node, tjml, gap)
+    assert_equals_autograd_under_one_seed(model, program, x, torch.randn(7, 3, dtype=torch.float64), seed=5)
+    y = torch.randint(0, 3, (7,))
+    for algorithm in ("bp", "dtp", "dfa", "mf"):
+        assert_a_step_learns(model, fbcompile.learner(program, algorithm), x, y, F.cross_entropy)
