@@ -299,3 +299,27 @@ def test_a_functional_train_mode_batchnorm_before_a_fold_gives_the_modules_updat
     for name, grad in updates[0].items():
         assert float(grad.abs().sum()) > 0, name
         torch.testing.assert_close(updates[1][name], grad, rtol=1e-12, atol=1e-14)
+
+
+class CastToWeights(TokenFold):
+    """SigLIP's embedding pattern: the input cast to the weights' dtype, which torch.export captures
+    as a constant (float32 here): a float64 copy of this program cannot run, so the fold check runs
+    in the model's own dtype (it refused the model before, naming the float64 run's failure)."""
+
+    def forward(self, x):
+        return super().forward(x.to(self.head.weight.dtype))
+
+
+@pytest.mark.parametrize("algorithm", ["dfa", "mf"])
+def test_a_fold_is_checked_in_the_models_dtype_when_a_float64_copy_cannot_run(algorithm):
+    torch.manual_seed(0)
+    model, x = CastToWeights(), torch.randn(3, 4, 6)
+    program = fbcompile.compile(model, x, frontend="export")
+    learner = fbcompile.learner(program, algorithm, seed=1)
+    folded = learner.plan.projections[0] if algorithm == "dfa" else next(iter(learner.heads))
+    assert folded.batch_axis == Fold(0, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = step_grads(learner, model, x, torch.tensor([0, 3, 4]))
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values())
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

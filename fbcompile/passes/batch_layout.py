@@ -29,7 +29,9 @@ size changed, from N to M (axis ``a``) or from k*N to k*M, k > 1 (a fold ``(a, k
 is refused. Only when that run fails (a model that cannot take made-up inputs) is a value with
 exactly one axis of size N taken to keep its samples there.
 
-Every fold is then *verified*, not assumed: on a float64 copy of the model, with a batch of three
+Every fold is then *verified*, not assumed: on a float64 copy of the model (in the model's own
+dtype when a float64 copy cannot run, as when forward casts to its weights' dtype captured as a
+constant), with a batch of three
 random samples, each sample i in turn is replaced by a random other one, and the value must change
 only in that sample's rows of one ``outer`` (each divisor of k is tried, batch-major first), the
 same for every sample (every other row within 1e-10 of the value's largest entry). Rows in any other
@@ -144,15 +146,33 @@ def fold_orders(traced: fx.GraphModule, folds: dict, purpose: str) -> dict:
     """{node: its :class:`Fold`, with the ``outer`` its rows follow} for every value of ``folds``
     ({node: batch-major Fold}): the order in which the samples' rows change (the check of the module
     docstring); a value whose rows follow none is refused."""
+    try:
+        return _fold_orders_in(traced, folds, purpose, torch.float64)
+    except _RunFailed as failed:
+        own = next((p.dtype for p in traced.parameters() if p.is_floating_point()), torch.float64)
+        if own == torch.float64:
+            raise
+        try:        # a model that casts to its own dtype inside (SigLIP: pixel_values.to(weight.dtype))
+            return _fold_orders_in(traced, folds, purpose, own)
+        except _RunFailed:
+            raise failed from None
+
+
+class _RunFailed(FBCompileError):
+    """The fold check's run of the model failed (on inputs it made up, in the dtype it chose)."""
+
+
+def _fold_orders_in(traced: fx.GraphModule, folds: dict, purpose: str, dtype: torch.dtype) -> dict:
+    """:func:`fold_orders` with the runs on a copy of the model in ``dtype``."""
     n = FOLD_CHECK_BATCH
     try:
-        model = copy.deepcopy(traced).to(torch.float64)
+        model = copy.deepcopy(traced).to(dtype)
     except Exception as exc:   # noqa: BLE001  (a module that cannot be copied)
         raise FBCompileError(f"{purpose}: checking how {', '.join(node.name for node in folds)} fold the batch needs a "
-                             f"float64 copy of the model, which failed: {type(exc).__name__}: {exc}") from exc
+                             f"{dtype} copy of the model, which failed: {type(exc).__name__}: {exc}") from exc
     by_name = {node.name: node for node in folds}
     generator = torch.Generator().manual_seed(12345)
-    base = _inputs(model, n, generator, torch.float64)
+    base = _inputs(model, n, generator, dtype)
     reference = _values(model, base, by_name, purpose)
     orders = {node: [folds[node]._replace(outer=o) for o in range(1, folds[node].k + 1) if folds[node].k % o == 0]
               for node in folds}                     # the candidates left, batch-major first
@@ -216,9 +236,10 @@ def _values(model: fx.GraphModule, inputs: list, by_name: dict, purpose: str) ->
         with torch.no_grad(), preserved_state(model), _same_random_state(inputs[0].device if inputs else None):
             Recorder(model).run(*inputs)
     except Exception as exc:   # noqa: BLE001  (the user's model, on inputs we made up)
-        raise FBCompileError(f"{purpose}: checking how {', '.join(by_name)} fold the batch, the model failed in "
-                             f"float64 on random inputs of batch {FOLD_CHECK_BATCH}: {type(exc).__name__}: "
-                             f"{exc}") from exc
+        dtype = next((x.dtype for x in inputs if x.is_floating_point()), None)
+        raise _RunFailed(f"{purpose}: checking how {', '.join(by_name)} fold the batch, the model failed in "
+                         f"{dtype or 'its own dtype'} on random inputs of batch {FOLD_CHECK_BATCH}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     return found
 
 
