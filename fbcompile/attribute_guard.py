@@ -8,12 +8,16 @@ what the program computes: a silent difference. :class:`AttributeGuard` holds, f
 the values at capture of its public attributes that are plain values (numbers, strings, None,
 dtypes, devices and tuples of them; a list, which can change in place, is not one); its check,
 run with the other guards before every step and every ``propagate_error``, raises naming the
-first attribute that changed, its value then and now.
+first attribute that changed, its value then and now. An attribute assigned while the capture ran
+forward is forward's own bookkeeping, set by forward before it is read (Hugging Face Funnel's
+``pooling_mult = 1``, then doubled at each pooling): it is not guarded, since every eager call of
+the model changes it again.
 The training flag is the mode guard's (:mod:`fbcompile.mode_guard`); tensors, parameters and
 submodules the structure guard's (:mod:`fbcompile.structure_guard`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -47,11 +51,34 @@ class AttributeGuard:
             "changing it")
 
 
-def attribute_guard(model: nn.Module) -> AttributeGuard:
+@contextlib.contextmanager
+def attributes_written(model: nn.Module):
+    """Record, for the block (a capture, which runs forward's Python), the (module qualified name,
+    attribute name) of every plain attribute assigned on ``model``'s modules: forward's own
+    bookkeeping. (A capture may put the old value back afterwards, as torch.export does, so the
+    values alone would not tell.)"""
+    names = {id(module): qualname for qualname, module in model.named_modules()}
+    written, assign = set(), nn.Module.__setattr__
+
+    def recording(module, name, value):
+        if id(module) in names and _plain(value):
+            written.add((names[id(module)], name))
+        assign(module, name, value)
+
+    nn.Module.__setattr__ = recording
+    try:
+        yield written
+    finally:
+        nn.Module.__setattr__ = assign
+
+
+def attribute_guard(model: nn.Module, written: set = frozenset()) -> AttributeGuard:
+    """The guard of ``model`` after its capture, leaving out the attributes forward assigned during it
+    (``written``, from :func:`attributes_written`)."""
     keys, values = [], []
     for qualname, module in model.named_modules():
         for name, value in vars(module).items():
-            if not name.startswith("_") and name != "training" and _plain(value):
+            if not name.startswith("_") and name != "training" and _plain(value) and (qualname, name) not in written:
                 keys.append((vars(module), qualname, name))
                 values.append(value)
     return AttributeGuard(type(model).__name__, tuple(keys), tuple(values))

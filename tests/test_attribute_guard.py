@@ -8,7 +8,7 @@ from torch import nn
 
 import fbcompile
 from fbcompile.errors import FBCompileError
-from helpers import same, snapshot
+from helpers import compare_with_autograd, same, snapshot
 
 
 class DropPath(nn.Module):
@@ -86,3 +86,31 @@ def test_attributes_that_are_not_plain_values_are_not_guarded():
     model.history.append(1.0)
     model.notes = "added after compiling"
     assert learner.step(x, y, F.cross_entropy).loss > 0
+
+
+class Pooling(nn.Module):
+    """Hugging Face Funnel's bookkeeping: forward sets ``pooling_mult`` before it reads it and doubles
+    it at each pooling, so every eager call leaves it changed; the program's runs were refused after
+    one eager call of the model. A rate the capture left alone is still guarded."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.pooling_mult, self.scale = nn.Linear(6, 6), None, 0.5
+
+    def forward(self, x):
+        self.pooling_mult = 1
+        h = torch.tanh(self.lin(x))
+        self.pooling_mult *= 2
+        return h * (self.scale * self.pooling_mult)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attributes_forward_sets_for_itself_are_not_guarded(frontend):
+    torch.manual_seed(3)
+    model, x = Pooling().double(), torch.randn(4, 6, dtype=torch.float64)
+    program = fbcompile.compile(model, x, frontend=frontend)
+    model(x)
+    assert max(compare_with_autograd(model, x, program=program)) < 1e-12
+    model.scale = 0.25
+    with pytest.raises(FBCompileError, match="attribute scale of Pooling is 0.25 but was 0.5"):
+        program.propagate_error(x, torch.randn(4, 6, dtype=torch.float64))

@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from .. import aten_spellings  # noqa: F401  (binds the ATen overloads)
-from ..attribute_guard import META as ATTRIBUTE_META, attribute_guard
+from ..attribute_guard import META as ATTRIBUTE_META, attribute_guard, attributes_written
 from ..autocast_guard import META as AUTOCAST_META, CapturedAutocast, autocast_state
 from ..capture import capture, constant_arguments
 from ..errors import FBCompileError, OptionError, UntraceableModelError, choices_text
@@ -63,7 +63,7 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
     Its training-mode guard (None when the graph does not depend on the mode) is recorded in its meta."""
     refuse_wrappers(model)
     devices = _cuda_devices(model)
-    with torch.random.fork_rng(devices=devices):     # torch's RNG as it was afterwards
+    with torch.random.fork_rng(devices=devices), attributes_written(model) as written:  # RNG as it was afterwards
         start = torch.random.get_rng_state()
         cuda_start = [torch.cuda.get_rng_state(d) for d in devices]
         traced = _choose(model, example_inputs, constants, frontend, analyse)
@@ -78,7 +78,7 @@ def capture_model(model: nn.Module, example_inputs: tuple, constants: dict | Non
     traced.meta[HOOK_META] = hook_guard(model)
     refuse_untrained_tensors(model, traced)
     traced.meta[STRUCTURE_META] = structure_guard(model, traced)
-    traced.meta[ATTRIBUTE_META] = attribute_guard(model)
+    traced.meta[ATTRIBUTE_META] = attribute_guard(model, written)
     traced.meta[AUTOCAST_META] = CapturedAutocast(type(model).__name__, autocast_state())
     return traced
 
