@@ -13,6 +13,7 @@ from fbcompile.data import batches, load_dataset
 from fbcompile.errors import FBCompileError, OptionError
 from fbcompile.runtime.diagnostics import angle
 from fbcompile.runtime.mono_directional import central_difference, directional_gradient, row_chunks, unit_chunks
+from fbcompile.trace import info
 from helpers import built_on_cpu, snapshot, same, assert_failed_step_changes_nothing
 
 
@@ -140,6 +141,32 @@ def test_heads_attach_before_pooling_with_per_channel_projections():
     outputs = fbcompile.learner(program, "mf", attach="output", output_head="linear", d=2)
     assert [h.node.name for h in outputs.heads] == ["_3", "_8", "_9"]
     assert next(iter(outputs.heads)).projection.shape == (4, 2, 64)
+
+
+class SamePooled(nn.Module):
+    """timm's "same" max pooling (MaxPool2dSame, the ResNetV2 stem of its hybrid ViTs): the ReLU's
+    output padded with -inf, then pooled. The head read the padded value, and every step was refused
+    as a non-finite head gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = F.pad(torch.relu(self.conv(x)), [0, 1, 0, 1], value=-float("inf"))
+        return self.out(F.max_pool2d(h, 3, 2).flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_head_reads_the_activation_before_the_padding_of_a_same_pooling(frontend):
+    torch.manual_seed(0)
+    model, x, y = SamePooled(), torch.randn(3, 1, 8, 8), torch.tensor([1, 4, 7])
+    learner = fbcompile.learner(fbcompile.compile(model, x, frontend=frontend), "mf", seed=1)
+    first = next(iter(learner.heads))
+    assert info(first.node).call.spec.name == "relu" and first.shape == (4, 8, 8)
+    model.zero_grad(set_to_none=True)
+    learner.step(x, y, F.cross_entropy)
+    assert all(bool(torch.isfinite(p.grad).all()) and float(p.grad.abs().sum()) > 0 for p in model.parameters())
 
 
 def test_mf_gradients_are_the_local_losses_autograd_gradients():

@@ -21,7 +21,8 @@ where z_l depends on the shape of a_l (batch dim first):
 
 Attachment (``attach``): ``"pre_pool"`` (default, the paper's choice: after the activation, before
 pooling; the spatial sizes of its Table 4 are the pre-pool ones) walks back from the unit's output
-over trailing pooling and reshaping ops to the input of the earliest pooling op; ``"output"`` uses
+over trailing pooling and reshaping ops to the input of the earliest pooling op (before the pad of a
+"same" pooling, whose -inf border no head can read); ``"output"`` uses
 the unit output (the last one in graph order when there are several). The walk also passes trailing
 dropout (``conv -> relu -> pool -> flatten -> dropout`` attaches at the relu, as without dropout).
 Shapes come from the traced graph; heads, projections and their seeds are separate per unit.
@@ -194,9 +195,19 @@ def attachment_node(unit, attach: str) -> fx.Node:
         if len(sources) != 1:
             break
         if info(node).call.spec.name in POOLING:
-            found = sources[0]
+            found = _before_padding(sources[0], members)
         node = sources[0]
     return found if found is not None else max(unit.outputs, key=lambda n: order.get(n, -1))
+
+
+def _before_padding(node: fx.Node, members: set) -> fx.Node:
+    """A pooling's input, or the input of the pad that makes it (timm's "same" max pooling pads
+    with -inf, which no head can read): the activation before padding."""
+    call = info(node).call if node in members else None
+    if call is None or call.spec.name != "pad":
+        return node
+    sources = [src for _, _, src in call.active]
+    return sources[0] if len(sources) == 1 else node
 
 
 def _shape(node: fx.Node):
