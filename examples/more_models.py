@@ -19,6 +19,7 @@ It prints a markdown table::
     python examples/more_models.py                       # every model whose package imports
     python examples/more_models.py --models llama,r3d_18
     python examples/more_models.py --timm --models timm/tresnet_m,timm/davit_tiny   # timm's models too
+    python examples/more_models.py --wider --timm       # and the wider sweep's (examples/wider_models.py)
 
 transformers, torchvision and timm are not dependencies of fbcompile; the script skips what is missing.
 """
@@ -42,6 +43,7 @@ from fbcompile.verify.checks import relative_error
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zoo import import_torchvision  # noqa: E402
+from wider_models import WIDER_TIMM, wider_transformers  # noqa: E402
 from zoo_checks import LEARNERS, StepTimeout, _short, randomize_zero_parameters, time_limit  # noqa: E402
 
 IDS = (2, 7)          # a batch of two token sequences of length 7
@@ -145,8 +147,9 @@ TIMM.update({"levit_128s": 224, "eva02_tiny_patch14_224": 56, "vit_small_patch14
              "halonet26t": 256})   # halo attention needs sizes divisible by its block (64: the model asserts)
 
 
-def timm_models() -> dict:
-    """"timm/<name>" -> () -> (model, example input), when timm is installed."""
+def timm_models(sizes: dict = TIMM) -> dict:
+    """"timm/<name>" -> () -> (model, example input) for the names of ``sizes`` (name -> input size),
+    when timm is installed."""
     try:
         import timm
     except ImportError:
@@ -159,10 +162,11 @@ def timm_models() -> dict:
         except TypeError:                   # a convnet: no img_size argument
             model = timm.create_model(name, pretrained=False, num_classes=3)
         return model, torch.randn(2, 3, size, size)
-    return {f"timm/{name}": (lambda name=name, size=size: build(name, size)) for name, size in TIMM.items()}
+    return {f"timm/{name}": (lambda name=name, size=size: build(name, size)) for name, size in sizes.items()}
 
 
-def available_models(with_timm: bool = False) -> dict:
+def available_models(with_timm: bool = False, wider: bool = False) -> dict:
+    """The models of the packages installed; ``wider`` adds those of :mod:`wider_models`."""
     found = {}
     if "torchvision" not in sys.modules:    # transformers imports torchvision; a CUDA wheel's ops do not load
         sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
@@ -170,6 +174,7 @@ def available_models(with_timm: bool = False) -> dict:
         import transformers
         transformers.logging.set_verbosity_error()
         found.update(transformers_models(transformers))
+        found.update(wider_transformers(transformers) if wider else {})
     except ImportError:
         print("transformers is not installed: its models are skipped")
     models = import_torchvision()
@@ -178,7 +183,7 @@ def available_models(with_timm: bool = False) -> dict:
     else:
         found.update(torchvision_models(models))
     if with_timm:
-        found.update(timm_models())
+        found.update(timm_models({**TIMM, **WIDER_TIMM} if wider else TIMM))
     return found
 
 
@@ -299,10 +304,11 @@ def main(argv=None) -> int:
     parser.add_argument("--step-timeout", type=float, default=300.0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--timm", action="store_true", help="add timm's models (timm/<name>) to those available")
+    parser.add_argument("--wider", action="store_true", help="add the wider sweep's models (examples/wider_models.py)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    found = available_models(args.timm)
+    found = available_models(args.timm, args.wider)
     names = [n for n in args.models.split(",") if n] or list(found)
     unknown = [n for n in names if n not in found]
     if unknown:

@@ -195,19 +195,32 @@ NATIVE_DROPOUT = declare_op("native_dropout", native_dropout, functions=[torch.n
                             tapped=native_dropout_tapped, extras=("mask",), replay=native_dropout_replay)
 
 
-def _on_values(rule):
-    """``rule`` applied to the feedback of the values of a (values, keep) output."""
-    def on_values(ctx, g):
-        values = g[0] if isinstance(g, (list, tuple)) else g
-        return {"input": None} if values is None else rule(ctx, values)
-    on_values.__name__ = on_values.__qualname__ = rule.__name__
-    on_values.__doc__ = f"{rule.__doc__} (g: the feedback of the values, not of the keep map)"
-    return on_values
+def _values_feedback(g):
+    """The feedback of the values of a (values, keep) pair (the boolean keep map gets none)."""
+    return g[0] if isinstance(g, (list, tuple)) else g
 
 
-register_rule(NATIVE_DROPOUT, conditions="T")(_on_values(mask))
-register_rule(NATIVE_DROPOUT, conditions="P")(_on_values(mask_pinv))
-register_rule(NATIVE_DROPOUT, conditions="I")(_on_values(mask_inverse))
+def values_mask(ctx, g):
+    """G(g) = m g, g the values' feedback."""
+    values = _values_feedback(g)
+    return {"input": None} if values is None else mask(ctx, values)
+
+
+def values_mask_pinv(ctx, g):
+    """G(g) = m^+ g, g the values' feedback."""
+    values = _values_feedback(g)
+    return {"input": None} if values is None else mask_pinv(ctx, values)
+
+
+def values_mask_inverse(ctx, g):
+    """G(g) = m^-1 g, g the values' feedback; fails when the mask dropped anything."""
+    values = _values_feedback(g)
+    return {"input": None} if values is None else mask_inverse(ctx, values)
+
+
+register_rule(NATIVE_DROPOUT, conditions="T")(values_mask)
+register_rule(NATIVE_DROPOUT, conditions="P")(values_mask_pinv)
+register_rule(NATIVE_DROPOUT, conditions="I")(values_mask_inverse)
 
 for _op in DROPOUTS:
     register_rule(_op, conditions="T")(mask)
