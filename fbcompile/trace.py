@@ -46,6 +46,10 @@ class OpCall:
     def arg(self, name: str, default=None):
         return self.args.get(name, default)
 
+#: node.meta key of an integer or boolean input's example value (token ids, masks): runs on inputs
+#: made up for another batch size draw their rows from it (batch_layout), since random ids lose what
+#: the model relies on (BART's classifier reads the hidden state at each sequence's end token)
+EXAMPLE_ROWS = "fbcompile_example_rows"
 
 @dataclass(eq=False)
 class NodeInfo:
@@ -143,6 +147,9 @@ def propagate(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> No
                 raise FBCompileError(f"running the example inputs failed at node {describe(node)}: "
                                      f"{type(exc).__name__}: {exc}") from exc
             node.meta[META] = _value_info(node, value, model, params)
+            if node.op == "placeholder" and isinstance(value, torch.Tensor) and value.dim() \
+                    and not (value.is_floating_point() or value.is_complex()):
+                node.meta[EXAMPLE_ROWS] = value.detach().cpu().clone()     # token ids: see EXAMPLE_ROWS
             buffer_writes.after(node)
             writes.after(node, read, self.env, lambda n: info(n).active)
             return value

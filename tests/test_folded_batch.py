@@ -323,3 +323,33 @@ def test_a_fold_is_checked_in_the_models_dtype_when_a_float64_copy_cannot_run(al
     assert all(bool(torch.isfinite(g).all()) for g in grads.values())
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class EndTokenClassifier(nn.Module):
+    """Hugging Face BART's classification head: the hidden state at each sequence's end token (id 2),
+    found by boolean indexing with the token ids. On made-up ids 0 and 1 there was no end token and
+    the batch-axis probe failed, so dfa, drtp and mf refused the model (its values have as many tokens
+    as samples, so no single axis of the batch's size could stand in for the probe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.embed(ids)))
+        ends = h[ids.eq(2)].view(h.shape[0], -1, h.shape[-1])[:, -1]
+        return self.head(ends)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("algorithm", ["dfa", "drtp", "mf"])
+def test_made_up_inputs_keep_the_examples_special_tokens(frontend, algorithm):
+    torch.manual_seed(0)
+    model = EndTokenClassifier()
+    ids = torch.cat([torch.randint(3, 50, (4, 3)), torch.full((4, 1), 2)], 1)   # 4 tokens: as many as samples
+    learner = fbcompile.learner(fbcompile.compile(model, ids, frontend=frontend), algorithm, seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = step_grads(learner, model, ids, torch.tensor([0, 2, 1, 2]))
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values())
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -29,10 +29,14 @@ size changed, from N to M (axis ``a``) or from k*N to k*M, k > 1 (a fold ``(a, k
 is refused. Only when that run fails (a model that cannot take made-up inputs) is a value with
 exactly one axis of size N taken to keep its samples there.
 
+The runs draw floating inputs at random and the rows of integer and boolean inputs (token ids,
+masks) from the example's own, so special tokens the model relies on stay (BART's classifier reads
+each sequence's end token).
+
 Every fold is then *verified*, not assumed: on a float64 copy of the model (in the model's own
 dtype when a float64 copy cannot run, as when forward casts to its weights' dtype captured as a
-constant), with a batch of three
-random samples, each sample i in turn is replaced by a random other one, and the value must change
+constant), with a batch of three random samples, each sample i in turn is replaced by another one
+(floating inputs drawn again, integer rows rolled by one position), and the value must change
 only in that sample's rows of one ``outer`` (each divisor of k is tried, batch-major first), the
 same for every sample (every other row within 1e-10 of the value's largest entry). Rows in any other
 order (reversed, shuffled) or samples mixed with each other (statistics over the batch computed op by
@@ -54,7 +58,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import FBCompileError
-from ..trace import META, AttrRef, describe, info, preserved_state
+from ..trace import EXAMPLE_ROWS, META, AttrRef, describe, info, preserved_state
 
 FOLD_CHECK_BATCH = 3                # samples in the fold check's runs
 FOLD_CHECK_TOLERANCE = 1e-10        # allowed change outside a sample's rows, relative to the value's size
@@ -179,8 +183,8 @@ def _fold_orders_in(traced: fx.GraphModule, folds: dict, purpose: str, dtype: to
     first_failure = {}
     for sample in range(n):
         changed = [x.clone() for x in base]
-        for x, other in zip(changed, _inputs(model, n, generator, torch.float64)):
-            x[sample] = other[sample] if x.is_floating_point() else (x[sample] == 0).to(x.dtype)
+        for x, other in zip(changed, _inputs(model, n, generator, dtype)):
+            _other_sample(x, sample, other)
         values = _values(model, changed, by_name, purpose)
         for name, node in by_name.items():
             fold = folds[node]
@@ -287,19 +291,36 @@ def example_batch(traced: fx.GraphModule) -> int:
 
 def _inputs(traced: fx.GraphModule, batch: int, generator: torch.Generator, floats=None) -> list:
     """Random inputs of batch size ``batch`` shaped like the example's: floating inputs N(0, 1) (in
-    ``floats`` when given, else their own dtype), integer and bool inputs 0 or 1 (valid indices of
-    any embedding); on the device of the model's parameters."""
+    ``floats`` when given, else their own dtype); integer and bool inputs rows drawn from the
+    example's own (one drawn row per sample for all of them: token ids keep their special tokens and
+    a mask stays its sequence's), or 0 or 1 (valid indices of any embedding) where the example is
+    not known; on the device of the model's parameters."""
     device = next((p.device for p in traced.parameters()), torch.device("cpu"))
-    inputs = []
+    inputs, rows = [], torch.randint(0, 2 ** 31 - 1, (batch,), generator=generator)
     for node in _placeholders(traced):
         record = info(node)
         shape, dtype = (batch, *record.shape[1:]), record.dtype or torch.long
+        example = node.meta.get(EXAMPLE_ROWS)
         if dtype.is_floating_point:
             value = torch.randn(shape, device="cpu", generator=generator, dtype=floats or dtype)
+        elif example is not None and tuple(example.shape[1:]) == shape[1:]:
+            value = example[rows % example.shape[0]]
         else:
             value = torch.randint(0, 2, shape, device="cpu", generator=generator).to(dtype)
         inputs.append(value.to(device))
     return inputs
+
+
+def _other_sample(x: torch.Tensor, sample: int, other: torch.Tensor) -> None:
+    """Replace sample ``sample`` of ``x`` by another one: ``other``'s for floating inputs; integer and
+    bool rows rolled by one along their last axis (the same tokens, so as valid as before, in
+    another order), a single integer flipped between 0 and 1."""
+    if x.is_floating_point():
+        x[sample] = other[sample]
+    elif x.dim() > 1:
+        x[sample] = x[sample].roll(1, -1)
+    else:
+        x[sample] = (x[sample] == 0).to(x.dtype)
 
 
 def shapes_at_batch(traced: fx.GraphModule, batch: int, nodes: list) -> dict:
