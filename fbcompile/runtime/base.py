@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import FBCompileError
+from ..errors import FBCompileError, OptionError
 from ..program import accumulate_grads, as_tuple
 from ..tensor_attributes import state_tensors
 from .options import Option, integer, parse_options
@@ -73,6 +73,7 @@ class Learner:
 
     name = "learner"
     OPTIONS: dict = {}
+    linear_in_loss = False      # every update a linear map of e = dL/dy (loss scaling is exact: .loss_scaling)
 
     def __init__(self, program, process_group=None, **options):
         self.options = parse_options(self.name, {**COMMON_OPTIONS, **self.OPTIONS}, options,
@@ -93,10 +94,18 @@ class Learner:
             self.communicator = Communicator(self, group)
 
     # -- the contract ---------------------------------------------------------------------------
-    def step(self, inputs, targets, loss_fn, optimizer: torch.optim.Optimizer | None = None) -> StepResult:
+    def step(self, inputs, targets, loss_fn, optimizer: torch.optim.Optimizer | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> StepResult:
         """One step: the updates added to ``.grad``; with ``optimizer``, applied by it inside the
-        step unit by unit instead (update-unlocked learners only, see :mod:`.in_step`)."""
+        step unit by unit instead (update-unlocked learners only, see :mod:`.in_step`); with
+        ``scaler``, the updates of the loss scaled for float16 (:mod:`.loss_scaling`)."""
         inputs = as_tuple(inputs)
+        if scaler is not None:
+            if optimizer is not None:
+                raise OptionError("step(..., optimizer=, scaler=): in-step updates apply each unit's update at once, "
+                                  "before a loss scaler could check them all; pass one of the two")
+            from .loss_scaling import scaled_step
+            return scaled_step(self, inputs, targets, loss_fn, scaler)
         if optimizer is not None:
             from .in_step import applied_step
             return applied_step(self, inputs, targets, loss_fn, optimizer)

@@ -362,6 +362,7 @@ def _check_projection_scale(algorithm: str, options: dict, given: dict) -> None:
 class DirectFeedbackAlignment(DirectLearner):
     """DFA (Nokland 2016): delta_u = e B_u."""
     name = "dfa"
+    linear_in_loss = True
     OPTIONS = {**PROJECTION_OPTIONS}
 
     def signal(self, errors, output, targets, batch):
@@ -395,6 +396,7 @@ class DirectRandomTargetProjection(DirectLearner):
 class ShallowLearning(DirectLearner):
     """Shallow learning: hidden units frozen (never written to .grad), the output unit learns."""
     name = "shallow"
+    linear_in_loss = True
     hidden_learn = False
     OPTIONS = {**EXECUTION}
 

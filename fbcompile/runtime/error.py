@@ -46,6 +46,7 @@ FEEDBACK_GRAPH = Executor("feedback-graph", _feedback_graph, autograd=False,
 class ErrorPropagation(Learner):
     """Backpropagation through the compiled condition-T feedback graph (equals autograd)."""
     name = "bp"
+    linear_in_loss = True
 
     def __init__(self, program, **options):
         super().__init__(program, **options)
