@@ -61,7 +61,9 @@ class Trainer:
     ``autocast``: a dtype name ("bfloat16", "float16"): every step, evaluation and diagnostic runs
     under ``torch.autocast`` on the model's device (the program must have been compiled under it:
     :mod:`fbcompile.autocast_guard`), each in its own context and the optimizer step outside, as
-    torch.amp prescribes.
+    torch.amp prescribes. In float16, learners whose updates are linear in the loss step with loss
+    scaling (``self.scaler``, a ``torch.amp.GradScaler``: :mod:`fbcompile.runtime.loss_scaling`;
+    not data parallel or with in-step updates), its state in the checkpoint.
     """
 
     def __init__(self, learner, optimizer, dataset: Dataset, *, loss_fn=None, batch_size: int = 64,
@@ -90,6 +92,9 @@ class Trainer:
         self.world = 1 if communicator is None else communicator.world
         self.rank = 0 if communicator is None else communicator.rank
         self.lead = self.rank == 0            # evaluates, logs and writes files
+        self.scaler = None
+        if autocast == "float16" and learner.linear_in_loss and not in_step_updates and self.world == 1:
+            self.scaler = torch.amp.GradScaler(model_device(self.model).type)
         if not self.lead:
             self.out_dir, self.log, self.progress, self.diagnostics = None, None, False, False
 
@@ -127,8 +132,8 @@ class Trainer:
                         result = self.learner.step(xb, yb, self.loss_fn, optimizer=self.optimizer)
                 else:
                     with self.mixed_precision():
-                        result = self.learner.step(xb, yb, self.loss_fn)
-                    self.optimizer.step()
+                        result = self.learner.step(xb, yb, self.loss_fn, scaler=self.scaler)
+                    self.optimizer_step()
                 loss_sum += result.loss * len(xb)
                 seen += len(xb)
                 if self.classification and _scores(result.output, len(xb), data.num_classes):
@@ -179,10 +184,20 @@ class Trainer:
         """The torch.autocast context of one step, evaluation or diagnostic (none without ``autocast``)."""
         return mixed_precision(model_device(self.model).type, self.autocast)
 
+    def optimizer_step(self) -> None:
+        """The optimizer's step on the ``.grad`` a step wrote; with loss scaling, through the scaler
+        (unscaled, skipped after an overflow) and the scale updated."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict:
+        scaler = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}   # optional entry
         return {
-            "format": FORMAT, "epoch": self.epoch, "config": self.config, "history": self.history,
+            "format": FORMAT, "epoch": self.epoch, "config": self.config, "history": self.history, **scaler,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "learner": self.learner.state_dict(),
             "rng": {"torch": torch.random.get_rng_state(), "shuffle": self.shuffle.get_state(),
@@ -207,6 +222,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.learner.load_state_dict(state["learner"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
             rng = state["rng"]
             torch.random.set_rng_state(rng["torch"])
             self.shuffle.set_state(rng["shuffle"])

@@ -147,3 +147,17 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "bad" / "checkpoint.pt").write_text("not a checkpoint")
     with pytest.raises(FBCompileError, match="cannot read"):
         load_checkpoint(tmp_path / "bad")
+
+
+def test_float16_training_scales_the_loss_and_resumes_its_scale_bitwise(tmp_path, digits):
+    """--autocast float16 with a learner linear in the loss steps through a GradScaler, whose state
+    (scale, growth tracker) is in the checkpoint: resuming equals the uninterrupted run."""
+    cfg = config("dfa", autocast="float16")
+    straight = trained(cfg, digits, tmp_path / "straight", 3)
+    assert straight.scaler is not None and straight.history[-1]["train_loss"] < straight.history[0]["train_loss"]
+    trained(cfg, digits, tmp_path / "stopped", 1)
+    assert "scaler" in load_checkpoint(tmp_path / "stopped")
+    again = resumed(cfg, digits, tmp_path / "stopped", 3)
+    assert_same_state(straight, again)
+    assert straight.scaler.state_dict() == again.scaler.state_dict()
+    assert trained(config("dtp", autocast="float16", epochs=1), digits, tmp_path / "dtp", 1).scaler is None
