@@ -69,7 +69,7 @@ def test_an_overflow_is_handed_to_the_scaler_which_skips_the_step_and_lowers_the
     assert not result.details["overflow"] and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("algorithm", ["dtp", "sdfa", "drtp", "mf"])
+@pytest.mark.parametrize("algorithm", ["dtp", "sdfa", "drtp", "mf", "mf-dd"])
 def test_learners_not_linear_in_the_loss_refuse_a_scaler_by_name(algorithm):
     x, y = _batch()
     model = tanh_mlp().double()

@@ -97,9 +97,9 @@ class MonoForwardDD(MonoForwardBase):
         return None if self.options["update"] == "immediate" else super()._make_head_optimizer()
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self, inputs, targets, loss_fn, optimizer=None):
-        if not self.immediate or optimizer is not None:       # in-step updates: refused by the base class
-            return super().step(inputs, targets, loss_fn, optimizer)
+    def step(self, inputs, targets, loss_fn, optimizer=None, scaler=None):
+        if not self.immediate or optimizer is not None or scaler is not None:    # refused by the base class
+            return super().step(inputs, targets, loss_fn, optimizer, scaler)
         inputs = as_tuple(inputs)
         with self.transaction(inputs=inputs):
             result, updates = self.checked_compute(inputs, targets, loss_fn)
