@@ -132,7 +132,7 @@ class Trainer:
                         result = self.learner.step(xb, yb, self.loss_fn, optimizer=self.optimizer)
                 else:
                     with self.mixed_precision():
-                        result = self.learner.step(xb, yb, self.loss_fn, scaler=self.scaler)
+                        result = self.learner_step(xb, yb)
                     self.optimizer_step()
                 loss_sum += result.loss * len(xb)
                 seen += len(xb)
@@ -183,6 +183,13 @@ class Trainer:
     def mixed_precision(self):
         """The torch.autocast context of one step, evaluation or diagnostic (none without ``autocast``)."""
         return mixed_precision(model_device(self.model).type, self.autocast)
+
+    def learner_step(self, xb, yb):
+        """``learner.step`` on one batch, with the loss scaler when there is one (a learner of the
+        user's own may define ``step(inputs, targets, loss_fn)`` alone)."""
+        if self.scaler is None:
+            return self.learner.step(xb, yb, self.loss_fn)
+        return self.learner.step(xb, yb, self.loss_fn, scaler=self.scaler)
 
     def optimizer_step(self) -> None:
         """The optimizer's step on the ``.grad`` a step wrote; with loss scaling, through the scaler
