@@ -65,10 +65,16 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
         units.append(Unit(len(units)))
         return units[-1]
 
+    batch = next((info(n).shape[0] for n in gm.graph.nodes if n.op == "placeholder" and info(n).shape
+                  and not info(n).is_tuple and len(info(n).shape)), None)
+    shared = []         # values without a batch axis made from parameters: they join their first reader's unit
     for node in nodes:
         producers = [unit_of[p] for p in node.all_input_nodes if p in unit_of]
         latest = max(producers, key=lambda u: u.index) if producers else None
         tuples = [p for p in node.all_input_nodes if p in unit_of and info(p).is_tuple]
+        if grouping == "layer" and not producers and _shared_by_the_batch(node, batch, shared):
+            shared.append(node)
+            continue
         if tuples:          # a tuple value never crosses a unit boundary: selects and whole-tuple
             unit = unit_of[tuples[-1]]     # consumers (cat(parts), stack(unbind(x))) join its unit
         else:
@@ -81,6 +87,7 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
                 unit = by_key.get(key) or by_key.setdefault(key, new_unit())
         unit.nodes.append(node)
         unit_of[node] = unit
+    _join_readers(gm, shared, unit_of, new_unit)
     _connect(gm, units, unit_of)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and info(n).active]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -89,6 +96,33 @@ def partition(gm: fx.GraphModule, grouping="layer") -> Partition:
 
 
 _FOLLOW, _LEAD = object(), object()
+
+
+def _shared_by_the_batch(node: fx.Node, batch, shared: list) -> bool:
+    """Whether ``node`` is computed from parameters (and sizes of the input) alone and has no axis of
+    the batch's size: one value for every sample, such as a position embedding interpolated to the
+    feature map's size under torch.fx (timm's HieraDet), an activation only through the sizes it
+    reads. As a unit of its own it would be a unit output without a batch axis, which direct
+    projections and Mono-Forward's heads cannot take; it joins the unit that reads it instead."""
+    record = info(node)
+    if record.is_tuple or record.shape is None or batch is None or batch in record.shape:
+        return False
+    sources = node.all_input_nodes
+    parameter_like = [src in shared or info(src).role == "param" or info(src).param_only for src in sources]
+    sizes_or_constants = [info(src).role in ("value", "constant") for src in sources]
+    return any(parameter_like) and all(p or c for p, c in zip(parameter_like, sizes_or_constants))
+
+
+def _join_readers(gm: fx.GraphModule, shared: list, unit_of: dict, new_unit) -> None:
+    """Put each value of ``shared`` in the unit of its first reader (last values first, so a chain
+    of them follows its reader), in graph order within that unit."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in reversed(shared):
+        readers = sorted((user for user in node.users if user in unit_of), key=order.__getitem__)
+        unit = unit_of[readers[0]] if readers else new_unit()
+        unit.nodes.append(node)
+        unit.nodes.sort(key=order.__getitem__)
+        unit_of[node] = unit
 
 
 def path_parameters(node: fx.Node) -> list:
