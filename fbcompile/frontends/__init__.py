@@ -147,10 +147,22 @@ def capture_export(model: nn.Module, example_inputs: tuple, constants: dict | No
         with preserved_state(model):       # export runs forward's writes on plain tensor attributes
             exported = export_program(model, example_inputs, constants or {})
     except Exception as exc:   # noqa: BLE001  (export raises many types: UserError, GuardOnDataDependent, ...)
-        text = "\n".join(str(exc).strip().splitlines()[:12])
         raise UntraceableModelError(f"torch.export could not capture {type(model).__name__}: "
-                                    f"{type(exc).__name__}: {text}") from exc
+                                    f"{type(exc).__name__}: {_export_error_text(exc)}") from exc
     return from_exported(model, exported, len(example_inputs))
+
+
+_USER_CALL = "The following call raised this error:"
+
+
+def _export_error_text(exc) -> str:
+    """The first lines of torch.export's message and, where it names one after them, the user's line
+    that raised it (a data-dependent branch: HuBERT's ``if not skip_the_layer``)."""
+    lines = str(exc).strip().splitlines()
+    where = next((i for i, line in enumerate(lines) if line.strip() == _USER_CALL), None)
+    if where is None:
+        return "\n".join(lines[:12])
+    return "\n".join(lines[:min(12, where)] + lines[where:where + 3])
 
 
 def _first_line(exc) -> str:
