@@ -10,7 +10,9 @@ correction acts per unit, and each unit's parameters learn from their own local 
   only reads units created before it and units run in index order), so Linear-tanh,
   Conv-BN-ReLU-MaxPool and a residual add with its activation form one unit. A pre-norm LayerNorm
   starts its sub-block's unit, so no local loss differentiates through a LayerNorm's input (where
-  the feedback freezes its statistics). Ops before the first such op form parameter-free units.
+  the feedback freezes its statistics). Ops before the first such op form parameter-free units. A
+  value made from parameters and the input's sizes alone, with no axis of the batch's size (a
+  position embedding interpolated to the feature map), joins the unit of its first reader.
 - ``"op"``: every op is its own unit.
 - ``"module"``: ops inside the same child module of the model (``model.<name>``, one level below the
   root, or ``depth`` levels with ``("module", depth)``) form one unit; ops outside any child module
