@@ -182,6 +182,7 @@ TABLE = {
         ("logsigmoid", "log_sigmoid.default"), ("glu", "glu.default"), ("prelu", "prelu.default"),
         ("rms_norm", "rms_norm.default"), ("pixel_shuffle", "pixel_shuffle.default"),
         ("pixel_unshuffle", "pixel_unshuffle.default"), ("maximum", "maximum.default"), ("minimum", "minimum.default"),
+        ("maximum", "max.other"), ("minimum", "min.other"),     # torch.max(a, b), torch.min(a, b) of two tensors
         ("prod", "prod.default"), ("prod", "prod.dim_int"), ("addcmul", "addcmul.default"), ("addcdiv", "addcdiv.default"),
         ("triu", "triu.default"), ("tril", "tril.default"),
         ("mv", "mv.default"), ("outer", "outer.default"), ("unfold", "im2col.default"), ("fold", "col2im.default"),

@@ -34,13 +34,14 @@ def canonicalize(gm: fx.GraphModule, model: nn.Module) -> None:
             except FBCompileError as exc:
                 record.problem = str(exc)
             continue
-        rewritten = _spread_tuple_arguments(gm, node) or _complex_part_as_function(node) or rewritten
+        rewritten = (_spread_tuple_arguments(gm, node) or _complex_part_as_function(node)
+                     or _extreme_of_two_as_elementwise(node) or rewritten)
         try:
             record.call = _bind(node, gm, names)
         except FBCompileError as exc:
             record.problem = str(exc)
     if rewritten:
-        gm.recompile()      # the graph gained element selects, or z.real became torch.real(z)
+        gm.recompile()      # the graph gained element selects, z.real became torch.real(z), ...
 
 
 _NAMED_ELEMENTS = {"values": 0, "indices": 1, "min": 0, "max": 1}   # torch.return_types (max, sort, aminmax, ...)
@@ -65,6 +66,25 @@ def _complex_part_as_function(node: fx.Node) -> bool:
         node.target, node.args = getattr(torch, node.args[1]), node.args[:1]
         return True
     return False
+
+
+_ELEMENTWISE_EXTREMES = {torch.max: torch.maximum, torch.min: torch.minimum, "max": torch.maximum,
+                         "min": torch.minimum}
+
+
+def _extreme_of_two_as_elementwise(node: fx.Node) -> bool:
+    """``torch.max(a, b)`` / ``a.max(b)`` of two tensors (and ``min``) rewritten to ``torch.maximum(a, b)``
+    / ``torch.minimum``: the same function, which torch.export writes as ``aten.max.other``. Whether
+    it was one (``torch.max(x, dim)`` with an integer ``dim`` stays a reduction)."""
+    key = node.target if node.op in ("call_function", "call_method") else None
+    if key not in _ELEMENTWISE_EXTREMES or len(node.args) != 2 or node.kwargs:
+        return False
+    other = node.args[1]
+    if not (isinstance(other, fx.Node) and META in other.meta and info(other).shape is not None
+            and not info(other).is_tuple):
+        return False
+    node.op, node.target = "call_function", _ELEMENTWISE_EXTREMES[key]
+    return True
 
 
 def _element_index(index, length: int):

@@ -53,9 +53,9 @@ def _routes_by_indices(ctx):
 
 
 def _reduction_problem(ctx):
-    if isinstance(ctx.op_call.args.get("dim"), fx.Node):
-        return (f"torch.{ctx.op_call.spec.name}(input, other) of two tensors (elementwise) is not supported; "
-                f"only {ctx.op_call.spec.name} over dims")
+    if isinstance(ctx.op_call.args.get("dim"), fx.Node):     # (of two tensors it is torch.maximum: canonical.py)
+        return (f"argument 'dim' of torch.{ctx.op_call.spec.name} is a run-time value computed in forward; "
+                "give it as a constant")
     return None
 
 

@@ -132,3 +132,12 @@ def test_embedding_bag_options_it_cannot_follow_are_refused_by_name(module, reas
     model.bag = module
     problems = fbcompile.coverage(model, torch.randn(3, 4), frontend="fx")
     assert len(problems) == 1 and reason in problems[0].reason
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_max_and_min_of_two_tensors_equal_autograd(frontend):
+    """``torch.max(a, b)`` of two tensors, which torch.export writes as ``aten.max.other`` (Hugging Face
+    XGLM clamps its attention logits so): refused before under export, no op being declared for it."""
+    model = randomise_vectors(Case(lambda m, h: torch.max(h, torch.tanh(h.flip(-1))) + torch.min(h, 0.5 * h.roll(1, -1)))
+                              .double())
+    assert_matches_autograd(model, torch.randn(5, 4, dtype=torch.float64), frontend)
