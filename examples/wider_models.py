@@ -1,4 +1,4 @@
-"""The wider sweep of ``examples/more_models.py --wider``: 101 more timm architectures and 31 more
+"""The wider sweep of ``examples/more_models.py --wider``: 101 more timm architectures and 50 more
 Hugging Face configurations, tiny or at a small input, random weights (nothing downloads).
 
     python examples/more_models.py --wider --timm --learners bp,dtp,dfa,drtp,mf --threads 1
@@ -124,6 +124,45 @@ WIDER_TRANSFORMERS = {
               dict(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, use_cache=False), _ids),
     "nystromformer": ("NystromformerForSequenceClassification", "NystromformerConfig",
                       dict(_TEXT, num_landmarks=7, segment_means_seq_len=7), _ids),
+    "gpt_neo": ("GPTNeoForSequenceClassification", "GPTNeoConfig",
+                dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+                     window_size=4, max_position_embeddings=32, num_labels=3, pad_token_id=0, use_cache=False), _ids),
+    "codegen": ("CodeGenForCausalLM", "CodeGenConfig",
+                dict(vocab_size=50, n_embd=16, n_layer=2, n_head=2, rotary_dim=4, n_positions=32, use_cache=False), _ids),
+    "openai_gpt": ("OpenAIGPTForSequenceClassification", "OpenAIGPTConfig",
+                   dict(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=3, pad_token_id=0), _ids),
+    "xglm": ("XGLMForCausalLM", "XGLMConfig",
+             dict(vocab_size=50, d_model=16, num_layers=2, attention_heads=2, ffn_dim=32, max_position_embeddings=32,
+                  use_cache=False), _ids),
+    "starcoder2": ("Starcoder2ForSequenceClassification", "Starcoder2Config", dict(_DECODER, num_key_value_heads=1),
+                   _ids),
+    "olmo": ("OlmoForCausalLM", "OlmoConfig", dict(_DECODER, num_key_value_heads=1), _ids),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", dict(_DECODER, num_key_value_heads=1), _ids),
+    "cohere": ("CohereForCausalLM", "CohereConfig", dict(_DECODER, num_key_value_heads=1), _ids),
+    "persimmon": ("PersimmonForSequenceClassification", "PersimmonConfig", _DECODER, _ids),
+    "mbart": ("MBartForSequenceClassification", "MBartConfig",
+              dict(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                   decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                   num_labels=3, use_cache=False), _eos_ids),
+    "data2vec_text": ("Data2VecTextForSequenceClassification", "Data2VecTextConfig", dict(_TEXT, pad_token_id=1), _ids),
+    "vit_msn": ("ViTMSNForImageClassification", "ViTMSNConfig", dict(_VISION, num_labels=3), _image),
+    "data2vec_vision": ("Data2VecVisionForImageClassification", "Data2VecVisionConfig",
+                        dict(_VISION, num_labels=3, use_relative_position_bias=True), _image),
+    "deit_distilled": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", dict(_VISION, num_labels=3), _image),
+    "regnet_hf": ("RegNetForImageClassification", "RegNetConfig",
+                  dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3), _image),
+    "mobilenet_v2_hf": ("MobileNetV2ForImageClassification", "MobileNetV2Config",
+                        dict(image_size=32, depth_multiplier=0.35, num_labels=3), _image),
+    "pvt_hf": ("PvtForImageClassification", "PvtConfig",
+               dict(image_size=32, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1],
+                    num_labels=3), _image),
+    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig",
+                        dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, lru_width=16, attention_window_size=4, head_dim=8, use_cache=False),
+                        _ids),
+    "rwkv": ("RwkvForCausalLM", "RwkvConfig",
+             dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, attention_hidden_size=16, intermediate_size=32,
+                  context_length=32, use_cache=False), _ids),
 }
 
 
