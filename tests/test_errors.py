@@ -1,5 +1,7 @@
 """Every error path raises an FBCompileError subclass whose message names what went wrong: the node,
 the op, the user code line, the rule, the option."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -30,6 +32,9 @@ def test_untraceable_model_carries_fx_reason_line_and_hint():
     assert "symbolically traced variables cannot be used as inputs to control flow" in message   # fx's reason
     assert "test_errors.py" in message and "if h.sum() > 0" in message        # where, with the code
     assert "hint:" in message
+    # torch.export's refusal keeps the line of forward it names after its help text (it was cut before)
+    assert "- torch.export: torch.export could not capture Branchy" in message
+    assert re.search(r'test_errors\.py", line \d+, in forward\n\s+if h\.sum\(\) > 0:', message)
     assert isinstance(caught.value, fbcompile.FBCompileError)
     with pytest.raises(UntraceableModelError):
         fbcompile.coverage(Branchy(), torch.randn(2, 3))

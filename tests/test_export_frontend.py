@@ -361,26 +361,3 @@ def test_a_tied_parameter_gets_the_sum_of_both_uses_on_the_users_parameter():
     learner.step(x.float().double(), torch.randint(0, 6, (BATCH,)), F.cross_entropy)
     assert model.embed.weight.grad is not None and model.head.weight is model.embed.weight
 
-
-class BranchOnValues(nn.Module):
-    """A branch on a computed value, as Hugging Face's layer drop (``if not skip_the_layer``, a random
-    draw): neither front end captures it, and the refusal showed torch.export's first lines only,
-    without the line of forward that raised it."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        h = self.lin(x)
-        if h.sum() > 0:
-            return torch.tanh(h)
-        return h
-
-
-def test_a_data_dependent_branch_is_refused_naming_the_line_of_forward():
-    with pytest.raises(UntraceableModelError) as refused:
-        fbcompile.compile(BranchOnValues(), torch.randn(3, 4))
-    message = str(refused.value)
-    assert "- torch.export: torch.export could not capture BranchOnValues" in message
-    assert re.search(r'test_export_frontend\.py", line \d+, in forward\n\s+if h\.sum\(\) > 0:', message)
