@@ -111,6 +111,11 @@ class Learner:
             return applied_step(self, inputs, targets, loss_fn, optimizer)
         with self.transaction(inputs=inputs):
             result, grads = self.checked_compute(inputs, targets, loss_fn)
+        return self.finish_step(result, grads)
+
+    def finish_step(self, result: StepResult, grads: dict) -> StepResult:
+        """The end of a step: its updates ``grads`` added to ``.grad``, the step counted, the
+        executor recorded (a plain step and a loss-scaled one, :mod:`.loss_scaling`)."""
         result.details.setdefault("executor", self.executor.name)
         accumulate_grads(self.program.params, list(grads), list(grads.values()))
         self.steps += 1

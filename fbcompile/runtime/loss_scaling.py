@@ -23,7 +23,6 @@ records ``loss_scale`` and ``overflow``; ``StepResult.loss`` is L itself, not S 
 from __future__ import annotations
 
 from ..errors import NonFiniteError, OptionError
-from ..program import accumulate_grads
 from .finite import check_updates_finite
 
 
@@ -62,8 +61,5 @@ def scaled_step(learner, inputs: tuple, targets, loss_fn, scaler):
         result, grads, overflow = failed.result, failed.grads, True
     scale = float(scaler.get_scale())
     result.loss /= scale
-    result.details.setdefault("executor", learner.executor.name)
     result.details.update(loss_scale=scale, overflow=overflow)
-    accumulate_grads(learner.program.params, list(grads), list(grads.values()))
-    learner.steps += 1
-    return result
+    return learner.finish_step(result, grads)
